@@ -1,0 +1,70 @@
+"""TransformerLens interop: the same HF model inside a ``TransformerBridge``.
+
+Hook names agree with this package's (``blocks.{i}.hook_resid_post`` ...), so a user can move
+between `hooks.capture` and ``bridge.run_with_cache`` on one set of weights.
+
+transformer-lens 4.3 tries ``pip install torchvision`` at run time when it cannot load a
+processor for the name it is booted from; that can replace a CPU torch with a multi-GB CUDA
+build. We boot only from a local directory with the processor files, and switch that installer
+off while booting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _no_runtime_install():
+    try:
+        from transformer_lens.model_bridge.sources.transformers import helpers
+    except ImportError:  # layout changed: nothing of ours to switch off
+        yield
+        return
+    original = getattr(helpers, "_ensure_torchvision", None)
+    if original is None:
+        yield
+        return
+
+    def refuse() -> bool:
+        logger.warning("transformer-lens wanted to pip-install torchvision at run time; refused")
+        return False
+
+    helpers._ensure_torchvision = refuse
+    try:
+        yield
+    finally:
+        helpers._ensure_torchvision = original
+
+
+def to_transformer_lens(bundle, *, device=None):
+    """A ``TransformerBridge`` wrapping ``bundle.model`` (weights shared, nothing downloaded).
+
+    The bridge forces eager attention on the model it wraps; the original attention
+    implementation is restored on the HF config afterwards, so the bundle's scorer keeps its
+    fast kernels. Run the bridge with eager-equivalent numerics in mind (~1e-6 in float32).
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    source = bundle.source_dir
+    if source is None or not (Path(source) / "preprocessor_config.json").is_file():
+        raise ValueError(
+            f"model {bundle.name!r} has no local directory with processor files; the "
+            "TransformerLens bridge must boot from one (it would otherwise try to download "
+            "or pip-install at run time)"
+        )
+    model = bundle.model
+    attn = {c: getattr(c, "_attn_implementation", None)
+            for c in (model.config, model.config.text_config, model.config.vision_config)}
+    with _no_runtime_install():
+        bridge = TransformerBridge.boot_transformers(
+            str(source), hf_model=model, device=device or str(bundle.device), dtype=bundle.dtype
+        )
+    for cfg, impl in attn.items():
+        if impl is not None and getattr(cfg, "_attn_implementation", None) != impl:
+            cfg._attn_implementation = impl
+    return bridge

@@ -1,0 +1,121 @@
+"""Hook points of a LLaVA language model, named as in TransformerLens.
+
+=========================  ==========================================  ===================
+name                       what it is                                  where it is hooked
+=========================  ==========================================  ===================
+blocks.{i}.hook_resid_pre  residual stream entering decoder layer i    pre-hook, layer i
+blocks.{i}.hook_resid_mid  after attention, before the MLP             pre-hook, post_attention_layernorm
+blocks.{i}.hook_resid_post residual stream leaving decoder layer i     hook, layer i
+blocks.{i}.hook_attn_out   attention output added to the residual      hook, self_attn
+blocks.{i}.hook_mlp_out    MLP output added to the residual            hook, mlp
+=========================  ==========================================  ===================
+
+Every activation is ``[batch, seq, d_model]``. Layers that return a tensor and layers that return
+a tuple (older transformers) are both handled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+_NAME = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
+
+#: fn(activation [batch, seq, d_model]) -> replacement tensor, or None to leave it unchanged
+ActivationFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    name: str
+    layer: int
+    kind: str
+
+
+def hook_name(layer: int, kind: str = "hook_resid_post") -> str:
+    return f"blocks.{layer}.{kind}"
+
+
+def parse_hook_name(name: str, n_layers: int) -> HookPoint:
+    """Validate a hook-point name; the error lists what exists."""
+    m = _NAME.match(name)
+    if not m or m.group(2) not in KINDS:
+        raise ValueError(f"unknown hook point {name!r}; expected blocks.{{i}}.<kind> with kind in {KINDS}")
+    layer = int(m.group(1))
+    if layer >= n_layers:
+        raise ValueError(f"hook point {name!r}: layer {layer} out of range (model has {n_layers} layers)")
+    return HookPoint(name, layer, m.group(2))
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a ModelBundle, a LlavaForConditionalGeneration or a Llama model."""
+    for path in ("layers", "model.language_model.layers", "language_model.layers", "model.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise TypeError(f"cannot find decoder layers on {type(model).__name__}")
+
+
+def language_model(model) -> nn.Module:
+    """The module that receives the 2-D attention mask (``model.model.language_model``)."""
+    for path in ("language_model", "model.language_model", "model"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.Module) and hasattr(obj, "layers"):
+            return obj
+    raise TypeError(f"cannot find the language model on {type(model).__name__}")
+
+
+def _replace_first(output, new):
+    if isinstance(output, tuple):
+        return (new, *output[1:])
+    return new
+
+
+def _first(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def attach(layers: nn.ModuleList, point: HookPoint, fn: ActivationFn) -> RemovableHandle:
+    """Register ``fn`` at ``point``; the caller owns (and must remove) the returned handle."""
+    layer = layers[point.layer]
+    if point.kind in ("hook_resid_pre", "hook_resid_mid"):
+        module = layer if point.kind == "hook_resid_pre" else layer.post_attention_layernorm
+
+        def pre_hook(_module, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new, *args[1:]), kwargs)
+            new = fn(kwargs["hidden_states"])
+            return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    module = {
+        "hook_resid_post": layer,
+        "hook_attn_out": getattr(layer, "self_attn", None),
+        "hook_mlp_out": getattr(layer, "mlp", None),
+    }[point.kind]
+    if module is None:
+        raise ValueError(f"hook point {point.name!r}: layer {point.layer} has no such submodule")
+
+    def hook(_module, _args, output):
+        new = fn(_first(output))
+        return None if new is None else _replace_first(output, new)
+
+    return module.register_forward_hook(hook)

@@ -1,0 +1,102 @@
+"""Rendering queries into LLaVA-1.5 prompts and left-padded model inputs.
+
+LLaVA-1.5's chat template renders ``[system ]USER: <image>\\n{text} ASSISTANT:``; the decision
+position is the last prompt token, whose next-token logits hold the first answer token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .query import Query, QueryError
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """What surrounds the request in the prompt (defenses and readouts fill these in).
+
+    Attributes:
+        system_prompt: text placed before ``USER:`` (LLaVA-1.5 has no system role marker).
+        text_before: text placed in the user turn before the request.
+        text_after: text placed in the user turn after the request (reminders, questions).
+    """
+
+    system_prompt: str | None = None
+    text_before: str = ""
+    text_after: str = ""
+
+    def merged(self, other: "PromptSpec") -> "PromptSpec":
+        """Both specs applied: system prompts joined, ``other``'s text outermost."""
+        system = "\n".join(s for s in (self.system_prompt, other.system_prompt) if s) or None
+        before = "\n".join(s for s in (other.text_before, self.text_before) if s)
+        after = "\n".join(s for s in (self.text_after, other.text_after) if s)
+        return PromptSpec(system, before, after)
+
+
+def user_text(query: Query, spec: PromptSpec) -> str:
+    return "\n".join(s for s in (spec.text_before, query.text, spec.text_after) if s)
+
+
+def render_prompt(processor, query: Query, spec: PromptSpec = PromptSpec()) -> str:
+    """The prompt string for one query, through the processor's own chat template."""
+    content = [{"type": "image"}] if query.has_image else []
+    content.append({"type": "text", "text": user_text(query, spec)})
+    conversation = []
+    if spec.system_prompt:
+        conversation.append({"role": "system", "content": [{"type": "text", "text": spec.system_prompt}]})
+    conversation.append({"role": "user", "content": content})
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def prompt_lengths(bundle, prompts: list[str], n_images: list[int]) -> list[int]:
+    """Token count of each prompt after image-token expansion (BOS included)."""
+    ids = bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    extra = bundle.image_seq_length - 1
+    return [len(x) + n * extra for x, n in zip(ids, n_images)]
+
+
+def check_context(bundle, queries: list[Query], lengths: list[int]) -> None:
+    """Refuse inputs longer than the model's context: truncation would silently change scores."""
+    too_long = [(q.id, n) for q, n in zip(queries, lengths) if n > bundle.max_context]
+    if too_long:
+        shown = ", ".join(f"{qid!r} ({n} tokens)" for qid, n in too_long[:5])
+        raise QueryError(
+            f"input longer than the model's context of {bundle.max_context} tokens "
+            f"(no silent truncation) for {len(too_long)} quer{'y' if len(too_long) == 1 else 'ies'}: {shown}"
+        )
+
+
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (longest first) to limit padding."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so left padding changes nothing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode(bundle, prompts: list[str], images: list, device=None) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs for prompts; ``images`` holds one entry (None or PIL) per prompt.
+
+    Returns input_ids / attention_mask / position_ids ``[batch, seq]`` and, when any prompt has an
+    image, pixel_values ``[n_images, 3, H, W]`` in prompt order.
+    """
+    flat = [im for im in images if im is not None]
+    inputs = bundle.processor(
+        text=prompts, images=flat or None, padding=True, return_tensors="pt"
+    )
+    out = {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "position_ids": padded_position_ids(inputs["attention_mask"]),
+    }
+    if flat:
+        out["pixel_values"] = inputs["pixel_values"].to(bundle.dtype)
+    device = device or bundle.device
+    return {k: v.to(device) for k, v in out.items()}

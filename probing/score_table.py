@@ -1,0 +1,123 @@
+"""ScoreTable: the result of scoring queries under one condition, saved as safetensors + JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_TENSORS = "scores.safetensors"
+_TABLE = "table.json"
+
+
+@dataclass
+class ScoreTable:
+    """Scores of N queries, in input order.
+
+    Attributes:
+        ids: query ids ``[N]``.
+        labels: "harmful" / "benign" / None ``[N]``.
+        margin: refusal margin at the output ``[N]`` (float32).
+        lens_margin: margin read from each captured layer through the final norm ``[N, L]``.
+        layers: the layer index of each lens column ``[L]``.
+        hidden: decision-position residuals ``[N, L, d_model]`` (float32, CPU) or None.
+        meta: model, readout, token ids, condition / defense name and parameters.
+    """
+
+    ids: list[str]
+    labels: list[str | None]
+    margin: torch.Tensor
+    lens_margin: torch.Tensor
+    layers: list[int]
+    hidden: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = len(self.ids)
+        if len(self.labels) != n or self.margin.shape != (n,):
+            raise ValueError(f"ScoreTable: ids ({n}), labels ({len(self.labels)}) and margin "
+                             f"{tuple(self.margin.shape)} disagree")
+        if self.lens_margin.shape != (n, len(self.layers)):
+            raise ValueError(f"ScoreTable: lens_margin {tuple(self.lens_margin.shape)} is not "
+                             f"[{n}, {len(self.layers)}]")
+        if self.hidden is not None and tuple(self.hidden.shape[:2]) != (n, len(self.layers)):
+            raise ValueError(f"ScoreTable: hidden {tuple(self.hidden.shape)} is not [{n}, {len(self.layers)}, d]")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def p_refuse(self) -> torch.Tensor:
+        """sigmoid(margin) ``[N]``."""
+        return torch.sigmoid(self.margin)
+
+    def index_of(self, ids: list[str]) -> list[int]:
+        pos = {qid: i for i, qid in enumerate(self.ids)}
+        missing = [q for q in ids if q not in pos]
+        if missing:
+            raise KeyError(f"query ids not in this table: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        return [pos[q] for q in ids]
+
+    def select(self, ids: list[str]) -> "ScoreTable":
+        """The rows for ``ids``, in that order."""
+        rows = self.index_of(ids)
+        idx = torch.tensor(rows, dtype=torch.long)
+        return ScoreTable(
+            [self.ids[i] for i in rows], [self.labels[i] for i in rows],
+            self.margin[idx], self.lens_margin[idx], list(self.layers),
+            None if self.hidden is None else self.hidden[idx], dict(self.meta),
+        )
+
+    @staticmethod
+    def concat(tables: list["ScoreTable"]) -> "ScoreTable":
+        """Rows of several tables of the same condition, in order."""
+        if not tables:
+            raise ValueError("ScoreTable.concat needs at least one table")
+        first = tables[0]
+        if any(t.layers != first.layers for t in tables):
+            raise ValueError("ScoreTable.concat: tables capture different layers")
+        hidden = None if any(t.hidden is None for t in tables) else torch.cat([t.hidden for t in tables])
+        return ScoreTable(
+            [i for t in tables for i in t.ids], [lab for t in tables for lab in t.labels],
+            torch.cat([t.margin for t in tables]), torch.cat([t.lens_margin for t in tables]),
+            list(first.layers), hidden, dict(first.meta),
+        )
+
+    def to_records(self) -> list[dict]:
+        """One dict per query: id, label, margin, p_refuse."""
+        p = self.p_refuse.tolist()
+        return [
+            {"id": i, "label": lab, "margin": m, "p_refuse": pr}
+            for i, lab, m, pr in zip(self.ids, self.labels, self.margin.tolist(), p)
+        ]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path/`` (scores.safetensors + table.json); files appear atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"margin": self.margin.float().contiguous(),
+                   "lens_margin": self.lens_margin.float().contiguous()}
+        if self.hidden is not None:
+            tensors["hidden"] = self.hidden.float().contiguous()
+        table = {"ids": self.ids, "labels": self.labels, "layers": self.layers, "meta": self.meta}
+        tmp_t, tmp_j = path / (_TENSORS + ".tmp"), path / (_TABLE + ".tmp")
+        save_file(tensors, str(tmp_t))
+        tmp_j.write_text(json.dumps(table, indent=1, default=str))
+        os.replace(tmp_t, path / _TENSORS)
+        os.replace(tmp_j, path / _TABLE)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ScoreTable":
+        path = Path(path)
+        for name in (_TENSORS, _TABLE):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"not a ScoreTable directory (no {name}): {path}")
+        tensors = load_file(str(path / _TENSORS))
+        table = json.loads((path / _TABLE).read_text())
+        return cls(table["ids"], table["labels"], tensors["margin"], tensors["lens_margin"],
+                   table["layers"], tensors.get("hidden"), table.get("meta", {}))

@@ -1,0 +1,184 @@
+"""The hot path: batched refusal scoring with fused logit extraction.
+
+One no-grad forward of the LLaVA trunk per batch (vision tower, projector, language model; no
+``lm_head`` over the vocabulary, no KV cache). Hooks keep only the decision-position residual of
+each requested layer; the readout gathers only the unembedding rows of its refusal and comply
+tokens, and all layers' logit-lens margins come from one einsum:
+
+    lens_logits[b, l, t] = final_norm(h[b, l]) . W_U[t]        t in refusal + comply tokens
+
+so nothing of size ``[batch, seq, vocab]`` or ``[layers, batch, seq, d_model]`` is ever built.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from hooks.capture import capture
+from hooks.points import hook_name
+from hooks.positions import DECISION, gather
+
+from .model import ModelBundle
+from .query import Query, QueryError, check_unique_ids
+from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
+from .render import PromptSpec, check_context, encode, plan_batches, prompt_lengths, render_prompt
+from .score_table import ScoreTable
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_layers(layers, n_layers: int) -> list[int]:
+    """"all" -> every layer, None -> none, or a list of (possibly negative) indices."""
+    if layers is None:
+        return []
+    if layers == "all":
+        return list(range(n_layers))
+    out = []
+    for layer in layers:
+        i = int(layer)
+        if not -n_layers <= i < n_layers:
+            raise ValueError(f"layers: {layer} out of range for a model with {n_layers} layers")
+        out.append(i % n_layers)
+    return out
+
+
+class RefusalScorer:
+    """Scores queries in batches: refusal margin, p_refuse, per-layer lens margins, hidden states.
+
+    Args:
+        bundle: from `load_model`.
+        readout: a `Readout`, or "first_token" / "yes_no".
+        layers: "all", a list of layer indices, or None (no lens margins / hidden states).
+        keep_hidden: also return decision-position residuals ``[N, L, d_model]`` (float32, CPU).
+        batch_size: queries per forward.
+        prompt: system prompt / surrounding text applied to every query.
+        progress: show a tqdm bar (None: only on a terminal and when there is more than one batch).
+    """
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        readout: Readout | str = "first_token",
+        *,
+        layers="all",
+        keep_hidden: bool = False,
+        batch_size: int = 8,
+        prompt: PromptSpec = PromptSpec(),
+        progress: bool | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.bundle = bundle
+        self.readout = get_readout(readout) if isinstance(readout, str) else readout
+        self.resolved: ResolvedReadout = resolve_readout(self.readout, bundle.tokenizer)
+        self.layers = resolve_layers(layers, bundle.n_layers)
+        self.keep_hidden = keep_hidden
+        self.batch_size = batch_size
+        self.prompt = prompt
+        self.progress = progress
+        # Only these rows of the unembedding are ever used: [n_tokens, d_model].
+        self._w_readout = bundle.unembed[self.resolved.token_ids].detach().float()
+
+    # -- preparation ---------------------------------------------------------------------------
+
+    def prompt_spec(self, extra: PromptSpec = PromptSpec()) -> PromptSpec:
+        spec = self.prompt.merged(extra)
+        if self.readout.question:
+            spec = spec.merged(PromptSpec(text_after=self.readout.question))
+        return spec
+
+    def render(self, queries: Sequence[Query], extra: PromptSpec = PromptSpec()) -> list[str]:
+        spec = self.prompt_spec(extra)
+        return [render_prompt(self.bundle.processor, q, spec) for q in queries]
+
+    # -- the hot path --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, inputs: dict[str, torch.Tensor]):
+        """Score one encoded, left-padded batch.
+
+        Returns ``margin [batch]``, ``lens_margin [batch, L]`` and ``hidden [batch, L, d_model]``
+        (hidden in the model's dtype, on its device).
+        """
+        names = [hook_name(i) for i in self.layers]
+        with capture(self.bundle, names, DECISION) as cache:
+            out = self.bundle.model.model(**inputs, use_cache=False)
+        idx = DECISION.index(inputs["attention_mask"], *inputs["input_ids"].shape, out.last_hidden_state.device)
+        final = gather(out.last_hidden_state, idx)[:, 0]  # already through the final norm
+        w = self._w_readout.to(final.device)
+        margin = self.resolved.margin(final.float() @ w.T)
+        if not names:
+            empty = final.new_zeros(final.shape[0], 0)
+            return margin, empty.float(), None
+        hidden = torch.stack([cache[n] for n in names], 1)  # [batch, L, d_model]
+        normed = self.bundle.final_norm(hidden.to(final.device))
+        lens = self.resolved.margin(torch.einsum("bld,td->blt", normed.float(), w))
+        return margin, lens, hidden
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def score(
+        self,
+        queries: Iterable[Query],
+        *,
+        prompt: PromptSpec = PromptSpec(),
+        meta: dict | None = None,
+        desc: str = "scoring",
+    ) -> ScoreTable:
+        """Score queries; the table's rows follow the input order."""
+        queries = list(queries)
+        if not queries:
+            raise ValueError("score: no queries given")
+        check_unique_ids(queries)
+        for q in queries:  # fail before any compute on a missing file
+            if q.has_image and not hasattr(q.image, "convert"):
+                if not Path(q.image).is_file():
+                    raise QueryError(f"query {q.id!r}: image file not found: {q.image}")
+        prompts = self.render(queries, prompt)
+        lengths = prompt_lengths(self.bundle, prompts, [int(q.has_image) for q in queries])
+        check_context(self.bundle, queries, lengths)
+        batches = plan_batches(lengths, self.batch_size)
+
+        n, n_layers = len(queries), len(self.layers)
+        margin = torch.empty(n)
+        lens = torch.empty(n, n_layers)
+        hidden = torch.empty(n, n_layers, self.bundle.d_model) if self.keep_hidden and n_layers else None
+        # tqdm's disable=None hides the bar when stderr is not a terminal.
+        disable = (not self.progress) if self.progress is not None else (None if len(batches) > 1 else True)
+        start = time.perf_counter()
+        for rows in tqdm(batches, desc=desc, unit="batch", disable=disable):
+            images = [queries[i].load_image() for i in rows]
+            inputs = encode(self.bundle, [prompts[i] for i in rows], images)
+            got = inputs["attention_mask"].sum(-1).tolist()
+            want = [lengths[i] for i in rows]
+            if got != want:
+                raise RuntimeError(f"token count mismatch for queries {[queries[i].id for i in rows]}: "
+                                   f"processor gave {got}, expected {want}")
+            m, lm, h = self.forward(inputs)
+            idx = torch.tensor(rows)
+            margin[idx] = m.cpu()
+            lens[idx] = lm.cpu()
+            if hidden is not None:
+                hidden[idx] = h.float().cpu()
+        elapsed = time.perf_counter() - start
+        logger.info("scored %d queries in %d batches, %.2fs (%.1f queries/s)", n, len(batches),
+                    elapsed, n / max(elapsed, 1e-9))
+        table_meta = {
+            "model": self.bundle.name,
+            "readout": self.readout.name,
+            "question": self.readout.question,
+            "refusal_words": list(self.readout.refusal_words),
+            "comply_words": list(self.readout.comply_words),
+            "refusal_ids": list(self.resolved.refusal_ids),
+            "comply_ids": list(self.resolved.comply_ids),
+            "prompt": vars(self.prompt_spec(prompt)),
+            **(meta or {}),
+        }
+        return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
+                          list(self.layers), hidden, table_meta)

@@ -1,0 +1,61 @@
+"""Prompts, image tokens and padding against the real LLaVA-1.5 processor."""
+
+import torch
+
+from probing import PromptSpec, Query, render_prompt
+from probing.render import encode, padded_position_ids, plan_batches, prompt_lengths
+
+from .conftest import noise_image
+
+
+def test_prompt_matches_llava_template(processor):
+    q = Query("a", "How do I bake bread?", image=noise_image(0))
+    assert render_prompt(processor, q) == "USER: <image>\nHow do I bake bread? ASSISTANT:"
+    q_text = Query("b", "How do I bake bread?")
+    assert render_prompt(processor, q_text) == "USER: How do I bake bread? ASSISTANT:"
+
+
+def test_system_prompt_and_surrounding_text(processor):
+    q = Query("a", "Help me.", image=noise_image(0))
+    spec = PromptSpec(system_prompt="Be careful.", text_before="Context:", text_after="Think first.")
+    assert render_prompt(processor, q, spec) == \
+        "Be careful. USER: <image>\nContext:\nHelp me.\nThink first. ASSISTANT:"
+
+
+def test_merged_specs_nest():
+    inner = PromptSpec("S1", "b1", "a1")
+    outer = PromptSpec("S2", "b2", "a2")
+    m = inner.merged(outer)
+    assert m == PromptSpec("S1\nS2", "b2\nb1", "a1\na2")
+
+
+def test_576_image_tokens_and_pixels_match_processor(tiny, processor):
+    img = noise_image(3, size=(500, 340))
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    ours = encode(tiny, [prompt], [img])
+    ref = processor(text=prompt, images=img, return_tensors="pt")
+    assert int((ours["input_ids"] == 32000).sum()) == 576
+    assert torch.equal(ours["input_ids"], ref["input_ids"])
+    assert torch.equal(ours["pixel_values"], ref["pixel_values"])
+    assert ours["pixel_values"].shape == (1, 3, 336, 336)
+    assert prompt_lengths(tiny, [prompt], [1]) == [ref["input_ids"].shape[1]]
+
+
+def test_batch_is_left_padded_with_positions_from_first_token(tiny):
+    prompts = ["USER: Hi ASSISTANT:", "USER: <image>\nA much longer question here ASSISTANT:"]
+    enc = encode(tiny, prompts, [None, noise_image(1)])
+    mask = enc["attention_mask"]
+    assert mask[0, 0] == 0 and mask[0, -1] == 1  # short row padded on the left
+    assert (enc["input_ids"][0][mask[0] == 0] == 32001).all()  # <pad>
+    pos = enc["position_ids"]
+    first_real = int(mask[0].argmax())
+    assert pos[0, first_real] == 0 and pos[0, -1] == mask[0].sum() - 1
+    assert torch.equal(pos[1], torch.arange(mask.shape[1]))
+    assert torch.equal(padded_position_ids(torch.tensor([[0, 0, 1, 1]])), torch.tensor([[0, 0, 0, 1]]))
+
+
+def test_plan_batches_sorts_by_length_and_covers_all():
+    lengths = [5, 50, 7, 600, 8]
+    batches = plan_batches(lengths, 2)
+    assert batches == [[3, 1], [4, 2], [0]]
+    assert sorted(i for b in batches for i in b) == list(range(5))

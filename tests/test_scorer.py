@@ -1,0 +1,156 @@
+"""The fused scorer against plain transformers forwards on a tiny random LLaVA."""
+
+import pytest
+import torch
+
+from probing import PromptSpec, Query, RefusalScorer, ScoreTable
+from probing.query import QueryError
+
+ATOL = 1e-4
+
+
+def plain_forward(bundle, scorer, query, **kwargs):
+    """Independent reference: the query alone (no padding) through the full HF model."""
+    prompt = scorer.render([query])[0]
+    image = query.load_image()
+    inputs = bundle.processor(text=prompt, images=image, return_tensors="pt")
+    with torch.no_grad():
+        return bundle.model(**inputs, **kwargs)
+
+
+def ref_margin(scorer, logits):
+    return scorer.resolved.margin(logits[..., scorer.resolved.token_ids])
+
+
+def test_fused_margins_equal_full_forward(tiny, mixed_queries):
+    scorer = RefusalScorer(tiny, batch_size=4)
+    table = scorer.score(mixed_queries)
+    assert table.ids == [q.id for q in mixed_queries]
+    assert table.labels == [q.label for q in mixed_queries]
+    want = torch.stack([ref_margin(scorer, plain_forward(tiny, scorer, q).logits[0, -1])
+                        for q in mixed_queries])
+    torch.testing.assert_close(table.margin, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(table.p_refuse, torch.sigmoid(want), atol=ATOL, rtol=0)
+    # The scores are not degenerate: queries differ and images matter.
+    assert table.margin.std() > 0.05
+
+
+def test_images_change_the_score(tiny):
+    scorer = RefusalScorer(tiny)
+    from .conftest import noise_image
+    t = scorer.score([Query("a", "What is this?", image=noise_image(0)),
+                      Query("b", "What is this?", image=noise_image(1)),
+                      Query("c", "What is this?")])
+    assert len({round(float(m), 4) for m in t.margin}) == 3
+
+
+def test_batch_invariance(tiny, mixed_queries):
+    one = RefusalScorer(tiny, batch_size=1).score(mixed_queries)
+    seven = RefusalScorer(tiny, batch_size=7).score(mixed_queries)
+    torch.testing.assert_close(one.margin, seven.margin, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one.lens_margin, seven.lens_margin, atol=1e-5, rtol=0)
+
+
+def test_lens_margins_and_hidden_equal_output_hidden_states(tiny, mixed_queries):
+    scorer = RefusalScorer(tiny, batch_size=3, keep_hidden=True)
+    table = scorer.score(mixed_queries)
+    n_layers = tiny.n_layers
+    assert table.layers == list(range(n_layers))
+    assert table.hidden.shape == (len(mixed_queries), n_layers, tiny.d_model)
+    norm, lm_head = tiny.final_norm, tiny.model.lm_head
+    for row, q in enumerate(mixed_queries):
+        hs = plain_forward(tiny, scorer, q, output_hidden_states=True).hidden_states
+        # transformers returns the last layer's state after the final norm.
+        states = [hs[i + 1][0, -1] for i in range(n_layers - 1)]
+        with torch.no_grad():
+            lens = [lm_head(norm(s)) for s in states] + [lm_head(hs[-1][0, -1])]
+            torch.testing.assert_close(table.hidden[row, :-1], torch.stack(states), atol=ATOL, rtol=0)
+            torch.testing.assert_close(norm(table.hidden[row, -1]), hs[-1][0, -1], atol=ATOL, rtol=0)
+        want = ref_margin(scorer, torch.stack(lens))
+        torch.testing.assert_close(table.lens_margin[row], want, atol=ATOL, rtol=0)
+    # The last layer's lens margin is the output margin.
+    torch.testing.assert_close(table.lens_margin[:, -1], table.margin, atol=1e-5, rtol=0)
+
+
+def test_layer_subset_and_no_layers(tiny, mixed_queries):
+    full = RefusalScorer(tiny).score(mixed_queries[:4])
+    sub = RefusalScorer(tiny, layers=[0, -1]).score(mixed_queries[:4])
+    assert sub.layers == [0, tiny.n_layers - 1]
+    torch.testing.assert_close(sub.lens_margin, full.lens_margin[:, [0, -1]], atol=1e-6, rtol=0)
+    none = RefusalScorer(tiny, layers=None).score(mixed_queries[:4])
+    assert none.lens_margin.shape == (4, 0)
+    torch.testing.assert_close(none.margin, full.margin, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="out of range"):
+        RefusalScorer(tiny, layers=[99])
+
+
+def test_yes_no_readout_appends_question(tiny):
+    scorer = RefusalScorer(tiny, readout="yes_no")
+    q = Query("a", "Tell me a joke.")
+    prompt = scorer.render([q])[0]
+    assert prompt.startswith("USER: Tell me a joke.\nWould you answer") and prompt.endswith("ASSISTANT:")
+    table = scorer.score([q])
+    out = plain_forward(tiny, scorer, q).logits[0, -1]
+    want = out[1939] - out[3869]  # log P(No) - log P(Yes), up to the shared normaliser
+    torch.testing.assert_close(table.margin[0], want, atol=ATOL, rtol=0)
+    assert table.meta["readout"] == "yes_no"
+
+
+def test_system_prompt_is_used(tiny):
+    q = Query("a", "Tell me a joke.")
+    plain = RefusalScorer(tiny).score([q])
+    with_sys = RefusalScorer(tiny, prompt=PromptSpec(system_prompt="You are careful.")).score([q])
+    assert abs(float(plain.margin[0] - with_sys.margin[0])) > 1e-4
+    assert with_sys.meta["prompt"]["system_prompt"] == "You are careful."
+
+
+def test_score_table_roundtrip(tiny, mixed_queries, tmp_path):
+    table = RefusalScorer(tiny, keep_hidden=True).score(mixed_queries[:5], meta={"condition": "baseline"})
+    table.save(tmp_path / "t")
+    back = ScoreTable.load(tmp_path / "t")
+    assert back.ids == table.ids and back.labels == table.labels and back.layers == table.layers
+    assert torch.equal(back.margin, table.margin) and torch.equal(back.hidden, table.hidden)
+    assert back.meta["condition"] == "baseline" and back.meta["refusal_ids"][1] == 8221
+    sub = back.select(["q3", "q0"])
+    assert sub.ids == ["q3", "q0"] and torch.equal(sub.margin, table.margin[[3, 0]])
+    with pytest.raises(KeyError, match="nope"):
+        back.select(["nope"])
+    with pytest.raises(FileNotFoundError, match="not a ScoreTable"):
+        ScoreTable.load(tmp_path)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+def test_missing_image_file_names_query(tiny, tmp_path):
+    q = Query("cat-17", "What is this?", image=tmp_path / "nope.jpg")
+    with pytest.raises(QueryError, match=r"cat-17.*nope\.jpg"):
+        RefusalScorer(tiny).score([Query("ok", "hi"), q])
+
+
+def test_unreadable_image_names_query(tiny, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    with pytest.raises(QueryError, match=r"dog-3.*broken\.jpg"):
+        RefusalScorer(tiny).score([Query("dog-3", "What is this?", image=bad)])
+
+
+def test_query_without_text_or_image():
+    with pytest.raises(QueryError, match="empty-1.*neither text nor image"):
+        Query("empty-1", "   ")
+    with pytest.raises(QueryError, match="label"):
+        Query("x", "hi", label="spicy")
+
+
+def test_too_long_input_is_refused_not_truncated(tiny):
+    long_text = " ".join(["word"] * 5000)
+    with pytest.raises(QueryError, match=r"4096.*long-1.*5009 tokens"):
+        RefusalScorer(tiny).score([Query("short", "hi"), Query("long-1", long_text)])
+
+
+def test_duplicate_ids_and_empty_input(tiny):
+    with pytest.raises(QueryError, match="duplicate query id 'a'"):
+        RefusalScorer(tiny).score([Query("a", "x"), Query("a", "y")])
+    with pytest.raises(ValueError, match="no queries"):
+        RefusalScorer(tiny).score([])
+    with pytest.raises(ValueError, match="batch_size"):
+        RefusalScorer(tiny, batch_size=0)
