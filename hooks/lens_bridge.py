@@ -58,13 +58,13 @@ def to_transformer_lens(bundle, *, device=None):
             "or pip-install at run time)"
         )
     model = bundle.model
-    attn = {c: getattr(c, "_attn_implementation", None)
-            for c in (model.config, model.config.text_config, model.config.vision_config)}
+    configs = (model.config, model.config.text_config, model.config.vision_config)
+    attn = [getattr(c, "_attn_implementation", None) for c in configs]
     with _no_runtime_install():
         bridge = TransformerBridge.boot_transformers(
             str(source), hf_model=model, device=device or str(bundle.device), dtype=bundle.dtype
         )
-    for cfg, impl in attn.items():
+    for cfg, impl in zip(configs, attn):
         if impl is not None and getattr(cfg, "_attn_implementation", None) != impl:
             cfg._attn_implementation = impl
     return bridge

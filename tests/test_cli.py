@@ -1,0 +1,64 @@
+"""The command line and the JSONL loader, end to end on the tiny random model."""
+
+import json
+
+import pytest
+import torch
+
+from probing import ScoreTable
+from probing.cli import main
+from probing.datasets import load_jsonl, save_jsonl
+from probing.query import QueryError
+
+from .conftest import noise_image
+
+
+def test_jsonl_roundtrip_and_relative_images(tmp_path):
+    noise_image(0).save(tmp_path / "a.png")
+    f = tmp_path / "q.jsonl"
+    f.write_text(json.dumps({"id": "1", "text": "hi", "image": "a.png", "label": "benign"}) + "\n\n"
+                 + json.dumps({"id": "2", "text": "bye", "meta": {"k": 1}}) + "\n")
+    qs = load_jsonl(f)
+    assert [q.id for q in qs] == ["1", "2"] and qs[0].image == tmp_path / "a.png"
+    assert qs[1].meta == {"k": 1} and qs[1].label is None
+    save_jsonl(qs, tmp_path / "back.jsonl")
+    assert [q.text for q in load_jsonl(tmp_path / "back.jsonl")] == ["hi", "bye"]
+
+
+@pytest.mark.parametrize("line,match", [
+    ("{not json", "q.jsonl:1: not valid JSON"),
+    (json.dumps({"text": "no id"}), "q.jsonl:1: each line must be an object with an 'id'"),
+    (json.dumps({"id": "x", "txt": "typo"}), r"unknown fields \['txt'\]"),
+    (json.dumps({"id": "x", "text": ""}), "q.jsonl:1: query 'x' has neither text nor image"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, line, match):
+    f = tmp_path / "q.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(QueryError, match=match):
+        load_jsonl(f)
+
+
+def test_cli_score_writes_a_loadable_table(tiny, tmp_path, capsys):
+    f = tmp_path / "q.jsonl"
+    f.write_text("\n".join(json.dumps({"id": f"q{i}", "text": f"question number {i}",
+                                       "label": "harmful" if i % 2 else "benign"}) for i in range(4)))
+    assert main(["score", "--queries", str(f), "--out", str(tmp_path / "out"), "--layers", "0,2"]) == 0
+    table = ScoreTable.load(tmp_path / "out")
+    assert table.ids == ["q0", "q1", "q2", "q3"] and table.layers == [0, 2]
+    assert (tmp_path / "out" / "summary.csv").is_file()
+    assert "refusal_harmful" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    assert main(["score", "--queries", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_cli_demo(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    base = ScoreTable.load(tmp_path / "demo" / "baseline")
+    sr = ScoreTable.load(tmp_path / "demo" / "system_prompt")
+    assert base.ids == sr.ids and len(base) == 24
+    assert not torch.equal(base.margin, sr.margin)
+    rows = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert [r["condition"] for r in rows] == ["baseline", "system_prompt"]
