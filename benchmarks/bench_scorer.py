@@ -1,0 +1,268 @@
+"""Scorer benchmark: the fused scorer against the trunk floor and what users write by hand.
+
+Variants, all on the same pre-encoded, left-padded batches (576 image tokens + text per query):
+  a  trunk       model.model(...) alone: the floor any scorer must pay
+  b  fused       RefusalScorer.forward: decision-position hooks + gathered unembedding rows,
+                 margins and lens margins of all layers
+  c  careful     model(..., output_hidden_states=True, logits_to_keep=1), then norm + full
+                 lm_head on each layer's last position
+  d  hurried     model(..., output_hidden_states=True) (full logits), then the same
+  e  generate    generate(max_new_tokens=64) + refusal-phrase match
+
+Time: median of --repeats runs after one warm-up, variants interleaved in one process. Memory: on CUDA, peak allocated above the
+resting level; on CPU, the peak resident-set growth of a fresh process during the variant's
+first run (sampled every 0.5 ms), so allocator caches of other variants cannot hide it.
+
+    python benchmarks/bench_scorer.py                       # tiny-random, CPU, batch 8 and 32
+    python benchmarks/bench_scorer.py --device cuda --model 7b-random --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from probing import Query, RefusalScorer, load_model  # noqa: E402
+from probing.model import ModelBundle, build_random_model, find_llava_assets  # noqa: E402
+from probing.render import encode  # noqa: E402
+
+VARIANTS = {
+    "a": "trunk only (floor)",
+    "b": "fused scorer, all-layer lens",
+    "c": "HF hidden_states + logits_to_keep=1",
+    "d": "HF hidden_states + full logits",
+    "e": "generate(64) + phrase match",
+}
+REFUSAL_PHRASES = ("I'm sorry", "I apologize", "As an AI", "I cannot", "I can't", "I am unable to")
+WORDS = "please describe what the picture shows and explain every detail of the scene carefully".split()
+
+
+def load_bench_model(name: str, device: str, dtype: str, n_layers: int | None) -> ModelBundle:
+    if name == "7b-random":
+        from transformers import AutoProcessor, LlavaConfig
+
+        assets = find_llava_assets()
+        cfg = LlavaConfig.from_pretrained(assets)
+        if n_layers:
+            cfg.text_config.num_hidden_layers = n_layers
+        torch_dtype = getattr(torch, dtype)
+        with torch.device(device):
+            model = build_random_model(cfg, dtype=torch_dtype)
+        proc = AutoProcessor.from_pretrained(assets)
+        proc.tokenizer.padding_side = "left"
+        return ModelBundle(model, proc, f"7b-random({cfg.text_config.num_hidden_layers} layers)")
+    return load_model(name, device=device, dtype=dtype, n_layers=n_layers)
+
+
+def make_queries(n: int) -> list[Query]:
+    from PIL import Image
+
+    queries = []
+    for i in range(n):
+        text = " ".join(WORDS[: 4 + (i * 5) % len(WORDS)])
+        image = Image.new("RGB", (336 + 8 * i, 336), (30 * i % 256, 90, 160))
+        queries.append(Query(f"q{i}", text.capitalize() + "?", image=image))
+    return queries
+
+
+def make_inputs(bundle, batch: int):
+    scorer = RefusalScorer(bundle, layers="all", batch_size=batch, progress=False)
+    queries = make_queries(batch)
+    inputs = encode(bundle, scorer.render(queries), [q.image for q in queries])
+    return scorer, inputs
+
+
+def lens_from_hidden_states(bundle, scorer, hidden_states, logits):
+    """What a user computes by hand: every layer's last position through norm + full lm_head."""
+    n = bundle.n_layers
+    last = [bundle.final_norm(hidden_states[i + 1][:, -1]) for i in range(n - 1)]
+    last.append(hidden_states[-1][:, -1])  # transformers already normed the last one
+    full = bundle.model.lm_head(torch.stack(last, 1))  # [batch, L, vocab]
+    lens = scorer.resolved.margin(full[..., scorer.resolved.token_ids])
+    return scorer.resolved.margin(logits[:, -1, scorer.resolved.token_ids]), lens
+
+
+def run_variant(key: str, bundle, scorer, inputs):
+    model = bundle.model
+    with torch.inference_mode():
+        if key == "a":
+            return model.model(**inputs, use_cache=False).last_hidden_state[:, -1]
+        if key == "b":
+            return scorer.forward(inputs)[:2]
+        if key in ("c", "d"):
+            kw = {"logits_to_keep": 1} if key == "c" else {}
+            out = model(**inputs, output_hidden_states=True, **kw)
+            return lens_from_hidden_states(bundle, scorer, out.hidden_states, out.logits)
+        if key == "e":
+            gen_inputs = {k: v for k, v in inputs.items() if k != "position_ids"}
+            out = model.generate(**gen_inputs, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                                 pad_token_id=bundle.tokenizer.pad_token_id)
+            texts = bundle.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            return [any(p in t for p in REFUSAL_PHRASES) for t in texts]
+    raise ValueError(key)
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class RssPeak:
+    """Peak resident set size while the block runs (sampled in a thread)."""
+
+    def __init__(self, interval=0.0005):
+        import psutil
+
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = self.proc.memory_info().rss
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def measure_memory(bundle, key: str, batch: int) -> tuple[float, int]:
+    """Peak extra memory (MiB) of one variant's first run, and the padded sequence length."""
+    scorer, inputs = make_inputs(bundle, batch)
+    if str(bundle.device).startswith("cuda"):
+        torch.cuda.empty_cache()
+        _sync(bundle.device)
+        rest = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_variant(key, bundle, scorer, inputs)
+        _sync(bundle.device)
+        peak = torch.cuda.max_memory_allocated() - rest
+    else:
+        with RssPeak() as rss:
+            run_variant(key, bundle, scorer, inputs)
+        peak = rss.growth
+    return peak / 2**20, int(inputs["input_ids"].shape[1])
+
+
+def time_variants(bundle, keys: str, batch: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per batch for each variant, runs interleaved so machine noise hits all alike."""
+    scorer, inputs = make_inputs(bundle, batch)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for key in keys:  # warm-up
+        run_variant(key, bundle, scorer, inputs)
+    for _ in range(repeats):
+        for key in keys:
+            _sync(bundle.device)
+            t0 = time.perf_counter()
+            run_variant(key, bundle, scorer, inputs)
+            _sync(bundle.device)
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def check_agreement(bundle, batch: int) -> float:
+    """Max |margin difference| between the fused scorer and the careful HF variant."""
+    scorer, inputs = make_inputs(bundle, batch)
+    m_b, lens_b = run_variant("b", bundle, scorer, inputs)
+    m_c, lens_c = run_variant("c", bundle, scorer, inputs)
+    return float(max((m_b - m_c).abs().max(), (lens_b - lens_c).abs().max()))
+
+
+def child(args) -> None:
+    torch.manual_seed(0)
+    bundle = load_bench_model(args.model, args.device, args.dtype, args.n_layers)
+    peak_mb, seq = measure_memory(bundle, args.child, args.child_batch)
+    print("RESULT " + json.dumps({"peak_mb": peak_mb, "seq": seq}))
+
+
+def table(results: list[dict], machine: str) -> str:
+    lines = [f"machine: {machine}", "",
+             "| batch | seq | variant | time / batch (s) | queries/s | peak extra memory (MiB) | time vs a | memory vs b |",
+             "|---|---|---|---|---|---|---|---|"]
+    for batch in sorted({r["batch"] for r in results}):
+        rows = {r["variant"]: r for r in results if r["batch"] == batch}
+        for key, r in rows.items():
+            t_a = rows["a"]["time_s"] if "a" in rows else float("nan")
+            m_b = rows["b"]["peak_mb"] if "b" in rows else float("nan")
+            lines.append(f"| {batch} | {r['seq']} | {key}: {VARIANTS[key]} | {r['time_s']:.4f} | "
+                         f"{batch / r['time_s']:.1f} | {r['peak_mb']:.1f} | {r['time_s'] / t_a:.2f}x | "
+                         f"{r['peak_mb'] / max(m_b, 1e-9):.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-random", help="'tiny-random' or '7b-random'")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--n-layers", type=int, default=None)
+    p.add_argument("--batch-sizes", default="8,32")
+    p.add_argument("--variants", default="abcde")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-batch", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    cpu = not args.device.startswith("cuda")
+    torch.manual_seed(0)
+    bundle = load_bench_model(args.model, args.device, args.dtype, args.n_layers)
+    print(f"agreement fused vs HF (max |margin diff|, batch {batches[0]}): "
+          f"{check_agreement(bundle, batches[0]):.2e}", flush=True)
+    results = []
+    for batch in batches:
+        times = time_variants(bundle, args.variants, batch, args.repeats)
+        for key in args.variants:
+            if cpu:  # a fresh process per measurement keeps RSS peaks honest
+                cmd = [sys.executable, __file__, "--child", key, "--child-batch", str(batch),
+                       "--model", args.model, "--device", args.device, "--dtype", args.dtype]
+                if args.n_layers:
+                    cmd += ["--n-layers", str(args.n_layers)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                mem = json.loads(out.split("RESULT ", 1)[1])
+                peak_mb, seq = mem["peak_mb"], mem["seq"]
+            else:
+                peak_mb, seq = measure_memory(bundle, key, batch)
+            res = {"variant": key, "batch": batch, "seq": seq, "time_s": statistics.median(times[key]),
+                   "peak_mb": peak_mb, "times": times[key]}
+            results.append(res)
+            print(f"batch {batch:>3} {key}: {res['time_s']:.4f}s  {peak_mb:.1f} MiB", flush=True)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+               if cpu else torch.cuda.get_device_name())
+    print()
+    print(f"model: {args.model}, dtype {args.dtype}, device {args.device}")
+    print(table(results, machine))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
