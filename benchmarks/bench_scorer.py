@@ -9,9 +9,9 @@ Variants, all on the same pre-encoded, left-padded batches (576 image tokens + t
   d  hurried     model(..., output_hidden_states=True) (full logits), then the same
   e  generate    generate(max_new_tokens=64) + refusal-phrase match
 
-Time: median of --repeats runs after one warm-up, variants interleaved in one process. Memory: on CUDA, peak allocated above the
-resting level; on CPU, the peak resident-set growth of a fresh process during the variant's
-first run (sampled every 0.5 ms), so allocator caches of other variants cannot hide it.
+Time: median of --repeats runs after one warm-up, variants interleaved in one process. Memory:
+peak bytes in use above the resting level during one run: CUDA allocator statistics on GPU;
+glibc's in-use heap (mallinfo2, sampled every 0.2 ms) on CPU.
 
     python benchmarks/bench_scorer.py                       # tiny-random, CPU, batch 8 and 32
     python benchmarks/bench_scorer.py --device cuda --model 7b-random --dtype bfloat16
@@ -24,9 +24,9 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
+import ctypes
 import time
 from pathlib import Path
 
@@ -120,22 +120,49 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-class RssPeak:
-    """Peak resident set size while the block runs (sampled in a thread)."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 
-    def __init__(self, interval=0.0005):
-        import psutil
 
-        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+def _heap_in_use():
+    """Bytes glibc has handed out and not got back (heap + mmap), or None off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def used() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return used
+
+
+class HeapPeak:
+    """Peak growth of in-use CPU heap while the block runs, sampled every 0.2 ms.
+
+    In-use bytes (glibc mallinfo2), not RSS: memory an allocator keeps after a free does not
+    count, so variants measured one after another in the same process do not hide each other.
+    """
+
+    def __init__(self, interval=0.0002):
+        self.used = _heap_in_use()
+        if self.used is None:
+            import psutil
+
+            proc = psutil.Process()
+            self.used = lambda: proc.memory_info().rss  # fallback: resident set size
+        self.interval = interval
 
     def _poll(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.peak = max(self.peak, self.used())
             time.sleep(self.interval)
 
     def __enter__(self):
-        self.start = self.proc.memory_info().rss
-        self.peak = self.start
+        self.start = self.peak = self.used()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -144,7 +171,7 @@ class RssPeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.peak = max(self.peak, self.used())
 
     @property
     def growth(self) -> int:
@@ -152,7 +179,7 @@ class RssPeak:
 
 
 def measure_memory(bundle, key: str, batch: int) -> tuple[float, int]:
-    """Peak extra memory (MiB) of one variant's first run, and the padded sequence length."""
+    """Peak extra memory (MiB) of one variant's run, and the padded sequence length."""
     scorer, inputs = make_inputs(bundle, batch)
     if str(bundle.device).startswith("cuda"):
         torch.cuda.empty_cache()
@@ -163,9 +190,10 @@ def measure_memory(bundle, key: str, batch: int) -> tuple[float, int]:
         _sync(bundle.device)
         peak = torch.cuda.max_memory_allocated() - rest
     else:
-        with RssPeak() as rss:
+        run_variant(key, bundle, scorer, inputs)  # warm: lazy buffers are not the variant's cost
+        with HeapPeak() as heap:
             run_variant(key, bundle, scorer, inputs)
-        peak = rss.growth
+        peak = heap.growth
     return peak / 2**20, int(inputs["input_ids"].shape[1])
 
 
@@ -193,13 +221,6 @@ def check_agreement(bundle, batch: int) -> float:
     return float(max((m_b - m_c).abs().max(), (lens_b - lens_c).abs().max()))
 
 
-def child(args) -> None:
-    torch.manual_seed(0)
-    bundle = load_bench_model(args.model, args.device, args.dtype, args.n_layers)
-    peak_mb, seq = measure_memory(bundle, args.child, args.child_batch)
-    print("RESULT " + json.dumps({"peak_mb": peak_mb, "seq": seq}))
-
-
 def table(results: list[dict], machine: str) -> str:
     lines = [f"machine: {machine}", "",
              "| batch | seq | variant | time / batch (s) | queries/s | peak extra memory (MiB) | time vs a | memory vs b |",
@@ -225,11 +246,7 @@ def main(argv=None):
     p.add_argument("--variants", default="abcde")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child-batch", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.child:
-        return child(args)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     cpu = not args.device.startswith("cuda")
@@ -241,16 +258,7 @@ def main(argv=None):
     for batch in batches:
         times = time_variants(bundle, args.variants, batch, args.repeats)
         for key in args.variants:
-            if cpu:  # a fresh process per measurement keeps RSS peaks honest
-                cmd = [sys.executable, __file__, "--child", key, "--child-batch", str(batch),
-                       "--model", args.model, "--device", args.device, "--dtype", args.dtype]
-                if args.n_layers:
-                    cmd += ["--n-layers", str(args.n_layers)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                mem = json.loads(out.split("RESULT ", 1)[1])
-                peak_mb, seq = mem["peak_mb"], mem["seq"]
-            else:
-                peak_mb, seq = measure_memory(bundle, key, batch)
+            peak_mb, seq = measure_memory(bundle, key, batch)
             res = {"variant": key, "batch": batch, "seq": seq, "time_s": statistics.median(times[key]),
                    "peak_mb": peak_mb, "times": times[key]}
             results.append(res)

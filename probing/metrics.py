@@ -1,0 +1,59 @@
+"""Separation and shift metrics on score vectors, vectorised over bootstrap resamples.
+
+Conventions (documented values for degenerate input, see docs/analysis.md):
+- AUROC is P(harmful score > benign score) + 0.5 P(tie), harmful the positive class; all-equal
+  scores give 0.5.
+- d' = (mu_h - mu_b) / sqrt((var_h + var_b) / 2) with sample variances (ddof=1). When both
+  classes have zero variance, d' is 0 if the means are equal and +-inf otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def auroc(harmful: np.ndarray, benign: np.ndarray) -> np.ndarray:
+    """AUROC of harmful vs benign scores along the last axis: ``[..., n_h], [..., n_b] -> [...]``."""
+    harmful, benign = np.asarray(harmful, float), np.asarray(benign, float)
+    n_h, n_b = harmful.shape[-1], benign.shape[-1]
+    ranks = rankdata(np.concatenate([harmful, benign], -1), axis=-1)  # ties get average ranks
+    u = ranks[..., :n_h].sum(-1) - n_h * (n_h + 1) / 2
+    return u / (n_h * n_b)
+
+
+def d_prime(harmful: np.ndarray, benign: np.ndarray) -> np.ndarray:
+    """Sensitivity index along the last axis: ``[..., n_h], [..., n_b] -> [...]``."""
+    harmful, benign = np.asarray(harmful, float), np.asarray(benign, float)
+    diff = harmful.mean(-1) - benign.mean(-1)
+    pooled = np.sqrt((harmful.var(-1, ddof=1) + benign.var(-1, ddof=1)) / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(pooled > 0, diff / np.where(pooled > 0, pooled, 1.0),
+                       np.where(diff == 0, 0.0, np.sign(diff) * np.inf))
+    return out
+
+
+def pooled_sd(harmful: np.ndarray, benign: np.ndarray) -> np.ndarray:
+    """sqrt((var_h + var_b) / 2), the unit in which shifts are expressed so layers compare."""
+    return np.sqrt((np.asarray(harmful, float).var(-1, ddof=1) + np.asarray(benign, float).var(-1, ddof=1)) / 2)
+
+
+def percentile_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap samples (non-finite samples ignored)."""
+    samples = np.asarray(samples, float)
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(finite, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def stratified_indices(n_h: int, n_b: int, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap resamples of query indices within each class: ``[n_boot, n_h]``, ``[n_boot, n_b]``.
+
+    Resampling within class keeps both classes present in every resample, so every figure is
+    defined; pairing is kept because a query's baseline and defended scores share its index.
+    """
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, n_h, (n_boot, n_h)), rng.integers(0, n_b, (n_boot, n_b))
