@@ -198,13 +198,15 @@ def measure_memory(bundle, key: str, batch: int) -> tuple[float, int]:
 
 
 def time_variants(bundle, keys: str, batch: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per batch for each variant, runs interleaved so machine noise hits all alike."""
+    """Seconds per batch for each variant, runs interleaved (order alternating between rounds)
+    so machine noise and allocator after-effects hit all variants alike."""
     scorer, inputs = make_inputs(bundle, batch)
     times: dict[str, list[float]] = {k: [] for k in keys}
     for key in keys:  # warm-up
         run_variant(key, bundle, scorer, inputs)
-    for _ in range(repeats):
-        for key in keys:
+    for rep in range(repeats):
+        # alternate the order: a variant that follows a huge allocation (d) runs slower
+        for key in (keys if rep % 2 == 0 else keys[::-1]):
             _sync(bundle.device)
             t0 = time.perf_counter()
             run_variant(key, bundle, scorer, inputs)

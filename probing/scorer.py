@@ -100,15 +100,17 @@ class RefusalScorer:
     # -- the hot path --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, inputs: dict[str, torch.Tensor]):
+    def forward(self, inputs: dict[str, torch.Tensor], **model_kwargs):
         """Score one encoded, left-padded batch.
 
-        Returns ``margin [batch]``, ``lens_margin [batch, L]`` and ``hidden [batch, L, d_model]``
-        (hidden in the model's dtype, on its device).
+        ``model_kwargs`` go to the trunk (e.g. a prefix ``cache``; the attention mask then covers
+        prefix and input). Returns ``margin [batch]``, ``lens_margin [batch, L]`` and
+        ``hidden [batch, L, d_model]`` (hidden in the model's dtype, on its device).
         """
         names = [hook_name(i) for i in self.layers]
+        model_kwargs.setdefault("use_cache", False)
         with capture(self.bundle, names, DECISION) as cache:
-            out = self.bundle.model.model(**inputs, use_cache=False)
+            out = self.bundle.model.model(**inputs, **model_kwargs)
         idx = DECISION.index(inputs["attention_mask"], *inputs["input_ids"].shape, out.last_hidden_state.device)
         final = gather(out.last_hidden_state, idx)[:, 0]  # already through the final norm
         w = self._w_readout.to(final.device)
@@ -169,7 +171,12 @@ class RefusalScorer:
         elapsed = time.perf_counter() - start
         logger.info("scored %d queries in %d batches, %.2fs (%.1f queries/s)", n, len(batches),
                     elapsed, n / max(elapsed, 1e-9))
-        table_meta = {
+        return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
+                          list(self.layers), hidden, {**self.table_meta(prompt), **(meta or {})})
+
+    def table_meta(self, prompt: PromptSpec = PromptSpec()) -> dict:
+        """What a ScoreTable records about how it was scored."""
+        return {
             "model": self.bundle.name,
             "readout": self.readout.name,
             "question": self.readout.question,
@@ -178,7 +185,4 @@ class RefusalScorer:
             "refusal_ids": list(self.resolved.refusal_ids),
             "comply_ids": list(self.resolved.comply_ids),
             "prompt": vars(self.prompt_spec(prompt)),
-            **(meta or {}),
         }
-        return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
-                          list(self.layers), hidden, table_meta)
