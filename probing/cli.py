@@ -2,6 +2,7 @@
 
     mechprobe demo                       # score a small built-in set, write runs/demo/
     mechprobe score --queries q.jsonl    # score your own JSONL queries
+    accelerate launch --num_processes 4 -m probing.cli score ...   # one process per GPU
 """
 
 from __future__ import annotations
@@ -97,18 +98,26 @@ def cmd_demo(args) -> int:
 
 def cmd_score(args) -> int:
     from .datasets import load_jsonl
+    from .distributed import is_distributed_launch, process_state, score_sharded
 
-    bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+    state = process_state(cpu=args.device == "cpu") if is_distributed_launch() else None
+    device = str(state.device) if state is not None else args.device
+    device_map = args.device_map
+    if device_map and device_map.startswith("{"):
+        device_map = json.loads(device_map)
+    bundle = load_model(args.model, device=device, dtype=args.dtype, device_map=device_map)
     queries = load_jsonl(args.queries)
     layers = "all" if args.layers == "all" else (None if args.layers == "none"
                                                   else [int(x) for x in args.layers.split(",")])
     spec = PromptSpec(system_prompt=args.system_prompt)
+    main_process = state is None or state.is_main_process
     scorer = RefusalScorer(bundle, args.readout, layers=layers, keep_hidden=args.keep_hidden,
-                           batch_size=args.batch_size, prompt=spec, progress=True)
-    table = scorer.score(queries, meta={"condition": args.condition})
-    out = table.save(args.out)
-    _write_summary(out, [_summary_row(args.condition, table)])
-    print(f"wrote {out}/")
+                           batch_size=args.batch_size, prompt=spec, progress=True if main_process else False)
+    table = score_sharded(lambda qs: scorer.score(qs, meta={"condition": args.condition}),
+                          queries, args.out, state)
+    if table is not None:
+        _write_summary(Path(args.out), [_summary_row(args.condition, table)])
+        print(f"wrote {args.out}/")
     return 0
 
 
@@ -139,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--keep-hidden", action="store_true", help="store decision-position residuals")
     score.add_argument("--system-prompt", default=None)
     score.add_argument("--condition", default="baseline", help="name recorded in the table")
+    score.add_argument("--device-map", default=None,
+                       help="'auto', 'balanced' or a JSON dict of module -> device (models larger than one device)")
     score.set_defaults(func=cmd_score)
     return parser
 

@@ -133,7 +133,13 @@ class ModelBundle:
 
     @property
     def device(self) -> torch.device:
+        """Where the unembedding (and so the readout) lives."""
         return self.unembed.device
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go: the token embedding's device (differs under a device map)."""
+        return self.language_model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -189,6 +195,18 @@ def _write_source_dir(config, assets: Path) -> Path:
     return out
 
 
+def _dispatch(model: nn.Module, device_map, max_memory) -> nn.Module:
+    """Place an in-memory model's modules on devices with accelerate."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        no_split = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    model = dispatch_model(model, device_map=device_map)
+    model.hf_device_map = device_map
+    return model
+
+
 def load_model(
     name_or_path: str | os.PathLike = "tiny-random",
     *,
@@ -197,6 +215,8 @@ def load_model(
     seed: int = 0,
     n_layers: int | None = None,
     attn_implementation: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> ModelBundle:
     """Load a LLaVA-1.5 model and its processor.
 
@@ -208,6 +228,10 @@ def load_model(
         seed: weight seed for ``tiny-random``.
         n_layers: number of decoder layers for ``tiny-random`` (default 4).
         attn_implementation: passed to transformers (default: its own choice, SDPA).
+        device_map: place modules on several devices for models larger than one ("auto",
+            "balanced", or a dict of module name -> device), through accelerate; ``device`` is
+            then ignored. Captured activations are gathered where the final norm sits.
+        max_memory: per-device budget for ``device_map="auto"`` (e.g. ``{0: "20GiB", "cpu": "60GiB"}``).
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -220,16 +244,21 @@ def load_model(
         model = build_random_model(config, seed=seed, dtype=_dtype(dtype, torch.float32))
         processor = AutoProcessor.from_pretrained(assets)
         source_dir = _write_source_dir(model.config, assets)
+        if device_map is not None:
+            model = _dispatch(model, device_map, max_memory)
     else:
         default = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         kwargs = {"dtype": _dtype(dtype, default)}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        if device_map is not None:
+            kwargs.update(device_map=device_map, max_memory=max_memory)
         model = LlavaForConditionalGeneration.from_pretrained(name, **kwargs).eval()
         processor = AutoProcessor.from_pretrained(name)
         source_dir = Path(name) if Path(name).is_dir() else None
     processor.tokenizer.padding_side = "left"
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     logger.info("loaded %s: %d layers, d_model=%d, %s on %s", name,
                 model.config.text_config.num_hidden_layers,
                 model.config.text_config.hidden_size, model.dtype, device)

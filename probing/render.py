@@ -98,5 +98,5 @@ def encode(bundle, prompts: list[str], images: list, device=None) -> dict[str, t
     }
     if flat:
         out["pixel_values"] = inputs["pixel_values"].to(bundle.dtype)
-    device = device or bundle.device
+    device = device or bundle.input_device
     return {k: v.to(device) for k, v in out.items()}

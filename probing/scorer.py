@@ -109,7 +109,9 @@ class RefusalScorer:
         """
         names = [hook_name(i) for i in self.layers]
         model_kwargs.setdefault("use_cache", False)
-        with capture(self.bundle, names, DECISION) as cache:
+        # Layers may sit on several devices (device_map): gather captures where the norm is.
+        norm_device = self.bundle.final_norm.weight.device
+        with capture(self.bundle, names, DECISION, device=norm_device) as cache:
             out = self.bundle.model.model(**inputs, **model_kwargs)
         idx = DECISION.index(inputs["attention_mask"], *inputs["input_ids"].shape, out.last_hidden_state.device)
         final = gather(out.last_hidden_state, idx)[:, 0]  # already through the final norm
@@ -119,8 +121,8 @@ class RefusalScorer:
             empty = final.new_zeros(final.shape[0], 0)
             return margin, empty.float(), None
         hidden = torch.stack([cache[n] for n in names], 1)  # [batch, L, d_model]
-        normed = self.bundle.final_norm(hidden.to(final.device))
-        lens = self.resolved.margin(torch.einsum("bld,td->blt", normed.float(), w))
+        normed = self.bundle.final_norm(hidden)
+        lens = self.resolved.margin(torch.einsum("bld,td->blt", normed.float().to(w.device), w))
         return margin, lens, hidden
 
     # -- public API ----------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def _score_batch(scorer, queries, rows, prompts, ids, shared, extra):
         n_exp = shared[i] + extra * ids[0][i][: shared[i]].count(image_id)
         prefix_rows.append(real[:n_exp])
     p_len = max(len(x) for x in prefix_rows)
-    device = bundle.device
+    device = bundle.input_device
     prefix_ids = torch.full((len(rows), p_len), pad, dtype=torch.long, device=device)
     prefix_mask = torch.zeros((len(rows), p_len), dtype=torch.long, device=device)
     for r, x in enumerate(prefix_rows):
