@@ -41,12 +41,15 @@ def _no_runtime_install():
         helpers._ensure_torchvision = original
 
 
-def to_transformer_lens(bundle, *, device=None):
-    """A ``TransformerBridge`` wrapping ``bundle.model`` (weights shared, nothing downloaded).
+def to_transformer_lens(bundle, *, device=None, copy: bool = True):
+    """A ``TransformerBridge`` over the bundle's model, booted from local files (no download).
 
-    The bridge forces eager attention on the model it wraps; the original attention
-    implementation is restored on the HF config afterwards, so the bundle's scorer keeps its
-    fast kernels. Run the bridge with eager-equivalent numerics in mind (~1e-6 in float32).
+    The bridge replaces the HF model's submodules with its own wrappers *in place* (which, for
+    one, no longer fill a KV cache, so prefix-shared sweeps break). By default it therefore wraps
+    a deep copy and the bundle stays untouched; ``copy=False`` shares the weights (half the
+    memory, for 7B-scale models) at the price of handing the bundle's model over to the bridge.
+    The attention implementation that the bridge forces to eager is restored on the bundle's
+    config afterwards in that case, so the scorer keeps its kernels.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -57,7 +60,9 @@ def to_transformer_lens(bundle, *, device=None):
             "TransformerLens bridge must boot from one (it would otherwise try to download "
             "or pip-install at run time)"
         )
-    model = bundle.model
+    import copy as _copy
+
+    model = _copy.deepcopy(bundle.model) if copy else bundle.model
     configs = (model.config, model.config.text_config, model.config.vision_config)
     attn = [getattr(c, "_attn_implementation", None) for c in configs]
     with _no_runtime_install():

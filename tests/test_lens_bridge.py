@@ -54,13 +54,23 @@ def test_bridge_cache_equals_our_capture(tiny, bridge, forbid_pip):
              for k in ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")]
     _, tl_cache = bridge.run_with_cache(enc["input_ids"], names_filter=names)
     with capture(tiny, names, "all") as ours, torch.no_grad():
-        tiny.model(input_ids=enc["input_ids"], use_cache=False)
+        tiny.model(input_ids=enc["input_ids"], use_cache=False)  # the bundle's own, unwrapped model
     for name in names:
         torch.testing.assert_close(ours[name], tl_cache[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_bridge_leaves_scorer_attention_unchanged(tiny, bridge):
+def test_bridge_leaves_the_bundle_untouched(tiny, bridge, mixed_queries):
+    """Booting wraps a copy: the bundle's modules, attention kernels and cache still work."""
+    from probing import PromptSpec, RefusalScorer
+    from probing.sweep import score_conditions
+
     assert tiny.model.config.text_config._attn_implementation == "sdpa"
+    assert type(tiny.layers[0].self_attn).__name__ == "LlamaAttention"
+    scorer = RefusalScorer(tiny, layers=None)
+    conds = {"a": PromptSpec(), "b": PromptSpec(text_after="Be brief.")}
+    swept = score_conditions(scorer, mixed_queries[:3], conds)
+    torch.testing.assert_close(swept["b"].margin, scorer.score(mixed_queries[:3], prompt=conds["b"]).margin,
+                               atol=1e-4, rtol=0)
 
 
 def test_bridge_needs_local_processor_files(tiny):
