@@ -1,0 +1,1 @@
+"""(in progress: see the open issues)"""
