@@ -93,9 +93,12 @@ class RefusalScorer:
             spec = spec.merged(PromptSpec(text_after=self.readout.question))
         return spec
 
-    def render(self, queries: Sequence[Query], extra: PromptSpec = PromptSpec()) -> list[str]:
-        spec = self.prompt_spec(extra)
-        return [render_prompt(self.bundle.processor, q, spec) for q in queries]
+    def render(self, queries: Sequence[Query], extra: PromptSpec | Sequence[PromptSpec] = PromptSpec()) -> list[str]:
+        """Prompt strings; ``extra`` is one spec for all queries or one per query."""
+        extras = [extra] * len(queries) if isinstance(extra, PromptSpec) else list(extra)
+        if len(extras) != len(queries):
+            raise ValueError(f"render: {len(extras)} prompt specs for {len(queries)} queries")
+        return [render_prompt(self.bundle.processor, q, self.prompt_spec(e)) for q, e in zip(queries, extras)]
 
     # -- the hot path --------------------------------------------------------------------------
 
@@ -131,11 +134,21 @@ class RefusalScorer:
         self,
         queries: Iterable[Query],
         *,
-        prompt: PromptSpec = PromptSpec(),
+        prompt: PromptSpec | Sequence[PromptSpec] = PromptSpec(),
         meta: dict | None = None,
         desc: str = "scoring",
+        defense=None,
     ) -> ScoreTable:
-        """Score queries; the table's rows follow the input order."""
+        """Score queries; the table's rows follow the input order.
+
+        ``prompt`` is one spec for every query or one per query. ``defense`` (a
+        `defenses.Defense` or a name such as "sr_self_reminder+mo_checkpoint") is applied:
+        its query transforms, model and activation edits; its name and parameters are recorded.
+        """
+        if defense is not None:
+            from defenses.apply import score_defended
+
+            return score_defended(self, list(queries), defense, prompt=prompt, meta=meta, desc=desc)
         queries = list(queries)
         if not queries:
             raise ValueError("score: no queries given")
@@ -173,8 +186,14 @@ class RefusalScorer:
         elapsed = time.perf_counter() - start
         logger.info("scored %d queries in %d batches, %.2fs (%.1f queries/s)", n, len(batches),
                     elapsed, n / max(elapsed, 1e-9))
+        shown = prompt if isinstance(prompt, PromptSpec) else PromptSpec()
         return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
-                          list(self.layers), hidden, {**self.table_meta(prompt), **(meta or {})})
+                          list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})})
+
+    def with_bundle(self, bundle: ModelBundle) -> "RefusalScorer":
+        """The same scorer settings over another model (e.g. a fine-tuned defense model)."""
+        return RefusalScorer(bundle, self.readout, layers=self.layers or None, keep_hidden=self.keep_hidden,
+                             batch_size=self.batch_size, prompt=self.prompt, progress=self.progress)
 
     def table_meta(self, prompt: PromptSpec = PromptSpec()) -> dict:
         """What a ScoreTable records about how it was scored."""

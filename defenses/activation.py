@@ -1,0 +1,143 @@
+"""Activation-level defenses: edits of the residual stream through `hooks.edit`.
+
+The refusal direction of layer l is the difference of means of harmful and benign
+decision-position states of a baseline run (a ScoreTable scored with ``keep_hidden=True``),
+accumulated in float64:
+
+    r_l = mean_harmful(h_l) - mean_benign(h_l)                 [d_model]
+
+- ``act_steer``: add ``alpha * r_l`` to ``blocks.{l}.hook_resid_pre`` at every position;
+- ``act_conditional_steer``: the same, only for queries whose harm-probe score at ``probe_layer``
+  (projection of the decision state on the unit direction, centred at the class midpoint)
+  exceeds ``threshold``;
+- ``act_ablate``: project the unit direction out of ``blocks.{l}.hook_resid_pre`` at every
+  layer (a negative control that should lower refusal).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hooks import DECISION, hook_name
+from probing.score_table import ScoreTable
+
+from .base import Defense, check_finite
+
+
+def refusal_directions(table: ScoreTable) -> dict[int, torch.Tensor]:
+    """Difference-of-means direction per captured layer: ``{layer: [d_model]}`` (float32)."""
+    if table.hidden is None:
+        raise ValueError("the direction table needs hidden states: score the baseline with keep_hidden=True")
+    labels = [lab for lab in table.labels]
+    h = torch.tensor([lab == "harmful" for lab in labels])
+    b = torch.tensor([lab == "benign" for lab in labels])
+    if h.sum() < 1 or b.sum() < 1:
+        raise ValueError("the direction table needs harmful and benign queries")
+    hidden = table.hidden.double()
+    diff = hidden[h].mean(0) - hidden[b].mean(0)  # [L, d]
+    return {layer: diff[i].float() for i, layer in enumerate(table.layers)}
+
+
+def _layers(layers, available: dict) -> list[int]:
+    chosen = sorted(available) if layers is None else [int(x) for x in layers]
+    missing = [x for x in chosen if x not in available]
+    if missing:
+        raise ValueError(f"parameter 'layers': no direction for layers {missing}; the table has {sorted(available)}")
+    return chosen
+
+
+@dataclass
+class ActivationDefense(Defense):
+    category: str = "ACT"
+    directions: dict = field(default_factory=dict, repr=False)
+
+    def _vec(self, layer: int, act: torch.Tensor) -> torch.Tensor:
+        return self.directions[layer].to(device=act.device, dtype=act.dtype)
+
+
+@dataclass
+class Steer(ActivationDefense):
+    name: str = "act_steer"
+    alpha: float = 1.0
+    layers: list = field(default_factory=list)
+
+    def edits(self, bundle):
+        return {hook_name(l, "hook_resid_pre"): (lambda act, ctx, l=l: act + self.alpha * self._vec(l, act))
+                for l in self.layers}
+
+
+@dataclass
+class ConditionalSteer(ActivationDefense):
+    name: str = "act_conditional_steer"
+    alpha: float = 1.0
+    layers: list = field(default_factory=list)
+    probe_layer: int = 0
+    threshold: float = 0.0
+    midpoint: float = 0.0
+
+    def edits(self, bundle):
+        state: dict[str, torch.Tensor] = {}
+        unit = self.directions[self.probe_layer] / self.directions[self.probe_layer].norm()
+
+        def probe(act, ctx):
+            idx = DECISION.index(ctx.attention_mask, act.shape[0], act.shape[1], act.device)
+            h = act[torch.arange(act.shape[0], device=act.device), idx[:, 0]]
+            state["flag"] = ((h.float() @ unit.to(act.device)) - self.midpoint > self.threshold)
+            return act
+
+        def steer(act, ctx, l):
+            flag = state["flag"].to(act.device)[:, None, None].to(act.dtype)
+            return act + flag * self.alpha * self._vec(l, act)
+
+        edits = {hook_name(self.probe_layer, "hook_resid_post"): probe}
+        edits.update({hook_name(l, "hook_resid_pre"): (lambda a, c, l=l: steer(a, c, l)) for l in self.layers})
+        return edits
+
+
+@dataclass
+class Ablate(ActivationDefense):
+    name: str = "act_ablate"
+    layers: list = field(default_factory=list)
+
+    def edits(self, bundle):
+        def ablate(act, ctx, l):
+            u = self._vec(l, act)
+            u = u / u.norm()
+            return act - (act @ u)[..., None] * u
+
+        return {hook_name(l, "hook_resid_pre"): (lambda a, c, l=l: ablate(a, c, l)) for l in self.layers}
+
+
+def act_steer(table: ScoreTable, alpha: float = 1.0, layers=None) -> Steer:
+    alpha = check_finite("alpha", alpha)
+    dirs = refusal_directions(table)
+    chosen = _layers(layers, dirs)
+    return Steer(params={"alpha": alpha, "layers": chosen}, directions=dirs, alpha=alpha, layers=chosen)
+
+
+def act_conditional_steer(table: ScoreTable, probe_layer: int, alpha: float = 1.0, threshold: float = 0.0,
+                          layers=None) -> ConditionalSteer:
+    alpha, threshold = check_finite("alpha", alpha), check_finite("threshold", threshold)
+    dirs = refusal_directions(table)
+    if probe_layer not in dirs:
+        raise ValueError(f"parameter 'probe_layer': {probe_layer} not in the table's layers {sorted(dirs)}")
+    chosen = _layers(layers if layers is not None else [l for l in dirs if l > probe_layer], dirs)
+    if not chosen or min(chosen) <= probe_layer:
+        raise ValueError(f"parameter 'layers' must lie after probe_layer={probe_layer}, got {chosen}")
+    unit = dirs[probe_layer] / dirs[probe_layer].norm()
+    proj = table.hidden[:, table.layers.index(probe_layer)].double() @ unit.double()
+    lab = table.labels
+    mid = float((proj[[i for i, x in enumerate(lab) if x == "harmful"]].mean()
+                 + proj[[i for i, x in enumerate(lab) if x == "benign"]].mean()) / 2)
+    return ConditionalSteer(params={"alpha": alpha, "layers": chosen, "probe_layer": probe_layer,
+                                    "threshold": threshold},
+                            directions=dirs, alpha=alpha, layers=chosen, probe_layer=probe_layer,
+                            threshold=threshold, midpoint=mid)
+
+
+def act_ablate(table: ScoreTable, layers=None) -> Ablate:
+    dirs = refusal_directions(table)
+    chosen = _layers(layers, dirs)
+    return Ablate(params={"layers": chosen}, directions=dirs, layers=chosen)

@@ -1,0 +1,70 @@
+"""The `Defense` interface: one object the scorer can apply.
+
+A defense has a name, a category (SR, QR, NI, MO, ACT, ENSEMBLE) and any of three effects:
+
+1. ``transform(queries, bundle)``: per query, K >= 1 variants ``(Query, PromptSpec)``: a system
+   prompt, text around the request, an image transform, a caption replacing the image... It may
+   call the model itself (captioning, intention analysis).
+2. ``model(bundle)``: a different model (fine-tuned weights); default: the same.
+3. ``edits(bundle)``: activation edits ``{hook name: fn(act, ctx) -> act}`` applied through
+   `hooks.edit` during the scoring forward, at ``edit_positions``.
+
+Multi-sample defenses (K > 1) aggregate their variants' scores with ``aggregate``: "mean" (mean
+p_refuse) or "majority" (share of variants refusing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from probing.query import Query
+from probing.render import PromptSpec
+
+CATEGORIES = ("SR", "QR", "NI", "MO", "ACT", "ENSEMBLE", "CUSTOM")
+Variant = tuple[Query, PromptSpec]
+
+
+@dataclass
+class Defense:
+    """Base class: override the effects a defense has; the defaults change nothing."""
+
+    name: str = "none"
+    category: str = "CUSTOM"
+    params: dict = field(default_factory=dict)
+    aggregate: str = "mean"
+    edit_positions: str = "all"
+
+    def transform(self, queries: list[Query], bundle) -> list[list[Variant]]:
+        return [[(q, PromptSpec())] for q in queries]
+
+    def model(self, bundle):
+        return bundle
+
+    def edits(self, bundle) -> dict[str, Callable]:
+        return {}
+
+    def describe(self) -> dict:
+        return {"defense": self.name, "category": self.category, "params": dict(self.params),
+                "aggregate": self.aggregate}
+
+
+def check_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"parameter {name!r} must be finite, got {value}")
+    return value
+
+
+def check_rate(name: str, value: float) -> float:
+    value = check_finite(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"parameter {name!r} must lie in [0, 1], got {value}")
+    return value
+
+
+def check_samples(k: int) -> int:
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"parameter 'k' (samples) must be an integer >= 1, got {k!r}")
+    return k

@@ -1,0 +1,130 @@
+"""Noise Injection (NI) defenses: K randomly perturbed copies of each query, scores aggregated.
+
+Each query's randomness comes from (seed, query id), so a defense is deterministic and a query's
+perturbations do not depend on which other queries are in the run.
+"""
+
+from __future__ import annotations
+
+import string
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from probing.query import Query
+from probing.render import PromptSpec
+
+from .base import Defense, check_rate, check_samples
+
+
+def _rng(seed: int, qid: str, k: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(qid.encode()), k])
+
+
+def _copy(q: Query, **changes) -> Query:
+    return Query(q.id, changes.get("text", q.text), changes.get("image", q.image), q.label, dict(q.meta))
+
+
+@dataclass
+class NoiseDefense(Defense):
+    category: str = "NI"
+    k: int = 4
+    rate: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        check_samples(self.k)
+        check_rate("rate", self.rate)
+        self.params = {"k": self.k, "rate": self.rate, "seed": int(self.seed)}
+
+    def perturb(self, q: Query, rng: np.random.Generator) -> Query:
+        raise NotImplementedError
+
+    def applies(self, q: Query) -> bool:
+        return True
+
+    def transform(self, queries, bundle):
+        out = []
+        for q in queries:
+            if not self.applies(q):  # nothing to perturb: one unchanged copy
+                out.append([(q, PromptSpec())])
+                continue
+            out.append([(self.perturb(q, _rng(self.seed, q.id, k)), PromptSpec()) for k in range(self.k)])
+        return out
+
+
+@dataclass
+class ImageGaussian(NoiseDefense):
+    """Gaussian pixel noise with standard deviation ``rate`` (pixel values in [0, 1])."""
+
+    name: str = "ni_image_gaussian"
+
+    def applies(self, q):
+        return q.has_image
+
+    def perturb(self, q, rng):
+        arr = np.asarray(q.load_image(), dtype=np.float64) / 255.0
+        noisy = np.clip(arr + rng.normal(0.0, self.rate, arr.shape), 0, 1)
+        return _copy(q, image=Image.fromarray((noisy * 255).round().astype(np.uint8)))
+
+
+@dataclass
+class ImageMask(NoiseDefense):
+    """Random square patches (``patch`` px) set to grey, each with probability ``rate``."""
+
+    name: str = "ni_image_mask"
+    patch: int = 14
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.patch < 1:
+            raise ValueError(f"parameter 'patch' must be >= 1, got {self.patch}")
+        self.params["patch"] = self.patch
+
+    def applies(self, q):
+        return q.has_image
+
+    def perturb(self, q, rng):
+        arr = np.array(q.load_image())
+        h, w = arr.shape[:2]
+        for y in range(0, h, self.patch):
+            for x in range(0, w, self.patch):
+                if rng.random() < self.rate:
+                    arr[y:y + self.patch, x:x + self.patch] = 128
+        return _copy(q, image=Image.fromarray(arr))
+
+
+_PRINTABLE = string.ascii_letters + string.digits + string.punctuation + " "
+
+
+@dataclass
+class TextSmooth(NoiseDefense):
+    """SmoothLLM-style: each character of the request replaced by a random one with probability ``rate``."""
+
+    name: str = "ni_text_smooth"
+
+    def applies(self, q):
+        return bool(q.text)
+
+    def perturb(self, q, rng):
+        chars = list(q.text)
+        swap = rng.random(len(chars)) < self.rate
+        picks = rng.integers(0, len(_PRINTABLE), len(chars))
+        text = "".join(_PRINTABLE[p] if s else c for c, s, p in zip(chars, swap, picks))
+        return _copy(q, text=text)
+
+
+def ni_image_gaussian(k: int = 4, rate: float = 0.1, seed: int = 0) -> ImageGaussian:
+    return ImageGaussian(k=k, rate=rate, seed=seed)
+
+
+def ni_image_mask(k: int = 4, rate: float = 0.1, seed: int = 0, patch: int = 14) -> ImageMask:
+    return ImageMask(k=k, rate=rate, seed=seed, patch=patch)
+
+
+def ni_text_smooth(k: int = 4, rate: float = 0.1, seed: int = 0) -> TextSmooth:
+    return TextSmooth(k=k, rate=rate, seed=seed)
+
+

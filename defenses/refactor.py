@@ -1,0 +1,116 @@
+"""Query Refactoring (QR) defenses: the model rewrites the query before it is answered.
+
+Each generation step runs batched and greedy with a token budget (``max_new_tokens``), through
+the same model that is being defended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from probing.query import Query
+from probing.render import PromptSpec, encode, render_prompt
+
+from .base import Defense
+
+CAPTION_QUESTION = "What does the image show?"
+INTENT_QUESTION = "What is the essential intention of this request? {text}"
+REWRITE_QUESTION = "Rewrite the following request in your own words, keeping its meaning: {text}"
+
+
+@torch.inference_mode()
+def generate(bundle, queries: list[Query], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy answers to ``queries`` (batched, left-padded), special tokens stripped."""
+    tok = bundle.processor.tokenizer
+    out: list[str] = []
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start:start + batch_size]
+        prompts = [render_prompt(bundle.processor, q) for q in chunk]
+        inputs = encode(bundle, prompts, [q.load_image() for q in chunk])
+        inputs.pop("position_ids")  # generate derives them from the mask
+        ids = bundle.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tok.pad_token_id)
+        out += [t.strip() for t in tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return out
+
+
+def _check_budget(n: int) -> int:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"parameter 'max_new_tokens' must be an integer >= 1, got {n!r}")
+    return n
+
+
+@dataclass
+class Caption(Defense):
+    """Caption the image, then answer with the caption in the text (and the image, unless dropped)."""
+
+    name: str = "qr_caption"
+    category: str = "QR"
+    keep_image: bool = True
+    max_new_tokens: int = 24
+    question: str = CAPTION_QUESTION
+
+    def transform(self, queries, bundle):
+        with_image = [q for q in queries if q.has_image]
+        asks = [Query(q.id, self.question, q.image) for q in with_image]
+        captions = dict(zip((q.id for q in with_image), generate(bundle, asks, self.max_new_tokens)))
+        out = []
+        for q in queries:
+            if not q.has_image:
+                out.append([(q, PromptSpec())])
+                continue
+            text = f"The image shows: {captions[q.id]}. {q.text}".strip()
+            meta = {**q.meta, "caption": captions[q.id]}
+            out.append([(Query(q.id, text, q.image if self.keep_image else None, q.label, meta), PromptSpec())])
+        return out
+
+
+@dataclass
+class Intention(Defense):
+    """Two-stage intention analysis: state the request's essential intention, then answer with it."""
+
+    name: str = "qr_intention"
+    category: str = "QR"
+    max_new_tokens: int = 24
+    question: str = INTENT_QUESTION
+
+    def transform(self, queries, bundle):
+        asks = [Query(q.id, self.question.format(text=q.text), q.image) for q in queries]
+        intents = generate(bundle, asks, self.max_new_tokens)
+        return [[(Query(q.id, q.text, q.image, q.label, {**q.meta, "intention": it}),
+                  PromptSpec(text_before=f"Intention: {it}"))] for q, it in zip(queries, intents)]
+
+
+@dataclass
+class Rewrite(Defense):
+    """The model rewrites the request first; the rewrite replaces the request's text."""
+
+    name: str = "qr_rewrite"
+    category: str = "QR"
+    max_new_tokens: int = 48
+    question: str = REWRITE_QUESTION
+
+    def transform(self, queries, bundle):
+        asks = [Query(q.id, self.question.format(text=q.text), q.image) for q in queries]
+        rewrites = generate(bundle, asks, self.max_new_tokens)
+        return [[(Query(q.id, rw or q.text, q.image, q.label, {**q.meta, "rewrite": rw}), PromptSpec())]
+                for q, rw in zip(queries, rewrites)]
+
+
+def qr_caption(max_new_tokens: int = 24) -> Caption:
+    return Caption(params={"max_new_tokens": _check_budget(max_new_tokens)}, max_new_tokens=max_new_tokens)
+
+
+def qr_caption_no_image(max_new_tokens: int = 24) -> Caption:
+    return Caption(name="qr_caption_no_image", keep_image=False, max_new_tokens=_check_budget(max_new_tokens),
+                   params={"max_new_tokens": max_new_tokens})
+
+
+def qr_intention(max_new_tokens: int = 24) -> Intention:
+    return Intention(params={"max_new_tokens": _check_budget(max_new_tokens)}, max_new_tokens=max_new_tokens)
+
+
+def qr_rewrite(max_new_tokens: int = 48) -> Rewrite:
+    return Rewrite(params={"max_new_tokens": _check_budget(max_new_tokens)}, max_new_tokens=max_new_tokens)

@@ -1,0 +1,213 @@
+"""Defenses change exactly what they should, deterministically, and leave no hooks behind."""
+
+
+import numpy as np
+import pytest
+import torch
+
+from defenses import (Compose, Defense, Either, get_defense, ni_image_gaussian, ni_image_mask, ni_text_smooth,
+                      sr_self_reminder)
+from defenses.activation import act_ablate, act_steer, refusal_directions
+from defenses.apply import aggregate
+from hooks import capture, hook_name
+from probing import PromptSpec, Query, RefusalScorer
+
+from .conftest import noise_image
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture(scope="module")
+def direction_table(tiny):
+    qs = [Query(f"d{i}", f"request number {i} " + "x " * i, label="harmful" if i % 2 else "benign") for i in range(8)]
+    return RefusalScorer(tiny, keep_hidden=True).score(qs)
+
+
+def test_sr_changes_only_the_prompt(tiny, mixed_queries):
+    d = sr_self_reminder()
+    scorer = RefusalScorer(tiny, layers=None)
+    via_defense = scorer.score(mixed_queries, defense=d)
+    via_prompt = scorer.score(mixed_queries, prompt=d.spec)
+    torch.testing.assert_close(via_defense.margin, via_prompt.margin, atol=1e-6, rtol=0)
+    prompt = scorer.render(mixed_queries[:1], d.spec)[0]
+    assert prompt.startswith(d.spec.system_prompt) and d.spec.text_after in prompt
+    assert via_defense.meta["defense"] == "sr_self_reminder" and via_defense.meta["category"] == "SR"
+
+
+def test_image_gaussian_noise_pixels_only_and_deterministic():
+    q = Query("a", "What is this?", image=noise_image(0))
+    t = Query("b", "text only")
+    v1 = ni_image_gaussian(k=3, rate=0.2, seed=7).transform([q, t], None)
+    v2 = ni_image_gaussian(k=3, rate=0.2, seed=7).transform([q, t], None)
+    assert len(v1[0]) == 3 and len(v1[1]) == 1 and v1[1][0][0] is t
+    orig = np.asarray(q.load_image(), dtype=float)
+    for (a, _), (b, _) in zip(v1[0], v2[0]):
+        assert a.text == q.text and np.array_equal(np.asarray(a.image), np.asarray(b.image))
+        diff = np.asarray(a.image, dtype=float) - orig
+        assert 0.1 * 255 < diff.std() < 0.3 * 255
+    assert not np.array_equal(np.asarray(v1[0][0][0].image), np.asarray(v1[0][1][0].image))
+    other = ni_image_gaussian(k=1, rate=0.2, seed=8).transform([q], None)[0][0][0]
+    assert not np.array_equal(np.asarray(other.image), np.asarray(v1[0][0][0].image))
+
+
+def test_image_mask_and_text_smooth():
+    q = Query("a", "Tell me a story about cats", image=noise_image(1, size=(112, 112)))
+    same = ni_image_mask(k=1, rate=0.0).transform([q], None)[0][0][0]
+    assert np.array_equal(np.asarray(same.image), np.asarray(q.load_image()))
+    masked = np.asarray(ni_image_mask(k=1, rate=1.0, patch=14).transform([q], None)[0][0][0].image)
+    assert (masked == 128).all()
+    half = np.asarray(ni_image_mask(k=1, rate=0.5, patch=14, seed=3).transform([q], None)[0][0][0].image)
+    grey = (half == 128).all(-1).mean()
+    assert 0.2 < grey < 0.8
+    assert ni_text_smooth(k=1, rate=0.0).transform([q], None)[0][0][0].text == q.text
+    smooth = ni_text_smooth(k=2, rate=0.5, seed=1).transform([q], None)[0]
+    changed = [sum(a != b for a, b in zip(v.text, q.text)) / len(q.text) for v, _ in smooth]
+    assert all(0.2 < c < 0.7 for c in changed) and smooth[0][0].image is q.image
+
+
+def test_multi_sample_aggregation_is_mean_p(tiny, mixed_queries):
+    d = ni_image_gaussian(k=3, rate=0.1, seed=0)
+    scorer = RefusalScorer(tiny, layers=[0])
+    table = scorer.score(mixed_queries[:4], defense=d)
+    variants = d.transform(mixed_queries[:4], tiny)
+    for i, (q, vs) in enumerate(zip(mixed_queries[:4], variants)):
+        for k, (vq, _) in enumerate(vs):
+            vq.id = f"{q.id}#{k}"
+        direct = scorer.score([v for v, _ in vs])
+        want = torch.logit(torch.sigmoid(direct.margin.double()).mean()).float()
+        torch.testing.assert_close(table.margin[i], want, atol=1e-5, rtol=0)
+    assert table.meta["samples"] == 3
+
+
+def test_majority_aggregation():
+    from probing import ScoreTable
+
+    t = ScoreTable(["a#0", "a#1", "a#2"], [None] * 3, torch.tensor([1.0, -2.0, 3.0]), torch.zeros(3, 1), [0])
+    m, _, _ = aggregate(t, [[0, 1, 2]], "majority")
+    assert float(torch.sigmoid(m[0])) == pytest.approx(2 / 3, abs=1e-5)
+
+
+def test_act_steer_equals_manual_edit_and_alpha_zero_is_identity(tiny, mixed_queries, direction_table):
+    scorer = RefusalScorer(tiny, layers=None)
+    base = scorer.score(mixed_queries)
+    zero = scorer.score(mixed_queries, defense=act_steer(direction_table, alpha=0.0, layers=[1]))
+    torch.testing.assert_close(zero.margin, base.margin, atol=1e-6, rtol=0)
+    d = act_steer(direction_table, alpha=2.0, layers=[1])
+    steered = scorer.score(mixed_queries, defense=d)
+    r1 = refusal_directions(direction_table)[1]
+    from hooks import edit
+
+    with edit(tiny, {hook_name(1, "hook_resid_pre"): lambda a, c: a + 2.0 * r1}):
+        manual = scorer.score(mixed_queries)
+    torch.testing.assert_close(steered.margin, manual.margin, atol=1e-6, rtol=0)
+    assert (steered.margin - base.margin).abs().max() > 1e-3
+
+
+def test_act_ablate_removes_the_direction(tiny, mixed_queries, direction_table):
+    from hooks import edit
+    from probing.render import encode
+
+    d = act_ablate(direction_table, layers=[2])
+    u = refusal_directions(direction_table)[2]
+    u = u / u.norm()
+    enc = encode(tiny, RefusalScorer(tiny).render(mixed_queries[:3]), [q.load_image() for q in mixed_queries[:3]])
+    name = hook_name(2, "hook_resid_pre")
+    with capture(tiny, [name], "all") as plain, torch.no_grad():
+        tiny.model.model(**enc, use_cache=False)
+    # the edit is registered first, so the capture (a later pre-hook) sees the edited stream
+    with edit(tiny, d.edits(tiny)), capture(tiny, [name], "all") as ablated, torch.no_grad():
+        tiny.model.model(**enc, use_cache=False)
+    assert (plain[name] @ u).abs().max() > 1e-2
+    assert (ablated[name] @ u).abs().max() < 1e-4
+    resid = plain[name] - (plain[name] @ u)[..., None] * u
+    torch.testing.assert_close(ablated[name], resid, atol=1e-5, rtol=0)
+
+
+def test_hooks_removed_after_scoring_and_after_failure(tiny, mixed_queries, direction_table):
+    before = hook_count(tiny.model)
+    RefusalScorer(tiny).score(mixed_queries[:3], defense=act_steer(direction_table, alpha=1.0))
+    assert hook_count(tiny.model) == before
+
+    class Boom(Defense):
+        def edits(self, bundle):
+            calls = {"n": 0}
+
+            def fn(act, ctx):
+                calls["n"] += 1
+                if calls["n"] > 1:
+                    raise RuntimeError("edit failed midway")
+                return act
+            return {hook_name(0): fn}
+
+    with pytest.raises(RuntimeError, match="midway"):
+        RefusalScorer(tiny, batch_size=2).score(mixed_queries, defense=Boom(name="boom"))
+    assert hook_count(tiny.model) == before
+
+
+def test_score_level_ensembles_follow_their_formula(tiny, mixed_queries):
+    scorer = RefusalScorer(tiny, layers=[0, 1])
+    a, b = sr_self_reminder(), get_defense("sr_mmsafety")
+    ta, tb = scorer.score(mixed_queries, defense=a), scorer.score(mixed_queries, defense=b)
+    p = torch.stack([ta.p_refuse, tb.p_refuse])
+    either = scorer.score(mixed_queries, defense=Either(a, b))
+    torch.testing.assert_close(either.p_refuse, p.max(0).values, atol=1e-5, rtol=0)
+    both = scorer.score(mixed_queries, defense="sr_self_reminder&sr_mmsafety")
+    torch.testing.assert_close(both.p_refuse, p.min(0).values, atol=1e-5, rtol=0)
+    mean = scorer.score(mixed_queries, defense="sr_self_reminder~sr_mmsafety")
+    torch.testing.assert_close(mean.p_refuse, p.mean(0), atol=1e-5, rtol=0)
+    assert either.meta["defense"] == "sr_self_reminder|sr_mmsafety"
+
+
+def test_compose_applies_all(tiny, mixed_queries, direction_table):
+    c = get_defense("sr_self_reminder+ni_text_smooth")
+    assert isinstance(c, Compose) and c.name == "sr_self_reminder+ni_text_smooth"
+    vs = c.transform(mixed_queries[:2], tiny)
+    assert len(vs[0]) == 4 and all(spec.system_prompt for _, spec in vs[0])
+    steer_sr = Compose(members=[sr_self_reminder(), act_steer(direction_table, alpha=1.0, layers=[1])])
+    scorer = RefusalScorer(tiny, layers=None)
+    got = scorer.score(mixed_queries, defense=steer_sr)
+    r1 = refusal_directions(direction_table)[1]
+    from hooks import edit
+
+    with edit(tiny, {hook_name(1, "hook_resid_pre"): lambda a, ctx: a + r1}):
+        want = scorer.score(mixed_queries, prompt=sr_self_reminder().spec)
+    torch.testing.assert_close(got.margin, want.margin, atol=1e-6, rtol=0)
+
+
+def test_generation_based_defense_is_batched(tiny, mixed_queries):
+    from defenses.refactor import generate, qr_caption, qr_caption_no_image
+
+    img_qs = [q for q in mixed_queries if q.has_image][:3]
+    batched = generate(tiny, img_qs, max_new_tokens=4, batch_size=3)
+    single = [generate(tiny, [q], max_new_tokens=4)[0] for q in img_qs]
+    assert batched == single
+    v = qr_caption(max_new_tokens=4).transform(img_qs + mixed_queries[:1], tiny)
+    assert v[0][0][0].text.startswith("The image shows: ") and v[0][0][0].image is img_qs[0].image
+    assert v[-1][0][0] is mixed_queries[0]  # text-only: unchanged
+    v2 = qr_caption_no_image(max_new_tokens=4).transform(img_qs[:1], tiny)
+    assert v2[0][0][0].image is None
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("act_steer", {"alpha": float("nan")}, "alpha"),
+    ("ni_image_gaussian", {"k": 0}, "'k'"),
+    ("ni_text_smooth", {"rate": 1.5}, "'rate'"),
+    ("ni_image_mask", {"rate": -0.1}, "'rate'"),
+    ("mo_checkpoint", {"path": "/nonexistent/ckpt"}, "'path'"),
+    ("mo_finetune", {"lr": float("inf")}, "'lr'"),
+    ("qr_caption", {"max_new_tokens": 0}, "max_new_tokens"),
+])
+def test_bad_parameters_name_the_parameter(name, params, match, direction_table):
+    if name == "act_steer":
+        params = {**params, "table": direction_table}
+    with pytest.raises(ValueError, match=match):
+        get_defense(name, **params)
+
+
+def test_unknown_names_list_what_exists():
+    with pytest.raises(ValueError, match="available: .*sr_self_reminder"):
+        get_defense("sr_nope")
+    with pytest.raises(ValueError, match="unknown defense 'nope'"):
+        get_defense("sr_self_reminder+nope")
