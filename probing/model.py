@@ -221,7 +221,8 @@ def load_model(
     """Load a LLaVA-1.5 model and its processor.
 
     Args:
-        name_or_path: ``"tiny-random"``, a local llava-hf checkpoint directory, or a hub id
+        name_or_path: ``"toy"`` (the embedded safety-tuned toy), ``"tiny-random"``, a local
+            llava-hf checkpoint directory, or a hub id
             (``llava-hf/llava-1.5-7b-hf``; needs the weights in the local HF cache when offline).
         device: where the model runs.
         dtype: weights dtype; float32 by default on CPU, bfloat16 on CUDA for checkpoints.
@@ -236,6 +237,13 @@ def load_model(
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     name = str(name_or_path)
+    if name == "toy":
+        from .toy import WEIGHTS_DIR
+
+        if not (WEIGHTS_DIR / "model.safetensors").is_file():
+            raise FileNotFoundError(f"the toy's weights are missing from {WEIGHTS_DIR}; "
+                                    "regenerate them with: python -m probing.toy.train --seed 0")
+        name_or_path = WEIGHTS_DIR
     if name == "tiny-random":
         assets = find_llava_assets()
         config = tiny_random_config(assets, n_layers=n_layers)
@@ -253,9 +261,9 @@ def load_model(
             kwargs["attn_implementation"] = attn_implementation
         if device_map is not None:
             kwargs.update(device_map=device_map, max_memory=max_memory)
-        model = LlavaForConditionalGeneration.from_pretrained(name, **kwargs).eval()
-        processor = AutoProcessor.from_pretrained(name)
-        source_dir = Path(name) if Path(name).is_dir() else None
+        model = LlavaForConditionalGeneration.from_pretrained(str(name_or_path), **kwargs).eval()
+        processor = AutoProcessor.from_pretrained(str(name_or_path))
+        source_dir = Path(name_or_path) if Path(name_or_path).is_dir() else None
     processor.tokenizer.padding_side = "left"
     if device_map is None:
         model.to(device)

@@ -1,0 +1,174 @@
+"""Train the embedded toy model deterministically on the synthetic safety set.
+
+    python -m probing.toy.train --seed 0            # regenerates probing/toy/weights/
+
+Two stages, as LLaVA builds on a pretrained vision encoder:
+1. vision pre-training: the CLIP tower learns to recognise the key phrase of typography cards
+   and pictures (a linear head on mean-pooled features of the layer LLaVA reads, discarded after);
+2. instruction tuning of the whole model: next-token loss on the answer tokens only.
+Plain PyTorch, AdamW, linear warm-up then cosine decay. Same seed, same thread count, same
+machine type -> the same bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..datasets import toy as data
+from ..render import PromptSpec, render_prompt
+from .build import build_untrained
+
+logger = logging.getLogger(__name__)
+from . import WEIGHTS_DIR  # noqa: E402
+
+
+def encode_example(processor, example: data.Example) -> dict:
+    """input_ids / labels (answer tokens only) / pixel_values for one example."""
+    prompt = render_prompt(processor, example.query, PromptSpec(system_prompt=example.system))
+    image = example.query.load_image()
+    images = [image] if image is not None else None
+    full = processor(text=[f"{prompt} {example.target}{processor.tokenizer.eos_token}"], images=images,
+                     return_tensors="pt")
+    n_prompt = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
+    ids = full["input_ids"][0]
+    labels = ids.clone()
+    labels[:n_prompt] = -100
+    return {"input_ids": ids, "labels": labels,
+            "pixel_values": full["pixel_values"][0] if image is not None else None}
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-padded batch; images stacked in row order."""
+    n = max(len(x["input_ids"]) for x in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    for r, x in enumerate(items):
+        k = len(x["input_ids"])
+        ids[r, :k], labels[r, :k], mask[r, :k] = x["input_ids"], x["labels"], 1
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    pixels = [x["pixel_values"] for x in items if x["pixel_values"] is not None]
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_size: int = 64,
+                    lr: float = 3e-3, renders: int = 100, log_every: int = 100) -> list[float]:
+    """Stage 1: phrase recognition for the vision tower on freshly rendered train-split images."""
+    phrases = [p for _, h, b in data.PAIRS for p in (h, b)]
+    rng = random.Random(f"vision-{seed}")
+    images, classes = [], []
+    for _ in range(renders):
+        for i, phrase in enumerate(phrases):
+            images += [data.render_typography(phrase, rng, "train"), data.render_picture(phrase, rng, "train")]
+            classes += [i, i]
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    classes = torch.tensor(classes)
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, len(phrases))
+    params = [*tower.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    tower.train()
+    history = []
+    for step in range(steps):
+        rows = torch.randint(0, len(classes), (batch_size,), generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, 20)
+        feats = tower(pixel_values=pixels[rows], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
+        loss = torch.nn.functional.cross_entropy(head(feats), classes[rows])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            logger.info("vision step %d/%d loss %.4f", step, steps, history[-1])
+    return history
+
+
+def train(seed: int = 0, steps: int = 600, batch_size: int = 32, lr: float = 2e-3, repeats: int = 12,
+          warmup: int = 60, log_every: int = 50, progress: bool = True, vision_steps: int = 600,
+          vision_renders: int = 100):
+    """Train from scratch; returns (model, processor, history of losses)."""
+    torch.manual_seed(seed)
+    model, processor = build_untrained(seed)
+    history = pretrain_vision(model, processor, seed, vision_steps, renders=vision_renders) if vision_steps else []
+    examples = data.training_examples(seed, repeats=repeats)
+    encoded = [encode_example(processor, e) for e in examples]
+    logger.info("training on %d examples for %d steps", len(encoded), steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    rng = random.Random(f"order-{seed}")
+    order: list[int] = []
+    model.train()
+    start = time.perf_counter()
+    pad = processor.tokenizer.pad_token_id
+    for step in range(steps):
+        if len(order) < batch_size:
+            more = list(range(len(encoded)))
+            rng.shuffle(more)
+            order += more
+        rows, order = order[:batch_size], order[batch_size:]
+        batch = collate([encoded[i] for i in rows], pad)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        loss = model(**batch, use_cache=False).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append(loss.item())
+        if progress and (step % log_every == 0 or step == steps - 1):
+            logger.info("step %d/%d loss %.4f (%.0fs)", step, steps, float(loss), time.perf_counter() - start)
+    model.eval()
+    return model, processor, history
+
+
+def save(model, processor, out: Path = WEIGHTS_DIR) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--vision-steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--out", default=str(WEIGHTS_DIR))
+    p.add_argument("--no-eval", action="store_true", help="skip the behaviour report")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    start = time.perf_counter()
+    model, processor, _ = train(args.seed, args.steps, args.batch_size, args.lr, vision_steps=args.vision_steps)
+    out = save(model, processor, args.out)
+    print(f"trained in {time.perf_counter() - start:.0f}s, saved to {out}")
+    if not args.no_eval:
+        from ..model import load_model
+        from .evaluate import behaviour, format_report
+
+        print(format_report(behaviour(load_model(str(out)))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
