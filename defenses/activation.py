@@ -6,12 +6,18 @@ accumulated in float64:
 
     r_l = mean_harmful(h_l) - mean_benign(h_l)                 [d_model]
 
-- ``act_steer``: add ``alpha * r_l`` to ``blocks.{l}.hook_resid_pre`` at every position;
+Directions are estimated on ``blocks.{l}.hook_resid_post`` (what ScoreTables store), and edits
+are applied at that same hook point:
+
+- ``act_steer``: add ``alpha * r_l`` at every position;
 - ``act_conditional_steer``: the same, only for queries whose harm-probe score at ``probe_layer``
   (projection of the decision state on the unit direction, centred at the class midpoint)
   exceeds ``threshold``;
-- ``act_ablate``: project the unit direction out of ``blocks.{l}.hook_resid_pre`` at every
-  layer (a negative control that should lower refusal).
+- ``act_ablate``: remove the harm signal along the unit direction u (a negative control that
+  should lower refusal). ``center="benign"`` (default) sets every state's projection on u to
+  the benign mean, x - (x.u - m_benign) u, so harmful states lose what separates them while
+  benign ones barely move; ``center="zero"`` is the plain projection x - (x.u) u, which in a
+  model whose benign states do not sit at 0 along u also moves benign queries.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ class Steer(ActivationDefense):
     layers: list = field(default_factory=list)
 
     def edits(self, bundle):
-        return {hook_name(l, "hook_resid_pre"): (lambda act, ctx, l=l: act + self.alpha * self._vec(l, act))
+        return {hook_name(l, "hook_resid_post"): (lambda act, ctx, l=l: act + self.alpha * self._vec(l, act))
                 for l in self.layers}
 
 
@@ -92,7 +98,7 @@ class ConditionalSteer(ActivationDefense):
             return act + flag * self.alpha * self._vec(l, act)
 
         edits = {hook_name(self.probe_layer, "hook_resid_post"): probe}
-        edits.update({hook_name(l, "hook_resid_pre"): (lambda a, c, l=l: steer(a, c, l)) for l in self.layers})
+        edits.update({hook_name(l, "hook_resid_post"): (lambda a, c, l=l: steer(a, c, l)) for l in self.layers})
         return edits
 
 
@@ -100,14 +106,15 @@ class ConditionalSteer(ActivationDefense):
 class Ablate(ActivationDefense):
     name: str = "act_ablate"
     layers: list = field(default_factory=list)
+    offsets: dict = field(default_factory=dict, repr=False)  # layer -> projection kept on u
 
     def edits(self, bundle):
         def ablate(act, ctx, l):
             u = self._vec(l, act)
             u = u / u.norm()
-            return act - (act @ u)[..., None] * u
+            return act - ((act @ u) - self.offsets.get(l, 0.0))[..., None] * u
 
-        return {hook_name(l, "hook_resid_pre"): (lambda a, c, l=l: ablate(a, c, l)) for l in self.layers}
+        return {hook_name(l, "hook_resid_post"): (lambda a, c, l=l: ablate(a, c, l)) for l in self.layers}
 
 
 def act_steer(table: ScoreTable, alpha: float = 1.0, layers=None) -> Steer:
@@ -137,7 +144,15 @@ def act_conditional_steer(table: ScoreTable, probe_layer: int, alpha: float = 1.
                             threshold=threshold, midpoint=mid)
 
 
-def act_ablate(table: ScoreTable, layers=None) -> Ablate:
+def act_ablate(table: ScoreTable, layers=None, center: str = "benign") -> Ablate:
+    if center not in ("benign", "zero"):
+        raise ValueError(f"parameter 'center' must be 'benign' or 'zero', got {center!r}")
     dirs = refusal_directions(table)
     chosen = _layers(layers, dirs)
-    return Ablate(params={"layers": chosen}, directions=dirs, layers=chosen)
+    offsets = {}
+    if center == "benign":
+        benign = [i for i, lab in enumerate(table.labels) if lab == "benign"]
+        for l in chosen:
+            u = dirs[l].double() / dirs[l].double().norm()
+            offsets[l] = float((table.hidden[benign, table.layers.index(l)].double() @ u).mean())
+    return Ablate(params={"layers": chosen, "center": center}, directions=dirs, layers=chosen, offsets=offsets)

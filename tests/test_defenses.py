@@ -99,30 +99,33 @@ def test_act_steer_equals_manual_edit_and_alpha_zero_is_identity(tiny, mixed_que
     r1 = refusal_directions(direction_table)[1]
     from hooks import edit
 
-    with edit(tiny, {hook_name(1, "hook_resid_pre"): lambda a, c: a + 2.0 * r1}):
+    with edit(tiny, {hook_name(1, "hook_resid_post"): lambda a, c: a + 2.0 * r1}):
         manual = scorer.score(mixed_queries)
     torch.testing.assert_close(steered.margin, manual.margin, atol=1e-6, rtol=0)
     assert (steered.margin - base.margin).abs().max() > 1e-3
 
 
-def test_act_ablate_removes_the_direction(tiny, mixed_queries, direction_table):
+@pytest.mark.parametrize("center", ["zero", "benign"])
+def test_act_ablate_sets_the_projection(tiny, mixed_queries, direction_table, center):
     from hooks import edit
     from probing.render import encode
 
-    d = act_ablate(direction_table, layers=[2])
+    d = act_ablate(direction_table, layers=[2], center=center)
     u = refusal_directions(direction_table)[2]
     u = u / u.norm()
+    benign = [i for i, lab in enumerate(direction_table.labels) if lab == "benign"]
+    keep = float((direction_table.hidden[benign, 2] @ u).mean()) if center == "benign" else 0.0
     enc = encode(tiny, RefusalScorer(tiny).render(mixed_queries[:3]), [q.load_image() for q in mixed_queries[:3]])
-    name = hook_name(2, "hook_resid_pre")
+    name = hook_name(2)
     with capture(tiny, [name], "all") as plain, torch.no_grad():
         tiny.model.model(**enc, use_cache=False)
-    # the edit is registered first, so the capture (a later pre-hook) sees the edited stream
+    # the edit is registered first, so the capture (a later hook) sees the edited stream
     with edit(tiny, d.edits(tiny)), capture(tiny, [name], "all") as ablated, torch.no_grad():
         tiny.model.model(**enc, use_cache=False)
-    assert (plain[name] @ u).abs().max() > 1e-2
-    assert (ablated[name] @ u).abs().max() < 1e-4
-    resid = plain[name] - (plain[name] @ u)[..., None] * u
-    torch.testing.assert_close(ablated[name], resid, atol=1e-5, rtol=0)
+    assert (plain[name] @ u - keep).abs().max() > 1e-2
+    torch.testing.assert_close(ablated[name] @ u, torch.full_like(ablated[name] @ u, keep), atol=1e-4, rtol=0)
+    want = plain[name] - ((plain[name] @ u) - keep)[..., None] * u
+    torch.testing.assert_close(ablated[name], want, atol=1e-5, rtol=0)
 
 
 def test_hooks_removed_after_scoring_and_after_failure(tiny, mixed_queries, direction_table):
@@ -171,7 +174,7 @@ def test_compose_applies_all(tiny, mixed_queries, direction_table):
     r1 = refusal_directions(direction_table)[1]
     from hooks import edit
 
-    with edit(tiny, {hook_name(1, "hook_resid_pre"): lambda a, ctx: a + r1}):
+    with edit(tiny, {hook_name(1, "hook_resid_post"): lambda a, ctx: a + r1}):
         want = scorer.score(mixed_queries, prompt=sr_self_reminder().spec)
     torch.testing.assert_close(got.margin, want.margin, atol=1e-6, rtol=0)
 
