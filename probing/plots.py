@@ -50,9 +50,9 @@ def plot_distributions(tables: dict[str, ScoreTable], path: str | os.PathLike, *
             ax.axvline(0.5, color="grey", ls=":", lw=1)
         ax.set_title(name)
         ax.set_xlabel("P(refuse)" if score == "p_refuse" else "refusal margin (logit)")
-        ax.legend(fontsize=8, loc="upper center")
+        ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
     axes[0][0].set_ylabel("queries")
-    fig.suptitle("Refusal scores, harmful vs benign, per condition")
+    fig.suptitle("Refusal scores, harmful vs benign, per condition", y=1.04)
     return _save(fig, path)
 
 
@@ -77,7 +77,7 @@ def plot_layer_profiles(profiles: list[LayerProfile], path: str | os.PathLike) -
         ax.set_title(title)
         ax.set_xlabel("layer")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Where in depth each defense acts")
+    fig.suptitle("Where in depth each defense acts", y=1.04)
     return _save(fig, path)
 
 

@@ -55,10 +55,17 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
 
 
 def test_cli_demo(tmp_path):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    base = ScoreTable.load(tmp_path / "demo" / "baseline")
-    sr = ScoreTable.load(tmp_path / "demo" / "system_prompt")
-    assert base.ids == sr.ids and len(base) == 24
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--defenses", "sr_self_reminder,act_ablate", "--n-boot", "50"]) == 0
+    base = ScoreTable.load(out / "scores" / "baseline")
+    sr = ScoreTable.load(out / "scores" / "sr_self_reminder")
+    assert base.ids == sr.ids and len(base) == 80 and sr.meta["defense"] == "sr_self_reminder"
     assert not torch.equal(base.margin, sr.margin)
-    rows = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert [r["condition"] for r in rows] == ["baseline", "system_prompt"]
+    rows = json.loads((out / "summary.json").read_text())
+    assert [r["condition"] for r in rows] == ["baseline", "sr_self_reminder", "act_ablate"]
+    assert rows[2]["label"] == "weakening"
+    for png in ("distributions.png", "layers.png"):
+        assert (out / png).stat().st_size > 10_000
+    # re-running overwrites cleanly
+    assert main(["demo", "--out", str(out), "--defenses", "sr_self_reminder", "--n-boot", "20"]) == 0
+    assert [r["condition"] for r in json.loads((out / "summary.json").read_text())] == ["baseline", "sr_self_reminder"]
