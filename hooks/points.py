@@ -78,6 +78,8 @@ def language_model(model) -> nn.Module:
             continue
         if isinstance(obj, nn.Module) and hasattr(obj, "layers"):
             return obj
+    if isinstance(model, nn.Module) and hasattr(model, "layers"):  # a bare decoder stack
+        return model
     raise TypeError(f"cannot find the language model on {type(model).__name__}")
 
 

@@ -214,3 +214,25 @@ def test_unknown_names_list_what_exists():
         get_defense("sr_nope")
     with pytest.raises(ValueError, match="unknown defense 'nope'"):
         get_defense("sr_self_reminder+nope")
+
+
+def test_conditional_steer_steers_only_flagged_queries(tiny, mixed_queries, direction_table):
+    from defenses import act_conditional_steer
+
+    scorer = RefusalScorer(tiny, layers=None)
+    base = scorer.score(mixed_queries)
+    never = scorer.score(mixed_queries, defense=act_conditional_steer(direction_table, probe_layer=0, alpha=2.0,
+                                                                     threshold=1e9, layers=[2]))
+    torch.testing.assert_close(never.margin, base.margin, atol=1e-6, rtol=0)
+    always = scorer.score(mixed_queries, defense=act_conditional_steer(direction_table, probe_layer=0, alpha=2.0,
+                                                                      threshold=-1e9, layers=[2]))
+    steered = scorer.score(mixed_queries, defense=act_steer(direction_table, alpha=2.0, layers=[2]))
+    torch.testing.assert_close(always.margin, steered.margin, atol=1e-6, rtol=0)
+    # a threshold between the queries' probe scores steers some and leaves the others exactly as they were
+    d = act_conditional_steer(direction_table, probe_layer=0, alpha=2.0, threshold=0.0, layers=[2])
+    mid = scorer.score(mixed_queries, defense=d)
+    same = (mid.margin - base.margin).abs() < 1e-6
+    moved = (mid.margin - steered.margin).abs() < 1e-6
+    assert bool((same | moved).all())
+    with pytest.raises(ValueError, match="after probe_layer"):
+        act_conditional_steer(direction_table, probe_layer=2, layers=[1])

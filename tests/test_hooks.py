@@ -159,3 +159,44 @@ def test_bad_hook_names():
 
 def test_decoder_layers_found_on_bundle_and_hf_model(tiny):
     assert decoder_layers(tiny) is decoder_layers(tiny.model)
+
+
+class _TupleLayer(torch.nn.Module):
+    """A decoder layer in the style of older transformers: returns (hidden, extra)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        self.self_attn = torch.nn.Identity()
+        self.mlp = torch.nn.Identity()
+        self.post_attention_layernorm = torch.nn.Identity()
+
+    def forward(self, hidden_states, attention_mask=None):
+        return (hidden_states + self.lin(hidden_states), None)
+
+
+class _TupleModel(torch.nn.Module):
+    def __init__(self, d=8, n=2):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_TupleLayer(d) for _ in range(n))
+
+    def forward(self, x, attention_mask=None):
+        for layer in self.layers:
+            x = layer(x, attention_mask=attention_mask)[0]
+        return x
+
+
+def test_layers_returning_tuples_work_for_capture_and_edit():
+    torch.manual_seed(0)
+    model = _TupleModel()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        h0 = model.layers[0](x)[0]
+        plain = model(x)
+        with capture(model, [hook_name(0)], "all") as c:
+            model(x)
+        torch.testing.assert_close(c[hook_name(0)], h0)
+        with edit(model, {hook_name(0): lambda a, ctx: a * 0}):
+            zeroed = model(x)
+        torch.testing.assert_close(zeroed, model.layers[1](torch.zeros_like(x))[0])
+        torch.testing.assert_close(model(x), plain)  # edit gone

@@ -93,3 +93,17 @@ def test_mechanism_label_of_each_kind(baseline, runs, name):
     eff = compare(baseline, runs[name], n_boot=300)
     assert eff.label in EXPECTED[name], (name, eff.label, {k: str(eff[k]) for k in ("shift_sd", "differential_sd",
                                                                                      "harmful_change_sd")})
+
+
+def test_finetune_changes_language_model_not_vision(toy):
+    from defenses import mo_finetune
+
+    tuned = mo_finetune(steps=2, batch_size=4).model(toy)
+    assert tuned is not toy and tuned.model is not toy.model
+    before, after = dict(toy.model.named_parameters()), dict(tuned.model.named_parameters())
+    vision = [k for k in before if "vision_tower" in k]
+    lm = [k for k in before if "language_model" in k or "multi_modal_projector" in k]
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    assert sum(not torch.equal(before[k], after[k]) for k in lm) > len(lm) // 2
+    again = mo_finetune(steps=2, batch_size=4).model(toy)  # seeded: the same weights
+    assert all(torch.equal(after[k], dict(again.model.named_parameters())[k]) for k in lm)
