@@ -1,5 +1,7 @@
-"""Dataset loaders returning lists of `probing.Query`."""
+"""Dataset loaders returning lists of `probing.Query`: JSONL, MOSSBench, MM-SafetyBench, the toy set."""
 
 from .jsonl import load_jsonl, save_jsonl
+from .mmsafetybench import load_mmsafetybench, load_tiny_subset
+from .mossbench import LoadReport, load_mossbench
 
-__all__ = ["load_jsonl", "save_jsonl"]
+__all__ = ["load_jsonl", "save_jsonl", "load_mmsafetybench", "load_tiny_subset", "LoadReport", "load_mossbench"]
