@@ -1,1 +1,12 @@
-"""(in progress: see the open issues)"""
+"""Thin experiment scripts over the probing API, each reachable as ``mechprobe <name>``.
+
+| name | what it answers |
+|---|---|
+| mechanisms | how each defense works (shift vs discrimination) |
+| ensembles | which pairs to combine, predicted and measured |
+| layerwise | where in depth each defense acts |
+| modality | the multimodal safety gap per layer |
+| generation_check | whether the one-forward readout predicts generated refusals |
+"""
+
+EXPERIMENTS = ("mechanisms", "ensembles", "layerwise", "modality", "generation_check")

@@ -170,7 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--device-map", default=None,
                        help="'auto', 'balanced' or a JSON dict of module -> device (models larger than one device)")
     score.set_defaults(func=cmd_score)
+
+    import importlib
+
+    from experiments import EXPERIMENTS
+
+    for name in EXPERIMENTS:
+        module = importlib.import_module(f"experiments.{name}")
+        sub_p = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], description=module.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub_p)
+        sub_p.set_defaults(func=lambda args, m=module: _run_experiment(m, args))
     return parser
+
+
+def _run_experiment(module, args) -> int:
+    module.run(args)
+    out = Path(args.out)
+    print((out / "report.md").read_text())
+    print(f"wrote {out}/ (config.json, shards/, tables/, report.md, plots)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,67 @@
+"""ensembles: intra- and inter-mechanism pairs, "+" and "|", predicted and measured; Pareto plot.
+
+    mechprobe ensembles --defenses sr_self_reminder,qr_caption,mo_finetune --weight 0.5
+
+Each pair is predicted from the single runs (logit additivity for "+", max p_refuse for "|")
+and measured by running it; tables/ensembles.csv holds safety, helpfulness, utility, the Pareto
+flag and the prediction errors; tradeoff.png shows the front.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from tqdm.auto import tqdm
+
+from probing.analysis import compare
+from probing.ensembles import rank_ensembles
+from probing.plots import plot_tradeoff
+from probing.runs import markdown_table
+
+from .common import Session, add_common
+
+
+def add_arguments(p):
+    add_common(p, "ensembles", defenses="sr_self_reminder,qr_caption,mo_finetune")
+    p.add_argument("--ops", default="+,|", help="ensemble operators to try")
+    p.add_argument("--weight", type=float, default=0.5, help="weight of safety against helpfulness")
+
+
+def run(args) -> dict:
+    from defenses import Compose, Either
+
+    s = Session(args, "ensembles")
+    names = [n for n in args.defenses.split(",") if n]
+    if len(names) < 2:
+        raise ValueError("--defenses: give at least two defenses to combine")
+    ops = [o for o in args.ops.split(",") if o]
+    singles, labels = {}, {}
+    for name in tqdm(names, desc="singles", unit="defense"):
+        singles[name] = s.score(name, s.defense(name))
+        labels[name] = compare(s.baseline, singles[name], name=name, n_boot=args.n_boot, seed=args.seed).label
+    measured = {}
+    for a, b in tqdm(list(itertools.combinations(names, 2)), desc="pairs", unit="pair"):
+        for op in ops:
+            ens = Compose(members=[s.defense(a), s.defense(b)]) if op == "+" else Either(s.defense(a), s.defense(b))
+            measured[f"{a}{op}{b}"] = s.score(f"{a}{op}{b}".replace("|", "_or_"), ens)
+    cands = rank_ensembles(s.baseline, singles, ops=tuple(ops), weight=args.weight, measured=measured)
+    rows = []
+    for c in cands:
+        kind = "intra" if c.kind in ("+", "|") and len({labels[m] for m in c.name.replace("|", "+").split("+")}) == 1 \
+            else ("inter" if c.kind in ("+", "|") else "")
+        rows.append({"name": c.name, "kind": c.kind, "mechanisms": kind, "safety": c.safety,
+                     "helpfulness": c.helpfulness, "utility": c.utility, "pareto": c.pareto,
+                     "measured_safety": c.measured_safety, "measured_helpfulness": c.measured_helpfulness,
+                     "safety_error": c.safety_error, "helpfulness_error": c.helpfulness_error,
+                     "margin_rmse": c.margin_rmse, "margin_corr": c.margin_corr})
+    s.run.write_table("ensembles", rows)
+    plot_tradeoff(cands, s.run.path / "tradeoff.png")
+    s.report("Ensembles", [
+        ("Single-defense mechanisms", markdown_table([{"defense": k, "label": v} for k, v in labels.items()],
+                                                     ["defense", "label"])),
+        (f"Ranked by {args.weight} x safety + {1 - args.weight:.2f} x helpfulness (predicted; measured beside)",
+         markdown_table(rows, ["name", "kind", "mechanisms", "safety", "helpfulness", "utility", "pareto",
+                               "measured_safety", "measured_helpfulness", "margin_rmse"])),
+        ("Trade-off", "![safety vs helpfulness](tradeoff.png)"),
+    ])
+    return {"rows": rows, "candidates": cands}

@@ -1,0 +1,128 @@
+"""Every experiment end to end on the toy; resume after interruption; corrupt shards recomputed."""
+
+import json
+
+import pytest
+import torch
+
+from probing import ScoreTable
+from probing.cli import main
+from probing.runs import RunDir
+
+FAST = ["--n-boot", "50", "--batch-size", "16"]
+
+
+def test_mechanisms(tmp_path, capsys):
+    out = tmp_path / "mech"
+    assert main(["mechanisms", "--defenses", "sr_self_reminder,act_ablate", "--out", str(out), *FAST]) == 0
+    rows = json.loads((out / "tables" / "mechanisms.json").read_text())
+    assert [r["defense"] for r in rows] == ["sr_self_reminder", "act_ablate"]
+    assert rows[1]["label"] == "weakening" and rows[0]["auroc_def_lo"] <= rows[0]["auroc_def"] <= rows[0]["auroc_def_hi"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["defenses"] == "sr_self_reminder,act_ablate" and "torch" in cfg["versions"]
+    assert "| defense | label |" in (out / "report.md").read_text() and (out / "distributions.png").is_file()
+    assert "weakening" in capsys.readouterr().out
+
+
+def test_resume_after_interruption_gives_the_same_tables(tmp_path, monkeypatch):
+    args = ["mechanisms", "--defenses", "sr_self_reminder", *FAST]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    # interrupt: the third shard of the defended run raises
+    from probing import scorer as scorer_mod
+
+    real = scorer_mod.RefusalScorer.score
+    calls = {"n": 0}
+
+    def flaky(self, queries, **kw):
+        if kw.get("defense") is not None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+        return real(self, queries, **kw)
+
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "score", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "resumed")])
+    shards = sorted((tmp_path / "resumed" / "shards" / "sr_self_reminder").iterdir())
+    assert len(shards) == 2  # finished batches survived; only the one in flight is lost
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "score", real)
+    seen = []
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "score",
+                        lambda self, qs, **kw: (kw.get("defense") is not None and seen.append(len(qs)))
+                        or real(self, qs, **kw))
+    assert main([*args, "--out", str(tmp_path / "resumed")]) == 0
+    assert sum(seen) == 80 - 2 * 16  # only the missing shards were scored
+    full = json.loads((tmp_path / "full" / "tables" / "mechanisms.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "tables" / "mechanisms.json").read_text())
+    assert full == resumed
+
+
+def test_corrupt_shard_is_recomputed(tmp_path):
+    from probing import Query
+
+    qs = [Query(f"q{i}", f"text {i}") for i in range(5)]
+    calls = []
+
+    def score(chunk):
+        calls.append([q.id for q in chunk])
+        return ScoreTable([q.id for q in chunk], [None] * len(chunk), torch.arange(len(chunk)).float(),
+                          torch.zeros(len(chunk), 1), [0])
+
+    run = RunDir(tmp_path / "r", {"a": 1})
+    first = run.score(score, qs, "c", batch=2)
+    shard = tmp_path / "r" / "shards" / "c" / "00001" / "scores.safetensors"
+    shard.write_bytes(shard.read_bytes()[:20])  # truncate
+    calls.clear()
+    again = RunDir(tmp_path / "r", {"a": 1}).score(score, qs, "c", batch=2)
+    assert calls == [["q2", "q3"]] and torch.equal(first.margin, again.margin)
+    with pytest.raises(ValueError, match="another config"):
+        RunDir(tmp_path / "r", {"a": 2})
+    assert RunDir(tmp_path / "r", {"a": 2}, overwrite=True).config == {"a": 2}
+
+
+def test_layerwise(tmp_path):
+    out = tmp_path / "lw"
+    assert main(["layerwise", "--defenses", "act_ablate", "--scores", "lens,diffmean", "--folds", "3",
+                 "--out", str(out), *FAST]) == 0
+    rows = json.loads((out / "tables" / "layerwise.json").read_text())
+    assert {r["score"] for r in rows} == {"lens", "diffmean"} and len(rows) == 2 * 4
+    assert (out / "layers_lens.png").is_file() and (out / "layers_diffmean.png").is_file()
+
+
+def test_ensembles(tmp_path):
+    out = tmp_path / "ens"
+    assert main(["ensembles", "--defenses", "sr_self_reminder,qr_caption_no_image", "--out", str(out), *FAST]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "tables" / "ensembles.json").read_text())}
+    assert {"baseline", "sr_self_reminder", "qr_caption_no_image", "sr_self_reminder+qr_caption_no_image",
+            "sr_self_reminder|qr_caption_no_image"} == set(rows)
+    either = rows["sr_self_reminder|qr_caption_no_image"]
+    # "refuse if either refuses" is exactly predictable from the single runs
+    assert either["measured_safety"] == pytest.approx(either["safety"]) and either["margin_rmse"] < 1e-4
+    assert rows["sr_self_reminder+qr_caption_no_image"]["measured_safety"] is not None
+    assert (out / "tradeoff.png").is_file()
+
+
+def test_modality(tmp_path):
+    out = tmp_path / "mod"
+    assert main(["modality", "--out", str(out), *FAST]) == 0
+    rows = {r["delivery"]: r for r in json.loads((out / "tables" / "modality.json").read_text())}
+    assert set(rows) == {"text", "typo", "picture", "blank"}
+    assert rows["text"]["refusal_harmful"] - rows["typo"]["refusal_harmful"] >= 0.3  # the safety gap
+    assert rows["text"]["gap_layer3"] == 0
+    assert main(["modality", "--dataset", "jsonl:x.jsonl", "--out", str(tmp_path / "m2")]) == 2  # clear error
+
+
+def test_generation_check(tmp_path):
+    out = tmp_path / "gen"
+    assert main(["generation_check", "--limit", "40", "--max-new-tokens", "12", "--out", str(out), *FAST]) == 0
+    summary = json.loads((out / "tables" / "summary.json").read_text())[0]
+    assert summary["n"] == 40 and summary["accuracy"] >= 0.8 and summary["auroc"] >= 0.8
+    gens = json.loads((out / "tables" / "generations.json").read_text())
+    assert all("generation" in g for g in gens)
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ("demo", "score", "mechanisms", "ensembles", "layerwise", "modality", "generation_check"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
