@@ -68,35 +68,47 @@ class Caption(Defense):
 
 
 @dataclass
-class Intention(Defense):
-    """Two-stage intention analysis: state the request's essential intention, then answer with it."""
+class AskFirst(Defense):
+    """Ask the model ``question`` about each request first, then build the request from its answer."""
 
-    name: str = "qr_intention"
     category: str = "QR"
     max_new_tokens: int = 24
-    question: str = INTENT_QUESTION
+    question: str = ""
+    meta_key: str = "answer"
+
+    def rebuild(self, q: Query, answer: str):
+        raise NotImplementedError
 
     def transform(self, queries, bundle):
         asks = [Query(q.id, self.question.format(text=q.text), q.image) for q in queries]
-        intents = generate(bundle, asks, self.max_new_tokens)
-        return [[(Query(q.id, q.text, q.image, q.label, {**q.meta, "intention": it}),
-                  PromptSpec(text_before=f"Intention: {it}"))] for q, it in zip(queries, intents)]
+        answers = generate(bundle, asks, self.max_new_tokens)
+        return [[self.rebuild(Query(q.id, q.text, q.image, q.label, {**q.meta, self.meta_key: a}), a)]
+                for q, a in zip(queries, answers)]
 
 
 @dataclass
-class Rewrite(Defense):
+class Intention(AskFirst):
+    """Two-stage intention analysis: state the request's essential intention, then answer with it."""
+
+    name: str = "qr_intention"
+    question: str = INTENT_QUESTION
+    meta_key: str = "intention"
+
+    def rebuild(self, q, answer):
+        return q, PromptSpec(text_before=f"Intention: {answer}")
+
+
+@dataclass
+class Rewrite(AskFirst):
     """The model rewrites the request first; the rewrite replaces the request's text."""
 
     name: str = "qr_rewrite"
-    category: str = "QR"
     max_new_tokens: int = 48
     question: str = REWRITE_QUESTION
+    meta_key: str = "rewrite"
 
-    def transform(self, queries, bundle):
-        asks = [Query(q.id, self.question.format(text=q.text), q.image) for q in queries]
-        rewrites = generate(bundle, asks, self.max_new_tokens)
-        return [[(Query(q.id, rw or q.text, q.image, q.label, {**q.meta, "rewrite": rw}), PromptSpec())]
-                for q, rw in zip(queries, rewrites)]
+    def rebuild(self, q, answer):
+        return Query(q.id, answer or q.text, q.image, q.label, q.meta), PromptSpec()
 
 
 def qr_caption(max_new_tokens: int = 24) -> Caption:

@@ -53,34 +53,39 @@ def parse_hook_name(name: str, n_layers: int) -> HookPoint:
     return HookPoint(name, layer, m.group(2))
 
 
-def decoder_layers(model) -> nn.ModuleList:
-    """The decoder layers of a ModelBundle, a LlavaForConditionalGeneration or a Llama model."""
-    for path in ("layers", "model.language_model.layers", "language_model.layers", "model.layers"):
+def _find(model, paths, accept):
+    """The first object reached along one of the dotted ``paths`` that ``accept`` takes, or None."""
+    for path in paths:
         obj = model
         try:
             for part in path.split("."):
                 obj = getattr(obj, part)
         except AttributeError:
             continue
-        if isinstance(obj, nn.ModuleList):
+        if accept(obj):
             return obj
-    raise TypeError(f"cannot find decoder layers on {type(model).__name__}")
+    return None
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The decoder layers of a ModelBundle, a LlavaForConditionalGeneration or a Llama model."""
+    found = _find(model, ("layers", "model.language_model.layers", "language_model.layers", "model.layers"),
+                  lambda obj: isinstance(obj, nn.ModuleList))
+    if found is None:
+        raise TypeError(f"cannot find decoder layers on {type(model).__name__}")
+    return found
 
 
 def language_model(model) -> nn.Module:
-    """The module that receives the 2-D attention mask (``model.model.language_model``)."""
-    for path in ("language_model", "model.language_model", "model"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, nn.Module) and hasattr(obj, "layers"):
-            return obj
-    if isinstance(model, nn.Module) and hasattr(model, "layers"):  # a bare decoder stack
-        return model
-    raise TypeError(f"cannot find the language model on {type(model).__name__}")
+    """The module that receives the 2-D attention mask (``model.model.language_model``); a bare
+    decoder stack (a module with ``layers``) is its own language model."""
+    found = _find(model, ("language_model", "model.language_model", "model"),
+                  lambda obj: isinstance(obj, nn.Module) and hasattr(obj, "layers"))
+    if found is None and isinstance(model, nn.Module) and hasattr(model, "layers"):
+        found = model
+    if found is None:
+        raise TypeError(f"cannot find the language model on {type(model).__name__}")
+    return found
 
 
 def _replace_first(output, new):

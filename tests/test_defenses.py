@@ -236,3 +236,18 @@ def test_conditional_steer_steers_only_flagged_queries(tiny, mixed_queries, dire
     assert bool((same | moved).all())
     with pytest.raises(ValueError, match="after probe_layer"):
         act_conditional_steer(direction_table, probe_layer=2, layers=[1])
+
+
+def test_intention_and_rewrite_use_the_models_answer(tiny, mixed_queries):
+    from defenses.refactor import generate, qr_intention, qr_rewrite
+
+    qs = mixed_queries[:3]
+    v = qr_intention(max_new_tokens=3).transform(qs, tiny)
+    answers = generate(tiny, [Query(q.id, qr_intention().question.format(text=q.text), q.image) for q in qs], 3)
+    for (vq, spec), q, a in zip((x[0] for x in v), qs, answers):
+        assert vq.text == q.text and vq.image is q.image and vq.meta["intention"] == a
+        assert spec.text_before == f"Intention: {a}"
+    r = qr_rewrite(max_new_tokens=3).transform(qs, tiny)
+    rewrites = generate(tiny, [Query(q.id, qr_rewrite().question.format(text=q.text), q.image) for q in qs], 3)
+    for (vq, spec), q, a in zip((x[0] for x in r), qs, rewrites):
+        assert vq.text == (a or q.text) and vq.meta["rewrite"] == a and spec == PromptSpec()

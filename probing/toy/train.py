@@ -161,12 +161,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model, processor, _ = train(args.seed, args.steps, args.batch_size, args.lr, vision_steps=args.vision_steps)
     out = save(model, processor, args.out)
-    print(f"trained in {time.perf_counter() - start:.0f}s, saved to {out}")
+    logger.info("trained in %.0fs, saved to %s", time.perf_counter() - start, out)
     if not args.no_eval:
         from ..model import load_model
         from .evaluate import behaviour, format_report
 
-        print(format_report(behaviour(load_model(str(out)))))
+        logger.info("behaviour on the test split:\n%s", format_report(behaviour(load_model(str(out)))))
     return 0
 
 
