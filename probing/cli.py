@@ -2,7 +2,7 @@
 
     mechprobe demo                       # the toy's test split: baseline vs every defense
     mechprobe score --queries q.jsonl    # score your own JSONL queries
-    accelerate launch --num_processes 4 -m probing.cli score ...   # one process per GPU
+    accelerate launch --multi_gpu --num_processes 4 -m probing.cli score ...   # one process per GPU
 """
 
 from __future__ import annotations

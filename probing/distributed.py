@@ -1,7 +1,10 @@
 """Data-parallel scoring on Hugging Face accelerate: one process per device, shards merged on rank 0.
 
-    accelerate launch --num_processes 4 -m probing.cli score --queries q.jsonl --out runs/x
-    torchrun --nproc_per_node 2 -m probing.cli score ...            # same, without accelerate's CLI
+    accelerate launch --multi_gpu --num_processes 4 -m probing.cli score --queries q.jsonl --out runs/x
+    torchrun --nproc_per_node 2 -m probing.cli score ...            # what accelerate runs; CPU too (gloo)
+
+(accelerate's own launcher starts several CPU processes only through MPI; torchrun does it
+directly, which is how the two-process CPU test runs.)
 
 Each process scores a contiguous shard of the queries into ``<out>/.shards/rank<k>/``; after a
 barrier, rank 0 concatenates the shards in input order into ``<out>/`` and removes them. Scores
