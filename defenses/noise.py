@@ -37,7 +37,9 @@ class NoiseDefense(Defense):
     def __post_init__(self):
         check_samples(self.k)
         check_rate("rate", self.rate)
-        self.params = {"k": self.k, "rate": self.rate, "seed": int(self.seed)}
+        if self.aggregate not in ("mean", "majority"):
+            raise ValueError(f"parameter 'aggregate' must be 'mean' or 'majority', got {self.aggregate!r}")
+        self.params = {"k": self.k, "rate": self.rate, "seed": int(self.seed), "aggregate": self.aggregate}
 
     def perturb(self, q: Query, rng: np.random.Generator) -> Query:
         raise NotImplementedError
@@ -116,15 +118,16 @@ class TextSmooth(NoiseDefense):
         return _copy(q, text=text)
 
 
-def ni_image_gaussian(k: int = 4, rate: float = 0.1, seed: int = 0) -> ImageGaussian:
-    return ImageGaussian(k=k, rate=rate, seed=seed)
+def ni_image_gaussian(k: int = 4, rate: float = 0.1, seed: int = 0, aggregate: str = "mean") -> ImageGaussian:
+    return ImageGaussian(k=k, rate=rate, seed=seed, aggregate=aggregate)
 
 
-def ni_image_mask(k: int = 4, rate: float = 0.1, seed: int = 0, patch: int = 14) -> ImageMask:
-    return ImageMask(k=k, rate=rate, seed=seed, patch=patch)
+def ni_image_mask(k: int = 4, rate: float = 0.1, seed: int = 0, patch: int = 14,
+                  aggregate: str = "mean") -> ImageMask:
+    return ImageMask(k=k, rate=rate, seed=seed, patch=patch, aggregate=aggregate)
 
 
-def ni_text_smooth(k: int = 4, rate: float = 0.1, seed: int = 0) -> TextSmooth:
-    return TextSmooth(k=k, rate=rate, seed=seed)
+def ni_text_smooth(k: int = 4, rate: float = 0.1, seed: int = 0, aggregate: str = "mean") -> TextSmooth:
+    return TextSmooth(k=k, rate=rate, seed=seed, aggregate=aggregate)
 
 

@@ -81,6 +81,19 @@ def test_multi_sample_aggregation_is_mean_p(tiny, mixed_queries):
     assert table.meta["samples"] == 3
 
 
+def test_majority_is_configurable(tiny, mixed_queries):
+    scorer = RefusalScorer(tiny, layers=None)
+    d = ni_text_smooth(k=3, rate=0.2, seed=0, aggregate="majority")
+    table = scorer.score(mixed_queries[:3], defense=d)
+    variants = d.transform(mixed_queries[:3], tiny)
+    for i, (q, vs) in enumerate(zip(mixed_queries[:3], variants)):
+        for k, (vq, _) in enumerate(vs):
+            vq.id = f"{q.id}#{k}"
+        share = float((scorer.score([v for v, _ in vs]).margin > 0).float().mean())
+        assert float(table.p_refuse[i]) == pytest.approx(min(max(share, 1e-6), 1 - 1e-6), abs=1e-5)
+    assert table.meta["params"]["aggregate"] == "majority"
+
+
 def test_majority_aggregation():
     from probing import ScoreTable
 
@@ -201,6 +214,7 @@ def test_generation_based_defense_is_batched(tiny, mixed_queries):
     ("mo_checkpoint", {"path": "/nonexistent/ckpt"}, "'path'"),
     ("mo_finetune", {"lr": float("inf")}, "'lr'"),
     ("qr_caption", {"max_new_tokens": 0}, "max_new_tokens"),
+    ("ni_text_smooth", {"aggregate": "median"}, "'aggregate'"),
 ])
 def test_bad_parameters_name_the_parameter(name, params, match, direction_table):
     if name == "act_steer":
