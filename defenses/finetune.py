@@ -68,6 +68,8 @@ class FineTune(Defense):
                 from peft import LoraConfig, get_peft_model
             except ImportError as exc:
                 raise ValueError("mo_finetune(lora=True) needs peft: pip install peft") from exc
+            for p in model.parameters():  # only the adapters train
+                p.requires_grad_(False)
             model.model.language_model = get_peft_model(
                 model.model.language_model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
             params = [p for p in model.parameters() if p.requires_grad]

@@ -107,3 +107,20 @@ def test_finetune_changes_language_model_not_vision(toy):
     assert sum(not torch.equal(before[k], after[k]) for k in lm) > len(lm) // 2
     again = mo_finetune(steps=2, batch_size=4).model(toy)  # seeded: the same weights
     assert all(torch.equal(after[k], dict(again.model.named_parameters())[k]) for k in lm)
+
+
+def test_finetune_with_lora_adapters(toy, queries):
+    pytest.importorskip("peft", reason="LoRA fine-tuning needs the optional peft package (pip install '.[lora]')")
+    from defenses import mo_finetune
+
+    d = mo_finetune(steps=3, batch_size=4, lora=True)
+    tuned = d.model(toy)
+    names = [n for n, _ in tuned.model.named_parameters()]
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    base = dict(toy.model.named_parameters())
+    for n, p in tuned.model.named_parameters():  # the original weights are untouched under LoRA
+        plain = n.replace("base_model.model.", "").replace(".base_layer", "")
+        if "lora_" not in n and plain in base:
+            assert torch.equal(p, base[plain]), n
+    table = RefusalScorer(toy, layers=None, progress=False).score(queries[:8], defense=d)
+    assert table.meta["params"]["lora"] is True and torch.isfinite(table.margin).all()
