@@ -35,7 +35,7 @@ def test_two_process_run_equals_single_process(tmp_path, llava_assets):
            "OMP_NUM_THREADS": "1"}
     common = ["-m", "probing.cli", "score", "--queries", str(qfile), "--batch-size", "2"]
     multi = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          *common, "--out", str(tmp_path / "multi")],
         env=env, capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
