@@ -103,7 +103,9 @@ def capture(
             got = gather(act, idx)
             if pos.squeeze:
                 got = got[:, 0]
-            cache.calls[point.name].append(got.detach().to(device=device, dtype=dtype, copy=True))
+            # Index selection already made a new tensor; only the live activation ("all") needs a copy.
+            got = got.detach().to(device=device, dtype=dtype, copy=idx is None)
+            cache.calls[point.name].append(got)
             return None
 
         return fn
