@@ -1,0 +1,50 @@
+"""mechprobe's errors: one base class, one subclass per kind of mistake.
+
+Every error a user can cause is a `MechprobeError`; the CLI turns it into one line
+(``mechprobe: error: <message>``) with exit code 2, and library code never raises a bare
+``KeyError``, ``RuntimeError`` or ``TypeError`` for a user's mistake. Each message names what
+to fix: the query, the file and record, the option or the run directory.
+
+The subclasses also derive from the built-in exception a caller would expect (``ValueError``,
+``FileNotFoundError``), so ``except ValueError`` written against earlier versions still works.
+"""
+
+from __future__ import annotations
+
+
+class MechprobeError(Exception):
+    """Base class of every error mechprobe raises for a user's input, data or run directory."""
+
+
+class InputError(MechprobeError, ValueError):
+    """Raised when an argument, option or parameter is invalid: an unknown model, defense name
+    (with a "did you mean"), readout, layer index, or a parameter out of range. Raised before any
+    compute; the message names the option or parameter."""
+
+
+class QueryError(InputError):
+    """Raised when a query cannot be scored: no text and no image, a wrong label or type, a
+    duplicate id, an unreadable or oversized image, a prompt longer than the context. The
+    message names the query id."""
+
+
+class DataError(MechprobeError, ValueError):
+    """Raised when a dataset file or record cannot be used: invalid JSON or encoding, a record of
+    the wrong shape or type, an id repeated across the dataset, a dataset without the labels an
+    analysis needs. The message names the file and the record (or line)."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """Raised when a dataset file or image that a run needs does not exist (and missing records
+    are not to be skipped). The message names the path(s)."""
+
+
+class RunDirError(MechprobeError):
+    """Raised when a run directory cannot be used as asked: it holds a run of another config, a
+    foreign folder would be overwritten, another process holds its lock, or a stored shard is
+    inconsistent in a way that cannot be recomputed. The message names the path."""
+
+
+class ScoringError(MechprobeError, RuntimeError):
+    """Raised when a forward pass produces something unusable (NaN scores, a token count that
+    does not match the plan). The message names the queries (and shard, when resuming)."""

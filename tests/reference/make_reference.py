@@ -1,0 +1,41 @@
+"""Writes the reference results that the redesign (issue 10) must reproduce bit for bit.
+
+    python tests/reference/make_reference.py
+
+Run once on the pre-redesign code (commit 638fccc); tests/test_reference.py recomputes the same
+conditions with the current code and asserts equality. Covers a toy run (test split: baseline,
+a system-prompt defense, captioning, an activation edit) and a tiny-random run (text and image
+queries, baseline and a system-prompt defense), with every output-level figure of `compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from tests.reference.spec import FIGURES, run_reference  # noqa: E402
+
+
+def main() -> None:
+    tables, effects = run_reference()
+    tensors = {}
+    for name, t in tables.items():
+        tensors[f"{name}.margin"] = t["margin"].contiguous()
+        tensors[f"{name}.lens_margin"] = t["lens_margin"].contiguous()
+    save_file(tensors, str(HERE / "reference.safetensors"))
+    ids = {name: t["ids"] for name, t in tables.items()}
+    (HERE / "reference.json").write_text(json.dumps({"ids": ids, "effects": effects, "figures": FIGURES}, indent=1))
+    print(f"wrote {HERE}/reference.safetensors and reference.json ({len(tables)} tables)")
+
+
+if __name__ == "__main__":
+    main()
