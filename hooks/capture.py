@@ -19,6 +19,7 @@ import torch
 
 from .points import HookPoint, attach, decoder_layers, language_model, parse_hook_name
 from .positions import as_positions, gather, scatter
+from .errors import HookError, NotCapturedError
 
 
 class _MaskTracker:
@@ -58,7 +59,7 @@ class ActivationCache:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.calls or not self.calls[name]:
-            raise KeyError(f"nothing captured at {name!r}; captured: {sorted(self.calls)}")
+            raise NotCapturedError(f"nothing captured at {name!r}; captured: {sorted(self.calls)}")
         chunks = self.calls[name]
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0)
 
@@ -158,7 +159,7 @@ def edit(model, edits: dict[str, EditFn], positions="all") -> Iterator[None]:
             ctx = EditContext(point.name, point.layer, point.kind, idx, tracker.mask)
             new = user_fn(sel, ctx)
             if not isinstance(new, torch.Tensor) or new.shape != sel.shape:
-                raise ValueError(
+                raise HookError(
                     f"edit at {point.name}: function must return a tensor of shape {tuple(sel.shape)}, "
                     f"got {getattr(new, 'shape', type(new).__name__)}"
                 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from .errors import HookError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def to_transformer_lens(bundle, *, device=None, copy: bool = True):
 
     source = bundle.source_dir
     if source is None or not (Path(source) / "preprocessor_config.json").is_file():
-        raise ValueError(
+        raise HookError(
             f"model {bundle.name!r} has no local directory with processor files; the "
             "TransformerLens bridge must boot from one (it would otherwise try to download "
             "or pip-install at run time)"

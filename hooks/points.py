@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+from .errors import HookError
 
 KINDS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 _NAME = re.compile(r"^blocks\.(\d+)\.(hook_\w+)$")
@@ -46,10 +47,10 @@ def parse_hook_name(name: str, n_layers: int) -> HookPoint:
     """Validate a hook-point name; the error lists what exists."""
     m = _NAME.match(name)
     if not m or m.group(2) not in KINDS:
-        raise ValueError(f"unknown hook point {name!r}; expected blocks.{{i}}.<kind> with kind in {KINDS}")
+        raise HookError(f"unknown hook point {name!r}; expected blocks.{{i}}.<kind> with kind in {KINDS}")
     layer = int(m.group(1))
     if layer >= n_layers:
-        raise ValueError(f"hook point {name!r}: layer {layer} out of range (model has {n_layers} layers)")
+        raise HookError(f"hook point {name!r}: layer {layer} out of range (model has {n_layers} layers)")
     return HookPoint(name, layer, m.group(2))
 
 
@@ -72,7 +73,7 @@ def decoder_layers(model) -> nn.ModuleList:
     found = _find(model, ("layers", "model.language_model.layers", "language_model.layers", "model.layers"),
                   lambda obj: isinstance(obj, nn.ModuleList))
     if found is None:
-        raise TypeError(f"cannot find decoder layers on {type(model).__name__}")
+        raise HookError(f"cannot find decoder layers on {type(model).__name__}")
     return found
 
 
@@ -84,7 +85,7 @@ def language_model(model) -> nn.Module:
     if found is None and isinstance(model, nn.Module) and hasattr(model, "layers"):
         found = model
     if found is None:
-        raise TypeError(f"cannot find the language model on {type(model).__name__}")
+        raise HookError(f"cannot find the language model on {type(model).__name__}")
     return found
 
 
@@ -119,7 +120,7 @@ def attach(layers: nn.ModuleList, point: HookPoint, fn: ActivationFn) -> Removab
         "hook_mlp_out": getattr(layer, "mlp", None),
     }[point.kind]
     if module is None:
-        raise ValueError(f"hook point {point.name!r}: layer {point.layer} has no such submodule")
+        raise HookError(f"hook point {point.name!r}: layer {point.layer} has no such submodule")
 
     def hook(_module, _args, output):
         new = fn(_first(output))

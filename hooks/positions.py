@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from .errors import HookError
 
 
 def _mask_for(mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
@@ -50,12 +51,12 @@ class LastK:
 
     def __post_init__(self):
         if self.k < 1:
-            raise ValueError(f"LastK: k must be >= 1, got {self.k}")
+            raise HookError(f"LastK: k must be >= 1, got {self.k}")
 
     def index(self, mask, batch, seq, device):
         m = _mask_for(mask, batch, seq, device)
         if int(m.sum(-1).min()) < self.k:
-            raise ValueError(f"LastK({self.k}): a row has fewer than {self.k} real tokens")
+            raise HookError(f"LastK({self.k}): a row has fewer than {self.k} real tokens")
         offsets = torch.arange(self.k - 1, -1, -1, device=device)
         return _last_real(m).unsqueeze(-1) - offsets
 
@@ -85,17 +86,17 @@ class Explicit:
     def __init__(self, indices):
         rows = tuple(tuple(int(i) for i in row) for row in indices)
         if not rows or len({len(r) for r in rows}) != 1 or not rows[0]:
-            raise ValueError("Explicit: give the same non-zero number of indices for every row")
+            raise HookError("Explicit: give the same non-zero number of indices for every row")
         object.__setattr__(self, "indices", rows)
 
     def index(self, mask, batch, seq, device):
         if len(self.indices) != batch:
-            raise ValueError(f"Explicit: {len(self.indices)} rows of indices for a batch of {batch}")
+            raise HookError(f"Explicit: {len(self.indices)} rows of indices for a batch of {batch}")
         m = _mask_for(mask, batch, seq, device)
         rel = torch.tensor(self.indices, device=device)
         n_real = m.sum(-1, keepdim=True)
         if bool(((rel >= n_real) | (rel < -n_real)).any()):
-            raise ValueError(f"Explicit: index out of range for rows with {n_real.squeeze(-1).tolist()} real tokens")
+            raise HookError(f"Explicit: index out of range for rows with {n_real.squeeze(-1).tolist()} real tokens")
         return torch.where(rel >= 0, _first_real(m).unsqueeze(-1) + rel, _last_real(m).unsqueeze(-1) + 1 + rel)
 
 
@@ -115,7 +116,7 @@ def as_positions(spec) -> Decision | LastK | AllPositions | Explicit:
         return LastK(spec)
     if isinstance(spec, (list, tuple, torch.Tensor)):
         return Explicit(spec.tolist() if isinstance(spec, torch.Tensor) else spec)
-    raise ValueError(f"positions={spec!r}: use 'decision', 'all', an int k, or per-row index lists")
+    raise HookError(f"positions={spec!r}: use 'decision', 'all', an int k, or per-row index lists")
 
 
 def gather(act: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:

@@ -11,9 +11,10 @@ The subclasses also derive from the built-in exception a caller would expect (``
 
 from __future__ import annotations
 
+from hooks.errors import HookError, MechprobeError, NotCapturedError
 
-class MechprobeError(Exception):
-    """Base class of every error mechprobe raises for a user's input, data or run directory."""
+__all__ = ["MechprobeError", "HookError", "NotCapturedError", "InputError", "QueryError", "DataError",
+           "MissingDataError", "RunDirError", "ScoringError"]
 
 
 class InputError(MechprobeError, ValueError):
@@ -39,7 +40,7 @@ class MissingDataError(DataError, FileNotFoundError):
     are not to be skipped). The message names the path(s)."""
 
 
-class RunDirError(MechprobeError):
+class RunDirError(MechprobeError, ValueError):
     """Raised when a run directory cannot be used as asked: it holds a run of another config, a
     foreign folder would be overwritten, another process holds its lock, or a stored shard is
     inconsistent in a way that cannot be recomputed. The message names the path."""
@@ -48,3 +49,10 @@ class RunDirError(MechprobeError):
 class ScoringError(MechprobeError, RuntimeError):
     """Raised when a forward pass produces something unusable (NaN scores, a token count that
     does not match the plan). The message names the queries (and shard, when resuming)."""
+
+
+class UnknownQueryError(QueryError, KeyError):
+    """Raised when a ScoreTable is asked for query ids it does not hold. The message names them."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
