@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .analysis import Estimate, Paired, bootstrap, pair_tables, separation_figures
-from .score_table import ScoreTable
+from .compare import Estimate, Paired, bootstrap, pair_tables, separation_figures
+from ..score_table import ScoreTable
+from ..errors import InputError
 
 SCORES = ("lens", "diffmean", "probe")
 FIGURES = ("shift_sd", "differential_sd", "auroc_base", "auroc_def", "auroc_change",
@@ -70,10 +71,10 @@ def stratified_folds(is_harmful: np.ndarray, n_folds: int, seed: int) -> np.ndar
 
 def _check_folds(is_harmful: np.ndarray, n_folds: int) -> None:
     if n_folds < 2:
-        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+        raise InputError(f"n_folds must be >= 2, got {n_folds}")
     smallest = min(int(is_harmful.sum()), int((~is_harmful).sum()))
     if smallest < n_folds:
-        raise ValueError(f"n_folds={n_folds} but the smaller class has only {smallest} queries")
+        raise InputError(f"n_folds={n_folds} but the smaller class has only {smallest} queries")
 
 
 def diffmean_scores(paired: Paired, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -126,14 +127,14 @@ def layer_profile(
 ) -> LayerProfile:
     """Per-layer shift / separation of one defense on one kind of per-layer score."""
     if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        raise InputError(f"score must be one of {SCORES}, got {score!r}")
     if baseline.layers != defended.layers:
-        raise ValueError(f"runs captured different layers: {baseline.layers} vs {defended.layers}")
+        raise InputError(f"runs captured different layers: {baseline.layers} vs {defended.layers}")
     if score == "lens":
         paired = pair_tables(baseline, defended, "lens_margin")
     else:
         if baseline.hidden is None or defended.hidden is None:
-            raise ValueError(f"score={score!r} needs hidden states: score both runs with keep_hidden=True")
+            raise InputError(f"score={score!r} needs hidden states: score both runs with keep_hidden=True")
         hidden = pair_tables(baseline, defended, "hidden")
         fn = diffmean_scores if score == "diffmean" else probe_scores
         s0, s1 = fn(hidden, n_folds=n_folds, seed=seed)

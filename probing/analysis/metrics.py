@@ -57,3 +57,22 @@ def stratified_indices(n_h: int, n_b: int, n_boot: int, seed: int) -> tuple[np.n
     """
     rng = np.random.default_rng(seed)
     return rng.integers(0, n_h, (n_boot, n_h)), rng.integers(0, n_b, (n_boot, n_b))
+
+
+def refusal_rate(p_refuse, threshold: float = 0.5) -> np.ndarray:
+    """Share of queries counted as refused, ``p_refuse > threshold``, along the last axis.
+
+    The one definition of a refusal rate in mechprobe: ``[..., n] -> [...]`` (NaN for n = 0)."""
+    p = np.asarray(p_refuse, float)
+    if p.shape[-1] == 0:
+        return np.full(p.shape[:-1], np.nan) if p.ndim > 1 else np.float64(np.nan)
+    return (p > threshold).mean(-1)
+
+
+def compliance_rate(p_refuse, threshold: float = 0.5) -> np.ndarray:
+    """Share of queries counted as answered, ``p_refuse <= threshold``: the complement of
+    `refusal_rate` (computed directly, so it is exact rather than ``1 - rate``)."""
+    p = np.asarray(p_refuse, float)
+    if p.shape[-1] == 0:
+        return np.full(p.shape[:-1], np.nan) if p.ndim > 1 else np.float64(np.nan)
+    return (p <= threshold).mean(-1)
