@@ -27,30 +27,25 @@ from dataclasses import dataclass, field
 import torch
 
 from hooks import DECISION, hook_name
+from probing.analysis.directions import refusal_directions
+from probing.errors import InputError
 from probing.score_table import ScoreTable
 
 from .base import Defense, check_finite
 
 
-def refusal_directions(table: ScoreTable) -> dict[int, torch.Tensor]:
-    """Difference-of-means direction per captured layer: ``{layer: [d_model]}`` (float32)."""
-    if table.hidden is None:
-        raise ValueError("the direction table needs hidden states: score the baseline with keep_hidden=True")
-    labels = [lab for lab in table.labels]
-    h = torch.tensor([lab == "harmful" for lab in labels])
-    b = torch.tensor([lab == "benign" for lab in labels])
-    if h.sum() < 1 or b.sum() < 1:
-        raise ValueError("the direction table needs harmful and benign queries")
-    hidden = table.hidden.double()
-    diff = hidden[h].mean(0) - hidden[b].mean(0)  # [L, d]
-    return {layer: diff[i].float() for i, layer in enumerate(table.layers)}
-
-
 def _layers(layers, available: dict) -> list[int]:
+    """None: every layer with a direction; "inner": all but the first and last (the embedding-side
+    and readout-side layers, where an edit mostly breaks the model rather than moving refusal)."""
+    if isinstance(layers, str):
+        if layers != "inner":
+            raise InputError(f"parameter 'layers' must be a list of layer indices, None or 'inner', got {layers!r}")
+        ordered = sorted(available)
+        layers = ordered[1:-1] if len(ordered) > 2 else ordered
     chosen = sorted(available) if layers is None else [int(x) for x in layers]
     missing = [x for x in chosen if x not in available]
     if missing:
-        raise ValueError(f"parameter 'layers': no direction for layers {missing}; the table has {sorted(available)}")
+        raise InputError(f"parameter 'layers': no direction for layers {missing}; the table has {sorted(available)}")
     return chosen
 
 
@@ -129,10 +124,10 @@ def act_conditional_steer(table: ScoreTable, probe_layer: int, alpha: float = 1.
     alpha, threshold = check_finite("alpha", alpha), check_finite("threshold", threshold)
     dirs = refusal_directions(table)
     if probe_layer not in dirs:
-        raise ValueError(f"parameter 'probe_layer': {probe_layer} not in the table's layers {sorted(dirs)}")
+        raise InputError(f"parameter 'probe_layer': {probe_layer} not in the table's layers {sorted(dirs)}")
     chosen = _layers(layers if layers is not None else [l for l in dirs if l > probe_layer], dirs)
     if not chosen or min(chosen) <= probe_layer:
-        raise ValueError(f"parameter 'layers' must lie after probe_layer={probe_layer}, got {chosen}")
+        raise InputError(f"parameter 'layers' must lie after probe_layer={probe_layer}, got {chosen}")
     unit = dirs[probe_layer] / dirs[probe_layer].norm()
     proj = table.hidden[:, table.layers.index(probe_layer)].double() @ unit.double()
     lab = table.labels
@@ -146,7 +141,7 @@ def act_conditional_steer(table: ScoreTable, probe_layer: int, alpha: float = 1.
 
 def act_ablate(table: ScoreTable, layers=None, center: str = "benign") -> Ablate:
     if center not in ("benign", "zero"):
-        raise ValueError(f"parameter 'center' must be 'benign' or 'zero', got {center!r}")
+        raise InputError(f"parameter 'center' must be 'benign' or 'zero', got {center!r}")
     dirs = refusal_directions(table)
     chosen = _layers(layers, dirs)
     offsets = {}

@@ -10,7 +10,10 @@ A defense has a name, a category (SR, QR, NI, MO, ACT, ENSEMBLE) and any of thre
    `hooks.edit` during the scoring forward, at ``edit_positions``.
 
 Multi-sample defenses (K > 1) aggregate their variants' scores with ``aggregate``: "mean" (mean
-p_refuse) or "majority" (share of variants refusing).
+p_refuse) or "majority" (majority vote); see probing/aggregate.py for the exact formulas.
+
+``plan(queries, bundle)`` turns the three effects into a `probing.plan.ScoringPlan`, which is all
+the scorer ever sees: the scorer does not import this package.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from probing.errors import InputError
+from probing.plan import ScoringPlan, Variant
 from probing.query import Query
 from probing.render import PromptSpec
 
 CATEGORIES = ("SR", "QR", "NI", "MO", "ACT", "ENSEMBLE", "CUSTOM")
-Variant = tuple[Query, PromptSpec]
 
 
 @dataclass
@@ -45,6 +49,14 @@ class Defense:
     def edits(self, bundle) -> dict[str, Callable]:
         return {}
 
+    def plan(self, queries: list[Query], bundle) -> ScoringPlan:
+        """What the scorer runs: the model, each query's variants (built with that model),
+        activation edits and the aggregation rule."""
+        model = self.model(bundle)
+        return ScoringPlan(self.name, self.transform(list(queries), model), bundle=model,
+                           edits=self.edits(model), edit_positions=self.edit_positions,
+                           aggregate=self.aggregate, record=self.describe())
+
     def describe(self) -> dict:
         return {"defense": self.name, "category": self.category, "params": dict(self.params),
                 "aggregate": self.aggregate}
@@ -53,18 +65,18 @@ class Defense:
 def check_finite(name: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"parameter {name!r} must be finite, got {value}")
+        raise InputError(f"parameter {name!r} must be finite, got {value}")
     return value
 
 
 def check_rate(name: str, value: float) -> float:
     value = check_finite(name, value)
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"parameter {name!r} must lie in [0, 1], got {value}")
+        raise InputError(f"parameter {name!r} must lie in [0, 1], got {value}")
     return value
 
 
 def check_samples(k: int) -> int:
     if not isinstance(k, int) or k < 1:
-        raise ValueError(f"parameter 'k' (samples) must be an integer >= 1, got {k!r}")
+        raise InputError(f"parameter 'k' (samples) must be an integer >= 1, got {k!r}")
     return k

@@ -4,17 +4,17 @@
   of a's variants), models chained, activation edits of all members (same hook point: applied
   in order).
 - Score-level ensembles over the members' separate runs: ``Either`` ("a|b", refuse if any
-  refuses: max p_refuse), ``Both`` (min), ``Mean`` (mean p_refuse).
+  refuses: max p_refuse), ``Both`` (min), ``Mean`` (mean p_refuse); the formulas live in
+  probing/aggregate.py and the scorer applies them to the members' finished tables.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
-from probing.query import Query
-from probing.score_table import ScoreTable
+from probing.aggregate import OPERATORS
+from probing.errors import InputError
+from probing.plan import ScoringPlan
 
 from .base import Defense
 
@@ -26,12 +26,12 @@ class Compose(Defense):
 
     def __post_init__(self):
         if len(self.members) < 2:
-            raise ValueError("Compose needs at least two defenses")
+            raise InputError("Compose needs at least two defenses")
         self.name = "+".join(m.name for m in self.members)
         self.params = {m.name: dict(m.params) for m in self.members}
         positions = {m.edit_positions for m in self.members if m.edits.__func__ is not Defense.edits}
         if len(positions) > 1:
-            raise ValueError(f"Compose: members edit at different positions {positions}")
+            raise InputError(f"Compose: members edit at different positions {positions}")
         self.edit_positions = positions.pop() if positions else "all"
         self.aggregate = next((m.aggregate for m in self.members if m.aggregate != "mean"), "mean")
 
@@ -39,8 +39,7 @@ class Compose(Defense):
         variants = [[(q, None)] for q in queries]
         for member in self.members:
             flat = [(i, q, spec) for i, vs in enumerate(variants) for q, spec in vs]
-            outs = member.transform([Query(f"{q.id}", q.text, q.image, q.label, dict(q.meta)) for _, q, _ in flat],
-                                    bundle)
+            outs = member.transform([q for _, q, _ in flat], bundle)
             nxt: list[list] = [[] for _ in queries]
             for (i, _, spec), out in zip(flat, outs):
                 for q2, spec2 in out:
@@ -75,27 +74,14 @@ class ScoreLevel(Defense):
 
     def __post_init__(self):
         if len(self.members) < 2:
-            raise ValueError("a score-level ensemble needs at least two defenses")
+            raise InputError("a score-level ensemble needs at least two defenses")
         self.name = self.op.join(m.name for m in self.members)
         self.params = {m.name: dict(m.params) for m in self.members}
 
-    def combine(self, p: torch.Tensor) -> torch.Tensor:  # [members, ...] -> [...]
-        if self.op == "|":
-            return p.max(0).values
-        if self.op == "&":
-            return p.min(0).values
-        return p.mean(0)
-
-    def score_with(self, scorer, queries, *, prompt, desc) -> ScoreTable:
-        from .apply import _logit, score_defended
-
-        tables = [score_defended(scorer, [Query(q.id, q.text, q.image, q.label, dict(q.meta)) for q in queries],
-                                 m, prompt=prompt, desc=desc) for m in self.members]
-        p = torch.stack([t.p_refuse.double() for t in tables])
-        lens = torch.stack([torch.sigmoid(t.lens_margin.double()) for t in tables])
-        first = tables[0]
-        return ScoreTable(list(first.ids), list(first.labels), _logit(self.combine(p)), _logit(self.combine(lens)),
-                          list(first.layers), None, dict(first.meta))
+    def plan(self, queries, bundle) -> ScoringPlan:
+        """Each member planned on its own; the scorer combines their finished tables per query."""
+        return ScoringPlan(self.name, members=[m.plan(queries, bundle) for m in self.members],
+                           combine=OPERATORS[self.op], record=self.describe())
 
 
 def Either(*members) -> ScoreLevel:

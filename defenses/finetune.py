@@ -13,12 +13,15 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from probing.datasets import toy as data
+from probing.errors import InputError
+from probing.training import encode_example, fit, sampled_batches
 
 from .base import Defense, check_finite
 
@@ -49,53 +52,42 @@ class FineTune(Defense):
     batch_size: int = 16
     seed: int = 0
     lora: bool = False
-    _cache: dict = field(default_factory=dict, repr=False)
+    # Keyed by the model object itself, weakly: an entry dies with its model, so a new model that
+    # happens to reuse a freed object's id can never be handed another model's fine-tune.
+    _cache: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     def model(self, bundle):
-        key = id(bundle.model)
-        if key not in self._cache:
-            self._cache[key] = self._tune(bundle)
-        return self._cache[key]
+        if bundle.model not in self._cache:
+            self._cache[bundle.model] = self._tune(bundle)
+        return self._cache[bundle.model]
 
     def _tune(self, bundle):
         from probing.model import ModelBundle
-        from probing.toy.train import collate, encode_example, lr_at
 
-        torch.manual_seed(self.seed)
-        model = copy.deepcopy(bundle.model)
-        if self.lora:
-            try:
-                from peft import LoraConfig, get_peft_model
-            except ImportError as exc:
-                raise ValueError("mo_finetune(lora=True) needs peft: pip install peft") from exc
-            for p in model.parameters():  # only the adapters train
-                p.requires_grad_(False)
-            model.model.language_model = get_peft_model(
-                model.model.language_model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        # A local generator: a defense never reseeds the global torch RNG (LoRA init draws from it,
+        # so it runs under a forked RNG state).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            model = copy.deepcopy(bundle.model)
+            if self.lora:
+                try:
+                    from peft import LoraConfig, get_peft_model
+                except ImportError as exc:
+                    raise InputError("mo_finetune(lora=True) needs peft: pip install peft") from exc
+                for p in model.parameters():  # only the adapters train
+                    p.requires_grad_(False)
+                model.model.language_model = get_peft_model(
+                    model.model.language_model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+            else:
+                for p in model.model.vision_tower.parameters():
+                    p.requires_grad_(False)
             params = [p for p in model.parameters() if p.requires_grad]
-        else:
-            for p in model.model.vision_tower.parameters():
-                p.requires_grad_(False)
-            params = [p for p in model.parameters() if p.requires_grad]
-        encoded = [encode_example(bundle.processor, e) for e in safety_examples(self.seed)]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0)
-        rng = random.Random(f"mo-order-{self.seed}")
-        model.train()
-        pad = bundle.processor.tokenizer.pad_token_id
-        device = bundle.input_device
-        for step in range(self.steps):
-            rows = rng.sample(range(len(encoded)), min(self.batch_size, len(encoded)))
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in rows], pad).items()}
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, self.steps, self.lr, max(1, self.steps // 10))
-            loss = model(**batch, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if step % 20 == 0 or step == self.steps - 1:
-                logger.info("mo_finetune step %d/%d loss %.4f", step, self.steps, loss.item())
-        model.eval()
+            encoded = [encode_example(bundle.processor, e) for e in safety_examples(self.seed)]
+            fit(model, params, encoded, steps=self.steps, lr=self.lr, warmup=max(1, self.steps // 10),
+                batches=sampled_batches(len(encoded), self.batch_size, random.Random(f"mo-order-{self.seed}")),
+                pad_id=bundle.processor.tokenizer.pad_token_id,
+                optimizer=torch.optim.AdamW(params, lr=self.lr, weight_decay=0.0),
+                device=bundle.input_device, log_every=20, name="mo_finetune")
         for p in model.parameters():
             p.requires_grad_(False)
         return ModelBundle(model, bundle.processor, f"{bundle.name}+mo_finetune", bundle.source_dir)
@@ -118,17 +110,17 @@ class Checkpoint(Defense):
 
 def mo_finetune(steps: int = 120, lr: float = 1e-3, batch_size: int = 16, seed: int = 0, lora: bool = False) -> FineTune:
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"parameter 'steps' must be an integer >= 1, got {steps!r}")
+        raise InputError(f"parameter 'steps' must be an integer >= 1, got {steps!r}")
     lr = check_finite("lr", lr)
     if lr <= 0:
-        raise ValueError(f"parameter 'lr' must be > 0, got {lr}")
+        raise InputError(f"parameter 'lr' must be > 0, got {lr}")
     return FineTune(params={"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "lora": lora},
                     steps=steps, lr=lr, batch_size=batch_size, seed=seed, lora=lora)
 
 
 def mo_checkpoint(path: str | None = None) -> Checkpoint:
     if not path or not Path(path).exists():
-        raise ValueError(f"parameter 'path': checkpoint not found: {path!r}")
+        raise InputError(f"parameter 'path': checkpoint not found: {path!r}")
     return Checkpoint(params={"path": str(path)}, path=str(path))
 
 

@@ -6,6 +6,7 @@ perturbations do not depend on which other queries are in the run.
 
 from __future__ import annotations
 
+import dataclasses
 import string
 import zlib
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from probing.errors import InputError
 from probing.query import Query
 from probing.render import PromptSpec
 
@@ -21,10 +23,6 @@ from .base import Defense, check_rate, check_samples
 
 def _rng(seed: int, qid: str, k: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(qid.encode()), k])
-
-
-def _copy(q: Query, **changes) -> Query:
-    return Query(q.id, changes.get("text", q.text), changes.get("image", q.image), q.label, dict(q.meta))
 
 
 @dataclass
@@ -38,7 +36,7 @@ class NoiseDefense(Defense):
         check_samples(self.k)
         check_rate("rate", self.rate)
         if self.aggregate not in ("mean", "majority"):
-            raise ValueError(f"parameter 'aggregate' must be 'mean' or 'majority', got {self.aggregate!r}")
+            raise InputError(f"parameter 'aggregate' must be 'mean' or 'majority', got {self.aggregate!r}")
         self.params = {"k": self.k, "rate": self.rate, "seed": int(self.seed), "aggregate": self.aggregate}
 
     def perturb(self, q: Query, rng: np.random.Generator) -> Query:
@@ -69,7 +67,7 @@ class ImageGaussian(NoiseDefense):
     def perturb(self, q, rng):
         arr = np.asarray(q.load_image(), dtype=np.float64) / 255.0
         noisy = np.clip(arr + rng.normal(0.0, self.rate, arr.shape), 0, 1)
-        return _copy(q, image=Image.fromarray((noisy * 255).round().astype(np.uint8)))
+        return dataclasses.replace(q, image=Image.fromarray((noisy * 255).round().astype(np.uint8)))
 
 
 @dataclass
@@ -82,7 +80,7 @@ class ImageMask(NoiseDefense):
     def __post_init__(self):
         super().__post_init__()
         if self.patch < 1:
-            raise ValueError(f"parameter 'patch' must be >= 1, got {self.patch}")
+            raise InputError(f"parameter 'patch' must be >= 1, got {self.patch}")
         self.params["patch"] = self.patch
 
     def applies(self, q):
@@ -95,7 +93,7 @@ class ImageMask(NoiseDefense):
             for x in range(0, w, self.patch):
                 if rng.random() < self.rate:
                     arr[y:y + self.patch, x:x + self.patch] = 128
-        return _copy(q, image=Image.fromarray(arr))
+        return dataclasses.replace(q, image=Image.fromarray(arr))
 
 
 _PRINTABLE = string.ascii_letters + string.digits + string.punctuation + " "
@@ -115,7 +113,7 @@ class TextSmooth(NoiseDefense):
         swap = rng.random(len(chars)) < self.rate
         picks = rng.integers(0, len(_PRINTABLE), len(chars))
         text = "".join(_PRINTABLE[p] if s else c for c, s, p in zip(chars, swap, picks))
-        return _copy(q, text=text)
+        return dataclasses.replace(q, text=text)
 
 
 def ni_image_gaussian(k: int = 4, rate: float = 0.1, seed: int = 0, aggregate: str = "mean") -> ImageGaussian:

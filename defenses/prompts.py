@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from probing.errors import InputError
 from probing.render import PromptSpec
 
 from .base import Defense
@@ -55,7 +56,7 @@ def sr_custom(system_prompt: str | None = None, text_before: str = "", text_afte
               name: str = "sr_custom") -> PromptDefense:
     """Your own reminder text."""
     if not (system_prompt or text_before or text_after):
-        raise ValueError("sr_custom: give at least one of 'system_prompt', 'text_before', 'text_after'")
+        raise InputError("sr_custom: give at least one of 'system_prompt', 'text_before', 'text_after'")
     spec = PromptSpec(system_prompt, text_before, text_after)
     return PromptDefense(name, params={"system_prompt": system_prompt, "text_before": text_before,
                                        "text_after": text_after}, spec=spec)

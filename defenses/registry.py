@@ -1,16 +1,30 @@
-"""Defense names -> factories, and ensemble expressions such as "a+b" and "a|b"."""
+"""Defense names -> factories, and ensemble expressions such as "a+b" and "a|b".
+
+    get_defense("sr_self_reminder")
+    get_defense("qr_caption_no_image|sr_self_reminder")
+    get_defense("act_steer", baseline=table)          # activation defenses read a baseline run
+
+Activation-level factories take the baseline ScoreTable (scored with ``keep_hidden=True``) as
+their first argument; `get_defense` passes ``baseline`` to every factory that needs one, inside
+ensemble expressions too, and names the missing baseline otherwise.
+"""
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 from typing import Callable
+
+from probing.errors import InputError
 
 from .activation import act_ablate, act_conditional_steer, act_steer
 from .base import Defense
-from .ensemble import Both, Compose, Either, Mean
+from .composite import Both, Compose, Either, Mean
 from .finetune import mo_checkpoint, mo_finetune
 from .noise import ni_image_gaussian, ni_image_mask, ni_text_smooth
 from .prompts import sr_adashield_s, sr_custom, sr_mmsafety, sr_self_reminder
-from .refactor import qr_caption, qr_caption_no_image, qr_intention, qr_rewrite
+from .rewriting import qr_caption, qr_caption_no_image, qr_intention, qr_rewrite
 
 REGISTRY: dict[str, Callable[..., Defense]] = {
     "sr_self_reminder": sr_self_reminder,
@@ -28,36 +42,98 @@ REGISTRY: dict[str, Callable[..., Defense]] = {
     "mo_checkpoint": mo_checkpoint,
     "act_steer": act_steer,
     "act_conditional_steer": act_conditional_steer,
-    "act_ablate": act_ablate,
+    # ablating the first and last layers mostly breaks the model; the registry's default is the inner ones
+    "act_ablate": functools.partial(act_ablate, layers="inner"),
 }
 _SCORE_OPS = {"|": Either, "&": Both, "~": Mean}
+_BASELINE_ARGS = ("table", "baseline")
 
 
 def register(name: str, factory: Callable[..., Defense]) -> None:
-    """Add your own defense under ``name`` (it then also works inside ensemble expressions)."""
-    if name in REGISTRY:
-        raise ValueError(f"a defense named {name!r} is already registered")
+    """Add your own defense under ``name`` (it then also works inside ensemble expressions).
+
+    Registering the same factory again is a no-op (re-running a notebook cell is fine); another
+    factory under a taken name is refused."""
+    if not name or any(op in name for op in "+|&~,") or name != name.strip():
+        raise InputError(f"defense name {name!r}: use a non-empty name without '+', '|', '&', '~', ',' or spaces")
+    old = REGISTRY.get(name)
+    if old is not None and _same_factory(old, factory):
+        return
+    if old is not None:
+        raise InputError(f"a defense named {name!r} is already registered (with another factory)")
     REGISTRY[name] = factory
 
 
-def get_defense(name: str, **params) -> Defense:
+def _same_factory(a, b) -> bool:
+    # A re-run cell defines a new function object with the same code: treat it as the same factory.
+    if a is b:
+        return True
+    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
+    return (code_a is not None and code_b is not None and a.__qualname__ == b.__qualname__
+            and a.__module__ == b.__module__ and code_a.co_code == code_b.co_code)
+
+
+def needs_baseline(factory: Callable) -> bool:
+    """True for factories whose first parameter is the baseline run (activation defenses)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0].name in _BASELINE_ARGS and params[0].default is inspect.Parameter.empty
+
+
+def unknown_name_message(name: str) -> str:
+    close = difflib.get_close_matches(name, list(REGISTRY), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown defense {name!r}{hint} (available: {', '.join(sorted(REGISTRY))})"
+
+
+def split_expression(name: str) -> list[str]:
+    """The single defense names an expression mentions, in order ("a+b|c" -> [a, b, c])."""
+    parts = [name]
+    for op in (*_SCORE_OPS, "+"):
+        parts = [p for part in parts for p in part.split(op)]
+    return [p.strip() for p in parts]
+
+
+def check_names(expression: str) -> None:
+    """Raise `InputError` with a "did you mean" for any unknown name in ``expression`` (no compute)."""
+    for part in split_expression(expression.strip()):
+        if part not in REGISTRY:
+            raise InputError(unknown_name_message(part))
+
+
+def get_defense(name: str, *, baseline=None, **params) -> Defense:
     """A defense by name, or an ensemble expression: "a+b" (apply both), "a|b" (refuse if either),
     "a&b" (both must refuse), "a~b" (mean p_refuse). ``params`` go to a single defense's factory;
-    ensemble members take their defaults. Score-level operators bind looser than "+"."""
+    ensemble members take their defaults. Score-level operators bind looser than "+".
+    ``baseline``: the baseline ScoreTable (``keep_hidden=True``) for activation defenses."""
+    if not isinstance(name, str):
+        raise InputError(f"a defense name must be a string, got {type(name).__name__}")
     name = name.strip()
     for op, combine in _SCORE_OPS.items():
         if op in name:
             if params:
-                raise ValueError(f"parameters cannot be passed to an ensemble expression ({name!r}); "
+                raise InputError(f"parameters cannot be passed to an ensemble expression ({name!r}); "
                                  "build the members with get_defense and combine them")
-            return combine(*(get_defense(part) for part in name.split(op)))
+            return combine(*(get_defense(part, baseline=baseline) for part in name.split(op)))
     if "+" in name:
         if params:
-            raise ValueError(f"parameters cannot be passed to an ensemble expression ({name!r})")
-        return Compose(members=[get_defense(part) for part in name.split("+")])
+            raise InputError(f"parameters cannot be passed to an ensemble expression ({name!r})")
+        return Compose(members=[get_defense(part, baseline=baseline) for part in name.split("+")])
     if name not in REGISTRY:
-        raise ValueError(f"unknown defense {name!r}; available: {', '.join(sorted(REGISTRY))}")
+        raise InputError(unknown_name_message(name))
+    factory = REGISTRY[name]
+    args = ()
+    first = next(iter(inspect.signature(factory).parameters), None) if needs_baseline(factory) else None
+    if first is not None and first in params:  # the baseline passed by its parameter name (table=...)
+        baseline = params.pop(first) if baseline is None else baseline
+    if needs_baseline(factory):
+        if baseline is None:
+            raise InputError(f"defense {name!r} is built from a baseline run: "
+                             f"get_defense({name!r}, baseline=<ScoreTable scored with keep_hidden=True>)")
+        args = (baseline,)
     try:
-        return REGISTRY[name](**params)
+        return factory(*args, **params)
     except TypeError as exc:
-        raise ValueError(f"defense {name!r}: {exc}") from None
+        raise InputError(f"defense {name!r}: {exc}") from None

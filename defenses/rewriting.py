@@ -1,17 +1,18 @@
-"""Query Refactoring (QR) defenses: the model rewrites the query before it is answered.
+"""Query rewriting (QR) defenses: the model restates the query before it is answered.
 
-Each generation step runs batched and greedy with a token budget (``max_new_tokens``), through
-the same model that is being defended.
+Captioning (the image described in text), intention analysis and paraphrasing. Each generation
+step runs batched and greedy with a token budget (``max_new_tokens``) through
+`probing.generation.generate`, on the same model that is being defended.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from probing.errors import InputError
+from probing.generation import generate
 from probing.query import Query
-from probing.render import PromptSpec, encode, render_prompt
+from probing.render import PromptSpec
 
 from .base import Defense
 
@@ -20,25 +21,9 @@ INTENT_QUESTION = "What is the essential intention of this request? {text}"
 REWRITE_QUESTION = "Rewrite the following request in your own words, keeping its meaning: {text}"
 
 
-@torch.inference_mode()
-def generate(bundle, queries: list[Query], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy answers to ``queries`` (batched, left-padded), special tokens stripped."""
-    tok = bundle.processor.tokenizer
-    out: list[str] = []
-    for start in range(0, len(queries), batch_size):
-        chunk = queries[start:start + batch_size]
-        prompts = [render_prompt(bundle.processor, q) for q in chunk]
-        inputs = encode(bundle, prompts, [q.load_image() for q in chunk])
-        inputs.pop("position_ids")  # generate derives them from the mask
-        ids = bundle.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.pad_token_id)
-        out += [t.strip() for t in tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return out
-
-
 def _check_budget(n: int) -> int:
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"parameter 'max_new_tokens' must be an integer >= 1, got {n!r}")
+        raise InputError(f"parameter 'max_new_tokens' must be an integer >= 1, got {n!r}")
     return n
 
 

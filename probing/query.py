@@ -9,16 +9,14 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .errors import QueryError
+
 LABELS = ("harmful", "benign")
 
 
-class QueryError(ValueError):
-    """A query that cannot be scored; the message names the query."""
-
-
-@dataclass
+@dataclass(frozen=True)
 class Query:
-    """One request to score.
+    """One request to score (immutable: make variants with ``dataclasses.replace``).
 
     Attributes:
         id: unique identifier, used to pair runs of the same query under different defenses.
@@ -35,9 +33,10 @@ class Query:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.id = str(self.id)
+        # frozen: normalise through object.__setattr__, once, at construction
+        object.__setattr__(self, "id", str(self.id))
         if self.text is None:
-            self.text = ""
+            object.__setattr__(self, "text", "")
         if not isinstance(self.text, str):
             raise QueryError(f"query {self.id!r}: text must be a string, got {type(self.text).__name__}")
         if not self.text.strip() and self.image is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from .errors import InputError, MissingDataError, UnknownQueryError
 
 _TENSORS = "scores.safetensors"
 _TABLE = "table.json"
@@ -26,6 +27,9 @@ class ScoreTable:
         layers: the layer index of each lens column ``[L]``.
         hidden: decision-position residuals ``[N, L, d_model]`` (float32, CPU) or None.
         meta: model, readout, token ids, condition / defense name and parameters.
+        row_meta: one dict per row ``[N]``: the query's text and scalar metadata (dataset, kind,
+            scenario, split ...) and, under multi-sample defenses, its number of variants, so
+            analyses group rows without parsing ids.
     """
 
     ids: list[str]
@@ -35,17 +39,22 @@ class ScoreTable:
     layers: list[int]
     hidden: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    row_meta: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.ids)
+        if not self.row_meta:
+            self.row_meta = [{} for _ in range(n)]
+        if len(self.row_meta) != n:
+            raise InputError(f"ScoreTable: {len(self.row_meta)} row_meta entries for {n} rows")
         if len(self.labels) != n or self.margin.shape != (n,):
-            raise ValueError(f"ScoreTable: ids ({n}), labels ({len(self.labels)}) and margin "
+            raise InputError(f"ScoreTable: ids ({n}), labels ({len(self.labels)}) and margin "
                              f"{tuple(self.margin.shape)} disagree")
         if self.lens_margin.shape != (n, len(self.layers)):
-            raise ValueError(f"ScoreTable: lens_margin {tuple(self.lens_margin.shape)} is not "
+            raise InputError(f"ScoreTable: lens_margin {tuple(self.lens_margin.shape)} is not "
                              f"[{n}, {len(self.layers)}]")
         if self.hidden is not None and tuple(self.hidden.shape[:2]) != (n, len(self.layers)):
-            raise ValueError(f"ScoreTable: hidden {tuple(self.hidden.shape)} is not [{n}, {len(self.layers)}, d]")
+            raise InputError(f"ScoreTable: hidden {tuple(self.hidden.shape)} is not [{n}, {len(self.layers)}, d]")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,7 +68,7 @@ class ScoreTable:
         pos = {qid: i for i, qid in enumerate(self.ids)}
         missing = [q for q in ids if q not in pos]
         if missing:
-            raise KeyError(f"query ids not in this table: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+            raise UnknownQueryError(f"query ids not in this table: {missing[:5]}{'...' if len(missing) > 5 else ''}")
         return [pos[q] for q in ids]
 
     def select(self, ids: list[str]) -> "ScoreTable":
@@ -70,21 +79,22 @@ class ScoreTable:
             [self.ids[i] for i in rows], [self.labels[i] for i in rows],
             self.margin[idx], self.lens_margin[idx], list(self.layers),
             None if self.hidden is None else self.hidden[idx], dict(self.meta),
+            [dict(self.row_meta[i]) for i in rows],
         )
 
     @staticmethod
     def concat(tables: list["ScoreTable"]) -> "ScoreTable":
         """Rows of several tables of the same condition, in order."""
         if not tables:
-            raise ValueError("ScoreTable.concat needs at least one table")
+            raise InputError("ScoreTable.concat needs at least one table")
         first = tables[0]
         if any(t.layers != first.layers for t in tables):
-            raise ValueError("ScoreTable.concat: tables capture different layers")
+            raise InputError("ScoreTable.concat: tables capture different layers")
         hidden = None if any(t.hidden is None for t in tables) else torch.cat([t.hidden for t in tables])
         return ScoreTable(
             [i for t in tables for i in t.ids], [lab for t in tables for lab in t.labels],
             torch.cat([t.margin for t in tables]), torch.cat([t.lens_margin for t in tables]),
-            list(first.layers), hidden, dict(first.meta),
+            list(first.layers), hidden, dict(first.meta), [dict(r) for t in tables for r in t.row_meta],
         )
 
     def to_records(self) -> list[dict]:
@@ -103,7 +113,8 @@ class ScoreTable:
                    "lens_margin": self.lens_margin.float().contiguous()}
         if self.hidden is not None:
             tensors["hidden"] = self.hidden.float().contiguous()
-        table = {"ids": self.ids, "labels": self.labels, "layers": self.layers, "meta": self.meta}
+        table = {"ids": self.ids, "labels": self.labels, "layers": self.layers, "meta": self.meta,
+                 "row_meta": self.row_meta}
         tmp_t, tmp_j = path / (_TENSORS + ".tmp"), path / (_TABLE + ".tmp")
         save_file(tensors, str(tmp_t))
         tmp_j.write_text(json.dumps(table, indent=1, default=str))
@@ -116,8 +127,8 @@ class ScoreTable:
         path = Path(path)
         for name in (_TENSORS, _TABLE):
             if not (path / name).is_file():
-                raise FileNotFoundError(f"not a ScoreTable directory (no {name}): {path}")
+                raise MissingDataError(f"not a ScoreTable directory (no {name}): {path}")
         tensors = load_file(str(path / _TENSORS))
         table = json.loads((path / _TABLE).read_text())
         return cls(table["ids"], table["labels"], tensors["margin"], tensors["lens_margin"],
-                   table["layers"], tensors.get("hidden"), table.get("meta", {}))
+                   table["layers"], tensors.get("hidden"), table.get("meta", {}), table.get("row_meta") or [])

@@ -25,12 +25,20 @@ from hooks.points import hook_name
 from hooks.positions import DECISION, gather
 
 from .model import ModelBundle
+from .plan import as_plan, run_plan
 from .query import Query, QueryError, check_unique_ids
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
 from .render import PromptSpec, check_context, encode, plan_batches, prompt_lengths, render_prompt
 from .score_table import ScoreTable
+from .errors import InputError, ScoringError
 
 logger = logging.getLogger(__name__)
+
+
+def row_meta(query: Query) -> dict:
+    """What a ScoreTable row keeps of its query: text, whether it has an image, scalar metadata."""
+    scalars = {k: v for k, v in query.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return {"text": query.text, "has_image": query.has_image, **scalars}
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
@@ -43,7 +51,7 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
     for layer in layers:
         i = int(layer)
         if not -n_layers <= i < n_layers:
-            raise ValueError(f"layers: {layer} out of range for a model with {n_layers} layers")
+            raise InputError(f"layers: {layer} out of range for a model with {n_layers} layers")
         out.append(i % n_layers)
     return out
 
@@ -73,7 +81,7 @@ class RefusalScorer:
         progress: bool | None = None,
     ):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle = bundle
         self.readout = get_readout(readout) if isinstance(readout, str) else readout
         self.resolved: ResolvedReadout = resolve_readout(self.readout, bundle.tokenizer)
@@ -97,7 +105,7 @@ class RefusalScorer:
         """Prompt strings; ``extra`` is one spec for all queries or one per query."""
         extras = [extra] * len(queries) if isinstance(extra, PromptSpec) else list(extra)
         if len(extras) != len(queries):
-            raise ValueError(f"render: {len(extras)} prompt specs for {len(queries)} queries")
+            raise InputError(f"render: {len(extras)} prompt specs for {len(queries)} queries")
         return [render_prompt(self.bundle.processor, q, self.prompt_spec(e)) for q, e in zip(queries, extras)]
 
     # -- the hot path --------------------------------------------------------------------------
@@ -142,16 +150,17 @@ class RefusalScorer:
         """Score queries; the table's rows follow the input order.
 
         ``prompt`` is one spec for every query or one per query. ``defense`` (a
-        `defenses.Defense` or a name such as "sr_self_reminder+mo_checkpoint") is applied:
-        its query transforms, model and activation edits; its name and parameters are recorded.
+        `defenses.Defense`, a `ScoringPlan`, or a name such as "sr_self_reminder+mo_checkpoint"
+        once `defenses` is imported) is applied through its plan: query variants, model and
+        activation edits; its name and parameters are recorded.
         """
         if defense is not None:
-            from defenses.apply import score_defended
-
-            return score_defended(self, list(queries), defense, prompt=prompt, meta=meta, desc=desc)
+            queries = list(queries)
+            return run_plan(self, queries, as_plan(defense, queries, self.bundle), prompt=prompt, meta=meta,
+                            desc=desc)
         queries = list(queries)
         if not queries:
-            raise ValueError("score: no queries given")
+            raise InputError("score: no queries given")
         check_unique_ids(queries)
         for q in queries:  # fail before any compute on a missing file
             if q.has_image and not hasattr(q.image, "convert"):
@@ -175,7 +184,7 @@ class RefusalScorer:
             got = inputs["attention_mask"].sum(-1).tolist()
             want = [lengths[i] for i in rows]
             if got != want:
-                raise RuntimeError(f"token count mismatch for queries {[queries[i].id for i in rows]}: "
+                raise ScoringError(f"token count mismatch for queries {[queries[i].id for i in rows]}: "
                                    f"processor gave {got}, expected {want}")
             m, lm, h = self.forward(inputs)
             idx = torch.tensor(rows)
@@ -188,7 +197,8 @@ class RefusalScorer:
                     elapsed, n / max(elapsed, 1e-9))
         shown = prompt if isinstance(prompt, PromptSpec) else PromptSpec()
         return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
-                          list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})})
+                          list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})},
+                          [row_meta(q) for q in queries])
 
     def with_bundle(self, bundle: ModelBundle) -> "RefusalScorer":
         """The same scorer settings over another model (e.g. a fine-tuned defense model)."""

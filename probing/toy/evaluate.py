@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..datasets import toy as data
-from ..render import PromptSpec, encode, render_prompt
+from ..analysis.metrics import refusal_rate
+from ..generation import generate
+from ..render import PromptSpec
 from ..scorer import RefusalScorer
 
 TARGETS = {
@@ -32,20 +33,13 @@ SAFETY_PROMPT = data.SAFETY_SYSTEM[0]
 
 
 def _rate(table, mask) -> float:
-    return float((table.p_refuse.numpy()[mask] > 0.5).mean())
+    return float(refusal_rate(table.p_refuse.numpy()[mask]))
 
 
-@torch.inference_mode()
 def caption_accuracy(bundle, seed: int = 0, max_new_tokens: int = 12) -> float:
     examples = data.captions("test", seed)
-    proc = bundle.processor
-    prompts = [render_prompt(proc, e.query) for e in examples]
-    inputs = encode(bundle, prompts, [e.query.load_image() for e in examples])
-    gen = {k: v for k, v in inputs.items() if k != "position_ids"}
-    out = bundle.model.generate(**gen, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=proc.tokenizer.pad_token_id)
-    texts = proc.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    return float(np.mean([t.strip() == e.target for t, e in zip(texts, examples)]))
+    texts = generate(bundle, [e.query for e in examples], max_new_tokens, batch_size=len(examples))
+    return float(np.mean([t == e.target for t, e in zip(texts, examples)]))
 
 
 def behaviour(bundle, seed: int = 0) -> dict[str, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -22,49 +21,11 @@ from pathlib import Path
 import torch
 
 from ..datasets import toy as data
-from ..render import PromptSpec, render_prompt
+from ..training import encode_example, epoch_batches, fit, lr_at
 from .build import build_untrained
 
 logger = logging.getLogger(__name__)
 from . import WEIGHTS_DIR  # noqa: E402
-
-
-def encode_example(processor, example: data.Example) -> dict:
-    """input_ids / labels (answer tokens only) / pixel_values for one example."""
-    prompt = render_prompt(processor, example.query, PromptSpec(system_prompt=example.system))
-    image = example.query.load_image()
-    images = [image] if image is not None else None
-    full = processor(text=[f"{prompt} {example.target}{processor.tokenizer.eos_token}"], images=images,
-                     return_tensors="pt")
-    n_prompt = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
-    ids = full["input_ids"][0]
-    labels = ids.clone()
-    labels[:n_prompt] = -100
-    return {"input_ids": ids, "labels": labels,
-            "pixel_values": full["pixel_values"][0] if image is not None else None}
-
-
-def collate(items: list[dict], pad_id: int) -> dict:
-    """Right-padded batch; images stacked in row order."""
-    n = max(len(x["input_ids"]) for x in items)
-    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), n), dtype=torch.long)
-    for r, x in enumerate(items):
-        k = len(x["input_ids"])
-        ids[r, :k], labels[r, :k], mask[r, :k] = x["input_ids"], x["labels"], 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    pixels = [x["pixel_values"] for x in items if x["pixel_values"] is not None]
-    if pixels:
-        batch["pixel_values"] = torch.stack(pixels)
-    return batch
-
-
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_size: int = 64,
@@ -113,29 +74,10 @@ def train(seed: int = 0, steps: int = 600, batch_size: int = 32, lr: float = 2e-
     encoded = [encode_example(processor, e) for e in examples]
     logger.info("training on %d examples for %d steps", len(encoded), steps)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    rng = random.Random(f"order-{seed}")
-    order: list[int] = []
-    model.train()
-    start = time.perf_counter()
-    pad = processor.tokenizer.pad_token_id
-    for step in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(encoded)))
-            rng.shuffle(more)
-            order += more
-        rows, order = order[:batch_size], order[batch_size:]
-        batch = collate([encoded[i] for i in rows], pad)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = model(**batch, use_cache=False).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        history.append(loss.item())
-        if progress and (step % log_every == 0 or step == steps - 1):
-            logger.info("step %d/%d loss %.4f (%.0fs)", step, steps, float(loss), time.perf_counter() - start)
-    model.eval()
+    history += fit(model, list(model.parameters()), encoded, steps=steps, lr=lr, warmup=warmup,
+                   batches=epoch_batches(len(encoded), batch_size, random.Random(f"order-{seed}")),
+                   pad_id=processor.tokenizer.pad_token_id, optimizer=opt,
+                   log_every=log_every if progress else 10**9, name="toy")
     return model, processor, history
 
 
