@@ -2,6 +2,7 @@
 
 | name | what it answers |
 |---|---|
+| demo | the toy's test split under the baseline and every model-only defense |
 | mechanisms | how each defense works (shift vs discrimination) |
 | ensembles | which pairs to combine, predicted and measured |
 | layerwise | where in depth each defense acts |
@@ -9,4 +10,4 @@
 | generation_check | whether the one-forward readout predicts generated refusals |
 """
 
-EXPERIMENTS = ("mechanisms", "ensembles", "layerwise", "modality", "generation_check")
+EXPERIMENTS = ("demo", "mechanisms", "ensembles", "layerwise", "modality", "generation_check")

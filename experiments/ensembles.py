@@ -14,17 +14,15 @@ import itertools
 from tqdm.auto import tqdm
 
 from probing.analysis import compare
-from probing.ensembles import rank_ensembles
-from probing.plots import plot_tradeoff
-from probing.runs import markdown_table
+from probing.analysis import rank_ensembles
+from .plots import plot_tradeoff
+from .report import markdown_table
 
-from .common import Session, add_common
+from . import options
+from .common import Session
 
 
-def add_arguments(p):
-    add_common(p, "ensembles", defenses="sr_self_reminder,qr_caption,mo_finetune")
-    p.add_argument("--ops", default="+,|", help="ensemble operators to try")
-    p.add_argument("--weight", type=float, default=0.5, help="weight of safety against helpfulness")
+add_arguments = options.ensembles  # the options live in experiments/options.py
 
 
 def run(args) -> dict:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from probing.layerwise import SCORES, layer_profile
-from probing.plots import plot_layer_profiles
+from probing.analysis import SCORES, layer_profile
+from .plots import plot_layer_profiles
 
-from .common import Session, add_common
+from . import options
+from .common import Session
 
 
-def add_arguments(p):
-    add_common(p, "layerwise", defenses="sr_self_reminder,qr_caption,mo_finetune")
-    p.add_argument("--scores", default="lens,diffmean,probe", help=f"any of {','.join(SCORES)}")
-    p.add_argument("--folds", type=int, default=5)
+add_arguments = options.layerwise  # the options live in experiments/options.py
 
 
 def run(args) -> dict:

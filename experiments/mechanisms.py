@@ -11,17 +11,17 @@ from __future__ import annotations
 from tqdm.auto import tqdm
 
 from probing.analysis import compare
-from probing.plots import plot_distributions
-from probing.runs import markdown_table
+from .plots import plot_distributions
+from .report import markdown_table
 
-from .common import Session, add_common
+from . import options
+from .common import Session
 
 COLUMNS = ["defense", "label", "refusal_harmful_def", "refusal_benign_def", "mean_shift", "distance_change",
            "auroc_base", "auroc_def", "dprime_base", "dprime_def"]
 
 
-def add_arguments(p):
-    add_common(p, "mechanisms")
+add_arguments = options.mechanisms  # the options live in experiments/options.py
 
 
 def run(args) -> dict:

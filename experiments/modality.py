@@ -13,17 +13,17 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from probing.metrics import auroc
+from probing.analysis import auroc
 from probing.query import Query
-from probing.runs import markdown_table
+from .report import markdown_table
 
-from .common import Session, add_common
+from . import options
+from .common import Session
 
 DELIVERIES = ("text", "typo", "picture", "blank")
 
 
-def add_arguments(p):
-    add_common(p, "modality", defenses=None)
+add_arguments = options.modality  # the options live in experiments/options.py
 
 
 def _deliveries(queries) -> dict[str, list[Query]]:

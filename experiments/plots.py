@@ -11,9 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .ensembles import Candidate  # noqa: E402
-from .layerwise import LayerProfile  # noqa: E402
-from .score_table import ScoreTable  # noqa: E402
+from probing.analysis import Candidate, LayerProfile  # noqa: E402
+from probing.errors import InputError  # noqa: E402
+from probing.score_table import ScoreTable  # noqa: E402
 
 HARMFUL, BENIGN = "#c0392b", "#2e86c1"
 
@@ -32,7 +32,7 @@ def plot_distributions(tables: dict[str, ScoreTable], path: str | os.PathLike, *
     A safety shift moves both histograms right together; discrimination pulls them apart.
     """
     if score not in ("p_refuse", "margin"):
-        raise ValueError(f"score must be 'p_refuse' or 'margin', got {score!r}")
+        raise InputError(f"score must be 'p_refuse' or 'margin', got {score!r}")
     n = len(tables)
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), sharey=True, squeeze=False)
     values = {k: getattr(t, score).numpy() for k, t in tables.items()}

@@ -12,7 +12,6 @@ directory is refused (use another --out, or --overwrite).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import platform
@@ -21,8 +20,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .query import Query
-from .score_table import ScoreTable
+from probing.query import Query
+from probing.score_table import ScoreTable
+
+from probing.errors import RunDirError
+
+from .report import write_table
 
 logger = logging.getLogger(__name__)
 _PACKAGES = ("mechprobe", "torch", "transformers", "transformer-lens", "numpy", "scipy", "scikit-learn", "pillow")
@@ -41,17 +44,20 @@ def package_versions() -> dict[str, str]:
 class RunDir:
     """A run directory bound to one config (a JSON-able dict)."""
 
-    def __init__(self, path, config: dict, *, overwrite: bool = False):
+    def __init__(self, path, config: dict, *, overwrite: bool = False, ignore=()):
+        """``ignore``: config keys that do not identify the run (analysis options); they may change
+        between a run and its resumption."""
         self.path = Path(path)
         self.config = json.loads(json.dumps(config, default=str))
         cfg_file = self.path / "config.json"
         if overwrite and self.path.exists():
             shutil.rmtree(self.path)
         if cfg_file.is_file():
-            old = json.loads(cfg_file.read_text()).get("config")
-            if old != self.config:
-                raise ValueError(f"{self.path} holds a run with another config; use another --out or --overwrite "
-                                 f"(differs in: {sorted(k for k in set(old or {}) | set(self.config) if (old or {}).get(k) != self.config.get(k))})")
+            old = json.loads(cfg_file.read_text()).get("config") or {}
+            keys = sorted(k for k in set(old) | set(self.config) if k not in ignore and old.get(k) != self.config.get(k))
+            if keys:
+                raise RunDirError(f"{self.path} holds a run with another config; use another --out or --overwrite "
+                                  f"(differs in: {keys})")
             logger.info("resuming run in %s", self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         cfg_file.write_text(json.dumps({"config": self.config, "versions": package_versions()}, indent=1))
@@ -79,7 +85,7 @@ class RunDir:
         try:
             table = ScoreTable.load(shard)
             if table.ids != ids:
-                raise ValueError("it holds other queries")
+                raise InputError("it holds other queries")
             return table
         except Exception as exc:  # any unreadable shard is recomputed, whatever broke it
             logger.warning("recomputing shard %s: %s", shard, exc)
@@ -87,21 +93,5 @@ class RunDir:
             return None
 
     def write_table(self, name: str, rows: list[dict]) -> Path:
-        out = self.path / "tables"
-        out.mkdir(exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with (out / f"{name}.csv").open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows([{k: r.get(k, "") for k in keys} for r in rows])
-        (out / f"{name}.json").write_text(json.dumps(rows, indent=1, default=float))
-        return out / f"{name}.csv"
-
-
-def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+        """``tables/<name>.csv`` and ``.json`` (see experiments/report.py)."""
+        return write_table(self.path / "tables" / name, rows)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from probing import ScoreTable
-from probing.cli import main
+from experiments.cli import main
 from probing.datasets import load_jsonl, save_jsonl
 from probing.query import QueryError
 

@@ -1,5 +1,6 @@
 """Defenses change exactly what they should, deterministically, and leave no hooks behind."""
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from defenses import (Compose, Defense, Either, get_defense, ni_image_gaussian, ni_image_mask, ni_text_smooth,
                       sr_self_reminder)
 from defenses.activation import act_ablate, act_steer, refusal_directions
-from defenses.apply import aggregate
+from probing.plan import fold_variants
 from hooks import capture, hook_name
 from probing import PromptSpec, Query, RefusalScorer
 
@@ -73,9 +74,7 @@ def test_multi_sample_aggregation_is_mean_p(tiny, mixed_queries):
     table = scorer.score(mixed_queries[:4], defense=d)
     variants = d.transform(mixed_queries[:4], tiny)
     for i, (q, vs) in enumerate(zip(mixed_queries[:4], variants)):
-        for k, (vq, _) in enumerate(vs):
-            vq.id = f"{q.id}#{k}"
-        direct = scorer.score([v for v, _ in vs])
+        direct = scorer.score([dataclasses.replace(v, id=f"{q.id}#{k}") for k, (v, _) in enumerate(vs)])
         want = torch.logit(torch.sigmoid(direct.margin.double()).mean()).float()
         torch.testing.assert_close(table.margin[i], want, atol=1e-5, rtol=0)
     assert table.meta["samples"] == 3
@@ -87,10 +86,9 @@ def test_majority_is_configurable(tiny, mixed_queries):
     table = scorer.score(mixed_queries[:3], defense=d)
     variants = d.transform(mixed_queries[:3], tiny)
     for i, (q, vs) in enumerate(zip(mixed_queries[:3], variants)):
-        for k, (vq, _) in enumerate(vs):
-            vq.id = f"{q.id}#{k}"
-        share = float((scorer.score([v for v, _ in vs]).margin > 0).float().mean())
-        assert float(table.p_refuse[i]) == pytest.approx(min(max(share, 1e-6), 1 - 1e-6), abs=1e-5)
+        direct = scorer.score([dataclasses.replace(v, id=f"{q.id}#{k}") for k, (v, _) in enumerate(vs)])
+        # majority vote on the margin scale: the median variant margin (its sign is the vote)
+        assert float(table.margin[i]) == pytest.approx(float(direct.margin.median()), abs=1e-5)
     assert table.meta["params"]["aggregate"] == "majority"
 
 
@@ -98,8 +96,11 @@ def test_majority_aggregation():
     from probing import ScoreTable
 
     t = ScoreTable(["a#0", "a#1", "a#2"], [None] * 3, torch.tensor([1.0, -2.0, 3.0]), torch.zeros(3, 1), [0])
-    m, _, _ = aggregate(t, [[0, 1, 2]], "majority")
-    assert float(torch.sigmoid(m[0])) == pytest.approx(2 / 3, abs=1e-5)
+    m, _, _ = fold_variants(t, [[0, 1, 2]], "majority")
+    assert float(m[0]) == 1.0  # the median margin: 2 of 3 variants refuse, on the single-forward scale
+    same = ScoreTable(["a#0", "a#1"], [None] * 2, torch.tensor([13.9, 13.9]), torch.zeros(2, 1), [0])
+    for rule in ("mean", "majority"):  # identical variants keep their margin, unclamped
+        assert float(fold_variants(same, [[0, 1]], rule)[0][0]) == pytest.approx(13.9, abs=1e-5)
 
 
 def test_act_steer_equals_manual_edit_and_alpha_zero_is_identity(tiny, mixed_queries, direction_table):
@@ -193,7 +194,8 @@ def test_compose_applies_all(tiny, mixed_queries, direction_table):
 
 
 def test_generation_based_defense_is_batched(tiny, mixed_queries):
-    from defenses.refactor import generate, qr_caption, qr_caption_no_image
+    from probing.generation import generate
+    from defenses.rewriting import qr_caption, qr_caption_no_image
 
     img_qs = [q for q in mixed_queries if q.has_image][:3]
     batched = generate(tiny, img_qs, max_new_tokens=4, batch_size=3)
@@ -253,7 +255,8 @@ def test_conditional_steer_steers_only_flagged_queries(tiny, mixed_queries, dire
 
 
 def test_intention_and_rewrite_use_the_models_answer(tiny, mixed_queries):
-    from defenses.refactor import generate, qr_intention, qr_rewrite
+    from probing.generation import generate
+    from defenses.rewriting import qr_intention, qr_rewrite
 
     qs = mixed_queries[:3]
     v = qr_intention(max_new_tokens=3).transform(qs, tiny)

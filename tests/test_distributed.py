@@ -33,7 +33,7 @@ def test_two_process_run_equals_single_process(tmp_path, llava_assets):
     qfile = _queries_file(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MECHPROBE_LLAVA_DIR": str(find_llava_assets()),
            "OMP_NUM_THREADS": "1"}
-    common = ["-m", "probing.cli", "score", "--queries", str(qfile), "--batch-size", "2"]
+    common = ["-m", "experiments.cli", "score", "--queries", str(qfile), "--batch-size", "2"]
     multi = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          *common, "--out", str(tmp_path / "multi")],

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from probing.ensembles import evaluate_prediction, pareto_mask, predict, rank_ensembles, safety_helpfulness
-from probing.plots import plot_distributions, plot_layer_profiles, plot_tradeoff
+from experiments.plots import plot_distributions, plot_layer_profiles, plot_tradeoff
 from probing.layerwise import layer_profile
 
 from .synthetic import make_baseline, with_margins
