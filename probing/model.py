@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype
         return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
     except KeyError:
-        raise ValueError(f"dtype={dtype!r} is not one of float32, float16, bfloat16") from None
+        raise InputError(f"dtype={dtype!r} is not one of float32, float16, bfloat16") from None
 
 
 def tiny_random_config(assets: Path | None = None, *, n_layers: int | None = None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from .errors import InputError
 
 DEFAULT_REFUSAL_WORDS = ("I", "Sorry", "As", "Unfortunately")
 DEFAULT_COMPLY_WORDS = ("Sure", "Here", "The", "Yes", "To")
@@ -43,7 +44,7 @@ def first_token_readout(
 def yes_no_readout(question: str = DEFAULT_YES_NO_QUESTION, refusal_answer: str = "No") -> Readout:
     """The reframing as an explicit question; ``refusal_answer`` says which answer is a refusal."""
     if refusal_answer not in ("Yes", "No"):
-        raise ValueError(f"refusal_answer must be 'Yes' or 'No', got {refusal_answer!r}")
+        raise InputError(f"refusal_answer must be 'Yes' or 'No', got {refusal_answer!r}")
     comply = "Yes" if refusal_answer == "No" else "No"
     return Readout("yes_no", (refusal_answer,), (comply,), question=question)
 
@@ -53,7 +54,7 @@ def get_readout(name: str) -> Readout:
         return first_token_readout()
     if name in ("yes_no", "yes-no"):
         return yes_no_readout()
-    raise ValueError(f"unknown readout {name!r}; choose 'first_token' or 'yes_no'")
+    raise InputError(f"unknown readout {name!r}; choose 'first_token' or 'yes_no'")
 
 
 @dataclass(frozen=True)
@@ -88,18 +89,18 @@ def first_answer_token(tokenizer, word: str) -> int | None:
 def resolve_readout(readout: Readout, tokenizer) -> ResolvedReadout:
     """Token ids of the readout's words; ValueError naming words that resolve badly."""
     if not readout.refusal_words or not readout.comply_words:
-        raise ValueError(f"readout {readout.name!r} needs at least one refusal and one comply word")
+        raise InputError(f"readout {readout.name!r} needs at least one refusal and one comply word")
     words = [*readout.refusal_words, *readout.comply_words]
     resolved = [first_answer_token(tokenizer, w) if w.strip() else None for w in words]
     empty = [w for w, t in zip(words, resolved) if t is None]
     if empty:
-        raise ValueError(f"readout {readout.name!r}: words resolve to no token: {empty}")
+        raise InputError(f"readout {readout.name!r}: words resolve to no token: {empty}")
     by_id: dict[int, list[str]] = {}
     for word, tid in zip(words, resolved):
         by_id.setdefault(tid, []).append(word)
     collisions = {tokenizer.convert_ids_to_tokens(t): ws for t, ws in by_id.items() if len(ws) > 1}
     if collisions:
-        raise ValueError(f"readout {readout.name!r}: words collide on the same first token: {collisions}")
+        raise InputError(f"readout {readout.name!r}: words collide on the same first token: {collisions}")
     n = len(readout.refusal_words)
     return ResolvedReadout(
         readout,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .query import Query, QueryError
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def check_context(bundle, queries: list[Query], lengths: list[int]) -> None:
 def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Row indices grouped into batches of similar length (longest first) to limit padding."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 

@@ -28,6 +28,7 @@ from .query import Query, check_unique_ids
 from .render import PromptSpec, check_context, encode, padded_position_ids, prompt_lengths
 from .score_table import ScoreTable
 from .scorer import RefusalScorer
+from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def score_conditions(
     """Score every query under every prompt condition; one ScoreTable per condition."""
     queries = list(queries)
     if not queries or not conditions:
-        raise ValueError("score_conditions needs queries and at least one condition")
+        raise InputError("score_conditions needs queries and at least one condition")
     check_unique_ids(queries)
     names, specs = list(conditions), list(conditions.values())
     plan = plan_prefixes(scorer, queries, specs) if len(specs) > 1 else None
