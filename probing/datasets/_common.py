@@ -162,8 +162,13 @@ def missing_list(items: list[str]) -> str:
     return shown + (f"; ... and {rest} more" if rest > 0 else "")
 
 
-def log_skipped(log: logging.Logger, dataset: str, loaded: int, skipped: dict[str, str]) -> None:
-    """One warning summarising the records a loader skipped (nothing when none were)."""
+def record_load(report: LoadReport, log: logging.Logger, dataset: str, loaded: int,
+                skipped: dict[str, str]) -> None:
+    """Add a loader's counts and skipped ids (id -> reason) to `report`, with one warning
+    summarising the skipped records (none when nothing was skipped)."""
+    for qid, reason in skipped.items():
+        report.skip(qid, reason)
+    report.loaded += loaded
     if skipped:
         first = next(iter(skipped.items()))
         log.warning("%s: loaded %d queries, skipped %d whose files are missing (first: %s, %s); "

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import DataError, MissingDataError, QueryError
 from ..query import LABELS, Query
-from ._common import LoadReport, decode_utf8, json_type, loads, log_skipped, missing_list
+from ._common import LoadReport, decode_utf8, json_type, loads, missing_list, record_load
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def load_jsonl(path: str | os.PathLike, *, skip_missing: bool = False, report: L
         raise JsonlError(str(exc)) from None
     report = report if report is not None else LoadReport()
     queries, first_line, missing = [], {}, {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -137,10 +137,7 @@ def load_jsonl(path: str | os.PathLike, *, skip_missing: bool = False, report: L
         raise MissingDataError(f"{path}: {len(missing)} image files are missing (pass skip_missing=True to skip "
                                f"those lines): " + missing_list([f"line {n} ({p})" for n, p in missing.values()]))
     reasons = {qid: f"{path}:{n}: image not found: {image}" for qid, (n, image) in missing.items()}
-    for qid, reason in reasons.items():
-        report.skip(qid, reason)
-    report.loaded += len(queries)
-    log_skipped(logger, str(path), len(queries), reasons)
+    record_load(report, logger, str(path), len(queries), reasons)
     if not queries:
         raise JsonlError(f"{path}: no queries" + (f" ({len(missing)} skipped: missing images)" if missing else ""))
     return queries

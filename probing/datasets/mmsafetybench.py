@@ -25,8 +25,8 @@ from pathlib import Path
 
 from ..errors import DataError, InputError, MissingDataError, QueryError
 from ..query import Query
-from ._common import (LoadReport, UniqueIds, check_record, json_type, log_skipped, missing_list, parse_json,
-                      read_json_object, read_text)
+from ._common import (LoadReport, UniqueIds, check_record, json_type, missing_list, parse_json, read_json_object,
+                      read_text, record_load)
 
 logger = logging.getLogger(__name__)
 
@@ -269,10 +269,7 @@ def load_mmsafetybench(root: str | os.PathLike, *, images: str | os.PathLike | N
                                f"(pass skip_missing=True to skip those queries): "
                                + missing_list([str(p) for p in missing.values()]))
     reasons = {qid: f"image not found: {path}" for qid, path in missing.items()}
-    for qid, reason in reasons.items():
-        report.skip(qid, reason)
-    report.loaded += len(queries)
-    log_skipped(logger, "MM-SafetyBench", len(queries), reasons)
+    record_load(report, logger, "MM-SafetyBench", len(queries), reasons)
     if not queries:
         raise DataError(f"MM-SafetyBench: no queries: {root} with scenarios={scenarios!r}, kinds={kinds}, "
                         f"subset={subset!r}, own_criteria={own_criteria}; {len(missing)} skipped (missing images)")

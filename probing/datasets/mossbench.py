@@ -19,8 +19,8 @@ from pathlib import Path
 
 from ..errors import DataError, InputError, MissingDataError, QueryError
 from ..query import Query
-from ._common import (LoadReport, UniqueIds, check_record, json_type, log_skipped, missing_list,
-                      read_json_object, require_string)
+from ._common import (LoadReport, UniqueIds, check_record, json_type, missing_list, read_json_object,
+                      record_load, require_string)
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +104,7 @@ def load_mossbench(root: str | os.PathLike, splits=("oversensitivity", "contrast
         raise MissingDataError(f"MOSSBench: {len(missing)} image files are missing (pass skip_missing=True to skip "
                                f"those records): " + missing_list([f"{q} ({p})" for q, p in missing.items()]))
     reasons = {qid: f"image not found: {path}" for qid, path in missing.items()}
-    for qid, reason in reasons.items():
-        report.skip(qid, reason)
-    report.loaded += len(queries)
-    log_skipped(logger, "MOSSBench", len(queries), reasons)
+    record_load(report, logger, "MOSSBench", len(queries), reasons)
     if not queries:
         raise DataError(f"MOSSBench: no queries: {root}, splits {splits}, {len(missing)} records skipped "
                         f"(missing images)")
