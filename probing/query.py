@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -13,8 +12,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError, QueryError
-
-logger = logging.getLogger(__name__)
 
 LABELS = ("harmful", "benign")
 
