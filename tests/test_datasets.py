@@ -346,7 +346,8 @@ def test_real_mmsafetybench_copy(tmp_path):
 # --- JSONL -------------------------------------------------------------------------------------
 
 def write_lines(path: Path, *lines) -> Path:
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n",
+                    encoding="utf-8")
     return path
 
 
@@ -355,9 +356,11 @@ def test_jsonl_fields_and_relative_images(tmp_path):
     noise_image(0, size=(8, 8)).save(tmp_path / "img" / "a.png")
     f = write_lines(tmp_path / "q.jsonl", {"id": 7, "text": "hi", "image": "img/a.png", "label": "harmful"}, "",
                     {"id": "b", "text": None, "image": "img/./a.png", "meta": None},
-                    {"id": "c", "text": "x", "image": None, "label": None, "meta": {"k": [1]}})
+                    {"id": "c", "text": "x", "image": None, "label": None, "meta": {"k": [1]}},
+                    json.dumps({"id": "d", "text": "line\u2028separator"}, ensure_ascii=False))
     qs = load_jsonl(f)
-    assert [q.id for q in qs] == ["7", "b", "c"] and qs[0].image == tmp_path / "img" / "a.png"
+    assert [q.id for q in qs] == ["7", "b", "c", "d"] and qs[0].image == tmp_path / "img" / "a.png"
+    assert qs[3].text == "line\u2028separator"  # a Unicode line separator inside a string is not a new line
     assert qs[1].text == "" and qs[1].meta == {} and qs[2].meta == {"k": [1]} and qs[2].image is None
     save_jsonl(qs, tmp_path / "back.jsonl")
     assert json.loads((tmp_path / "back.jsonl").read_text().splitlines()[0])["image"] == "img/a.png"
@@ -422,3 +425,19 @@ def test_jsonl_encoding_paths_and_missing_images(tmp_path):
         load_jsonl(f)
     with pytest.raises(MissingDataError, match="nope.jsonl"):
         load_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_one_report_adds_up_loaders_and_ids_are_unique(tmp_path):
+    from probing.datasets._common import UniqueIds
+
+    moss = make_moss(tmp_path / "moss", missing_pid="3")
+    mmsb = make_mmsb(tmp_path / "mmsb", scenarios=("06-Fraud",), drop=[("06-Fraud", "SD_TYPO", "0")])
+    report = LoadReport()
+    load_mossbench(moss, skip_missing=True, report=report)
+    load_mmsafetybench(mmsb, skip_missing=True, report=report)
+    assert report.loaded == 4 + 2 and report.skipped == ["moss-oversensitivity-3", "moss-contrast-3",
+                                                         "mmsb-06-Fraud-0-SD_TYPO"]
+    ids = UniqueIds()
+    ids.add("a", "f.json record '1'")
+    with pytest.raises(DataError, match=r"duplicate query id 'a': f\.json record '1' and g\.json record '2'"):
+        ids.add("a", "g.json record '2'")
