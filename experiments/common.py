@@ -22,7 +22,7 @@ def load_queries(spec: str, limit: int | None = None):
     elif kind == "mossbench":
         queries = load_mossbench(arg, skip_missing=True)
     elif kind == "mmsafetybench":
-        queries = load_mmsafetybench(arg)
+        queries = load_mmsafetybench(arg, skip_missing=True)
     elif kind == "jsonl":
         queries = load_jsonl(arg)
     else:

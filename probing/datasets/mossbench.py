@@ -1,69 +1,111 @@
-"""MOSSBench from a local copy in the official layout (test-set license: evaluate, never train).
+"""MOSSBench from a clone of its official repository (test-set license: evaluate, never train).
 
-    <root>/oversensitivity/information.json + images/   benign queries that trigger over-refusal
-    <root>/contrast/information.json + images/          harmful counterparts (same pid and image)
+    <root>/data/images_information/information.json + data/images/                   benign queries
+    <root>/data_contrast/images_information/information.json + data_contrast/images/ harmful ones
 
-Records are keyed by pid with "image", "question" and "metadata" ({"over": stimulus type,
-"harm": harm types, ...}). Missing image files raise one error listing them all, unless
-``skip_missing=True``; skipped records are logged and returned in ``report``.
+Split "oversensitivity" reads ``data/`` (benign queries that tend to trigger over-refusal),
+split "contrast" reads ``data_contrast/`` (harmful counterparts with the same pid). Records are
+keyed by pid with "image" (relative to the split's folder, e.g. "images/1.png"), "question" and
+"metadata" ({"over": stimulus type, "harm": harm types, ...}). Missing image files raise one
+`MissingDataError` listing them, unless ``skip_missing=True``; skipped records are logged and
+returned in ``report``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import DataError, InputError, MissingDataError, QueryError
 from ..query import Query
+from ._common import (LoadReport, UniqueIds, check_record, json_type, missing_list, read_json_object,
+                      record_load, require_string)
 
 logger = logging.getLogger(__name__)
-SPLITS = {"oversensitivity": "benign", "contrast": "harmful"}
+
+#: split name -> (folder in the repository, label of its queries)
+SPLITS = {"oversensitivity": ("data", "benign"), "contrast": ("data_contrast", "harmful")}
+INFO = Path("images_information") / "information.json"
+
+__all__ = ["LoadReport", "SPLITS", "load_mossbench"]
 
 
-@dataclass
-class LoadReport:
-    """What a loader kept and skipped."""
+def _info_file(root: Path, split: str) -> Path:
+    """The split's information.json; a missing one names the layout expected (and a likely cause)."""
+    info = root / SPLITS[split][0] / INFO
+    if info.is_file():
+        return info
+    hint = ""
+    if (root / split / "information.json").is_file():
+        hint = " (this folder has the layout older mechprobe versions read; use a clone of the official repository)"
+    elif (root / INFO).is_file():
+        hint = f" ({root} looks like a split folder; pass the repository root, its parent)"
+    raise MissingDataError(f"MOSSBench: {info} not found; expected a clone of the official repository with "
+                           f"{SPLITS[split][0]}/{INFO.as_posix()}{hint}")
 
-    loaded: int = 0
-    skipped: list[str] = field(default_factory=list)
+
+def _query(split: str, pid: str, record: dict, info: Path) -> tuple[Query, Path]:
+    """The query of one record and its image path (not yet checked to exist)."""
+    if "pid" in record and str(record["pid"]) != pid:
+        raise DataError(f"{info}: record {pid!r} has \"pid\": {record['pid']!r}; the key and the pid must agree")
+    image = record.get("image")
+    if not isinstance(image, str) or not image.strip():
+        got = "no 'image' field" if "image" not in record else f"'image' {json_type(image)}"
+        raise DataError(f"{info}: record {pid!r} has {got}; expected a path such as \"images/{pid}.png\"")
+    question = require_string(record, "question", info, pid)
+    metadata = record.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise DataError(f"{info}: record {pid!r}: 'metadata' must be an object, got {json_type(metadata)}")
+    folder, label = SPLITS[split]
+    # mechprobe's own fields come last so that a metadata key cannot overwrite them
+    meta = {**metadata, "dataset": "mossbench", "source": "mossbench", "kind": "image", "split": split,
+            "pid": pid}
+    path = info.parent.parent / image
+    try:
+        return Query(f"moss-{split}-{pid}", question, path, label, meta), path
+    except QueryError as exc:
+        raise DataError(f"{info}: record {pid!r}: {exc}") from None
 
 
 def load_mossbench(root: str | os.PathLike, splits=("oversensitivity", "contrast"), *, skip_missing: bool = False,
                    report: LoadReport | None = None) -> list[Query]:
-    """Queries of the chosen splits, ids ``moss-<split>-<pid>``, labels benign / harmful."""
+    """Queries of the chosen splits, ids ``moss-<split>-<pid>``, labels benign / harmful.
+
+    Args:
+        root: the root of a clone of the official repository (it holds ``data/`` and
+            ``data_contrast/``).
+        splits: "oversensitivity" (benign, ``data/``) and/or "contrast" (harmful, ``data_contrast/``).
+        skip_missing: leave out records whose image file is absent instead of raising.
+        report: a `LoadReport` to add the counts and skipped ids to.
+
+    Raises:
+        InputError: an unknown split.
+        MissingDataError: an information.json is absent, or images are (without ``skip_missing``).
+        DataError: a file or record cannot be used (the message names both), or nothing is left.
+    """
     root = Path(root)
+    splits = [splits] if isinstance(splits, str) else list(splits)
     unknown = [s for s in splits if s not in SPLITS]
-    if unknown:
-        raise ValueError(f"unknown MOSSBench split(s) {unknown}; choose from {list(SPLITS)}")
+    if unknown or not splits:
+        raise InputError(f"unknown MOSSBench split(s) {unknown}; choose from {list(SPLITS)}")
     report = report if report is not None else LoadReport()
-    queries, missing = [], []
+    queries, missing, ids = [], {}, UniqueIds()
     for split in splits:
-        info = root / split / "information.json"
-        if not info.is_file():
-            raise FileNotFoundError(f"MOSSBench: {info} not found (expected <root>/{split}/information.json)")
-        try:
-            records = json.loads(info.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"MOSSBench: {info} is not valid JSON ({exc.msg})") from None
-        items = records.items() if isinstance(records, dict) else ((str(r.get("pid")), r) for r in records)
-        for pid, rec in items:
-            for key in ("image", "question"):
-                if key not in rec:
-                    raise ValueError(f"MOSSBench: {info}: record {pid!r} has no {key!r}")
-            image = root / split / rec["image"]
-            qid = f"moss-{split}-{pid}"
-            if not image.is_file():
-                missing.append(f"{qid} ({image})")
-                continue
-            meta = {"source": "mossbench", "split": split, "pid": str(pid), **(rec.get("metadata") or {})}
-            queries.append(Query(qid, rec["question"], image, SPLITS[split], meta))
+        info = _info_file(root, split)
+        for pid, record in read_json_object(info, "MOSSBench information file", "pid").items():
+            query, image = _query(split, pid, check_record(record, info, pid), info)
+            ids.add(query.id, f"{info} record {pid!r}")
+            if image.is_file():
+                queries.append(query)
+            else:
+                missing[query.id] = image
     if missing and not skip_missing:
-        raise FileNotFoundError(f"MOSSBench: {len(missing)} image files are missing (pass skip_missing=True to "
-                                f"skip those records): " + "; ".join(missing))
-    if missing:
-        logger.warning("MOSSBench: skipped %d records whose images are missing", len(missing))
-    report.loaded += len(queries)
-    report.skipped += [m.split(" ")[0] for m in missing]
+        raise MissingDataError(f"MOSSBench: {len(missing)} image files are missing (pass skip_missing=True to skip "
+                               f"those records): " + missing_list([f"{q} ({p})" for q, p in missing.items()]))
+    reasons = {qid: f"image not found: {path}" for qid, path in missing.items()}
+    record_load(report, logger, "MOSSBench", len(queries), reasons)
+    if not queries:
+        raise DataError(f"MOSSBench: no queries: {root}, splits {splits}, {len(missing)} records skipped "
+                        f"(missing images)")
     return queries
