@@ -76,6 +76,19 @@ def check_rate(name: str, value: float) -> float:
     return value
 
 
+def check_layers(name: str, layers, available) -> list[int]:
+    """Layer indices that all exist in ``available`` (e.g. a table's directions), or an
+    `InputError` naming the parameter, the bad indices and the valid ones."""
+    try:
+        chosen = [int(x) for x in layers]
+    except (TypeError, ValueError):
+        raise InputError(f"parameter {name!r} must be a list of layer indices, got {layers!r}") from None
+    missing = [x for x in chosen if x not in available]
+    if missing or not chosen:
+        raise InputError(f"parameter {name!r}: no layer {missing or chosen} here; available: {sorted(available)}")
+    return chosen
+
+
 def check_samples(k: int) -> int:
     if not isinstance(k, int) or k < 1:
         raise InputError(f"parameter 'k' (samples) must be an integer >= 1, got {k!r}")

@@ -43,6 +43,21 @@ def cmd_score(args) -> int:
     from .demo import summary_row
     from .report import text_table, write_table
 
+    from probing.errors import RunDirError
+
+    if args.defense:  # before any compute: a misspelt name fails here, with "did you mean"
+        from defenses import check_names
+
+        check_names(args.defense)
+    condition = args.condition or args.defense or "baseline"
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "verbose", "overwrite", "out", "command")}
+    stamp = Path(args.out) / "score_config.json"
+    if stamp.is_file() and not args.overwrite:
+        old = json.loads(stamp.read_text())
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise RunDirError(f"{args.out} holds scores made with other settings (differs in {changed}); "
+                              "use another --out, or --overwrite to replace them")
     state = process_state(cpu=args.device == "cpu") if is_distributed_launch() else None
     device = str(state.device) if state is not None else args.device
     device_map = args.device_map
@@ -56,12 +71,15 @@ def cmd_score(args) -> int:
     main_process = state is None or state.is_main_process
     scorer = RefusalScorer(bundle, args.readout, layers=layers, keep_hidden=args.keep_hidden,
                            batch_size=args.batch_size, prompt=spec, progress=True if main_process else False)
-    table = score_sharded(lambda qs: scorer.score(qs, meta={"condition": args.condition}),
+    table = score_sharded(lambda qs: scorer.score(qs, defense=args.defense or None, meta={"condition": condition}),
                           queries, args.out, state)
     if table is not None:
-        rows = [summary_row(args.condition, table)]
+        stamp.write_text(json.dumps(settings, indent=1, default=str))
+        rows = [summary_row(condition, table)]
         write_table(Path(args.out) / "summary", rows)
         print(text_table(rows, list(rows[0])))
+        if args.model == "tiny-random":
+            print("note: tiny-random has random weights; these numbers exercise the pipeline only.")
         print(f"wrote {args.out}/")
     return 0
 
@@ -73,7 +91,8 @@ def _run_experiment(name: str, args) -> int:
     print((out / "report.md").read_text())
     if args.model == "tiny-random":
         print("note: tiny-random has random weights; these numbers exercise the pipeline only.")
-    print(f"wrote {out}/ (config.json, shards/, tables/, report.md, plots)")
+    written = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not p.name.startswith("."))
+    print(f"wrote {out}/ ({', '.join(written)})")
     return 0
 
 
@@ -99,7 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--layers", default="all", help="'all', 'none' or comma-separated indices")
     score.add_argument("--keep-hidden", action="store_true", help="store decision-position residuals")
     score.add_argument("--system-prompt", default=None)
-    score.add_argument("--condition", default="baseline", help="name recorded in the table")
+    score.add_argument("--defense", default=None,
+                       help=f"score under a defense or ensemble expression: {options.DEFENSE_NAMES}")
+    score.add_argument("--condition", default=None, help="name recorded in the table (default: the defense, "
+                                                         "or 'baseline')")
+    score.add_argument("--overwrite", action="store_true", help="replace scores made with other settings")
     score.add_argument("--device-map", default=None,
                        help="'auto', 'balanced' or a JSON dict of module -> device (models larger than one device)")
     score.set_defaults(func=cmd_score)

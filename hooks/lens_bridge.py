@@ -55,7 +55,7 @@ def to_transformer_lens(bundle, *, device=None, copy: bool = True):
     from transformer_lens.model_bridge import TransformerBridge
 
     source = bundle.source_dir
-    if source is None or not (Path(source) / "preprocessor_config.json").is_file():
+    if source is None or not any((Path(source) / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
         raise HookError(
             f"model {bundle.name!r} has no local directory with processor files; the "
             "TransformerLens bridge must boot from one (it would otherwise try to download "

@@ -69,3 +69,35 @@ def test_cli_demo(tmp_path):
     # re-running overwrites cleanly
     assert main(["demo", "--out", str(out), "--defenses", "sr_self_reminder", "--n-boot", "20"]) == 0
     assert [r["condition"] for r in json.loads((out / "summary.json").read_text())] == ["baseline", "sr_self_reminder"]
+
+
+def test_cli_score_defense_and_settings_guard(tiny, tmp_path, capsys):
+    f = tmp_path / "q.jsonl"
+    f.write_text("\n".join(json.dumps({"id": f"q{i}", "text": f"question number {i}",
+                                       "label": "harmful" if i % 2 else "benign"}) for i in range(4)))
+    out = str(tmp_path / "out")
+    common = ["score", "--model", "tiny-random", "--queries", str(f), "--layers", "none"]
+    assert main([*common, "--out", out, "--defense", "sr_self_reminder"]) == 0
+    table = ScoreTable.load(out)
+    assert table.meta["condition"] == "sr_self_reminder" and table.meta["defense"] == "sr_self_reminder"
+    assert "random weights" in capsys.readouterr().out
+    # the same --out with other settings is refused, naming what differs; --overwrite replaces
+    assert main([*common, "--out", out, "--system-prompt", "Be careful."]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "system_prompt" in err
+    assert main([*common, "--out", out, "--system-prompt", "Be careful.", "--overwrite"]) == 0
+    assert ScoreTable.load(out).meta["condition"] == "baseline"
+    # a misspelt defense fails before any compute, with a suggestion
+    assert main([*common, "--out", str(tmp_path / "o2"), "--defense", "sr_self_remindr"]) == 2
+    assert "did you mean 'sr_self_reminder'" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()
+
+
+def test_cli_help_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys; from experiments.cli import build_parser; build_parser(); "
+            "print(any(m.startswith(('torch', 'transformers')) for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

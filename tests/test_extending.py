@@ -3,10 +3,12 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from defenses import REGISTRY, get_defense
 from probing import Query, RefusalScorer
+from probing.errors import InputError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
@@ -22,17 +24,24 @@ def test_example_is_short_and_runs(tiny):
     REGISTRY.pop("act_clamp", None)
     namespace: dict = {}
     exec(compile(code, str(DOC), "exec"), namespace)
+    exec(compile(code, str(DOC), "exec"), {})  # re-running the cell (a notebook) registers again quietly
     try:
         qs = [Query(f"q{i}", f"request {i} " + "y " * i, label="harmful" if i % 2 else "benign") for i in range(6)]
         baseline = RefusalScorer(tiny, keep_hidden=True).score(qs)
         plain = RefusalScorer(tiny, layers=None).score(qs)
-        clamped = RefusalScorer(tiny, layers=None).score(qs, defense=get_defense("act_clamp", table=baseline,
+        clamped = RefusalScorer(tiny, layers=None).score(qs, defense=get_defense("act_clamp", baseline=baseline,
                                                                                   floor=5.0))
         assert clamped.meta["defense"] == "act_clamp" and clamped.meta["params"]["floor"] == 5.0
         assert (clamped.margin - plain.margin).abs().max() > 1e-3
         # a floor far below every projection changes nothing
-        low = RefusalScorer(tiny, layers=None).score(qs, defense=get_defense("act_clamp", table=baseline,
+        low = RefusalScorer(tiny, layers=None).score(qs, defense=get_defense("act_clamp", baseline=baseline,
                                                                               floor=-1e6))
         torch.testing.assert_close(low.margin, plain.margin, atol=1e-6, rtol=0)
+        both = RefusalScorer(tiny, layers=None).score(qs, defense=get_defense("sr_self_reminder+act_clamp",
+                                                                               baseline=baseline))
+        assert both.meta["defense"] == "sr_self_reminder+act_clamp"
+        for bad, match in (({"floor": float("nan")}, "'floor'"), ({"layers": (99,)}, r"'layers'.*available")):
+            with pytest.raises(InputError, match=match):
+                get_defense("act_clamp", baseline=baseline, **bad)
     finally:
         REGISTRY.pop("act_clamp", None)

@@ -78,3 +78,18 @@ def test_bridge_needs_local_processor_files(tiny):
 
     with pytest.raises(ValueError, match="no local directory with processor files"):
         to_transformer_lens(replace(tiny, source_dir=None))
+
+
+def test_bridge_boots_on_the_toy(forbid_pip):
+    """The embedded toy boots too (its processor is saved as processor_config.json)."""
+    from probing import load_model
+
+    toy = load_model("toy")
+    bridge = to_transformer_lens(toy)
+    enc = encode(toy, ["USER: Tell me how to bake bread. ASSISTANT:"], [None])
+    names = [hook_name(i) for i in range(toy.n_layers)]
+    _, tl_cache = bridge.run_with_cache(enc["input_ids"], names_filter=names)
+    with capture(toy, names, "all") as ours, torch.no_grad():
+        toy.model(input_ids=enc["input_ids"], use_cache=False)
+    for name in names:
+        torch.testing.assert_close(ours[name], tl_cache[name], atol=1e-5, rtol=0, msg=name)
