@@ -85,7 +85,7 @@ class RunDir:
         try:
             table = ScoreTable.load(shard)
             if table.ids != ids:
-                raise InputError("it holds other queries")
+                raise RunDirError("it holds other queries")
             return table
         except Exception as exc:  # any unreadable shard is recomputed, whatever broke it
             logger.warning("recomputing shard %s: %s", shard, exc)

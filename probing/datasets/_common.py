@@ -131,10 +131,10 @@ def check_record(record: Any, path: Path, key: str) -> dict:
     return record
 
 
-def require_string(record: dict, name: str, path: Path, key: str) -> str:
+def require_string(record: dict, name: str, path: Path, key: str, needed_by: str = "") -> str:
     """The non-empty string field `name` of a record; `DataError` naming file and record otherwise."""
     if name not in record:
-        raise DataError(f"{path}: record {key!r} has no {name!r} field")
+        raise DataError(f"{path}: record {key!r} has no {name!r} field{needed_by}")
     value = record[name]
     if not isinstance(value, str) or not value.strip():
         got = "an empty string" if isinstance(value, str) else json_type(value)
@@ -173,3 +173,14 @@ def record_load(report: LoadReport, log: logging.Logger, dataset: str, loaded: i
         first = next(iter(skipped.items()))
         log.warning("%s: loaded %d queries, skipped %d whose files are missing (first: %s, %s); "
                     "see LoadReport.reasons for all", dataset, loaded, len(skipped), *first)
+
+
+def finish_load(dataset: str, queries: list, missing: dict, report: LoadReport, log: logging.Logger,
+                empty_context: str) -> list:
+    """Record what a loader kept and skipped (missing files), and refuse an empty result naming
+    what was asked for (``empty_context``)."""
+    reasons = {qid: f"image not found: {path}" for qid, path in missing.items()}
+    record_load(report, log, dataset, len(queries), reasons)
+    if not queries:
+        raise DataError(f"{dataset}: no queries: {empty_context}; {len(missing)} records skipped (missing images)")
+    return queries

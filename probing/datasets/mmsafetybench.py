@@ -25,8 +25,7 @@ from pathlib import Path
 
 from ..errors import DataError, InputError, MissingDataError, QueryError
 from ..query import Query
-from ._common import (LoadReport, UniqueIds, check_record, json_type, missing_list, parse_json, read_json_object,
-                      read_text, record_load)
+from ._common import (LoadReport, UniqueIds, check_record, finish_load, json_type, missing_list, parse_json, read_json_object, read_text, require_string)
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +180,7 @@ def _record_queries(scenario: str, qid: str, record: dict, kinds: list[str], pat
             "own_criteria": scenario in OWN_CRITERIA}
     out = []
     for kind in kinds:
-        name = _TEXT_FIELD[kind]
-        if name not in record:
-            raise DataError(f"{path}: record {qid!r} has no {name!r} field (needed by kind {kind})")
-        text = record[name]
-        if not isinstance(text, str) or not text.strip():
-            got = "an empty string" if isinstance(text, str) else json_type(text)
-            raise DataError(f"{path}: record {qid!r}: {name!r} must be a non-empty string, got {got}")
+        text = require_string(record, _TEXT_FIELD[kind], path, qid, f" (needed by kind {kind})")
         image = None if kind == "TEXT" else images / scenario / kind / f"{qid}.jpg"
         try:
             out.append(Query(f"mmsb-{scenario}-{qid}-{_ID_SUFFIX[kind]}", text, image, "harmful",
@@ -268,9 +261,6 @@ def load_mmsafetybench(root: str | os.PathLike, *, images: str | os.PathLike | N
         raise MissingDataError(f"MM-SafetyBench: {len(missing)} image files are missing under {image_root}{hint} "
                                f"(pass skip_missing=True to skip those queries): "
                                + missing_list([str(p) for p in missing.values()]))
-    reasons = {qid: f"image not found: {path}" for qid, path in missing.items()}
-    record_load(report, logger, "MM-SafetyBench", len(queries), reasons)
-    if not queries:
-        raise DataError(f"MM-SafetyBench: no queries: {root} with scenarios={scenarios!r}, kinds={kinds}, "
-                        f"subset={subset!r}, own_criteria={own_criteria}; {len(missing)} skipped (missing images)")
-    return queries
+    return finish_load("MM-SafetyBench", queries, missing, report, logger,
+                       f"{root} with scenarios={scenarios!r}, kinds={kinds}, subset={subset!r}, "
+                       f"own_criteria={own_criteria}")

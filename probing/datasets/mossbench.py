@@ -19,8 +19,7 @@ from pathlib import Path
 
 from ..errors import DataError, InputError, MissingDataError, QueryError
 from ..query import Query
-from ._common import (LoadReport, UniqueIds, check_record, json_type, missing_list, read_json_object,
-                      record_load, require_string)
+from ._common import (LoadReport, UniqueIds, check_record, finish_load, json_type, missing_list, read_json_object, require_string)
 
 logger = logging.getLogger(__name__)
 
@@ -103,9 +102,4 @@ def load_mossbench(root: str | os.PathLike, splits=("oversensitivity", "contrast
     if missing and not skip_missing:
         raise MissingDataError(f"MOSSBench: {len(missing)} image files are missing (pass skip_missing=True to skip "
                                f"those records): " + missing_list([f"{q} ({p})" for q, p in missing.items()]))
-    reasons = {qid: f"image not found: {path}" for qid, path in missing.items()}
-    record_load(report, logger, "MOSSBench", len(queries), reasons)
-    if not queries:
-        raise DataError(f"MOSSBench: no queries: {root}, splits {splits}, {len(missing)} records skipped "
-                        f"(missing images)")
-    return queries
+    return finish_load("MOSSBench", queries, missing, report, logger, f"{root}, splits {splits}")

@@ -19,7 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from tests.reference.spec import FIGURES, run_reference  # noqa: E402
