@@ -85,8 +85,13 @@ def cmd_score(args) -> int:
 
 
 def _run_experiment(name: str, args) -> int:
+    from .runs import close_all
+
     module = importlib.import_module(f"experiments.{name}")
-    module.run(args)
+    try:
+        module.run(args)
+    finally:  # interrupted or failed: the run directory's lock is released all the same
+        close_all()
     out = Path(args.out)
     print((out / "report.md").read_text())
     if args.model == "tiny-random":
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "llava-hf LLaVA-1.5 checkpoint dir / hub id")
     score.add_argument("--device", default="cpu")
     score.add_argument("--readout", default="first_token", choices=["first_token", "yes_no"])
-    score.add_argument("--batch-size", type=int, default=8)
+    score.add_argument("--batch-size", type=options.positive_int, default=8)
     score.add_argument("--queries", required=True, help="JSONL file")
     score.add_argument("--out", required=True, help="output directory for the ScoreTable")
     score.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")

@@ -1,4 +1,10 @@
-"""What every experiment shares: options, dataset and model loading, defenses, scoring with resume."""
+"""What every experiment shares: options, dataset and model loading, defenses, scoring with resume.
+
+`Session` checks everything a run needs before the first forward pass, cheapest first: options
+and defense names (with "did you mean"), the model (name or path, offline, without loading it),
+the dataset (files, records, ids unique over all of it, both labels present), then the run
+directory (ownership, fingerprint, lock); only then is the model loaded.
+"""
 
 from __future__ import annotations
 
@@ -6,51 +12,184 @@ import logging
 from pathlib import Path
 
 from probing import RefusalScorer, load_model
+from probing.errors import DataError, InputError
+from probing.query import Query
 from .options import ANALYSIS_OPTIONS, add_common  # noqa: F401  (add_common: old import path)
 from .report import write_report
 from .runs import RunDir
 
 logger = logging.getLogger(__name__)
 
-def load_queries(spec: str, limit: int | None = None):
+DATASET_KINDS = ("toy", "mossbench", "mmsafetybench", "jsonl")
+LABELS_NEEDED = ("harmful", "benign")
+#: Ensemble operators the ensembles experiment can measure.
+ENSEMBLE_OPS = ("+", "|")
+
+
+def _load_one(spec: str):
     from probing.datasets import load_jsonl, load_mmsafetybench, load_mossbench
     from probing.datasets import toy
 
     kind, _, arg = spec.partition(":")
-    if kind == "toy":
-        queries = toy.requests("test")
-    elif kind == "mossbench":
-        queries = load_mossbench(arg, skip_missing=True)
-    elif kind == "mmsafetybench":
-        queries = load_mmsafetybench(arg, skip_missing=True)
-    elif kind == "jsonl":
-        queries = load_jsonl(arg)
-    else:
-        raise ValueError(f"--dataset {spec!r}: use toy, mossbench:<dir>, mmsafetybench:<dir> or jsonl:<file>")
-    return queries[:limit] if limit else queries
+    if kind == "toy" and not arg:
+        return toy.requests("test")
+    if kind in ("mossbench", "mmsafetybench", "jsonl") and arg.strip():
+        loader = {"mossbench": lambda a: load_mossbench(a, skip_missing=True),
+                  "mmsafetybench": lambda a: load_mmsafetybench(a, skip_missing=True),
+                  "jsonl": load_jsonl}[kind]
+        return loader(arg)
+    raise InputError(f"--dataset {spec!r}: use toy, mossbench:<dir>, mmsafetybench:<dir> or jsonl:<file> "
+                     f"(several joined by ',')")
+
+
+def split_dataset_spec(spec: str) -> list[str]:
+    """``"jsonl:a.jsonl,toy"`` -> two specs; a comma inside a path stays when the rest is no spec."""
+    parts = spec.split(",")
+    if len(parts) > 1 and all(p.partition(":")[0] in DATASET_KINDS for p in parts):
+        return parts
+    return [spec]
+
+
+def load_queries(spec: str, limit: int | None = None) -> list[Query]:
+    """The queries of ``--dataset`` (one spec or several joined by ','), checked (see `check_queries`),
+    then the first ``limit`` (>= 1; None for all)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InputError(f"--limit must be an integer >= 1 (or absent for all queries), got {limit!r}")
+    sources = [(part, _load_one(part)) for part in split_dataset_spec(spec)]
+    queries = check_queries(sources)
+    return queries[:limit] if limit is not None else queries
+
+
+def check_queries(sources: list[tuple[str, list]]) -> list[Query]:
+    """Concatenate ``(source name, queries)`` lists, checking each is a `Query` and every id is unique
+    over all of them (the error names both places)."""
+    out, first = [], {}
+    for name, queries in sources:
+        if not queries:
+            raise DataError(f"--dataset {name}: no queries")
+        for i, q in enumerate(queries, 1):
+            if not isinstance(q, Query):
+                raise DataError(f"--dataset {name}: record {i} is a {type(q).__name__}, not a Query")
+            if q.id in first:
+                where, j = first[q.id]
+                raise DataError(f"--dataset: query id {q.id!r} appears twice: {where} record {j} and {name} record "
+                                f"{i}; ids pair runs across defenses and must be unique")
+            first[q.id] = (name, i)
+            out.append(q)
+    return out
+
+
+def check_labels(queries: list[Query], spec: str, limit: int | None = None) -> None:
+    """Both classes must be present: every experiment compares harmful with benign queries."""
+    counts = {lab: sum(q.label == lab for q in queries) for lab in LABELS_NEEDED}
+    missing = [lab for lab, n in counts.items() if n == 0]
+    if missing:
+        unlabelled = sum(q.label is None for q in queries)
+        within = f" among the first {limit} (--limit)" if limit is not None else ""
+        raise DataError(f"--dataset {spec}: no {' and no '.join(missing)} queries{within} ({counts['harmful']} harmful, "
+                        f"{counts['benign']} benign, {unlabelled} unlabelled); the analysis compares harmful with "
+                        f"benign, so both labels are needed")
+
+
+def check_defenses(args) -> list[str]:
+    """Every name in ``--defenses`` exists (with "did you mean"); returns the list."""
+    spec = getattr(args, "defenses", None)
+    if spec is None:
+        return []
+    from defenses import check_names
+
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for name in names:
+        try:
+            check_names(name)
+        except InputError as exc:
+            raise InputError(f"--defenses: {exc}") from None
+    ops = getattr(args, "ops", None)
+    if ops is not None:
+        bad = [o for o in ops.split(",") if o and o not in ENSEMBLE_OPS]
+        if bad:
+            raise InputError(f"--ops: unknown operator(s) {bad}; choose from {list(ENSEMBLE_OPS)}")
+    return names
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"--device {device!r}: not a device (cpu, cuda, cuda:0, mps ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
 def config_of(args, name: str) -> dict:
-    """Every option of the run (config.json); the analysis-only ones do not identify it."""
+    """Every option of the run (config.json), to repeat it."""
     return {"experiment": name, **{k: v for k, v in vars(args).items() if k not in ("func", "verbose", "overwrite")}}
 
 
+def run_fingerprint(args, name: str, keep_hidden: bool) -> dict:
+    """What identifies the scores of every condition of a run: the model (see
+    `probing.model.model_fingerprint`; validates it, fast and offline), the readout, the prompt
+    format and what the shards hold. Not: the dataset (each shard checks its own queries),
+    analysis options, --out, the defenses listed."""
+    from probing.model import model_fingerprint
+    from probing.readout import get_readout
+
+    readout = get_readout(args.readout)
+    return {"experiment": name, **model_fingerprint(args.model, dtype=args.dtype, device=args.device),
+            "readout": {"name": readout.name, "question": readout.question,
+                        "refusal_words": list(readout.refusal_words), "comply_words": list(readout.comply_words)},
+            "keep_hidden": keep_hidden}
+
+
+def _needs_baseline(defense) -> bool:
+    from defenses import registry
+
+    name = getattr(defense, "name", defense)
+    return isinstance(name, str) and any(
+        registry.needs_baseline(registry.REGISTRY[p]) for p in registry.split_expression(name)
+        if p in registry.REGISTRY)
+
+
 class Session:
-    """One experiment's model, scorer, queries and run directory."""
+    """One experiment's model, scorer, queries and run directory, all checked before any forward."""
 
     def __init__(self, args, name: str, keep_hidden: bool = True):
         self.args = args
-        self.run = RunDir(args.out, config_of(args, name), overwrite=args.overwrite, ignore=ANALYSIS_OPTIONS)
+        self.defense_names = check_defenses(args)
+        if args.batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        check_device(args.device)
+        fingerprint = run_fingerprint(args, name, keep_hidden)  # the model name, checked without loading
         self.queries = load_queries(args.dataset, args.limit)
-        self.bundle = load_model(args.model, device=args.device, dtype=args.dtype)
-        self.scorer = RefusalScorer(self.bundle, args.readout, keep_hidden=keep_hidden, batch_size=args.batch_size,
-                                    progress=False)
+        check_labels(self.queries, args.dataset, args.limit)
+        self.run = RunDir(args.out, config_of(args, name), overwrite=args.overwrite, ignore=ANALYSIS_OPTIONS,
+                          fingerprint=fingerprint)
+        try:
+            self.bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+            self.scorer = RefusalScorer(self.bundle, args.readout, keep_hidden=keep_hidden,
+                                        batch_size=args.batch_size, progress=False)
+        except BaseException:
+            self.run.close()
+            raise
         self._baseline = None
+
+    def close(self) -> None:
+        """Release the run directory's lock."""
+        self.run.close()
 
     def score(self, condition: str, defense=None, queries=None):
         queries = self.queries if queries is None else queries
+        fp = {"defense": defense.describe() if hasattr(defense, "describe") else defense}
+        if defense is not None and _needs_baseline(defense):
+            fp["baseline"] = self.run.condition_digest("baseline")
         return self.run.score(lambda qs: self.scorer.score(qs, defense=defense, meta={"condition": condition}),
-                              queries, condition, self.args.batch_size)
+                              queries, condition, self.args.batch_size, fingerprint=fp)
 
     @property
     def baseline(self):
@@ -60,11 +199,9 @@ class Session:
 
     def defense(self, name: str):
         """A defense by name or expression; activation-level ones read the baseline run."""
-        from defenses import get_defense, registry
+        from defenses import get_defense
 
-        needs = any(registry.needs_baseline(registry.REGISTRY[p]) for p in registry.split_expression(name)
-                    if p in registry.REGISTRY)
-        return get_defense(name, baseline=self.baseline if needs else None)
+        return get_defense(name, baseline=self.baseline if _needs_baseline(name) else None)
 
     def report(self, title: str, sections: list[tuple[str, str]]) -> Path:
         return write_report(self.run.path / "report.md", title, sections,

@@ -8,20 +8,34 @@ tokenizer in ``../shared/llava-1.5-7b-hf``.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
+import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
-from .errors import InputError
+from .errors import InputError, MissingDataError
 
 logger = logging.getLogger(__name__)
 
 LLAVA_ASSETS_ENV = "MECHPROBE_LLAVA_DIR"
+#: Where ``tiny-random``'s source directory (its config plus the real processor files, for the
+#: TransformerLens bridge) is kept, one folder per content hash; default ~/.cache/mechprobe.
+CACHE_ENV = "MECHPROBE_CACHE"
+BUILTIN_MODELS = ("toy", "tiny-random")
+#: Weight files up to this size are hashed by content in `model_fingerprint` (the toy); larger
+#: ones by name and size only (hashing 14 GB at every run start would cost minutes).
+HASH_WEIGHTS_BELOW = 64 * 2**20
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Shrunk widths for ``tiny-random``; everything else comes from the real LLaVA-1.5-7B config.
@@ -186,14 +200,210 @@ def build_random_model(config, *, seed: int = 0, dtype: torch.dtype = torch.floa
     return model.to(dtype).eval()
 
 
-def _write_source_dir(config, assets: Path) -> Path:
-    """A temp directory with ``config`` plus the real processor files (for the TL bridge)."""
-    out = Path(tempfile.mkdtemp(prefix="mechprobe-model-"))
-    config.save_pretrained(out)
-    for f in assets.iterdir():
-        if f.is_file() and f.name != "config.json":
-            shutil.copy(f, out / f.name)
+def _cache_root() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mechprobe"
+
+
+def _write_source_dir(config, assets: Path, owner: object) -> Path:
+    """A directory with ``config`` plus the real processor files (for the TL bridge).
+
+    Kept once per content (config and asset files) under the mechprobe cache, written to a
+    temporary sibling and renamed into place, so loading the model again reuses it and leaves
+    nothing behind. Where the cache cannot be written, a temporary directory removed with
+    ``owner`` (the model) or at exit."""
+    files = sorted(f for f in assets.iterdir() if f.is_file() and f.name != "config.json")
+    text = config.to_json_string()
+    key = hashlib.sha256(text.encode())
+    for f in files:
+        st = f.stat()
+        key.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    target = _cache_root() / f"tiny-random-{key.hexdigest()[:16]}"
+    if (target / "config.json").is_file() and (target / "preprocessor_config.json").is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-random-", dir=target.parent))
+    except OSError as exc:
+        logger.info("mechprobe cache %s not writable (%s); using a temporary directory", target.parent, exc)
+        tmp = Path(tempfile.mkdtemp(prefix="mechprobe-model-"))
+        _fill_source_dir(tmp, text, files)
+        weakref.finalize(owner, shutil.rmtree, str(tmp), ignore_errors=True)
+        return tmp
+    try:
+        _fill_source_dir(tmp, text, files)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process put it there first: use theirs
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fill_source_dir(out: Path, config_json: str, files: list[Path]) -> None:
+    (out / "config.json").write_text(config_json)
+    for f in files:
+        shutil.copy(f, out / f.name)
+
+
+def _offline() -> bool:
+    """True when the user asked for no network (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # an old or absent huggingface_hub: only the environment counts
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers a TCP connection within ``timeout`` seconds (DNS included)."""
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo ignores socket timeouts
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])
+
+
+def _hub_config(repo_id: str) -> Path | None:
+    """The cached config.json of a hub id, or None when it is not in the local HF cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # HFValidationError: not a valid repo id
+        raise InputError(f"--model {repo_id!r} is neither {', '.join(map(repr, BUILTIN_MODELS))}, an existing "
+                         f"directory, nor a valid hub id") from None
+    return Path(found) if isinstance(found, str) else None
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> tuple[str, Path | None]:
+    """Check that a model can be loaded, without loading it: ("toy" | "tiny-random" | "dir" | "hub", its
+    config directory or file, None for a hub id not cached). Fails fast, offline, with one line.
+
+    Raises:
+        InputError: not a built-in name, not an existing checkpoint directory, and not a hub id
+            that is cached (offline) or reachable; a did-you-mean for a misspelt built-in name.
+        MissingDataError: the toy's weights or the LLaVA assets are missing.
+    """
+    name = str(name_or_path)
+    if name == "toy":
+        from .toy import WEIGHTS_DIR
+
+        if not (WEIGHTS_DIR / "model.safetensors").is_file():
+            raise MissingDataError(f"the toy's weights are missing from {WEIGHTS_DIR}; "
+                                   "regenerate them with: python -m probing.toy.train --seed 0")
+        return "toy", WEIGHTS_DIR
+    if name == "tiny-random":
+        try:
+            return "tiny-random", find_llava_assets()
+        except FileNotFoundError as exc:
+            raise MissingDataError(str(exc)) from None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"--model {name}: the directory has no config.json (not a llava-hf checkpoint)")
+        return "dir", path
+    if path.exists():
+        raise InputError(f"--model {name}: a file, not a checkpoint directory")
+    close = [] if "/" in name else difflib.get_close_matches(name, BUILTIN_MODELS, n=1, cutoff=0.6)
+    # hub ids are "name" or "org/name"; anything else is meant as a path
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if close or looks_like_path:
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"--model {name!r}: no such directory{hint} (use 'toy', 'tiny-random', a llava-hf "
+                         f"checkpoint directory or a hub id)")
+    cached = _hub_config(name)
+    if cached is not None:
+        return "hub", cached
+    if _offline():
+        raise InputError(f"--model {name!r}: not 'toy', 'tiny-random' or a local directory, and not in the local "
+                         f"Hugging Face cache (offline mode is set: HF_HUB_OFFLINE); download it first or pass a "
+                         f"checkpoint directory")
+    if not _hub_reachable():
+        raise InputError(f"--model {name!r}: not 'toy', 'tiny-random' or a local directory, not in the local "
+                         f"Hugging Face cache, and the hub cannot be reached (no network); download it first or "
+                         f"pass a checkpoint directory")
+    return "hub", None
+
+
+def default_dtype(name_or_path, device="cpu") -> torch.dtype:
+    """The dtype `load_model` uses when none is given."""
+    if str(name_or_path) == "tiny-random":
+        return torch.float32
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def model_fingerprint(name_or_path: str | os.PathLike = "tiny-random", *, dtype=None, device="cpu", seed: int = 0,
+                      n_layers: int | None = None) -> dict:
+    """What identifies a model's scores, computed without loading its weights (and validating the name,
+    see `resolve_model`): the name (a directory as an absolute path), a hash of its config, the dtype,
+    and its weight files (content hash up to `HASH_WEIGHTS_BELOW`, else name and size)."""
+    kind, where = resolve_model(name_or_path)
+    out = {"model": str(name_or_path), "dtype": str(_dtype(dtype, default_dtype(name_or_path, device))).split(".")[-1]}
+    if kind == "tiny-random":
+        cfg = tiny_random_config(where, n_layers=n_layers)
+        out.update(seed=seed, config_sha256=hashlib.sha256(cfg.to_json_string().encode()).hexdigest(),
+                   prompt_files=_prompt_files(where))
+        return out
+    if kind == "dir":
+        out["model"] = os.path.abspath(where)
+    cfg_file = where / "config.json" if kind in ("toy", "dir") else where
+    if cfg_file is not None:
+        out["config_sha256"] = hashlib.sha256(cfg_file.read_bytes()).hexdigest()
+        out["prompt_files"] = _prompt_files(cfg_file.parent)
+        weights = {}
+        for f in sorted(cfg_file.parent.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
+                size = f.stat().st_size
+                weights[f.name] = _file_sha256(f) if size <= HASH_WEIGHTS_BELOW else f"size={size}"
+        out["weights"] = weights
     return out
+
+
+#: Files that decide how a prompt is rendered and tokenized (the prompt format).
+PROMPT_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json", "processor_config.json",
+                "preprocessor_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _prompt_files(folder: Path) -> str:
+    """One hash over the chat template, tokenizer and processor settings in ``folder``."""
+    h = hashlib.sha256()
+    for name in PROMPT_FILES:
+        f = folder / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _dispatch(model: nn.Module, device_map, max_memory) -> nn.Module:
@@ -235,24 +445,20 @@ def load_model(
             then ignored. Captured activations are gathered where the final norm sits.
         max_memory: per-device budget for ``device_map="auto"`` (e.g. ``{0: "20GiB", "cpu": "60GiB"}``).
     """
+    name = str(name_or_path)
+    kind, where = resolve_model(name)  # fails fast (and offline) on a name that cannot load
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    name = str(name_or_path)
-    if name == "toy":
-        from .toy import WEIGHTS_DIR
-
-        if not (WEIGHTS_DIR / "model.safetensors").is_file():
-            raise FileNotFoundError(f"the toy's weights are missing from {WEIGHTS_DIR}; "
-                                    "regenerate them with: python -m probing.toy.train --seed 0")
-        name_or_path = WEIGHTS_DIR
-    if name == "tiny-random":
-        assets = find_llava_assets()
+    if kind == "toy":
+        name_or_path = where
+    if kind == "tiny-random":
+        assets = where
         config = tiny_random_config(assets, n_layers=n_layers)
         if attn_implementation:
             config._attn_implementation = attn_implementation
         model = build_random_model(config, seed=seed, dtype=_dtype(dtype, torch.float32))
         processor = AutoProcessor.from_pretrained(assets)
-        source_dir = _write_source_dir(model.config, assets)
+        source_dir = _write_source_dir(model.config, assets, model)
         if device_map is not None:
             model = _dispatch(model, device_map, max_memory)
     else:
@@ -262,8 +468,12 @@ def load_model(
             kwargs["attn_implementation"] = attn_implementation
         if device_map is not None:
             kwargs.update(device_map=device_map, max_memory=max_memory)
-        model = LlavaForConditionalGeneration.from_pretrained(str(name_or_path), **kwargs).eval()
-        processor = AutoProcessor.from_pretrained(str(name_or_path))
+        try:
+            model = LlavaForConditionalGeneration.from_pretrained(str(name_or_path), **kwargs).eval()
+            processor = AutoProcessor.from_pretrained(str(name_or_path))
+        except (OSError, ValueError) as exc:  # incomplete checkpoint, gated repo, no network ...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"--model {name}: cannot load it: {first}") from None
         source_dir = Path(name_or_path) if Path(name_or_path).is_dir() else None
     processor.tokenizer.padding_side = "left"
     if device_map is None:

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from .errors import InputError, MissingDataError, UnknownQueryError
+from .errors import InputError, MissingDataError, ScoringError, UnknownQueryError
 
 _TENSORS = "scores.safetensors"
 _TABLE = "table.json"
+#: The files of a saved ScoreTable, in the order `file_digests` hashes them.
+FILES = (_TENSORS, _TABLE)
+
+
+def file_digests(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of each file of a saved ScoreTable (``{file name: hex digest}``): a checksum that a
+    flipped bit, a truncation or a copy from elsewhere changes. Raises `MissingDataError` if a file
+    is absent."""
+    path = Path(path)
+    out = {}
+    for name in FILES:
+        h = hashlib.sha256()
+        try:
+            with open(path / name, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except FileNotFoundError:
+            raise MissingDataError(f"not a ScoreTable directory (no {name}): {path}") from None
+        out[name] = h.hexdigest()
+    return out
 
 
 @dataclass
@@ -96,6 +118,23 @@ class ScoreTable:
             torch.cat([t.margin for t in tables]), torch.cat([t.lens_margin for t in tables]),
             list(first.layers), hidden, dict(first.meta), [dict(r) for t in tables for r in t.row_meta],
         )
+
+    def check_finite(self, where: str = "") -> None:
+        """Raise `ScoringError` naming the queries (and ``where``: a shard, a condition) whose margin or
+        lens margins are NaN or infinite."""
+        bad = ~torch.isfinite(self.margin)
+        if self.lens_margin.numel():
+            bad |= ~torch.isfinite(self.lens_margin).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            ids = [self.ids[i] for i in rows]
+            first = rows[0]
+            value = self.margin[first].item()
+            what = f"margin {value}" if not math.isfinite(value) else "a non-finite lens margin"
+            at = f"{where}: " if where else ""
+            raise ScoringError(f"{at}non-finite scores for {len(ids)} quer{'y' if len(ids) == 1 else 'ies'} "
+                               f"{ids[:5]}{'...' if len(ids) > 5 else ''} (query {ids[0]!r}: {what}); check the "
+                               f"model's dtype (float16 overflows) and its weights")
 
     def to_records(self) -> list[dict]:
         """One dict per query: id, label, margin, p_refuse."""

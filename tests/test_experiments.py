@@ -67,16 +67,18 @@ def test_corrupt_shard_is_recomputed(tmp_path):
         return ScoreTable([q.id for q in chunk], [None] * len(chunk), torch.arange(len(chunk)).float(),
                           torch.zeros(len(chunk), 1), [0])
 
-    run = RunDir(tmp_path / "r", {"a": 1})
-    first = run.score(score, qs, "c", batch=2)
+    with RunDir(tmp_path / "r", {"a": 1}) as run:  # a run directory is locked while open
+        first = run.score(score, qs, "c", batch=2)
     shard = tmp_path / "r" / "shards" / "c" / "00001" / "scores.safetensors"
     shard.write_bytes(shard.read_bytes()[:20])  # truncate
     calls.clear()
-    again = RunDir(tmp_path / "r", {"a": 1}).score(score, qs, "c", batch=2)
+    with RunDir(tmp_path / "r", {"a": 1}) as run:
+        again = run.score(score, qs, "c", batch=2)
     assert calls == [["q2", "q3"]] and torch.equal(first.margin, again.margin)
     with pytest.raises(ValueError, match="another config"):
         RunDir(tmp_path / "r", {"a": 2})
-    assert RunDir(tmp_path / "r", {"a": 2}, overwrite=True).config == {"a": 2}
+    with RunDir(tmp_path / "r", {"a": 2}, overwrite=True) as run:
+        assert run.config == {"a": 2}
 
 
 def test_layerwise(tmp_path):

@@ -1,0 +1,185 @@
+"""Bad inputs fail before any forward pass, in one line; loading leaves nothing behind (issue 12)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.cli import main
+from probing.errors import DataError
+
+FAST = ["--n-boot", "20", "--batch-size", "2"]
+
+
+def write_jsonl(path: Path, texts: dict[str, str] | None = None, labels=("benign", "harmful")) -> Path:
+    texts = texts or {}
+    rows = [{"id": f"q{i}", "text": texts.get(f"q{i}", f"Please explain topic number {i}."),
+             "label": labels[i % len(labels)]} for i in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def scored(monkeypatch):
+    """Records (condition, ids) of every chunk the scorer is asked for."""
+    from probing import scorer as scorer_mod
+
+    real, seen = scorer_mod.RefusalScorer.score, []
+
+    def spy(self, queries, **kw):
+        queries = list(queries)
+        condition = (kw.get("meta") or {}).get("condition")
+        if condition is not None:  # not the inner calls a defense's plan makes
+            seen.append((condition, [q.id for q in queries]))
+        return real(self, queries, **kw)
+
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "score", spy)
+    return seen
+
+
+@pytest.fixture
+def no_forward(monkeypatch):
+    """Any forward pass or model load fails the test."""
+    from probing import scorer as scorer_mod
+    import experiments.common as common
+
+    def boom(*a, **k):
+        raise AssertionError("a forward pass (or model load) ran before the input was checked")
+
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "forward", boom)
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "score", boom)
+    monkeypatch.setattr(common, "load_model", boom)
+
+
+def test_changed_texts_recompute_only_their_shards_and_out_spelling_does_not_matter(tmp_path, monkeypatch, scored):
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "q.jsonl")
+    args = ["mechanisms", "--dataset", f"jsonl:{data}", *FAST]
+    assert main([*args, "--defenses", "sr_self_reminder", "--out", "run"]) == 0  # relative --out
+    first = json.loads((tmp_path / "run" / "tables" / "mechanisms.json").read_text())
+    assert len(scored) == 6
+    scored.clear()
+    write_jsonl(data, {"q3": "A completely different request about topic three."})
+    # absolute --out, another --n-boot, one more defense: the same run, resumed
+    assert main([*args, "--n-boot", "30", "--defenses", "sr_self_reminder,sr_mmsafety",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert sorted(scored) == sorted([("baseline", ["q2", "q3"]), ("sr_self_reminder", ["q2", "q3"]),
+                                     ("sr_mmsafety", ["q0", "q1"]), ("sr_mmsafety", ["q2", "q3"]),
+                                     ("sr_mmsafety", ["q4", "q5"])])
+    second = json.loads((tmp_path / "run" / "tables" / "mechanisms.json").read_text())
+    assert second[0]["mean_shift"] != first[0]["mean_shift"]  # the changed query is in the tables
+
+
+def test_misspelt_defense_fails_before_any_forward(tmp_path, capsys, no_forward):
+    assert main(["mechanisms", "--defenses", "sr_self_reminder,qr_captoin", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "did you mean 'qr_caption'" in err and "--defenses" in err
+    assert not (tmp_path / "o").exists()  # nothing written either
+
+
+def test_one_class_dataset_fails_before_scoring(tmp_path, capsys, no_forward):
+    data = write_jsonl(tmp_path / "q.jsonl", labels=("harmful",))
+    assert main(["mechanisms", "--dataset", f"jsonl:{data}", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no benign queries" in err and "q.jsonl" in err
+
+
+def test_duplicate_ids_across_concatenated_datasets_name_both(tmp_path, capsys, no_forward):
+    a = write_jsonl(tmp_path / "a.jsonl")
+    b = write_jsonl(tmp_path / "b.jsonl")
+    assert main(["mechanisms", "--dataset", f"jsonl:{a},jsonl:{b}", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "'q0' appears twice" in err and "a.jsonl record 1" in err and "b.jsonl record 1" in err
+    from experiments.common import load_queries
+
+    with pytest.raises(DataError, match="appears twice"):
+        load_queries(f"jsonl:{a},jsonl:{b}")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "x"])
+def test_limit_must_be_at_least_one(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["mechanisms", "--limit", value])
+    assert e.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
+def test_unknown_model_fails_fast_offline_in_one_line(tmp_path, capsys, monkeypatch):
+    from probing import model as model_mod
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, hint in [("llava-hf/no-such-model", "local Hugging Face cache"), ("tiny_random", "did you mean"),
+                       ("./no/such/dir", "no such directory")]:
+        start = time.perf_counter()
+        assert main(["mechanisms", "--model", name, "--out", str(tmp_path / "o")]) == 2
+        assert time.perf_counter() - start < 5
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and name in err and hint in err
+    # no offline flag, but no network: one probe, no retries
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(model_mod, "_offline", lambda: False)
+    monkeypatch.setattr(model_mod, "_hub_reachable", lambda timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="cannot be reached"):
+        model_mod.load_model("llava-hf/no-such-model")
+    assert time.perf_counter() - start < 5
+    assert not (tmp_path / "o").exists()
+
+
+def test_loading_leaves_no_files_in_tmp_and_no_rng_changed(tmp_path, monkeypatch):
+    from probing import load_model
+
+    tmp, cache = tmp_path / "tmp", tmp_path / "cache"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setenv("MECHPROBE_CACHE", str(cache))
+    torch.manual_seed(123)
+    random.seed(123)
+    state, py_state = torch.random.get_rng_state(), random.getstate()
+    a = load_model("tiny-random")
+    b = load_model("tiny-random")
+    assert list(tmp.iterdir()) == []  # nothing in the temp dir ...
+    assert a.source_dir == b.source_dir and len(list(cache.iterdir())) == 1  # ... one cached folder, reused
+    assert (a.source_dir / "preprocessor_config.json").is_file()
+    assert torch.equal(torch.random.get_rng_state(), state) and random.getstate() == py_state
+
+
+def test_mo_finetune_changes_no_global_rng_and_caches_per_model(monkeypatch):
+    from defenses import get_defense
+    from probing import load_model
+
+    toy = load_model("toy")
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    d = get_defense("mo_finetune", steps=2, batch_size=4)
+    tuned = d.model(toy)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert d.model(toy) is tuned  # cached for this model object ...
+    assert type(d._cache).__name__ == "WeakKeyDictionary"  # ... weakly: a new model never gets a stale entry
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "mechanisms", "--defenses", "sr_self_reminder",
+                             "--batch-size", "2", "--out", str(out)], env=env, cwd=os.getcwd(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "shards" / "baseline" / "00000" / "shard.json"
+    deadline = time.time() + 180
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].split("\r")[-1] == "interrupted: rerun the same command to resume"
+    assert "Traceback" not in err
+    assert not (out / ".lock").exists()  # the lock was released
