@@ -22,7 +22,8 @@ from . import EXPERIMENTS, options
 
 # Experiment modules are imported lazily; their one-line help is kept here so --help stays light.
 HELP = {
-    "demo": "the toy's test split under the baseline and every model-only defense",
+    "study": "the paper's whole analysis over a combined benchmark: --config study.toml or flags",
+    "demo": "the study on the embedded toy: baseline, defenses and ensembles on its test split",
     "mechanisms": "baseline plus a list of defenses on a dataset -> how each defense works",
     "ensembles": "pairs of defenses, '+' and '|', predicted and measured; Pareto plot",
     "layerwise": "the per-layer shift / separation decomposition of chosen defenses",
