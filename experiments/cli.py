@@ -69,6 +69,8 @@ def cmd_score(args) -> int:
 
 def _run_experiment(name: str, args) -> int:
     module = importlib.import_module(f"experiments.{name}")
+    if getattr(module, "INTRO", None) and getattr(args, "model", None) == "toy":
+        print("\n".join(module.INTRO))  # the demo says what the toy is before it runs
     module.run(args)
     out = Path(args.out)
     print((out / "report.md").read_text())

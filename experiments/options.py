@@ -37,6 +37,12 @@ def add_common(p: argparse.ArgumentParser, name: str, defenses: str | None = DEF
 
 def demo(p):
     add_common(p, "demo", defenses=DEMO_DEFENSES)
+    p.add_argument("--ensembles", default=None,
+                   help="comma-separated ensemble expressions (default: sr_self_reminder+mo_finetune and "
+                        "qr_caption_no_image|sr_self_reminder, those whose members are in --defenses)")
+    p.add_argument("--generation-check", type=int, default=16,
+                   help="queries answered greedily to cross-check the readout (0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per answer in the generation check")
     p.set_defaults(n_boot=500, batch_size=8)
 
 
