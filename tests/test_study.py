@@ -227,3 +227,17 @@ def test_score_table_to_pandas():
                                     "p_refuse"]
     assert df.condition.tolist() == ["x", "x"] and df.p_refuse.iloc[0] == pytest.approx(1 / (1 + np.exp(-1)))
     assert df.dataset.isna().tolist() == [False, True] and not df.has_image.iloc[0]
+
+
+def test_example_configs_parse():
+    from experiments import study_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for name in ("study.toml", "study_cpu.toml"):
+        cfg = study_config.build(study_config.read_file(examples / name), name)
+        assert cfg.defenses and cfg.ensembles and len(cfg.datasets) == 2
+    gpu = study_config.build(study_config.read_file(examples / "study.toml"), "study.toml")
+    assert gpu.model == "llava-hf/llava-1.5-7b-hf" and gpu.prompt_format == "llava_v1"
+    assert gpu.defense_params["mo_finetune"]["lora"] is True
+    wordings = study_config.read_prompts(examples / "prompts.toml")
+    assert {w["kind"] for w in wordings.values()} == {"sr", "qr"}
