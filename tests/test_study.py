@@ -241,3 +241,19 @@ def test_example_configs_parse():
     assert gpu.defense_params["mo_finetune"]["lora"] is True
     wordings = study_config.read_prompts(examples / "prompts.toml")
     assert {w["kind"] for w in wordings.values()} == {"sr", "qr"}
+
+
+def test_flags_override_the_config_file(tmp_path):
+    from experiments.cli import build_parser
+    from experiments import study_config
+
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('model = "toy"\nn_boot = 10\ndefenses = ["sr_self_reminder"]\n[[datasets]]\nname = "toy"\n')
+    args = build_parser().parse_args(["study", "--config", str(cfg), "--model", "tiny-random", "--dataset",
+                                      "mossbench:/x", "--dataset", "mmsafetybench:/y", "--limit", "6",
+                                      "--prompt-format", "llava_v1"])
+    c = study_config.from_args(args)
+    assert (c.model, c.n_boot, c.defenses, c.prompt_format) == ("tiny-random", 10, ["sr_self_reminder"], "llava_v1")
+    assert [(d["name"], d["limit"], d["skip_missing"]) for d in c.datasets] == [("mossbench", 6, True),
+                                                                                ("mmsafetybench", 6, True)]
+    assert c.datasets[1]["subset"] == "tiny" and c.datasets[0]["root"] == "/x"
