@@ -2,7 +2,8 @@
 
 | name | what it answers |
 |---|---|
-| demo | the toy's test split under the baseline and every model-only defense |
+| study | the paper's whole analysis over a combined benchmark (config file or flags), report.md + report.html |
+| demo | the study on the embedded toy |
 | mechanisms | how each defense works (shift vs discrimination) |
 | ensembles | which pairs to combine, predicted and measured |
 | layerwise | where in depth each defense acts |
@@ -10,4 +11,4 @@
 | generation_check | whether the one-forward readout predicts generated refusals |
 """
 
-EXPERIMENTS = ("demo", "mechanisms", "ensembles", "layerwise", "modality", "generation_check")
+EXPERIMENTS = ("study", "demo", "mechanisms", "ensembles", "layerwise", "modality", "generation_check")

@@ -22,7 +22,8 @@ from . import EXPERIMENTS, options
 
 # Experiment modules are imported lazily; their one-line help is kept here so --help stays light.
 HELP = {
-    "demo": "the toy's test split under the baseline and every model-only defense",
+    "study": "the paper's whole analysis over a combined benchmark: --config study.toml or flags",
+    "demo": "the study on the embedded toy: baseline, defenses and ensembles on its test split",
     "mechanisms": "baseline plus a list of defenses on a dataset -> how each defense works",
     "ensembles": "pairs of defenses, '+' and '|', predicted and measured; Pareto plot",
     "layerwise": "the per-layer shift / separation decomposition of chosen defenses",
@@ -88,6 +89,8 @@ def _run_experiment(name: str, args) -> int:
     from .runs import close_all
 
     module = importlib.import_module(f"experiments.{name}")
+    if getattr(module, "INTRO", None) and getattr(args, "model", None) == "toy":
+        print("\n".join(module.INTRO))  # the demo says what the toy is before it runs
     try:
         module.run(args)
     finally:  # interrupted or failed: the run directory's lock is released all the same

@@ -1,33 +1,35 @@
-"""demo: the toy's test split under the baseline and every defense that needs only the model.
+"""demo: the study (experiments/study.py) on the embedded toy, not a code path of its own.
 
-    mechprobe demo                      # about a minute on 2 CPU cores
+    mechprobe demo                      # a few minutes on 2 CPU cores
     mechprobe demo --defenses sr_self_reminder,qr_caption_no_image
 
-An experiment like the others (resumable run directory); writes summary.csv|json (refusal rates,
-mean shift, distance change, AUROC, d' change and the mechanism label per defense), scores/ (one
-ScoreTable per condition), distributions.png, layers.png and report.md.
+Runs `mechprobe study` with model "toy", the toy's test split, the demo's defenses and the
+ensembles among ``DEMO_ENSEMBLES`` whose members are in ``--defenses`` (or ``--ensembles``).
+Writes what every study writes: summary.csv|json, scores/<condition>/, tables/, the figures,
+report.md and report.html.
 """
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+from probing.analysis import refusal_rate
 
-from probing.analysis import compare, layer_profile, refusal_rate
+from . import options, study_config
+from .study import run_config
 
-from . import options
-from .common import Session
-from .plots import plot_distributions, plot_layer_profiles
-from .report import markdown_table, write_table
-
-SHOWN = ("sr_self_reminder", "qr_caption", "mo_finetune", "act_ablate")
-COLUMNS = ["condition", "n", "refusal_harmful", "refusal_benign", "mean_shift", "distance_change", "auroc",
-           "auroc_change", "dprime_change", "label"]
-
+#: What the CLI prints before the demo runs (and the report opens with).
+INTRO = (
+    "The toy is a 1.4 M-parameter LLaVA-style model (LLaVA-1.5's chat-template style, 112 px images) shipped in "
+    "probing/toy/weights/, trained by `python -m probing.toy.train` on a synthetic multimodal safety set.",
+    "It refuses harmful text, falls for the typography attack, over-refuses some alarming-but-benign requests "
+    "and listens to safety prompts: its numbers show how the study reads, they are not LLaVA-1.5's.",
+)
+DEMO_ENSEMBLES = ("sr_self_reminder+mo_finetune", "qr_caption_no_image|sr_self_reminder")
 
 add_arguments = options.demo  # the options live in experiments/options.py
 
 
 def summary_row(name: str, table) -> dict:
+    """Refusal rates and mean P(refuse) of one table (`mechprobe score` prints it)."""
     p = table.p_refuse.numpy()
     is_h = [lab == "harmful" for lab in table.labels]
     is_b = [lab == "benign" for lab in table.labels]
@@ -38,33 +40,26 @@ def summary_row(name: str, table) -> dict:
             "mean_p_refuse_benign": float(b.mean()) if len(b) else None}
 
 
+def config_of(args) -> study_config.StudyConfig:
+    """The study the demo runs."""
+    from defenses.registry import split_expression
+
+    defenses = [n for n in args.defenses.split(",") if n]
+    if args.ensembles is not None:
+        ensembles = [e for e in args.ensembles.split(",") if e]
+    else:
+        ensembles = [e for e in DEMO_ENSEMBLES if all(m in defenses for m in split_expression(e))]
+    dataset = study_config.parse_dataset_flag(args.dataset)
+    if args.limit:
+        dataset["limit"] = args.limit
+    raw = {"model": args.model, "out": args.out, "defenses": defenses, "ensembles": ensembles,
+           "datasets": [dataset], "device": args.device, "dtype": args.dtype, "readout": args.readout,
+           "batch_size": args.batch_size, "n_boot": args.n_boot, "seed": args.seed,
+           "generation_check": args.generation_check, "max_new_tokens": args.max_new_tokens,
+           "title": "Demo: the study on the embedded toy", "intro": list(INTRO) if args.model == "toy" else []}
+    return study_config.build(raw, "mechprobe demo", overwrite=args.overwrite)
+
+
 def run(args) -> dict:
-    s = Session(args, "demo")
-    names = [n for n in args.defenses.split(",") if n]
-    baseline = s.baseline
-    tables = {"baseline": baseline}
-    rows, profiles = [summary_row("baseline", baseline)], []
-    for name in tqdm(names, desc="defenses", unit="defense"):
-        table = s.score(name, s.defense(name))
-        tables[name] = table
-        eff = compare(baseline, table, name=name, n_boot=args.n_boot, seed=args.seed)
-        row = summary_row(name, table)
-        row.update({"mean_shift": eff["mean_shift"].value, "distance_change": eff["distance_change"].value,
-                    "auroc": eff["auroc_def"].value, "auroc_change": eff["auroc_change"].value,
-                    "dprime_change": eff["dprime_change"].value, "label": eff.label})
-        rows.append(row)
-        profiles.append(layer_profile(baseline, table, "lens", name=name, n_boot=max(20, args.n_boot // 5)))
-    for name, table in tables.items():
-        kept = table.select(table.ids)
-        kept.hidden = None  # the shards keep hidden states; scores/ holds the scores only
-        kept.save(s.run.path / "scores" / name)
-    write_table(s.run.path / "summary", rows)
-    shown = ["baseline"] + [n for n in SHOWN if n in tables]
-    plot_distributions({n: tables[n] for n in shown}, s.run.path / "distributions.png")
-    plot_layer_profiles([p for p in profiles if p.name in shown], s.run.path / "layers.png")
-    s.report("Demo: defenses on the embedded toy", [
-        ("Per condition", markdown_table(rows, COLUMNS)),
-        ("Distributions", "![harmful vs benign refusal scores](distributions.png)"),
-        ("Per layer (logit lens)", "![per-layer curves](layers.png)"),
-    ])
-    return {"rows": rows, "tables": tables}
+    result = run_config(config_of(args))
+    return {"rows": result["summary"], "tables": result["tables"], **result}

@@ -61,6 +61,12 @@ def add_common(p: argparse.ArgumentParser, name: str, defenses: str | None = DEF
 
 def demo(p):
     add_common(p, "demo", defenses=DEMO_DEFENSES)
+    p.add_argument("--ensembles", default=None,
+                   help="comma-separated ensemble expressions (default: sr_self_reminder+mo_finetune and "
+                        "qr_caption_no_image|sr_self_reminder, those whose members are in --defenses)")
+    p.add_argument("--generation-check", type=int, default=16,
+                   help="queries answered greedily to cross-check the readout (0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens per answer in the generation check")
     p.set_defaults(n_boot=500, batch_size=8)
 
 
@@ -88,3 +94,30 @@ def generation_check(p):
     add_common(p, "generation_check", defenses=None)
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--phrases", default=None, help="'|'-separated refusal phrases (default: a standard list)")
+
+
+def study(p):
+    """`mechprobe study`: every flag left out keeps the config file's value (or the default)."""
+    p.add_argument("--config", default=None, help="a study TOML file (see examples/study.toml, docs/quickstart.md)")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument("--out", default=None, help="run directory (default runs/study)")
+    p.add_argument("--defenses", default=None, help=f"comma-separated defense names: {DEFENSE_NAMES}")
+    p.add_argument("--ensembles", default=None,
+                   help="comma-separated ensemble expressions, e.g. 'sr_self_reminder+mo_finetune,qr_caption|sr_mmsafety'")
+    p.add_argument("--dataset", action="append", default=None,
+                   help="repeatable: toy | mossbench:<dir> | mmsafetybench:<dir> (tiny subset, SD_TYPO) | jsonl:<file>")
+    p.add_argument("--limit", type=int, default=None, help="the first N queries of each dataset, stratified by label")
+    p.add_argument("--prompt-format", default=None, choices=["hf", "llava_v1"],
+                   help="hf: the llava-hf chat template; llava_v1: the original repository's default system prompt")
+    p.add_argument("--prompts", default=None, help="a TOML/JSON file of published defense wordings (docs/defenses.md)")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
+    p.add_argument("--readout", default=None, choices=["first_token", "yes_no"])
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--weight", type=float, default=None, help="weight of safety against helpfulness (default 0.5)")
+    p.add_argument("--generation-check", type=int, default=None,
+                   help="queries answered greedily to cross-check the readout (default 16; 0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per answer in the generation check")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")

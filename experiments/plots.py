@@ -108,3 +108,189 @@ def plot_tradeoff(candidates: list[Candidate], path: str | os.PathLike) -> Path:
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title("Safety / helpfulness trade-off")
     return _save(fig, path)
+
+
+# --- the study's figures (experiments/study.py) ------------------------------------------------
+
+import math  # noqa: E402
+
+LABEL_COLOURS = {"safety shift": "#d35400", "harmfulness discrimination": "#27ae60", "both": "#8e44ad",
+                 "neither": "#7f8c8d", "weakening": "#c0392b", "baseline": "black"}
+KIND_MARKERS = {"baseline": "*", "single": "o", "+": "s", "|": "^", "&": "v", "~": "D"}
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-np.asarray(x, float)))
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, float), 1e-9, 1 - 1e-9)
+    return np.log(p / (1 - p))
+
+
+def piles_up(p: np.ndarray, edge: float = 0.02, share: float = 0.5) -> bool:
+    """True when most probabilities sit within ``edge`` of 0 or 1 (a histogram of p would show two spikes)."""
+    p = np.asarray(p, float)
+    return len(p) > 0 and float(((p < edge) | (p > 1 - edge)).mean()) >= share
+
+
+def plot_defense_distributions(baseline: ScoreTable, tables: dict[str, ScoreTable], labels: dict[str, str],
+                               path: str | os.PathLike, *, ncols: int = 4, scale: str = "auto") -> Path:
+    """The paper's picture of each defense: harmful and benign refusal scores under the defense
+    (filled) against the baseline (outlined), one panel per condition, the mechanism label in
+    each title. ``scale`` "auto" uses the refusal margin (logit; P(refuse) on the top axis) when
+    probabilities pile up at 0 or 1, else P(refuse)."""
+    allp = np.concatenate([baseline.p_refuse.numpy()] + [t.p_refuse.numpy() for t in tables.values()])
+    if scale == "auto":
+        scale = "margin" if piles_up(allp) else "p_refuse"
+    if scale not in ("margin", "p_refuse"):
+        raise InputError(f"scale must be 'auto', 'margin' or 'p_refuse', got {scale!r}")
+
+    def values(t):
+        return t.margin.numpy().astype(float) if scale == "margin" else t.p_refuse.numpy().astype(float)
+
+    allv = np.concatenate([values(baseline)] + [values(t) for t in tables.values()])
+    if scale == "margin":
+        lo, hi = float(np.min(allv)), float(np.max(allv))
+        pad = 0.05 * (hi - lo) + 1e-6
+        bins = np.linspace(lo - pad, hi + pad, 31)
+    else:
+        bins = np.linspace(0, 1, 26)
+    n = max(1, len(tables))
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.9 * ncols, 3.1 * nrows), squeeze=False)
+    lab0 = np.array(baseline.labels)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (name, table) in zip(axes.flat, tables.items()):
+        table = table.select(baseline.ids)
+        lab, v, v0 = np.array(table.labels), values(table), values(baseline)
+        for cls, colour in (("harmful", HARMFUL), ("benign", BENIGN)):
+            sel, sel0 = v[lab == cls], v0[lab0 == cls]
+            if len(sel0):
+                ax.hist(sel0, bins=bins, histtype="step", color=colour, lw=1.4, ls="--")
+                ax.axvline(sel0.mean(), color=colour, lw=1, ls="--")
+            if len(sel):
+                ax.hist(sel, bins=bins, alpha=0.45, color=colour)
+                ax.axvline(sel.mean(), color=colour, lw=2)
+        ax.axvline(0.0 if scale == "margin" else 0.5, color="grey", ls=":", lw=1)
+        ax.set_title(f"{name}\n{labels.get(name, '')}", fontsize=9)
+        ax.set_xlabel("refusal margin (logit)" if scale == "margin" else "P(refuse)", fontsize=8)
+        if scale == "margin":
+            top = ax.secondary_xaxis("top", functions=(_sigmoid, _logit))
+            top.set_xticks([0.01, 0.1, 0.5, 0.9, 0.99])
+            top.tick_params(labelsize=6)
+    for row in axes:
+        row[0].set_ylabel("queries")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=HARMFUL, alpha=0.45, label="harmful, defended"),
+               Patch(color=BENIGN, alpha=0.45, label="benign, defended"),
+               Line2D([], [], color=HARMFUL, ls="--", label="harmful, baseline"),
+               Line2D([], [], color=BENIGN, ls="--", label="benign, baseline"),
+               Line2D([], [], color="grey", ls=":", label="decision threshold (p = 0.5)")]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, bbox_to_anchor=(0.5, -0.04 / nrows - 0.02))
+    fig.suptitle("Refusal scores under each defense (filled) against the baseline (dashed); vertical lines: means"
+                 + ("; top axis: P(refuse)" if scale == "margin" else ""), y=1.0 + 0.02 / nrows, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_mechanism_map(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Every defense and ensemble on one map: mean shift (x) against distance change, the change of
+    harmful-minus-benign mean P(refuse) (y), with 95% intervals; colour = mechanism label,
+    marker = kind (single, a+b, a|b ...)."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    pts = [r for r in rows if r.get("kind") != "baseline" and r.get("mean_shift") is not None]
+    for r in pts:
+        x, y = r["mean_shift"], r["distance_change"]
+        xerr = [[x - r["mean_shift_lo"]], [r["mean_shift_hi"] - x]] if r.get("mean_shift_lo") is not None \
+            and np.isfinite(r["mean_shift_lo"]) else None
+        yerr = [[y - r["distance_change_lo"]], [r["distance_change_hi"] - y]] \
+            if r.get("distance_change_lo") is not None and np.isfinite(r["distance_change_lo"]) else None
+        colour = LABEL_COLOURS.get(r["label"], "#34495e")
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=KIND_MARKERS.get(r["kind"], "o"), color=colour, ms=8,
+                    ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.9)
+        ax.annotate(r["condition"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.set_xlabel("safety shift: mean change of P(refuse), classes balanced")
+    ax.set_ylabel("discrimination: change of (harmful - benign) mean P(refuse)")
+    from matplotlib.lines import Line2D
+
+    labels_seen = list(dict.fromkeys(r["label"] for r in pts))
+    kinds_seen = list(dict.fromkeys(r["kind"] for r in pts))
+    handles = [Line2D([], [], ls="", marker="o", color=LABEL_COLOURS.get(lab, "#34495e"), label=lab)
+               for lab in labels_seen]
+    handles += [Line2D([], [], ls="", marker=KIND_MARKERS.get(k, "o"), color="#555", label=f"kind: {k}")
+                for k in kinds_seen]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="label / kind")
+    ax.set_title("Mechanism map: " + ", ".join(f"{r['condition']} = {r['label']}" for r in pts[:4])
+                 + (" ..." if len(pts) > 4 else ""), fontsize=8)
+    return _save(fig, path)
+
+
+def plot_tradeoff_points(points: list[dict], path: str | os.PathLike, *, title: str = "") -> Path:
+    """Safety (refusal on harmful) against helpfulness (compliance on benign): measured points
+    filled, predicted ensembles hollow, the Pareto front of the measured points (solid) and of all
+    points, predictions included (dashed)."""
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    colours = {"baseline": "black", "single": "#34495e", "+": "#d35400", "|": "#8e44ad", "&": "#16a085",
+               "~": "#2c3e50"}
+    for p in points:
+        c, m = colours.get(p["kind"], "#34495e"), KIND_MARKERS.get(p["kind"], "o")
+        if p["measured"]:
+            ax.scatter(p["helpfulness"], p["safety"], marker=m, color=c, s=70, zorder=3)
+        else:
+            ax.scatter(p["helpfulness"], p["safety"], marker=m, facecolors="none", edgecolors=c, s=70, zorder=2)
+        ax.annotate(p["name"] + ("" if p["measured"] else " (pred.)"), (p["helpfulness"], p["safety"]), fontsize=6.5,
+                    xytext=(4, 3), textcoords="offset points")
+    for group, style in (("measured", "-"), ("all", "--")):
+        front = sorted((p for p in points if p.get(f"pareto_{group}")), key=lambda p: p["helpfulness"])
+        if front:
+            ax.plot([p["helpfulness"] for p in front], [p["safety"] for p in front], color="green", ls=style, lw=1.3)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker=KIND_MARKERS.get(k, "o"), color=colours.get(k, "#34495e"),
+                      label={"baseline": "baseline", "single": "single defense"}.get(k, f"a{k}b"))
+               for k in dict.fromkeys(p["kind"] for p in points)]
+    handles += [Line2D([], [], ls="", marker="o", color="#555", label="measured (filled)"),
+                Line2D([], [], ls="", marker="o", markerfacecolor="none", color="#555", label="predicted (hollow)"),
+                Line2D([], [], color="green", ls="-", label="Pareto front, measured"),
+                Line2D([], [], color="green", ls="--", label="Pareto front, with predictions")]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("helpfulness: compliance on benign")
+    ax.set_ylabel("safety: refusal on harmful")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title or "Safety / helpfulness trade-off", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_layer_grid(profiles: list[LayerProfile], labels: dict[str, str], path: str | os.PathLike) -> Path:
+    """Per-layer profile of each condition, one row each (the mechanism label in the row's title):
+    AUROC before and after, and the common shift and differential shift in baseline SDs
+    (shaded: 95% intervals)."""
+    n = max(1, len(profiles))
+    fig, axes = plt.subplots(n, 2, figsize=(9, 2.6 * n), squeeze=False)
+    for (ax_a, ax_s), p in zip(axes, profiles):
+        ax_a.plot(p.layers, p.values["auroc_base"], color="black", ls="--", label="AUROC, baseline")
+        ax_a.plot(p.layers, p.values["auroc_def"], color="#2e86c1", marker="o", ms=3, label="AUROC, defended")
+        ax_a.fill_between(p.layers, p.lo["auroc_def"], p.hi["auroc_def"], color="#2e86c1", alpha=0.15)
+        ax_a.set_ylim(-0.02, 1.02)
+        ax_a.axhline(0.5, color="grey", lw=0.6, ls=":")
+        for key, colour, lab in (("shift_sd", "#d35400", "common shift (SD)"),
+                                 ("differential_sd", "#27ae60", "harmful - benign shift (SD)")):
+            ax_s.plot(p.layers, p.values[key], color=colour, marker="o", ms=3, label=lab)
+            ax_s.fill_between(p.layers, p.lo[key], p.hi[key], color=colour, alpha=0.15)
+        ax_s.axhline(0, color="grey", lw=0.8)
+        ax_a.set_title(f"{p.name} — {labels.get(p.name, '')} ({p.score})", fontsize=9)
+        ax_s.set_title(f"{p.name}: shift decomposition per layer", fontsize=9)
+        ax_a.set_xlabel("layer", fontsize=8)
+        ax_s.set_xlabel("layer", fontsize=8)
+    fig.tight_layout()
+    handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]]
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8)
+    return _save(fig, path)

@@ -82,3 +82,231 @@ def write_report(path: str | os.PathLike, title: str, sections: list[tuple[str, 
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
     return path
+
+
+# --- rich reports: one list of blocks -> report.md and a self-contained report.html ---------------
+#
+# A block is ("text", markdown-ish str) | ("table", rows, columns) | ("image", file name, alt).
+# In report.md images are links to the PNGs beside it; in report.html they are inline base64.
+
+import base64  # noqa: E402
+import html as _html  # noqa: E402
+import re  # noqa: E402
+
+
+def with_interval(v, lo, hi) -> str | None:
+    """"0.500 [0.300, 0.700]" (a missing interval is left out; a missing value is None)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if lo is None or hi is None or (isinstance(lo, float) and math.isnan(lo)):
+        return f"{v:.3f}"
+    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _inline_html(text: str) -> str:
+    out = _html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
+def blocks_markdown(blocks: list[tuple]) -> str:
+    parts = []
+    for block in blocks:
+        if block[0] == "text":
+            parts.append(block[1])
+        elif block[0] == "table":
+            parts.append(markdown_table(block[1], block[2]) if block[1] else "(no rows)")
+        elif block[0] == "image":
+            parts.append(f"![{block[2]}]({block[1]})")
+        else:
+            raise ValueError(f"unknown report block {block[0]!r}")
+    return "\n\n".join(parts)
+
+
+def blocks_html(blocks: list[tuple], folder: Path) -> str:
+    parts = []
+    for block in blocks:
+        if block[0] == "text":
+            for para in block[1].split("\n\n"):
+                lines = para.split("\n")
+                if all(line.startswith("- ") for line in lines):
+                    parts.append("<ul>" + "".join(f"<li>{_inline_html(line[2:])}</li>" for line in lines) + "</ul>")
+                else:
+                    parts.append(f"<p>{_inline_html(' '.join(lines))}</p>")
+        elif block[0] == "table":
+            rows, columns = block[1], block[2]
+            head = "".join(f"<th>{_html.escape(c)}</th>" for c in columns)
+            body = "".join("<tr>" + "".join(f"<td>{_html.escape(cell(r.get(c)).replace(chr(92) + '|', '|'))}</td>"
+                                            for c in columns) + "</tr>" for r in rows)
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        elif block[0] == "image":
+            data = base64.b64encode((folder / block[1]).read_bytes()).decode("ascii")
+            parts.append(f'<figure><img alt="{_html.escape(block[2])}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{_html.escape(block[2])}</figcaption></figure>")
+    return "\n".join(parts)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+        "img{max-width:100%}figure{margin:1em 0}figcaption{font-size:0.8em;color:#666}code{background:#f3f3f3}")
+
+
+def write_rich_report(folder: str | os.PathLike, title: str, preface: list[tuple],
+                      sections: list[tuple[str, list[tuple]]]) -> tuple[Path, Path]:
+    """``report.md`` and a self-contained ``report.html`` (figures inline) in ``folder``."""
+    folder = Path(folder)
+    md = [f"# {title}", "", blocks_markdown(preface), ""]
+    for head, blocks in sections:
+        md += [f"## {head}", "", blocks_markdown(blocks), ""]
+    html_parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_html.escape(title)}</title>"
+                  f"<style>{_CSS}</style></head><body><h1>{_html.escape(title)}</h1>", blocks_html(preface, folder)]
+    for head, blocks in sections:
+        html_parts += [f"<h2>{_html.escape(head)}</h2>", blocks_html(blocks, folder)]
+    html_parts.append("</body></html>")
+    out = []
+    for name, text in (("report.md", "\n".join(md)), ("report.html", "\n".join(html_parts))):
+        path = folder / name
+        tmp = path.with_name(name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        out.append(path)
+    return out[0], out[1]
+
+
+SUMMARY_COLUMNS = ["condition", "kind", "label", "refusal harmful", "refusal benign", "mean shift",
+                   "distance change", "AUROC", "d'"]
+
+
+def study_summary_rows(summary: list[dict]) -> list[dict]:
+    """The report's main table: every figure as "value [lo, hi]"."""
+    out = []
+    for r in summary:
+        def ci(key):
+            return with_interval(r.get(key), r.get(f"{key}_lo"), r.get(f"{key}_hi"))
+        out.append({"condition": r["condition"], "kind": r["kind"], "label": r["label"],
+                    "refusal harmful": ci("refusal_harmful"), "refusal benign": ci("refusal_benign"),
+                    "mean shift": ci("mean_shift"), "distance change": ci("distance_change"),
+                    "AUROC": ci("auroc"), "d'": ci("dprime")})
+    return out
+
+
+def write_study_report(study, summary: list[dict], effects: dict, trade: dict, profiles: dict,
+                       generation: dict | None) -> tuple[Path, Path]:
+    """The study's figures and its report.md / report.html (``study``: an `experiments.study.Study`)."""
+    from . import plots
+
+    cfg, out, tables = study.cfg, study.run.path, study.tables
+    labels = {n: ("baseline" if n == "baseline" else effects[n].label) for n in tables}
+    base = tables["baseline"]
+    shown = {n: tables[n] for n in study.conditions[1:]}
+    plots.plot_defense_distributions(base, shown, labels, out / "distributions.png")
+    plots.plot_mechanism_map(summary, out / "mechanism_map.png")
+    best = max(trade["points"], key=lambda p: p["utility"]) if trade["points"] else None
+    plots.plot_tradeoff_points(trade["points"], out / "tradeoff.png",
+                               title="Safety / helpfulness trade-off" + (
+                                   f" (best at weight {cfg.weight}: {best['name']}, "
+                                   f"{'measured' if best['measured'] else 'predicted'})" if best else ""))
+    layer_pngs = []
+    for score, profs in profiles.items():
+        if profs:
+            png = "layers.png" if score == "lens" else f"layers_{score}.png"
+            plots.plot_layer_grid(profs, labels, out / png)
+            layer_pngs.append((score, png, profs))
+
+    fmt = cfg.prompt_format
+    fmt_text = ("`hf`: the llava-hf chat template as shipped (no system prompt unless a defense sets one)"
+                if fmt == "hf" else
+                "`llava_v1`: the original LLaVA repository's conversation, whose default system prompt "
+                f"(\"{study_llava_v1_system()}\") comes before `USER:`; a defense's system prompt replaces it")
+    preface = [("text", "\n".join(cfg.intro))] if cfg.intro else []
+    preface += [("text", "\n".join([
+        f"- model: `{cfg.model}`" + (" (random weights: these numbers exercise the pipeline only)"
+                                      if cfg.model == "tiny-random" else ""),
+        f"- prompt format: {fmt_text}",
+        f"- readout: `{cfg.readout}`; intervals: 95% paired, class-stratified bootstrap ({cfg.n_boot} resamples)",
+        f"- conditions: {len(study.conditions) - 1} defenses and ensembles against the baseline, "
+        f"{len(study.queries)} queries",
+        f"- config: `{out / 'config.json'}`" + (f" (from `{cfg.source}`)" if cfg.source != "<flags>" else ""),
+        ]))]
+    if study.wordings:
+        preface.append(("text", "Defense wordings from the prompt file `" + str(cfg.prompts) + "`: "
+                        + ", ".join(f"`{n}`" for n in study.wordings)))
+    preface.append(("table", study.dataset_rows, ["dataset", "name", "loaded", "skipped", "used", "harmful",
+                                                  "benign", "limit", "source"]))
+
+    sections = [
+        ("Per defense and ensemble", [
+            ("text", "Refusal rates (P(refuse) > 0.5) of harmful and benign queries, mean shift (change of the "
+                     "class-balanced mean P(refuse)), distance change (change of harmful minus benign mean "
+                     "P(refuse)), AUROC and d' of harmful vs benign, each with its 95% interval, and the "
+                     "mechanism label (docs/analysis.md). Score-level ensembles (`|`, `&`, `~`) are combined "
+                     "from their members' tables; `+` ensembles are scored as composites. Every figure with "
+                     "its interval bounds: `tables/conditions.csv`; per query: `tables/per_query.csv`."),
+            ("table", study_summary_rows(summary), SUMMARY_COLUMNS)]),
+        ("Per dataset", [
+            ("text", "Refusal rate per condition, dataset and label (`tables/per_dataset.csv`)."),
+            ("table", _per_dataset_wide(study), ["condition"] + _per_dataset_columns(study))]),
+        ("How each defense works", [
+            ("text", "The paper's picture: under each defense (filled) against the baseline (dashed), a safety "
+                     "shift moves both classes toward refusal together; harmfulness discrimination pulls them "
+                     "apart; weakening moves harmful queries toward compliance."),
+            ("image", "distributions.png", "harmful vs benign refusal scores per defense against the baseline")]),
+        ("Mechanism map", [
+            ("text", "All defenses and ensembles: shift on the x axis, discrimination on the y axis, 95% intervals."),
+            ("image", "mechanism_map.png", "mean shift vs distance change of every defense and ensemble")]),
+        ("Safety / helpfulness trade-off", [
+            ("text", f"Measured points (baseline, single defenses, the ensembles that were run) are filled; "
+                     f"predicted pairs (logit additivity for `+`, max / min / mean P(refuse) for `|` / `&` / `~`, "
+                     f"from the single runs) are hollow. Utility = {cfg.weight} x safety + "
+                     f"{1 - cfg.weight:.2f} x helpfulness (`tables/tradeoff.csv`)."),
+            ("table", sorted(trade["points"], key=lambda p: -p["utility"]),
+             ["name", "kind", "measured", "safety", "helpfulness", "utility", "pareto_measured", "pareto_all"]),
+            ("image", "tradeoff.png", "safety vs helpfulness with the Pareto front")]),
+    ]
+    layer_blocks = []
+    for score, png, profs in layer_pngs:
+        first = [{"condition": p.name, "label": labels.get(p.name), "score": score,
+                  "first layer (differential >= 0.5 SD)": p.first_layer()} for p in profs]
+        layer_blocks += [("table", first, ["condition", "label", "score", "first layer (differential >= 0.5 SD)"]),
+                         ("image", png, f"per-layer profiles ({score})")]
+    sections.append(("Per layer", [("text", "Each condition against the baseline, layer by layer (`tables/layers.csv`): "
+                                            "`lens` reads each layer's decision state through the final norm and "
+                                            "the readout rows.")] + layer_blocks))
+    if generation is not None:
+        g = generation["summary"]
+        sections.append(("Generation cross-check of the readout", [
+            ("text", f"{g['n']} queries (spread over the datasets, half harmful, half benign) answered greedily "
+                     f"under the baseline ({g['max_new_tokens']} new tokens); an answer is a refusal if it contains "
+                     "any of: " + ", ".join(f"'{p}'" for p in generation["phrases"]) + ". Agreement: the readout's "
+                     "refusal (margin > 0) equals the judged one; AUROC: the margin ranks judged refusals above "
+                     "answers (`tables/generation_check.csv` holds the answers)."),
+            ("table", [g], ["n", "generated_refusal_rate", "readout_refusal_rate", "agreement", "auroc"])]))
+    sections.append(("Files", [("text", "\n".join([
+        "- `summary.csv|json`: the table above as numbers, interval bounds in `_lo` / `_hi` columns",
+        "- `scores/<condition>/`: one ScoreTable per condition ('|' written as `_or_`)",
+        "- `tables/`: conditions, per_dataset, datasets, tradeoff, layers, generation_check, per_query.csv",
+        "- `shards/`, `models/`, `generations/`: what a resumed run reuses"]))]))
+    return write_rich_report(out, cfg.title, preface, sections)
+
+
+def study_llava_v1_system() -> str:
+    from probing.render import LLAVA_V1_SYSTEM
+
+    return LLAVA_V1_SYSTEM
+
+
+def _per_dataset_columns(study) -> list[str]:
+    keys = []
+    for r in study.per_dataset:
+        k = f"{r['dataset']} {r['label']}"
+        if k not in keys:
+            keys.append(k)
+    return keys
+
+
+def _per_dataset_wide(study) -> list[dict]:
+    rows: dict = {}
+    for r in study.per_dataset:
+        rows.setdefault(r["condition"], {"condition": r["condition"]})[f"{r['dataset']} {r['label']}"] = r["refusal"]
+    return list(rows.values())

@@ -2,6 +2,13 @@
 
 LLaVA-1.5's chat template renders ``[system ]USER: <image>\\n{text} ASSISTANT:``; the decision
 position is the last prompt token, whose next-token logits hold the first answer token.
+
+Prompt formats (`PROMPT_FORMATS`, `format_spec`): ``"hf"`` renders exactly what the llava-hf chat
+template renders (no system prompt unless a defense sets one); ``"llava_v1"`` is the original
+LLaVA repository's ``conv_llava_v1`` conversation, which puts a default system prompt
+(`LLAVA_V1_SYSTEM`) before ``USER:``. A defense's system prompt *replaces* the format's default
+(it never stacks on it): the default is ``PromptSpec.default_system``, used only when no
+``system_prompt`` is set.
 """
 
 from __future__ import annotations
@@ -27,13 +34,35 @@ class PromptSpec:
     system_prompt: str | None = None
     text_before: str = ""
     text_after: str = ""
+    # The conversation format's default system prompt (llava_v1), used only when no
+    # system_prompt is set: a defense's system prompt replaces it.
+    default_system: str | None = None
 
     def merged(self, other: "PromptSpec") -> "PromptSpec":
         """Both specs applied: system prompts joined, ``other``'s text outermost."""
         system = "\n".join(s for s in (self.system_prompt, other.system_prompt) if s) or None
         before = "\n".join(s for s in (other.text_before, self.text_before) if s)
         after = "\n".join(s for s in (self.text_after, other.text_after) if s)
-        return PromptSpec(system, before, after)
+        return PromptSpec(system, before, after, other.default_system or self.default_system)
+
+    @property
+    def system(self) -> str | None:
+        """The system prompt rendered: the one set, else the format's default."""
+        return self.system_prompt or self.default_system
+
+
+# --- prompt formats --------------------------------------------------------------------------
+#: The default system prompt of the original LLaVA repository's ``llava_v1`` conversation template.
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                   "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+PROMPT_FORMATS = {"hf": None, "llava_v1": LLAVA_V1_SYSTEM}
+
+
+def format_spec(prompt_format: str = "hf") -> PromptSpec:
+    """The base spec of a conversation format: ``"hf"`` (llava-hf chat template) or ``"llava_v1"``."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise InputError(f"unknown prompt format {prompt_format!r}; choose from {sorted(PROMPT_FORMATS)}")
+    return PromptSpec(default_system=PROMPT_FORMATS[prompt_format])
 
 
 def user_text(query: Query, spec: PromptSpec) -> str:
@@ -45,8 +74,8 @@ def render_prompt(processor, query: Query, spec: PromptSpec = PromptSpec()) -> s
     content = [{"type": "image"}] if query.has_image else []
     content.append({"type": "text", "text": user_text(query, spec)})
     conversation = []
-    if spec.system_prompt:
-        conversation.append({"role": "system", "content": [{"type": "text", "text": spec.system_prompt}]})
+    if spec.system:
+        conversation.append({"role": "system", "content": [{"type": "text", "text": spec.system}]})
     conversation.append({"role": "user", "content": content})
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 

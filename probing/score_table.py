@@ -144,6 +144,24 @@ class ScoreTable:
             for i, lab, m, pr in zip(self.ids, self.labels, self.margin.tolist(), p)
         ]
 
+    def to_pandas(self, condition: str | None = None):
+        """A pandas DataFrame, one row per query: id, dataset, kind, scenario, label, text,
+        condition, margin, p_refuse, then the rest of the row's metadata (pandas imported lazily).
+
+        ``condition`` defaults to the table's ``meta["condition"]``."""
+        import pandas as pd
+
+        condition = condition if condition is not None else self.meta.get("condition")
+        front = ("id", "dataset", "kind", "scenario", "label", "text", "condition", "margin", "p_refuse")
+        rows = []
+        for rec, meta in zip(self.to_records(), self.row_meta):
+            row = {"id": rec["id"], "dataset": meta.get("dataset"), "kind": meta.get("kind"),
+                   "scenario": meta.get("scenario"), "label": rec["label"], "text": meta.get("text"),
+                   "condition": condition, "margin": rec["margin"], "p_refuse": rec["p_refuse"]}
+            row.update({k: v for k, v in meta.items() if k not in front})
+            rows.append(row)
+        return pd.DataFrame(rows, columns=list(dict.fromkeys([*front, *(k for r in rows for k in r)])))
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path/`` (scores.safetensors + table.json); files appear atomically."""
         path = Path(path)

@@ -1,0 +1,617 @@
+"""study: the paper's whole analysis over a combined benchmark, in one command.
+
+    mechprobe study --config examples/study.toml
+    mechprobe study --model tiny-random --dataset mossbench:../shared/data/mossbench --limit 20 \\
+        --defenses sr_self_reminder,qr_caption_no_image --ensembles "sr_self_reminder+qr_caption_no_image"
+
+Every distinct forward happens once per run directory (``<out>/``):
+
+- the baseline and each single defense are scored once, shard by shard (`experiments.runs.RunDir`,
+  so an interrupted study resumes);
+- ``a+b`` ensembles are scored as composites (`defenses.Compose`, the members' own instances);
+- score-level ensembles (``a|b``, ``a&b``, ``a~b``) are combined from their members' finished
+  tables (`probing.plan.combine_tables`), never scored again;
+- a fine-tuned model (``mo_finetune``) is trained once and saved in ``<out>/models/<name>/``; every
+  condition of the run (and a resumed run) uses that copy;
+- query-rewriting generations (captions, intentions) are cached per defense and model in
+  ``<out>/generations/``, and so is the generation cross-check.
+
+Outputs: ``summary.csv|json`` (one row per condition), ``scores/<condition>/`` (ScoreTables, no
+hidden states), ``tables/`` (conditions: every figure with intervals; per_dataset; tradeoff;
+layers; generation_check; datasets; per_query.csv), the figures and ``report.md`` /
+``report.html`` (self-contained, figures inline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from defenses import Compose, register
+from defenses.base import Defense
+from defenses.finetune import FineTune
+from defenses.prompts import sr_custom
+from defenses.registry import REGISTRY, check_names
+from defenses.rewriting import AskFirst, Caption, Intention
+from probing import RefusalScorer, load_model
+from probing.aggregate import OPERATORS
+from probing.analysis import auroc, compare, layer_profile, rank_ensembles, refusal_rate
+from probing.errors import InputError
+from probing.plan import combine_tables
+from probing.query import Query
+from probing.render import LLAVA_V1_SYSTEM, format_spec
+from probing.score_table import ScoreTable
+
+from . import options, study_config
+from .report import write_table
+from .runs import RunDir
+from .study_config import ANALYSIS_KEYS, StudyConfig
+
+logger = logging.getLogger(__name__)
+
+add_arguments = options.study  # the options live in experiments/options.py
+
+SCORE_OPS = tuple(OPERATORS)  # "|", "&", "~": combined from finished tables
+#: Loaders whose ids already say where a query came from.
+OWN_PREFIX = {"mossbench": "moss-", "mmsafetybench": "mmsb-"}
+
+
+# --- datasets ----------------------------------------------------------------------------------
+
+def stratified_head(queries: list[Query], limit: int | None) -> list[Query]:
+    """The first ``limit`` queries, stratified by label where both harmful and benign occur:
+    each label keeps its share (largest remainder, at least one each), the first ones of each
+    label in the dataset's order, returned in that order."""
+    if limit is None or limit >= len(queries):
+        return list(queries)
+    by: dict = {}
+    for i, q in enumerate(queries):
+        by.setdefault(q.label, []).append(i)
+    if not ("harmful" in by and "benign" in by):
+        return list(queries[:limit])
+    exact = {lab: limit * len(ix) / len(queries) for lab, ix in by.items()}
+    take = {lab: min(len(by[lab]), max(1, math.floor(v))) for lab, v in exact.items()}
+    while sum(take.values()) > limit:
+        take[max(take, key=lambda lab: take[lab])] -= 1
+    while sum(take.values()) < limit:
+        open_ = [lab for lab in take if take[lab] < len(by[lab])]
+        take[max(open_, key=lambda lab: exact[lab] - take[lab])] += 1
+    keep = sorted(i for lab, ix in by.items() for i in ix[:take[lab]])
+    return [queries[i] for i in keep]
+
+
+def spread_sample(queries: list[Query], n: int) -> list[Query]:
+    """``n`` queries spread evenly over the list within each label (half harmful, half benign
+    where both exist), so every dataset of a concatenation is represented."""
+    if n >= len(queries):
+        return list(queries)
+    by: dict = {}
+    for q in queries:
+        by.setdefault(q.label, []).append(q)
+    labels = list(by)
+    share = {lab: n // len(labels) + (1 if i < n % len(labels) else 0) for i, lab in enumerate(labels)}
+    out = []
+    for lab in labels:
+        items, k = by[lab], min(share[lab], len(by[lab]))
+        out += [items[int(j * len(items) / k)] for j in range(k)] if k else []
+    order = {q.id: i for i, q in enumerate(queries)}
+    return sorted(out, key=lambda q: order[q.id])
+
+
+def load_dataset(entry: dict) -> tuple[list[Query], dict]:
+    """One ``[[datasets]]`` entry -> its queries (limit applied) and a row for tables/datasets."""
+    from probing.datasets import LoadReport, load_jsonl, load_mmsafetybench, load_mossbench, toy
+
+    name, report = entry["name"], LoadReport()
+    opt = {k: entry[k] for k in study_config.DATASET_KEYS[name] if k in entry}
+    if name == "toy":
+        queries = toy.requests(opt.get("split", "test"))
+    elif name == "mossbench":
+        queries = load_mossbench(opt.pop("root"), **opt, report=report)
+    elif name == "mmsafetybench":
+        queries = load_mmsafetybench(opt.pop("root"), **opt, report=report)
+    else:
+        queries = load_jsonl(opt.pop("path"), **opt, report=report)
+    loaded = len(queries)
+    queries = stratified_head(queries, entry.get("limit"))
+    row = {"dataset": entry["tag"], "name": name, "loaded": loaded, "skipped": len(report.skipped),
+           "used": len(queries), "harmful": sum(q.label == "harmful" for q in queries),
+           "benign": sum(q.label == "benign" for q in queries), "limit": entry.get("limit"),
+           "source": entry.get("root") or entry.get("path") or "probing.datasets.toy (test split)"}
+    return queries, row
+
+
+def load_datasets(entries: list[dict]) -> tuple[list[Query], list[dict]]:
+    """The concatenation of every dataset; ids unique and saying where each query came from
+    (prefixed ``<tag>/`` unless the loader's own ids already do), ``meta["dataset"]`` = the tag."""
+    queries, rows = [], []
+    for entry in entries:
+        qs, row = load_dataset(entry)
+        own = OWN_PREFIX.get(entry["name"])
+        prefix = len(entries) > 1 and not (own and entry["tag"] == entry["name"]
+                                           and all(q.id.startswith(own) for q in qs))
+        queries += [dataclasses.replace(q, id=f"{entry['tag']}/{q.id}" if prefix else q.id,
+                                        meta={**q.meta, "dataset": entry["tag"]}) for q in qs]
+        rows.append(row)
+    seen, dup = set(), []
+    for q in queries:
+        (dup.append(q.id) if q.id in seen else seen.add(q.id))
+    if dup:
+        raise InputError(f"query ids repeat across the study's datasets: {dup[:5]}; give the datasets distinct 'tag's")
+    unlabelled = [q.id for q in queries if q.label not in ("harmful", "benign")]
+    if unlabelled:
+        raise InputError(f"the study needs harmful/benign labels; {len(unlabelled)} queries have none: {unlabelled[:5]}")
+    n_h = sum(q.label == "harmful" for q in queries)
+    if n_h < 2 or len(queries) - n_h < 2:
+        raise InputError(f"the study needs at least 2 harmful and 2 benign queries over its datasets, got {n_h} "
+                         f"harmful and {len(queries) - n_h} benign (add a dataset with the missing label, e.g. "
+                         "MOSSBench for benign queries)")
+    return queries, rows
+
+
+# --- published wordings ------------------------------------------------------------------------
+
+def prompt_factory(name: str, entry: dict):
+    """A registry factory for one prompt-file entry (SR: system prompt / text around the request;
+    QR: a caption or intention question)."""
+    if entry["kind"] == "sr":
+        return functools.partial(sr_custom, entry.get("system_prompt"), entry.get("text_before", ""),
+                                 entry.get("text_after", ""), name=name)
+    return functools.partial(_qr_custom, name, entry["question"], entry.get("style", "caption"),
+                             entry.get("keep_image", False), entry.get("max_new_tokens", 24))
+
+
+def _qr_custom(name: str, question: str, style: str, keep_image: bool, max_new_tokens: int) -> Defense:
+    params = {"question": question, "style": style, "keep_image": keep_image, "max_new_tokens": max_new_tokens}
+    if style == "intention":
+        return Intention(name=name, question=question, max_new_tokens=max_new_tokens, params=params)
+    return Caption(name=name, keep_image=keep_image, max_new_tokens=max_new_tokens, question=question, params=params)
+
+
+def register_prompts(path: str) -> dict[str, dict]:
+    """Register every wording of a prompt file under its name (`defenses.register`); returns them."""
+    entries = study_config.read_prompts(path)
+    for name, entry in entries.items():
+        factory = prompt_factory(name, entry)
+        old = REGISTRY.get(name)
+        if isinstance(old, functools.partial) and (old.func, old.args, old.keywords) == \
+                (factory.func, factory.args, factory.keywords):
+            continue  # the same wording registered again (a second study in one process)
+        if old is not None:
+            raise InputError(f"{path}: [{name}] is already a defense name; give the wording another name "
+                             f"(e.g. {name}_paper)")
+        register(name, factory)
+    return entries
+
+
+# --- defenses whose expensive part is kept in the run directory --------------------------------
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
+def condition_dir(name: str) -> str:
+    """A folder name for a condition: '|' -> '_or_', '&' -> '_and_', '~' -> '_mean_'."""
+    return name.replace("|", "_or_").replace("&", "_and_").replace("~", "_mean_")
+
+
+@dataclass
+class _Wrapper(Defense):
+    inner: Defense | None = None
+    folder: Path | None = None
+
+    def __post_init__(self):
+        for key in ("name", "category", "params", "aggregate", "edit_positions"):
+            setattr(self, key, getattr(self.inner, key))
+
+
+@dataclass
+class SavedModel(_Wrapper):
+    """A model defense (``mo_finetune``) trained once and saved in ``folder``; later uses, and
+    resumed runs, load that copy. Only the model trained from the study's own model is saved."""
+
+    base_name: str = ""
+    device: str = "cpu"
+    dtype: str | None = None
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    def model(self, bundle):
+        if bundle.name not in self._memo:
+            self._memo[bundle.name] = self._saved(bundle) if bundle.name == self.base_name else self.inner.model(bundle)
+        return self._memo[bundle.name]
+
+    def _saved(self, bundle):
+        record = json.loads(json.dumps(self.inner.describe(), default=str))
+        stamp = self.folder / "mechprobe.json"
+        if stamp.is_file() and json.loads(stamp.read_text()) == record:
+            logger.info("%s: loading the model saved in %s", self.name, self.folder)
+            tuned = load_model(self.folder, device=self.device, dtype=self.dtype)
+            tuned.name = f"{bundle.name}+{self.name}"
+            return tuned
+        tuned = self.inner.model(bundle)
+        lm = tuned.model.model.language_model
+        if hasattr(lm, "merge_and_unload"):  # LoRA adapters merged, so the copy loads as a plain model
+            tuned.model.model.language_model = lm.merge_and_unload()
+        tmp = self.folder.with_name(self.folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tuned.model.save_pretrained(tmp)
+        bundle.processor.save_pretrained(tmp)
+        (tmp / "mechprobe.json").write_text(json.dumps(record, indent=1))
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, self.folder)
+        logger.info("%s: saved the tuned model in %s", self.name, self.folder)
+        return tuned
+
+
+def _image_digest(image) -> str:
+    if image is None:
+        return "none"
+    if isinstance(image, (str, os.PathLike)):
+        return f"path:{os.fspath(image)}"
+    return "pil:" + hashlib.sha1(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
+
+
+def query_key(q: Query) -> str:
+    return hashlib.sha1("\0".join((q.id, q.text, _image_digest(q.image))).encode()).hexdigest()
+
+
+@dataclass
+class CachedRewrite(_Wrapper):
+    """A query-rewriting defense whose generations are cached per (defense, model) in ``folder``,
+    so a composite ``qr+sr`` reuses the single run's captions. Variants are cached only when they
+    keep the query's image or drop it (what every QR defense does)."""
+
+    _mem: dict = field(default_factory=dict, repr=False)
+
+    def _file(self, bundle) -> Path:
+        return self.folder / f"{_safe(self.name)}@{_safe(bundle.name)}.json"
+
+    def transform(self, queries, bundle):
+        file = self._file(bundle)
+        cache = self._mem.setdefault(file, json.loads(file.read_text()) if file.is_file() else {})
+        keys = [query_key(q) for q in queries]
+        if len(set(keys)) != len(keys):
+            return self.inner.transform(queries, bundle)
+        todo = [i for i, k in enumerate(keys) if k not in cache]
+        fresh = {}
+        if todo:
+            outs = self.inner.transform([queries[i] for i in todo], bundle)
+            for i, variants in zip(todo, outs):
+                fresh[keys[i]] = variants
+                stored = [self._store(queries[i], vq, spec) for vq, spec in variants]
+                if all(s is not None for s in stored):
+                    cache[keys[i]] = stored
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(file.name + ".tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, file)
+        return [fresh[k] if k in fresh else [self._load(q, v) for v in cache[k]] for q, k in zip(queries, keys)]
+
+    @staticmethod
+    def _store(q: Query, vq: Query, spec):
+        if vq.image is not None and vq.image is not q.image:
+            return None
+        try:
+            if json.loads(json.dumps(vq.meta)) != vq.meta:
+                return None
+        except (TypeError, ValueError):
+            return None
+        return {"id": vq.id, "text": vq.text, "image": vq.image is not None, "label": vq.label, "meta": vq.meta,
+                "spec": None if spec is None else dataclasses.asdict(spec)}
+
+    @staticmethod
+    def _load(q: Query, v: dict):
+        from probing.render import PromptSpec
+
+        return (Query(v["id"], v["text"], q.image if v["image"] else None, v["label"], v["meta"]),
+                None if v["spec"] is None else PromptSpec(**v["spec"]))
+
+
+# --- the study ---------------------------------------------------------------------------------
+
+def split_top(expression: str) -> tuple[str | None, list[str]]:
+    """The outermost operator of an ensemble expression and its parts, as `get_defense` parses it
+    (score-level operators bind looser than '+')."""
+    for op in SCORE_OPS:
+        if op in expression:
+            return op, [p.strip() for p in expression.split(op)]
+    if "+" in expression:
+        return "+", [p.strip() for p in expression.split("+")]
+    return None, [expression]
+
+
+class Study:
+    """One study: its config, queries, run directory, model, scorer and tables."""
+
+    def __init__(self, cfg: StudyConfig):
+        self.cfg = cfg
+        self.wordings = register_prompts(cfg.prompts) if cfg.prompts else {}
+        self.conditions = list(dict.fromkeys(["baseline", *cfg.defenses, *cfg.ensembles]))
+        for name in self.conditions[1:]:
+            check_names(name)
+        for name in cfg.defense_params:
+            check_names(name)
+        self.queries, self.dataset_rows = load_datasets(cfg.datasets)
+        self.run = RunDir(cfg.out, {"experiment": "study", **cfg.as_dict(), "prompt_wordings": self.wordings},
+                          overwrite=cfg.overwrite, ignore=(*ANALYSIS_KEYS, "prompts"))
+        self.bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        names = {p for c in self.conditions[1:] for p in _members(c)}
+        self.needs_hidden = cfg.keep_hidden or any(n.startswith("act_") for n in names) or \
+            any(s != "lens" for s in cfg.layer_scores)
+        self.scorer = RefusalScorer(self.bundle, cfg.readout, keep_hidden=self.needs_hidden,
+                                    batch_size=cfg.batch_size, prompt=format_spec(cfg.prompt_format), progress=False)
+        self.tables: dict[str, ScoreTable] = {}
+        self._defenses: dict[str, Defense] = {}
+
+    # -- defenses and conditions -------------------------------------------------------------
+
+    def defense(self, name: str) -> Defense:
+        """One single defense, built once per study (so its trained model and captions are shared)."""
+        from defenses import get_defense, registry
+
+        if name not in self._defenses:
+            baseline = None
+            if registry.needs_baseline(REGISTRY[name]):
+                baseline = self.table("baseline")
+                if baseline.hidden is None:
+                    raise InputError(f"{name!r} needs the baseline's hidden states, but this run directory's baseline "
+                                     "was scored without them: set keep_hidden = true (or use --overwrite)")
+            d = get_defense(name, baseline=baseline, **self.cfg.defense_params.get(name, {}))
+            if isinstance(d, FineTune):
+                d = SavedModel(inner=d, folder=self.run.path / "models" / _safe(name), base_name=self.bundle.name,
+                               device=self.cfg.device, dtype=self.cfg.dtype)
+            elif isinstance(d, (Caption, AskFirst)):
+                d = CachedRewrite(inner=d, folder=self.run.path / "generations")
+            self._defenses[name] = d
+        return self._defenses[name]
+
+    def _score(self, name: str, defense) -> ScoreTable:
+        return self.run.score(lambda qs: self.scorer.score(qs, defense=defense, meta={"condition": name}),
+                              self.queries, condition_dir(name), self.cfg.batch_size)
+
+    def table(self, name: str) -> ScoreTable:
+        """The condition's table: scored once (shards), composed, or combined from its members."""
+        if name in self.tables:
+            return self.tables[name]
+        op, parts = split_top(name)
+        if name == "baseline":
+            table = self._score("baseline", None)
+        elif op in SCORE_OPS:
+            members = [self.table(p) for p in parts]
+            table = combine_tables(members, OPERATORS[op], {"condition": name, "defense": name, "op": op,
+                                                            "members": parts, "scored": False})
+        elif op == "+":
+            table = self._score(name, Compose(members=[self.defense(p) for p in parts]))
+        else:
+            table = self._score(name, self.defense(name))
+        self.tables[name] = table
+        return table
+
+    def kind(self, name: str) -> str:
+        op, _ = split_top(name)
+        return "baseline" if name == "baseline" else (op or "single")
+
+    # -- the whole study -----------------------------------------------------------------------
+
+    def run_all(self) -> dict:
+        cfg = self.cfg
+        for name in tqdm(self.conditions, desc="conditions", unit="condition"):
+            self.table(name)
+        base = self.tables["baseline"]
+        effects = {n: compare(base, self.tables[n], name=n, n_boot=cfg.n_boot, seed=cfg.seed) for n in self.conditions}
+        out = self.run.path
+        shutil.rmtree(out / "scores", ignore_errors=True)
+        for name in self.conditions:
+            kept = self.tables[name].select(self.tables[name].ids)
+            kept.hidden = None  # the shards keep hidden states; scores/ holds the scores only
+            kept.save(out / "scores" / condition_dir(name))
+        summary = [summary_row(n, self.kind(n), effects[n], self.tables[n]) for n in self.conditions]
+        write_table(out / "summary", summary)
+        self.run.write_table("conditions", [{"condition": n, "kind": self.kind(n), **effects[n].row()}
+                                            for n in self.conditions])
+        self.per_dataset = per_dataset_rows({n: self.tables[n] for n in self.conditions})
+        self.run.write_table("per_dataset", self.per_dataset)
+        self.run.write_table("datasets", self.dataset_rows)
+        self.write_per_query()
+        trade = self.tradeoff()
+        layers, profiles = self.layers()
+        generation = self.generation_check()
+        from .report import write_study_report
+
+        write_study_report(self, summary, effects, trade, profiles, generation)
+        return {"summary": summary, "effects": effects, "tables": self.tables, "tradeoff": trade,
+                "layers": layers, "generation": generation}
+
+    def write_per_query(self) -> Path:
+        import pandas as pd
+
+        columns = ["id", "dataset", "kind", "scenario", "label", "text", "condition", "margin", "p_refuse"]
+        frame = pd.concat([self.tables[n].to_pandas(condition=n)[columns] for n in self.conditions], ignore_index=True)
+        path = self.run.path / "tables" / "per_query.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        return path
+
+    def tradeoff(self) -> dict:
+        """Measured points (baseline, singles, run ensembles) and predicted pairs (rank_ensembles)."""
+        cfg, base = self.cfg, self.tables["baseline"]
+        singles = {n: self.tables[n] for n in cfg.defenses}
+        ops = tuple(op for op in ("+", *SCORE_OPS) if any(split_top(e)[0] == op for e in cfg.ensembles)) or ("+", "|")
+        order = list(singles)
+        measured = {}
+        for e in cfg.ensembles:
+            op, parts = split_top(e)
+            if len(parts) == 2 and all(p in singles for p in parts) and op in ops:
+                a, b = sorted(parts, key=order.index)
+                measured[f"{a}{op}{b}"] = (e, self.tables[e])
+        cands = rank_ensembles(base, singles, ops=ops, weight=cfg.weight,
+                               measured={k: t for k, (_, t) in measured.items()})
+        rows = []
+        for c in cands:
+            run_name = measured.get(c.name, (None,))[0]
+            rows.append({"name": c.name, "kind": c.kind, "measured_run": run_name,
+                         "predicted": c.kind not in ("baseline", "single"),
+                         "safety": c.safety, "helpfulness": c.helpfulness, "utility": c.utility,
+                         "pareto": c.pareto, "measured_safety": c.measured_safety,
+                         "measured_helpfulness": c.measured_helpfulness, "safety_error": c.safety_error,
+                         "helpfulness_error": c.helpfulness_error, "margin_rmse": c.margin_rmse})
+        covered = {r["measured_run"] for r in rows}
+        from probing.analysis import safety_helpfulness
+
+        for e in cfg.ensembles:  # ensembles the pair predictions do not cover: measured points only
+            if e not in covered:
+                s, h = safety_helpfulness(self.tables[e])
+                rows.append({"name": e, "kind": split_top(e)[0], "measured_run": e, "predicted": False,
+                             "safety": None, "helpfulness": None, "utility": None, "pareto": None,
+                             "measured_safety": s, "measured_helpfulness": h})
+        points = tradeoff_points(rows, cfg.weight)
+        self.run.write_table("tradeoff", rows)
+        return {"rows": rows, "points": points}
+
+    def layers(self):
+        cfg, base = self.cfg, self.tables["baseline"]
+        rows, profiles = [], {s: [] for s in cfg.layer_scores}
+        for score in cfg.layer_scores:
+            for name in self.conditions[1:]:
+                table = self.tables[name]
+                if score != "lens" and (table.hidden is None or base.hidden is None):
+                    logger.info("layers: %s has no hidden states (score-level ensemble); no %s profile", name, score)
+                    continue
+                prof = layer_profile(base, table, score, name=name, n_folds=cfg.folds,
+                                     n_boot=max(50, cfg.n_boot // 5), seed=cfg.seed)
+                profiles[score].append(prof)
+                rows += prof.rows()
+        self.run.write_table("layers", rows)
+        return rows, profiles
+
+    def generation_check(self) -> dict | None:
+        """Greedy answers for a small stratified sample under the baseline, judged by phrase match,
+        against the readout's margin (cached in generations/baseline_check.json)."""
+        from probing.generation import generate
+
+        from .generation_check import REFUSAL_PHRASES, judge
+
+        cfg = self.cfg
+        if not cfg.generation_check:
+            return None
+        sample = spread_sample(self.queries, cfg.generation_check)
+        file = self.run.path / "generations" / "baseline_check.json"
+        key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format}
+        cache = json.loads(file.read_text()) if file.is_file() else {}
+        texts = cache.get("texts", {}) if cache.get("key") == key else {}
+        todo = [q for q in sample if q.id not in texts]
+        if todo:
+            answers = generate(self.bundle, todo, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                               prompt=format_spec(cfg.prompt_format))
+            texts.update({q.id: a for q, a in zip(todo, answers)})
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps({"key": key, "texts": texts}, indent=1))
+        table = self.tables["baseline"].select([q.id for q in sample])
+        margin = table.margin.numpy().astype(float)
+        refused = np.array([judge(texts[q.id]) for q in sample])
+        predicted = margin > 0
+        rows = [{"id": q.id, "dataset": q.meta.get("dataset"), "label": q.label, "margin": float(m),
+                 "p_refuse": float(1 / (1 + np.exp(-m))), "readout_refusal": bool(p), "generated_refusal": bool(r),
+                 "generation": texts[q.id]} for q, m, p, r in zip(sample, margin, predicted, refused)]
+        both = bool(refused.any() and (~refused).any())
+        summary = {"n": len(rows), "max_new_tokens": cfg.max_new_tokens,
+                   "generated_refusal_rate": float(refused.mean()), "readout_refusal_rate": float(predicted.mean()),
+                   "agreement": float((predicted == refused).mean()),
+                   "auroc": float(auroc(margin[refused], margin[~refused])) if both else None}
+        self.run.write_table("generation_check", rows)
+        self.run.write_table("generation_check_summary", [summary])
+        return {"rows": rows, "summary": summary, "phrases": REFUSAL_PHRASES}
+
+
+def _members(expression: str) -> list[str]:
+    from defenses.registry import split_expression
+
+    return split_expression(expression)
+
+
+def summary_row(name: str, kind: str, eff, table: ScoreTable) -> dict:
+    """One condition: refusal rates with intervals, mean shift, distance change, AUROC, d', label."""
+    def est(key):
+        e = eff[key]
+        return e.value, e.lo, e.hi
+
+    row = {"condition": name, "kind": kind, "n": len(table), "n_harmful": eff.n_harmful, "n_benign": eff.n_benign}
+    for col, key in (("refusal_harmful", "refusal_harmful_def"), ("refusal_benign", "refusal_benign_def"),
+                     ("mean_shift", "mean_shift"), ("distance_change", "distance_change"),
+                     ("auroc", "auroc_def"), ("auroc_change", "auroc_change"),
+                     ("dprime", "dprime_def"), ("dprime_change", "dprime_change")):
+        v, lo, hi = est(key)
+        if name == "baseline" and key in ("mean_shift", "distance_change", "auroc_change", "dprime_change"):
+            v = lo = hi = None  # zero by definition
+        row[col], row[f"{col}_lo"], row[f"{col}_hi"] = v, lo, hi
+    row["label"] = "baseline" if name == "baseline" else eff.label
+    return row
+
+
+def per_dataset_rows(tables: dict[str, ScoreTable]) -> list[dict]:
+    """Refusal rate and mean p_refuse per condition, dataset and label."""
+    rows = []
+    for name, table in tables.items():
+        p = table.p_refuse.numpy()
+        groups: dict = {}
+        for i, (lab, meta) in enumerate(zip(table.labels, table.row_meta)):
+            groups.setdefault((meta.get("dataset"), lab), []).append(i)
+        for (ds, lab), idx in groups.items():
+            rows.append({"condition": name, "dataset": ds, "label": lab, "n": len(idx),
+                         "refusal": float(refusal_rate(p[idx])), "mean_p_refuse": float(p[idx].mean())})
+    return rows
+
+
+def tradeoff_points(rows: list[dict], weight: float) -> list[dict]:
+    """Plot points: measured (baseline, singles, run ensembles) and predicted pairs, with the
+    Pareto front of the measured points and of all points."""
+    from probing.analysis import pareto_mask
+
+    pts = []
+    for r in rows:
+        if not r["predicted"] and r["kind"] in ("baseline", "single"):
+            pts.append({"name": r["name"], "kind": r["kind"], "measured": True,
+                        "safety": r["safety"], "helpfulness": r["helpfulness"]})
+        if r.get("measured_safety") is not None:
+            pts.append({"name": r["measured_run"] or r["name"], "kind": r["kind"], "measured": True,
+                        "safety": r["measured_safety"], "helpfulness": r["measured_helpfulness"]})
+        if r["predicted"]:
+            pts.append({"name": r["name"], "kind": r["kind"], "measured": False,
+                        "safety": r["safety"], "helpfulness": r["helpfulness"]})
+    for group in ("measured", "all"):
+        sel = [p for p in pts if p["measured"] or group == "all"]
+        mask = pareto_mask(np.array([[p["safety"], p["helpfulness"]] for p in sel])) if sel else []
+        for p, m in zip(sel, mask):
+            p[f"pareto_{group}"] = bool(m)
+    for p in pts:
+        p["utility"] = weight * p["safety"] + (1 - weight) * p["helpfulness"]
+    return pts
+
+
+def run_config(cfg: StudyConfig) -> dict:
+    """Run a study from its config (what `mechprobe study` and `mechprobe demo` do)."""
+    return Study(cfg).run_all()
+
+
+def run(args) -> dict:
+    cfg = study_config.from_args(args)
+    args.out, args.model = cfg.out, cfg.model  # the CLI prints <out>/report.md
+    return run_config(cfg)
+
+
+__all__ = ["Study", "run", "run_config", "stratified_head", "spread_sample", "load_datasets", "register_prompts",
+           "condition_dir", "split_top", "LLAVA_V1_SYSTEM"]

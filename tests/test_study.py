@@ -1,0 +1,259 @@
+"""`mechprobe study` end to end on tiny-random (the real processor) over the shared MOSSBench and
+MM-SafetyBench copies; its config checks, the llava_v1 prompt format, prompt files, the saved
+fine-tune and ScoreTable.to_pandas."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.cli import main
+from probing import Query, ScoreTable
+from probing.analysis import refusal_rate
+from probing.errors import InputError
+from probing.plan import combine_tables
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_MOSS = SHARED / "mossbench"
+SHARED_MMSB = SHARED / "mm-safetybench"
+
+
+def _needs_shared():
+    if not (SHARED_MOSS / "data").is_dir() or not (SHARED_MMSB / "data").is_dir():
+        pytest.skip(f"needs the shared benchmark copies in {SHARED}")
+
+
+def write_config(path: Path, out: Path, **extra) -> Path:
+    lines = [f'model = "tiny-random"', f'out = "{out}"',
+             'defenses = ["sr_self_reminder", "qr_caption_no_image"]',
+             'ensembles = ["sr_self_reminder+qr_caption_no_image", "qr_caption_no_image|sr_self_reminder"]',
+             "n_boot = 50", "generation_check = 4", "max_new_tokens = 4", "batch_size = 6"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
+    lines += ["[[datasets]]", 'name = "mmsafetybench"', f'root = "{SHARED_MMSB}"', 'kinds = ["SD_TYPO"]',
+              'subset = "tiny"', "skip_missing = true", "limit = 6",
+              "[[datasets]]", 'name = "mossbench"', f'root = "{SHARED_MOSS}"', "skip_missing = true", "limit = 6"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def rates(table: ScoreTable) -> tuple[float, float]:
+    p = table.p_refuse.numpy()
+    lab = np.array(table.labels)
+    return float(refusal_rate(p[lab == "harmful"])), float(refusal_rate(p[lab == "benign"]))
+
+
+def test_study_end_to_end_on_the_shared_benchmarks(llava_assets, tmp_path, monkeypatch, capsys):
+    _needs_shared()
+    out = tmp_path / "study"
+    cfg = write_config(tmp_path / "study.toml", out)
+    assert main(["study", "--config", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "Per defense and ensemble" in printed and "random weights" in printed
+
+    conditions = ["baseline", "sr_self_reminder", "qr_caption_no_image", "sr_self_reminder+qr_caption_no_image",
+                  "qr_caption_no_image|sr_self_reminder"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["condition"] for r in summary] == conditions
+    tables = {c: ScoreTable.load(out / "scores" / c.replace("|", "_or_")) for c in conditions}
+
+    # the combined benchmark: 6 + 6 queries, unique ids that say where they came from, row_meta
+    base = tables["baseline"]
+    assert len(base) == 12 and len(set(base.ids)) == 12
+    assert all(i.startswith(("mmsb-", "moss-")) for i in base.ids)
+    assert {m["dataset"] for m in base.row_meta} == {"mossbench", "mmsafetybench"}
+    assert all(m["kind"] == "SD_TYPO" and m["scenario"] for m in base.row_meta if m["dataset"] == "mmsafetybench")
+    datasets = {r["dataset"]: r for r in json.loads((out / "tables" / "datasets.json").read_text())}
+    assert (datasets["mossbench"]["harmful"], datasets["mossbench"]["benign"]) == (3, 3)  # stratified limit
+    assert (datasets["mmsafetybench"]["harmful"], datasets["mmsafetybench"]["used"]) == (6, 6)
+
+    # the report's tables equal what the saved ScoreTables give
+    for row in summary:
+        h, b = rates(tables[row["condition"]])
+        assert row["refusal_harmful"] == pytest.approx(h) and row["refusal_benign"] == pytest.approx(b)
+        assert row["refusal_harmful_lo"] <= row["refusal_harmful"] <= row["refusal_harmful_hi"]
+    rows = {r["condition"]: r for r in json.loads((out / "tables" / "conditions.json").read_text())}
+    assert {r["condition"]: r["label"] for r in summary if r["kind"] != "baseline"} == \
+        {c: rows[c]["label"] for c in conditions[1:]}
+
+    # a|b is the combination of its members' finished tables, never scored again; a+b was scored
+    either = combine_tables([tables["qr_caption_no_image"], tables["sr_self_reminder"]], "max")
+    assert torch.allclose(tables["qr_caption_no_image|sr_self_reminder"].margin, either.margin)
+    assert torch.allclose(tables["qr_caption_no_image|sr_self_reminder"].lens_margin, either.lens_margin)
+    assert not (out / "shards" / "qr_caption_no_image_or_sr_self_reminder").exists()
+    assert (out / "shards" / "sr_self_reminder+qr_caption_no_image").is_dir()
+    assert list((out / "generations").glob("qr_caption_no_image@*.json"))  # captions kept for reuse
+
+    # the trade-off: measured and predicted points told apart; the measured a|b equals its prediction
+    trade = json.loads((out / "tables" / "tradeoff.json").read_text())
+    pred = next(r for r in trade if r["kind"] == "|" and r["predicted"])
+    assert pred["measured_run"] == "qr_caption_no_image|sr_self_reminder"
+    assert pred["measured_safety"] == pytest.approx(pred["safety"]) and pred["margin_rmse"] < 1e-4
+
+    # per query: one row per query and condition, from row_meta
+    import pandas as pd
+
+    per_query = pd.read_csv(out / "tables" / "per_query.csv")
+    assert list(per_query.columns) == ["id", "dataset", "kind", "scenario", "label", "text", "condition", "margin",
+                                       "p_refuse"]
+    assert len(per_query) == 12 * len(conditions)
+    sr = per_query[per_query.condition == "sr_self_reminder"]
+    assert np.allclose(sr.margin.to_numpy(), tables["sr_self_reminder"].margin.numpy(), atol=1e-6)
+
+    # per layer and the generation cross-check
+    layers = json.loads((out / "tables" / "layers.json").read_text())
+    assert {r["defense"] for r in layers} == set(conditions[1:]) and {r["layer"] for r in layers} == {0, 1, 2, 3}
+    gen = json.loads((out / "tables" / "generation_check_summary.json").read_text())[0]
+    assert gen["n"] == 4 and 0 <= gen["agreement"] <= 1
+
+    # one report, markdown and self-contained HTML, saying which prompt format ran
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "prompt format: `hf`" in md and "qr_caption_no_image\\|sr_self_reminder" in md
+    for png in ("distributions.png", "mechanism_map.png", "tradeoff.png", "layers.png"):
+        assert f"({png})" in md and (out / png).stat().st_size > 10_000
+    assert html.count("data:image/png;base64,") == 4 and 'src="distributions.png"' not in html
+
+    # a second run resumes: nothing is scored or generated again, the tables are the same
+    from probing import generation as generation_mod
+    from probing import scorer as scorer_mod
+
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "score", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(generation_mod, "generate", lambda *a, **k: pytest.fail("generated again"))
+    assert main(["study", "--config", str(cfg)]) == 0
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+def test_unknown_keys_are_one_error_naming_key_and_file(tmp_path, capsys):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('model = "toy"\ndefences = ["sr_self_reminder"]\n')
+    assert main(["study", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'defences'" in err and "did you mean 'defenses'" in err and str(cfg) in err
+    cfg.write_text('[[datasets]]\nname = "mossbench"\nroot = "x"\nskip_mising = true\n')
+    assert main(["study", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "'skip_mising'" in err and "did you mean 'skip_missing'" in err and "s.toml" in err
+    cfg.write_text('[[datasets]]\nname = "mossbenc"\n')
+    assert main(["study", "--config", str(cfg)]) == 2
+    assert "did you mean 'mossbench'" in capsys.readouterr().err
+    cfg.write_text('defenses = ["sr_self_remindr"]\n')
+    assert main(["study", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean 'sr_self_reminder'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # checked before any run directory or model
+
+
+def test_stratified_limit_and_spread_sample():
+    from experiments.study import spread_sample, stratified_head
+
+    qs = [Query(f"h{i}", "x", label="harmful") for i in range(6)] + [Query(f"b{i}", "x", label="benign")
+                                                                     for i in range(3)]
+    assert [q.id for q in stratified_head(qs, 3)] == ["h0", "h1", "b0"]
+    assert [q.id for q in stratified_head(qs, 6)] == ["h0", "h1", "h2", "h3", "b0", "b1"]
+    only_h = qs[:6]
+    assert [q.id for q in stratified_head(only_h, 2)] == ["h0", "h1"]
+    sample = spread_sample(qs, 4)
+    assert sum(q.label == "harmful" for q in sample) == 2 and len(sample) == 4
+
+
+def test_llava_v1_prompt_format(processor):
+    from probing import render_prompt
+    from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec
+
+    q = Query("a", "How do I bake bread?")
+    v1 = format_spec("llava_v1")
+    assert render_prompt(processor, q, v1) == f"{LLAVA_V1_SYSTEM} USER: How do I bake bread? ASSISTANT:"
+    assert render_prompt(processor, q, format_spec("hf")) == "USER: How do I bake bread? ASSISTANT:"
+    # a defense's system prompt replaces the default; text around the request is kept
+    defended = v1.merged(PromptSpec(system_prompt="Be safe.", text_after="Think first."))
+    assert render_prompt(processor, q, defended) == "Be safe. USER: How do I bake bread?\nThink first. ASSISTANT:"
+    assert render_prompt(processor, q, v1.merged(PromptSpec(text_after="Think first."))).startswith(LLAVA_V1_SYSTEM)
+    with pytest.raises(InputError, match="prompt format"):
+        format_spec("vicuna")
+
+
+def test_prompt_file_registers_published_wordings(tmp_path):
+    from defenses import get_defense
+    from experiments.study import register_prompts
+
+    f = tmp_path / "wordings.toml"
+    f.write_text('[sr_paper_reminder]\nsystem_prompt = "S."\ntext_after = "Remember: be safe."\n'
+                 '[qr_paper_caption]\nquestion = "Describe the image."\nkeep_image = false\n')
+    assert set(register_prompts(f)) == {"sr_paper_reminder", "qr_paper_caption"}
+    register_prompts(f)  # the same wordings again: fine
+    sr = get_defense("sr_paper_reminder")
+    assert sr.spec.system_prompt == "S." and sr.spec.text_after == "Remember: be safe." and sr.category == "SR"
+    qr = get_defense("qr_paper_caption")
+    assert qr.question == "Describe the image." and not qr.keep_image and qr.category == "QR"
+    assert get_defense("sr_paper_reminder|qr_paper_caption").name == "sr_paper_reminder|qr_paper_caption"
+    f.write_text('[sr_self_reminder]\ntext_after = "x"\n')
+    with pytest.raises(InputError, match="already a defense name"):
+        register_prompts(f)
+    f.write_text('[sr_x]\ntext_aftr = "x"\n')
+    with pytest.raises(InputError, match="did you mean 'text_after'"):
+        register_prompts(f)
+
+
+def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monkeypatch):
+    from defenses.finetune import FineTune
+
+    out = tmp_path / "mo"
+    cfg = tmp_path / "mo.toml"
+    cfg.write_text(f'model = "tiny-random"\nout = "{out}"\ndefenses = ["mo_finetune"]\n'
+                   'ensembles = ["sr_self_reminder+mo_finetune"]\nn_boot = 20\ngeneration_check = 0\n'
+                   'batch_size = 8\nlayer_scores = []\nprompt_format = "llava_v1"\n'
+                   '[defense_params.mo_finetune]\nsteps = 2\nbatch_size = 2\n[[datasets]]\nname = "toy"\nlimit = 8\n')
+    real, calls = FineTune._tune, []
+    monkeypatch.setattr(FineTune, "_tune", lambda self, bundle: calls.append(1) or real(self, bundle))
+    assert main(["study", "--config", str(cfg)]) == 0
+    assert len(calls) == 1  # one training for mo_finetune and sr_self_reminder+mo_finetune
+    assert (out / "models" / "mo_finetune" / "model.safetensors").is_file()
+    first = ScoreTable.load(out / "scores" / "sr_self_reminder+mo_finetune")
+    assert "prompt format: `llava_v1`" in (out / "report.md").read_text()
+    import shutil
+
+    shutil.rmtree(out / "shards" / "sr_self_reminder+mo_finetune")
+    assert main(["study", "--config", str(cfg)]) == 0
+    assert len(calls) == 1  # the resumed run loaded the saved model
+    assert torch.equal(ScoreTable.load(out / "scores" / "sr_self_reminder+mo_finetune").margin, first.margin)
+
+
+def test_score_table_to_pandas():
+    t = ScoreTable(["a", "b"], ["harmful", "benign"], torch.tensor([1.0, -1.0]), torch.zeros(2, 1), [0],
+                   meta={"condition": "x"}, row_meta=[{"text": "t1", "dataset": "d", "kind": "k", "scenario": "s",
+                                                      "has_image": False}, {"text": "t2"}])
+    df = t.to_pandas()
+    assert list(df.columns[:9]) == ["id", "dataset", "kind", "scenario", "label", "text", "condition", "margin",
+                                    "p_refuse"]
+    assert df.condition.tolist() == ["x", "x"] and df.p_refuse.iloc[0] == pytest.approx(1 / (1 + np.exp(-1)))
+    assert df.dataset.isna().tolist() == [False, True] and not df.has_image.iloc[0]
+
+
+def test_example_configs_parse():
+    from experiments import study_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for name in ("study.toml", "study_cpu.toml"):
+        cfg = study_config.build(study_config.read_file(examples / name), name)
+        assert cfg.defenses and cfg.ensembles and len(cfg.datasets) == 2
+    gpu = study_config.build(study_config.read_file(examples / "study.toml"), "study.toml")
+    assert gpu.model == "llava-hf/llava-1.5-7b-hf" and gpu.prompt_format == "llava_v1"
+    assert gpu.defense_params["mo_finetune"]["lora"] is True
+    wordings = study_config.read_prompts(examples / "prompts.toml")
+    assert {w["kind"] for w in wordings.values()} == {"sr", "qr"}
+
+
+def test_flags_override_the_config_file(tmp_path):
+    from experiments.cli import build_parser
+    from experiments import study_config
+
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('model = "toy"\nn_boot = 10\ndefenses = ["sr_self_reminder"]\n[[datasets]]\nname = "toy"\n')
+    args = build_parser().parse_args(["study", "--config", str(cfg), "--model", "tiny-random", "--dataset",
+                                      "mossbench:/x", "--dataset", "mmsafetybench:/y", "--limit", "6",
+                                      "--prompt-format", "llava_v1"])
+    c = study_config.from_args(args)
+    assert (c.model, c.n_boot, c.defenses, c.prompt_format) == ("tiny-random", 10, ["sr_self_reminder"], "llava_v1")
+    assert [(d["name"], d["limit"], d["skip_missing"]) for d in c.datasets] == [("mossbench", 6, True),
+                                                                                ("mmsafetybench", 6, True)]
+    assert c.datasets[1]["subset"] == "tiny" and c.datasets[0]["root"] == "/x"
