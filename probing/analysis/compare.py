@@ -165,7 +165,14 @@ def pair_tables(baseline: ScoreTable, defended: ScoreTable, what: str = "margin"
     return Paired(list(baseline.ids), is_h, base, dfd)
 
 
-METHODS = ("expanded", "percentile")
+METHODS = ("auto", "expanded", "percentile", "bca")
+
+
+def bca_figure(name: str) -> bool:
+    """Figures that are ratios to an estimated SD (``*_sd``, d', c): skewed bootstrap
+    distributions, so "auto" gives them BCa intervals; means, AUROC and HL get the expanded
+    percentile interval (simulated coverage: docs/analysis.md)."""
+    return name.endswith("_sd") or name.startswith(("dprime_", "criterion_"))
 
 
 def _loo(n: int) -> np.ndarray:
@@ -178,6 +185,24 @@ def _chunk(lead: int, n_h: int, n_b: int) -> int:
     every pair of a class's changes)."""
     per = lead * (n_h * (n_h + 1) // 2 + n_b * (n_b + 1) // 2 + n_h * n_b + n_h + n_b)
     return max(1, int(2e7 // max(per, 1)))
+
+
+def _bca_alpha(point, samples, jh, jb, z_lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """BCa tail probabilities (Efron 1987) at the normal quantiles ``z_lo`` (< 0) and ``-z_lo``:
+    bias correction z0 from the share of resamples below the point value, acceleration from the
+    jackknife influence values of both classes. Falls back to the plain tails where undefined."""
+    from scipy.stats import norm
+
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        below = ((samples < point[..., None]).sum(-1) + 0.5 * (samples == point[..., None]).sum(-1))
+        z0 = norm.ppf(below / samples.shape[-1])
+        u = np.concatenate([jh.mean(-1, keepdims=True) - jh, jb.mean(-1, keepdims=True) - jb], -1)
+        acc = (u ** 3).sum(-1) / (6 * ((u ** 2).sum(-1)) ** 1.5)
+        out = []
+        for z in (z_lo, -z_lo):
+            adj = norm.cdf(z0 + (z0 + z) / (1 - acc * (z0 + z)))
+            out.append(np.where(np.isfinite(adj), adj, norm.cdf(z)))
+    return out[0], out[1]
 
 
 def _expanded_alpha(jh: np.ndarray, jb: np.ndarray, level: float) -> np.ndarray:
@@ -205,16 +230,17 @@ def _expanded_alpha(jh: np.ndarray, jb: np.ndarray, level: float) -> np.ndarray:
 
 
 def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level: float = 0.95,
-                    method: str = "expanded") -> dict[str, tuple]:
+                    method: str = "auto") -> dict[str, tuple]:
     """Point values and paired, class-stratified bootstrap intervals of every figure of
     ``fn(b_h, b_b, d_h, d_b)``, vectorised over leading axes (``[..., n]`` in, ``[...]`` out).
 
     Returns ``{figure: (value, lo, hi, n_nonfinite)}``. Queries are resampled with replacement
     within each class and a query's baseline and defended scores stay together; every figure,
     the SD unit of the ``*_sd`` figures included, is recomputed in each resample. ``method``:
-    "expanded" (default; the percentile interval read at jackknife-calibrated tail
-    probabilities, see `_expanded_alpha`) or "percentile". Refusal rates (`RATE_FIGURES`) get
-    Wilson score intervals. ``seed``: an int or a numpy Generator.
+    "expanded" (the percentile interval read at jackknife-calibrated tail probabilities, see
+    `_expanded_alpha`), "bca" (BCa on top of those tails), "percentile", or "auto" (default:
+    "bca" for `bca_figure` figures, "expanded" for the others). Refusal rates (`RATE_FIGURES`)
+    get Wilson score intervals. ``seed``: an int or a numpy Generator.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -234,7 +260,7 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
         take = lambda x, i: np.take_along_axis(x[..., None, :], i, -1)  # noqa: E731
         chunks.append(fn(take(b_h, ih), take(b_b, ib), take(d_h, ih), take(d_b, ib)))
     samples = {k: np.concatenate([c[k] for c in chunks], -1) for k in point}
-    if method == "expanded":
+    if method != "percentile":
         lh, lb = _loo(n_h), _loo(n_b)
         full_b = lambda x: np.broadcast_to(x[..., None, :], lead + (n_h, n_b))  # noqa: E731
         full_h = lambda x: np.broadcast_to(x[..., None, :], lead + (n_b, n_h))  # noqa: E731
@@ -244,9 +270,14 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
     for k, v in point.items():
         smp = samples[k]
         nonfinite = (~np.isfinite(smp)).sum(-1)
-        alpha = (_expanded_alpha(jack_h[k], jack_b[k], level) if method == "expanded"
+        alpha = (_expanded_alpha(jack_h[k], jack_b[k], level) if method != "percentile"
                  else np.full(lead, (1 - level) / 2))
-        lo, hi = order_quantile(smp, alpha), order_quantile(smp, 1 - alpha)
+        a_lo, a_hi = alpha, 1 - alpha
+        if method == "bca" or (method == "auto" and bca_figure(k)):
+            from scipy.stats import norm
+
+            a_lo, a_hi = _bca_alpha(np.asarray(v, float), smp, jack_h[k], jack_b[k], norm.ppf(alpha))
+        lo, hi = order_quantile(smp, a_lo), order_quantile(smp, a_hi)
         if k in RATE_FIGURES:
             n = n_h if RATE_FIGURES[k] == "h" else n_b
             lo, hi = wilson_ci(np.round(np.asarray(v) * n), n, level)
@@ -255,7 +286,7 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
 
 
 def bootstrap(fn, paired: Paired, n_boot: int, seed: int, level: float, unit=None,
-              method: str = "expanded") -> dict[str, Estimate]:
+              method: str = "auto") -> dict[str, Estimate]:
     """Point estimates of ``fn(b_h, b_b, d_h, d_b, unit=...)`` with paired, class-stratified
     bootstrap intervals (`interval_arrays`). ``unit=None`` (default) re-estimates the SD unit in
     every resample; a fixed ``unit`` ignores its uncertainty (the intervals then under-cover)."""
@@ -423,14 +454,14 @@ def compare(
     level: float = 0.95,
     threshold: float | str = 0.5,
     min_effect_sd: float = 0.1,
-    method: str = "expanded",
+    method: str = "auto",
     rank: bool = True,
 ) -> DefenseEffect:
     """Output-level effect of a defense (see module docstring).
 
     ``threshold``: refuse when p_refuse > threshold: a float, "neutral" (p at equal readout
     logits) or "fitted" (Youden-optimal on the baseline); it moves the refusal rates and the
-    criterion c only. ``method``: bootstrap interval ("expanded" or "percentile"); ``rank`` adds
+    criterion c only. ``method``: bootstrap interval (`METHODS`, default "auto"); ``rank`` adds
     the Hodges-Lehmann figures (``hl_*``)."""
     if not 0 < level < 1:
         raise InputError(f"level must be in (0, 1), got {level}")
