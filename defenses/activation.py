@@ -18,20 +18,33 @@ are applied at that same hook point:
   the benign mean, x - (x.u - m_benign) u, so harmful states lose what separates them while
   benign ones barely move; ``center="zero"`` is the plain projection x - (x.u) u, which in a
   model whose benign states do not sit at 0 along u also moves benign queries.
+
+Cross-fitting (default, ``cross_fit=True``): the direction table's labelled queries are dealt into
+``n_folds`` stratified folds by query id (`crossfit_folds`); a query of fold k is edited with the
+direction (and offsets / midpoint) estimated on the other folds, so a defense is never evaluated
+on the queries that estimated it; queries not in the table use the full-table estimate.
+``describe()["cross_fit"]["folds"]`` (recorded in the run's meta) gives every query's fold.
+``cross_fit=False`` is the old in-sample behaviour. Composed with other defenses ("a+b"), the
+edits use the full-table estimate (a Compose merges edits, not plans).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from hooks import DECISION, hook_name
 from probing.analysis.directions import refusal_directions
 from probing.errors import InputError
+from probing.plan import ScoringPlan
 from probing.score_table import ScoreTable
 
 from .base import Defense, check_finite
+
+logger = logging.getLogger(__name__)
 
 
 def _layers(layers, available: dict) -> list[int]:
@@ -49,13 +62,96 @@ def _layers(layers, available: dict) -> list[int]:
     return chosen
 
 
+def crossfit_folds(table: ScoreTable, n_folds: int = 5, seed: int = 0) -> dict[str, int]:
+    """Fold of every labelled query of the baseline table, by query id: within each class the ids
+    are sorted, permuted by ``seed`` and dealt round-robin, so a query's fold depends on the ids
+    and labels only (not on the table's row order) and both classes are in every fold.
+    ``n_folds`` is lowered to the smaller class size when that is smaller (logged)."""
+    by_class = {c: sorted(q for q, lab in zip(table.ids, table.labels) if lab == c) for c in ("harmful", "benign")}
+    smallest = min(len(v) for v in by_class.values())
+    if smallest < 2:
+        raise InputError(f"cross-fitting needs at least 2 harmful and 2 benign queries in the direction table, "
+                         f"got {len(by_class['harmful'])} and {len(by_class['benign'])}; pass cross_fit=False")
+    if n_folds < 2:
+        raise InputError(f"parameter 'n_folds' must be >= 2, got {n_folds}")
+    if smallest < n_folds:
+        logger.info("cross-fitting with %d folds instead of %d: the smaller class has %d queries",
+                    smallest, n_folds, smallest)
+        n_folds = smallest
+    rng = np.random.default_rng(seed)
+    folds = {}
+    for ids in by_class.values():
+        for k, i in enumerate(rng.permutation(len(ids))):
+            folds[ids[i]] = k % n_folds
+    return folds
+
+
+def _fit_rows(table: ScoreTable, folds: dict[str, int], k: int) -> list[int]:
+    """Rows of the table that estimate fold k's direction: the labelled queries of other folds."""
+    return [i for i, q in enumerate(table.ids) if q in folds and folds[q] != k]
+
+
 @dataclass
 class ActivationDefense(Defense):
+    """Shared by the activation defenses: a fitted state (directions, and offsets or a midpoint)
+    estimated on the whole direction table, and, when cross-fitted, one state per fold estimated
+    without that fold's queries.
+
+    Cross-fitting (the default): ``plan()`` partitions the queries by fold (`probing.plan`
+    ScoringPlan.parts); a query of the direction table is edited with the state of its own fold
+    (estimated on the other folds), a query not in the table with the full-table state. So a
+    defense is never evaluated on the queries that estimated its direction. ``edits(bundle)``
+    (used when composed with other defenses by ``a+b``) always uses the full-table state."""
+
     category: str = "ACT"
     directions: dict = field(default_factory=dict, repr=False)
+    folds: dict = field(default_factory=dict, repr=False)         # query id -> fold
+    fold_states: dict = field(default_factory=dict, repr=False)   # fold -> state (as `state()`)
 
-    def _vec(self, layer: int, act: torch.Tensor) -> torch.Tensor:
-        return self.directions[layer].to(device=act.device, dtype=act.dtype)
+    @staticmethod
+    def _vec(directions: dict, layer: int, act: torch.Tensor) -> torch.Tensor:
+        return directions[layer].to(device=act.device, dtype=act.dtype)
+
+    def state(self) -> dict:
+        """The full-table state the edits are built from."""
+        return {"directions": self.directions}
+
+    def make_edits(self, state: dict) -> dict:
+        raise NotImplementedError
+
+    def edits(self, bundle):
+        return self.make_edits(self.state())
+
+    @property
+    def cross_fit(self) -> bool:
+        return bool(self.folds)
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.cross_fit:
+            out["cross_fit"] = {
+                "n_folds": len(self.fold_states), "folds": dict(self.folds),
+                "rule": "a query of fold k is edited with the direction estimated on the labelled queries of "
+                        "the other folds; queries not in the direction table use the full-table direction",
+            }
+        return out
+
+    def plan(self, queries, bundle) -> ScoringPlan:
+        queries = list(queries)
+        groups: dict[int, list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(self.folds.get(q.id, -1), []).append(i)
+        if not self.cross_fit or list(groups) == [-1]:
+            return super().plan(queries, bundle)
+        model = self.model(bundle)
+        parts = []
+        for k, idx in sorted(groups.items()):
+            sub = [queries[i] for i in idx]
+            state = self.state() if k == -1 else self.fold_states[k]
+            parts.append((idx, ScoringPlan(self.name, self.transform(sub, model), bundle=model,
+                                           edits=self.make_edits(state), edit_positions=self.edit_positions,
+                                           aggregate=self.aggregate, record={"fold": "full" if k == -1 else k})))
+        return ScoringPlan(self.name, bundle=model, parts=parts, record=self.describe())
 
 
 @dataclass
@@ -64,8 +160,9 @@ class Steer(ActivationDefense):
     alpha: float = 1.0
     layers: list = field(default_factory=list)
 
-    def edits(self, bundle):
-        return {hook_name(l, "hook_resid_post"): (lambda act, ctx, l=l: act + self.alpha * self._vec(l, act))
+    def make_edits(self, state):
+        dirs = state["directions"]
+        return {hook_name(l, "hook_resid_post"): (lambda act, ctx, l=l: act + self.alpha * self._vec(dirs, l, act))
                 for l in self.layers}
 
 
@@ -78,19 +175,23 @@ class ConditionalSteer(ActivationDefense):
     threshold: float = 0.0
     midpoint: float = 0.0
 
-    def edits(self, bundle):
-        state: dict[str, torch.Tensor] = {}
-        unit = self.directions[self.probe_layer] / self.directions[self.probe_layer].norm()
+    def state(self):
+        return {"directions": self.directions, "midpoint": self.midpoint}
+
+    def make_edits(self, state):
+        flags: dict[str, torch.Tensor] = {}
+        dirs, midpoint = state["directions"], state["midpoint"]
+        unit = dirs[self.probe_layer] / dirs[self.probe_layer].norm()
 
         def probe(act, ctx):
             idx = DECISION.index(ctx.attention_mask, act.shape[0], act.shape[1], act.device)
             h = act[torch.arange(act.shape[0], device=act.device), idx[:, 0]]
-            state["flag"] = ((h.float() @ unit.to(act.device)) - self.midpoint > self.threshold)
+            flags["flag"] = ((h.float() @ unit.to(act.device)) - midpoint > self.threshold)
             return act
 
         def steer(act, ctx, l):
-            flag = state["flag"].to(act.device)[:, None, None].to(act.dtype)
-            return act + flag * self.alpha * self._vec(l, act)
+            flag = flags["flag"].to(act.device)[:, None, None].to(act.dtype)
+            return act + flag * self.alpha * self._vec(dirs, l, act)
 
         edits = {hook_name(self.probe_layer, "hook_resid_post"): probe}
         edits.update({hook_name(l, "hook_resid_post"): (lambda a, c, l=l: steer(a, c, l)) for l in self.layers})
@@ -103,24 +204,58 @@ class Ablate(ActivationDefense):
     layers: list = field(default_factory=list)
     offsets: dict = field(default_factory=dict, repr=False)  # layer -> projection kept on u
 
-    def edits(self, bundle):
+    def state(self):
+        return {"directions": self.directions, "offsets": self.offsets}
+
+    def make_edits(self, state):
+        dirs, offsets = state["directions"], state["offsets"]
+
         def ablate(act, ctx, l):
-            u = self._vec(l, act)
+            u = self._vec(dirs, l, act)
             u = u / u.norm()
-            return act - ((act @ u) - self.offsets.get(l, 0.0))[..., None] * u
+            return act - ((act @ u) - offsets.get(l, 0.0))[..., None] * u
 
         return {hook_name(l, "hook_resid_post"): (lambda a, c, l=l: ablate(a, c, l)) for l in self.layers}
 
 
-def act_steer(table: ScoreTable, alpha: float = 1.0, layers=None) -> Steer:
+def _crossfit(table: ScoreTable, fit, cross_fit: bool, n_folds: int, seed: int) -> tuple[dict, dict]:
+    """(folds, {fold: fit(rows of the other folds)}) or ({}, {}) without cross-fitting."""
+    if not cross_fit:
+        return {}, {}
+    folds = crossfit_folds(table, n_folds, seed)
+    return folds, {k: fit(_fit_rows(table, folds, k)) for k in sorted(set(folds.values()))}
+
+
+def _crossfit_params(cross_fit: bool, folds: dict, seed: int) -> dict:
+    return {"cross_fit": bool(cross_fit), "n_folds": len(set(folds.values())) if folds else None,
+            "fold_seed": int(seed)}
+
+
+def act_steer(table: ScoreTable, alpha: float = 1.0, layers=None, *, cross_fit: bool = True, n_folds: int = 5,
+              seed: int = 0) -> Steer:
+    """Add ``alpha * r_l`` at every position of the chosen layers. ``cross_fit`` (default): the
+    table's own queries are steered with directions estimated on other folds (see
+    `ActivationDefense`); ``cross_fit=False``: one direction from the whole table for every query."""
     alpha = check_finite("alpha", alpha)
     dirs = refusal_directions(table)
     chosen = _layers(layers, dirs)
-    return Steer(params={"alpha": alpha, "layers": chosen}, directions=dirs, alpha=alpha, layers=chosen)
+    folds, states = _crossfit(table, lambda rows: {"directions": refusal_directions(table, rows)},
+                              cross_fit, n_folds, seed)
+    return Steer(params={"alpha": alpha, "layers": chosen, **_crossfit_params(cross_fit, folds, seed)},
+                 directions=dirs, folds=folds, fold_states=states, alpha=alpha, layers=chosen)
+
+
+def _midpoint(table: ScoreTable, rows, probe_layer: int, dirs: dict) -> float:
+    unit = dirs[probe_layer].double() / dirs[probe_layer].double().norm()
+    rows = range(len(table)) if rows is None else rows
+    proj = {i: float(table.hidden[i, table.layers.index(probe_layer)].double() @ unit) for i in rows}
+    h = [v for i, v in proj.items() if table.labels[i] == "harmful"]
+    b = [v for i, v in proj.items() if table.labels[i] == "benign"]
+    return float((np.mean(h) + np.mean(b)) / 2)
 
 
 def act_conditional_steer(table: ScoreTable, probe_layer: int, alpha: float = 1.0, threshold: float = 0.0,
-                          layers=None) -> ConditionalSteer:
+                          layers=None, *, cross_fit: bool = True, n_folds: int = 5, seed: int = 0) -> ConditionalSteer:
     alpha, threshold = check_finite("alpha", alpha), check_finite("threshold", threshold)
     dirs = refusal_directions(table)
     if probe_layer not in dirs:
@@ -128,26 +263,43 @@ def act_conditional_steer(table: ScoreTable, probe_layer: int, alpha: float = 1.
     chosen = _layers(layers if layers is not None else [l for l in dirs if l > probe_layer], dirs)
     if not chosen or min(chosen) <= probe_layer:
         raise InputError(f"parameter 'layers' must lie after probe_layer={probe_layer}, got {chosen}")
-    unit = dirs[probe_layer] / dirs[probe_layer].norm()
-    proj = table.hidden[:, table.layers.index(probe_layer)].double() @ unit.double()
-    lab = table.labels
-    mid = float((proj[[i for i, x in enumerate(lab) if x == "harmful"]].mean()
-                 + proj[[i for i, x in enumerate(lab) if x == "benign"]].mean()) / 2)
+
+    def fit(rows):
+        d = refusal_directions(table, rows)
+        return {"directions": d, "midpoint": _midpoint(table, rows, probe_layer, d)}
+
+    folds, states = _crossfit(table, fit, cross_fit, n_folds, seed)
     return ConditionalSteer(params={"alpha": alpha, "layers": chosen, "probe_layer": probe_layer,
-                                    "threshold": threshold},
-                            directions=dirs, alpha=alpha, layers=chosen, probe_layer=probe_layer,
-                            threshold=threshold, midpoint=mid)
+                                    "threshold": threshold, **_crossfit_params(cross_fit, folds, seed)},
+                            directions=dirs, folds=folds, fold_states=states, alpha=alpha, layers=chosen,
+                            probe_layer=probe_layer, threshold=threshold,
+                            midpoint=_midpoint(table, None, probe_layer, dirs))
 
 
-def act_ablate(table: ScoreTable, layers=None, center: str = "benign") -> Ablate:
+def _offsets(table: ScoreTable, rows, chosen: list[int], dirs: dict, center: str) -> dict:
+    if center != "benign":
+        return {}
+    rows = range(len(table)) if rows is None else rows
+    benign = [i for i in rows if table.labels[i] == "benign"]
+    out = {}
+    for l in chosen:
+        u = dirs[l].double() / dirs[l].double().norm()
+        out[l] = float((table.hidden[benign, table.layers.index(l)].double() @ u).mean())
+    return out
+
+
+def act_ablate(table: ScoreTable, layers=None, center: str = "benign", *, cross_fit: bool = True, n_folds: int = 5,
+               seed: int = 0) -> Ablate:
     if center not in ("benign", "zero"):
         raise InputError(f"parameter 'center' must be 'benign' or 'zero', got {center!r}")
     dirs = refusal_directions(table)
     chosen = _layers(layers, dirs)
-    offsets = {}
-    if center == "benign":
-        benign = [i for i, lab in enumerate(table.labels) if lab == "benign"]
-        for l in chosen:
-            u = dirs[l].double() / dirs[l].double().norm()
-            offsets[l] = float((table.hidden[benign, table.layers.index(l)].double() @ u).mean())
-    return Ablate(params={"layers": chosen, "center": center}, directions=dirs, layers=chosen, offsets=offsets)
+
+    def fit(rows):
+        d = refusal_directions(table, rows)
+        return {"directions": d, "offsets": _offsets(table, rows, chosen, d, center)}
+
+    folds, states = _crossfit(table, fit, cross_fit, n_folds, seed)
+    return Ablate(params={"layers": chosen, "center": center, **_crossfit_params(cross_fit, folds, seed)},
+                  directions=dirs, folds=folds, fold_states=states, layers=chosen,
+                  offsets=_offsets(table, None, chosen, dirs, center))

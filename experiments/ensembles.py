@@ -2,9 +2,10 @@
 
     mechprobe ensembles --defenses sr_self_reminder,qr_caption,mo_finetune --weight 0.5
 
-Each pair is predicted from the single runs (logit additivity for "+", max p_refuse for "|")
-and measured by running it; tables/ensembles.csv holds safety, helpfulness, utility, the Pareto
-flag and the prediction errors; tradeoff.png shows the front.
+Each pair is derived from the single runs (a logit-additivity prediction for "+"; the exact max
+p_refuse for "|") and measured by running it; the ranking uses the measured values, with the
+derived ones and their errors beside (tables/ensembles.csv: source, safety, helpfulness, utility,
+the Pareto flag, predicted_* and the errors); tradeoff.png shows the front.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def run(args) -> dict:
     for c in cands:
         kind = "intra" if c.kind in ("+", "|") and len({labels[m] for m in c.name.replace("|", "+").split("+")}) == 1 \
             else ("inter" if c.kind in ("+", "|") else "")
-        rows.append({"name": c.name, "kind": c.kind, "mechanisms": kind, "safety": c.safety,
+        rows.append({"name": c.name, "kind": c.kind, "mechanisms": kind, "source": c.source, "safety": c.safety,
                      "helpfulness": c.helpfulness, "utility": c.utility, "pareto": c.pareto,
                      "measured_safety": c.measured_safety, "measured_helpfulness": c.measured_helpfulness,
+                     "predicted_safety": c.predicted_safety, "predicted_helpfulness": c.predicted_helpfulness,
                      "safety_error": c.safety_error, "helpfulness_error": c.helpfulness_error,
                      "margin_rmse": c.margin_rmse, "margin_corr": c.margin_corr})
     s.run.write_table("ensembles", rows)
@@ -57,9 +59,10 @@ def run(args) -> dict:
     s.report("Ensembles", [
         ("Single-defense mechanisms", markdown_table([{"defense": k, "label": v} for k, v in labels.items()],
                                                      ["defense", "label"])),
-        (f"Ranked by {args.weight} x safety + {1 - args.weight:.2f} x helpfulness (predicted; measured beside)",
-         markdown_table(rows, ["name", "kind", "mechanisms", "safety", "helpfulness", "utility", "pareto",
-                               "measured_safety", "measured_helpfulness", "margin_rmse"])),
+        (f"Ranked by {args.weight} x safety + {1 - args.weight:.2f} x helpfulness (measured values; "
+         "'exact' = score-level ensemble of measured members; 'predicted' = '+' pair not run)",
+         markdown_table(rows, ["name", "kind", "mechanisms", "source", "safety", "helpfulness", "utility", "pareto",
+                               "predicted_safety", "predicted_helpfulness", "margin_rmse"])),
         ("Trade-off", "![safety vs helpfulness](tradeoff.png)"),
     ])
     return {"rows": rows, "candidates": cands}

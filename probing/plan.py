@@ -10,6 +10,10 @@ A defense (defenses/) turns queries into a `ScoringPlan`; `run_plan` executes it
     plan.aggregate    = how K variants' margins fold into one (probing.aggregate)
     plan.members      = score-level ensembles: member plans scored separately, combined per query
                         with `plan.combine` ("max" for a|b, "min" for a&b, "mean" for a~b)
+    plan.parts        = a partition of the queries: ``[(indices, plan), ...]``, each part scored
+                        with its own plan (cross-fitted activation defenses: each fold's queries
+                        are edited with directions estimated on the other folds); rows come back
+                        in input order
 
 Variant rows get ids ``<id>#<k>`` while scoring (K > 1) and are folded back to one row per query
 in input order.
@@ -49,10 +53,15 @@ class ScoringPlan:
     record: dict = field(default_factory=dict)
     members: list["ScoringPlan"] = field(default_factory=list)
     combine: str | None = None
+    parts: list[tuple[list[int], "ScoringPlan"]] = field(default_factory=list)
 
     @property
     def is_score_level(self) -> bool:
         return bool(self.members)
+
+    @property
+    def is_partitioned(self) -> bool:
+        return bool(self.parts)
 
 
 class PlanSource(Protocol):
@@ -113,6 +122,8 @@ def run_plan(scorer, queries: Sequence[Query], plan: ScoringPlan, *, prompt=Prom
     if plan.is_score_level:
         tables = [run_plan(scorer, queries, m, prompt=prompt, desc=desc) for m in plan.members]
         return combine_tables(tables, plan.combine, record)
+    if plan.is_partitioned:
+        return _run_parts(scorer, queries, plan, prompt, record, desc)
     if len(plan.variants) != len(queries):
         raise ScoringError(f"defense {plan.name!r} returned variants for {len(plan.variants)} of {len(queries)} queries")
     base_specs = [prompt] * len(queries) if isinstance(prompt, PromptSpec) else list(prompt)
@@ -137,6 +148,27 @@ def run_plan(scorer, queries: Sequence[Query], plan: ScoringPlan, *, prompt=Prom
     rows = [{**table.row_meta[g[0]], "variants": len(g)} for g in groups]
     return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(table.layers),
                       hidden, out_meta, rows)
+
+
+def _run_parts(scorer, queries: list[Query], plan: ScoringPlan, prompt, record: dict, desc: str) -> ScoreTable:
+    """Each part of a partitioned plan on its own queries; rows put back in input order."""
+    order = [int(i) for idx, _ in plan.parts for i in idx]
+    if sorted(order) != list(range(len(queries))):
+        raise ScoringError(f"plan {plan.name!r}: its parts do not partition the {len(queries)} queries "
+                           f"(every query exactly once)")
+    pieces = []
+    for idx, sub in plan.parts:
+        if not idx:
+            continue
+        sub_prompt = prompt if isinstance(prompt, PromptSpec) else [list(prompt)[i] for i in idx]
+        pieces.append(run_plan(scorer, [queries[i] for i in idx], sub, prompt=sub_prompt, desc=desc))
+    table = ScoreTable.concat(pieces)
+    where = {q: k for k, q in enumerate(order)}
+    rows = torch.tensor([where[i] for i in range(len(queries))], dtype=torch.long)
+    return ScoreTable([table.ids[r] for r in rows], [table.labels[r] for r in rows], table.margin[rows],
+                      table.lens_margin[rows], list(table.layers),
+                      None if table.hidden is None else table.hidden[rows],
+                      {**table.meta, **record}, [dict(table.row_meta[r]) for r in rows])
 
 
 def combine_tables(tables: list[ScoreTable], rule: str, meta: dict | None = None) -> ScoreTable:

@@ -11,6 +11,7 @@ Two readouts:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,19 @@ class ResolvedReadout:
     def token_ids(self) -> list[int]:
         """Refusal ids then comply ids: the rows gathered from the unembedding."""
         return [*self.refusal_ids, *self.comply_ids]
+
+    @property
+    def neutral_margin(self) -> float:
+        """The margin when every readout token has the same logit: log(n_refusal / n_comply)."""
+        return math.log(len(self.refusal_ids) / len(self.comply_ids))
+
+    @property
+    def neutral_p(self) -> float:
+        """p_refuse when every readout token has the same logit: n_refusal / (n_refusal + n_comply)
+        (4 / 9 = 0.444 for the default first-token readout), i.e. where the readout is indifferent;
+        a threshold of 0.5 is not that point unless the two word lists have the same length."""
+        n_r, n_c = len(self.refusal_ids), len(self.comply_ids)
+        return n_r / (n_r + n_c)
 
     def margin(self, logits: torch.Tensor) -> torch.Tensor:
         """Margin from logits over ``token_ids`` (last dim), in float32: ``[...] -> [...]``."""

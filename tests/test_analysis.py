@@ -7,8 +7,8 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from probing import ScoreTable
-from probing.analysis import compare, mechanism_label
-from probing.metrics import auroc, d_prime, percentile_ci, stratified_indices
+from probing.analysis import LABELS, compare, mechanism_label
+from probing.analysis import auroc, d_prime, percentile_ci, stratified_indices
 
 from .synthetic import make_baseline, with_margins
 
@@ -125,9 +125,152 @@ def test_degenerate_inputs():
 def test_label_rule_uses_interval_and_minimum_effect():
     from probing.analysis import Estimate
 
-    def est(shift, diff, harm):
-        return {"shift_sd": Estimate(*shift), "differential_sd": Estimate(*diff), "harmful_change_sd": Estimate(*harm)}
+    def est(harm, ben):
+        diff = (harm[0] - ben[0], harm[1] - ben[2], harm[2] - ben[1])  # a conservative interval of the difference
+        return {"harmful_change_sd": Estimate(*harm), "benign_change_sd": Estimate(*ben),
+                "differential_sd": Estimate(*diff)}
 
-    assert mechanism_label(est((0.5, 0.2, 0.8), (0, -0.1, 0.1), (0.5, 0.2, 0.8))) == "safety shift"
-    assert mechanism_label(est((0.05, 0.01, 0.09), (0, -0.1, 0.1), (0.05, 0.01, 0.09))) == "neither"  # tiny
-    assert mechanism_label(est((0.5, -0.1, 1.0), (0, -0.1, 0.1), (0.5, -0.1, 1))) == "neither"  # CI spans 0
+    assert mechanism_label(est((0.5, 0.3, 0.7), (0.5, 0.3, 0.7))) == "safety shift"
+    assert mechanism_label(est((0.05, 0.01, 0.09), (0.05, 0.01, 0.09))) == "neither"  # significant but tiny
+    assert mechanism_label(est((0.5, -0.1, 1.0), (0.5, -0.1, 1.0))) == "neither"  # intervals span 0
+    assert mechanism_label(est((1.0, 0.9, 1.1), (0.0, -0.1, 0.1))) == "harmfulness discrimination"
+    assert mechanism_label(est((0.0, -0.1, 0.1), (1.0, 0.9, 1.1))) == "over-refusal"
+    assert mechanism_label(est((2.0, 1.9, 2.1), (0.5, 0.4, 0.6))) == "both"
+    assert mechanism_label(est((0.5, 0.4, 0.6), (2.0, 1.9, 2.1))) == "over-refusal"  # benign rises more
+    assert mechanism_label(est((-1.0, -1.1, -0.9), (0.0, -0.1, 0.1))) == "weakening"
+    assert mechanism_label(est((0.0, -0.1, 0.1), (-1.0, -1.1, -0.9))) == "harmfulness discrimination"
+    assert set(LABELS) == {"safety shift", "harmfulness discrimination", "both", "over-refusal", "weakening",
+                           "neither"}
+
+
+# Planted effects: (harmful change, benign change, noise) -> label, on small, unbalanced and
+# heavy-tailed samples. The mean changes are in baseline-SD units (the baseline SD is about 1.1).
+PLANTED = [
+    ((1.0, 1.0), "safety shift"),                   # both classes rise alike
+    ((1.0, 0.0), "harmfulness discrimination"),     # harmful rises, benign unchanged
+    ((2.0, 0.8), "both"),                           # harmful rises more than benign, both significant
+    ((0.0, 1.0), "over-refusal"),                   # benign rises, harmful unchanged
+    ((-1.0, 0.0), "weakening"),                     # harmful falls
+    ((-1.0, -1.0), "weakening"),
+    ((0.0, 0.0), "neither"),                        # a defense that changes nothing
+]
+
+
+@pytest.mark.parametrize("n_h,n_b,tails", [(60, 60, "normal"), (12, 30, "normal"), (40, 25, "t3")])
+@pytest.mark.parametrize("changes,label", PLANTED)
+def test_planted_effects_get_their_label(changes, label, n_h, n_b, tails):
+    rng = np.random.default_rng(n_h * 7 + n_b)
+    base = make_baseline(n_h=n_h, n_b=n_b, seed=n_h + n_b)
+    noise = 0.2 * (rng.standard_t(3, len(base)) if tails == "t3" else rng.normal(0, 1, len(base)))
+    is_h = np.array([lab == "harmful" for lab in base.labels])
+    delta = torch.tensor(np.where(is_h, changes[0], changes[1]) + noise, dtype=torch.float32)
+    dfd = ScoreTable(base.ids, base.labels, base.margin + delta, base.lens_margin, base.layers)
+    eff = compare(base, dfd, n_boot=400)
+    assert eff.label == label, eff.summary()
+
+
+def test_signal_detection_view_matches_the_gaussian_model():
+    from scipy.stats import norm
+
+    from probing.analysis import criterion
+
+    rng = np.random.default_rng(5)
+    h, b = rng.normal(1.0, 1.0, 400), rng.normal(-0.5, 1.0, 300)
+    t = 0.2
+    # equal-variance model with the d' unit: hit and false-alarm rates at t, then c = -(z(H) + z(F)) / 2
+    sd = np.sqrt((h.var(ddof=1) + b.var(ddof=1)) / 2)
+    hit, fa = norm.sf((t - h.mean()) / sd), norm.sf((t - b.mean()) / sd)
+    assert criterion(h, b, t) == pytest.approx(-(norm.ppf(hit) + norm.ppf(fa)) / 2)
+    assert d_prime(h, b) == pytest.approx(norm.ppf(hit) - norm.ppf(fa))
+    assert criterion(np.ones(3), np.ones(3), 1.0) == 0 and criterion(np.ones(3), np.ones(3), 2.0) == np.inf
+    base = make_baseline(n_h=30, n_b=30)
+    eff = compare(base, with_margins(base, 1.0, 1.0), n_boot=50)  # refusing more everywhere: more liberal
+    assert eff["criterion_change"].value < 0 and eff["criterion_change"].hi < 0
+
+
+def test_threshold_options_move_only_threshold_figures():
+    from probing.analysis import fitted_threshold
+
+    base = make_baseline(n_h=30, n_b=40, seed=2)
+    base.meta.update({"refusal_words": ["I", "Sorry", "As", "Unfortunately"],
+                      "comply_words": ["Sure", "Here", "The", "Yes", "To"]})
+    dfd = with_margins(base, 0.7, 0.1, noise=0.3)
+    effs = {t: compare(base, dfd, n_boot=50, threshold=t) for t in (0.5, "neutral", "fitted", 0.3)}
+    assert effs["neutral"].config["threshold"] == pytest.approx(4 / 9)
+    assert effs[0.5].config["neutral_p"] == pytest.approx(4 / 9)
+    lab = np.array(base.labels)
+    p1 = torch.sigmoid(dfd.margin).numpy()
+    assert effs["neutral"]["refusal_benign_def"].value == pytest.approx((p1[lab == "benign"] > 4 / 9).mean())
+    for k in ("auroc_def", "dprime_change", "common_shift", "differential_sd", "mean_shift"):
+        assert len({effs[t][k].value for t in effs}) == 1  # threshold-free figures do not move
+    # fitted: the cut with the largest Youden J, by brute force over every observed margin
+    m, h = base.margin.double().numpy(), lab == "harmful"
+    t_fit = fitted_threshold(base)
+    best = max(((m[h] > c).mean() - (m[~h] > c).mean()) for c in np.r_[m, m.min() - 1])
+    cut = np.log(t_fit / (1 - t_fit))
+    assert (m[h] > cut).mean() - (m[~h] > cut).mean() == pytest.approx(best)
+    with pytest.raises(ValueError, match="neutral"):
+        compare(make_baseline(), make_baseline(), threshold="neutral", n_boot=10)
+    with pytest.raises(ValueError, match="threshold"):
+        compare(base, dfd, threshold=1.5)
+
+
+def test_neutral_p_of_the_resolved_readout():
+    from probing import load_model
+    from probing.readout import first_token_readout, resolve_readout, yes_no_readout
+
+    tok = load_model("toy").tokenizer
+    r = resolve_readout(first_token_readout(), tok)
+    assert r.neutral_p == pytest.approx(4 / 9)
+    equal = torch.zeros(len(r.token_ids))
+    assert float(torch.sigmoid(r.margin(equal))) == pytest.approx(r.neutral_p)
+    assert resolve_readout(yes_no_readout(), tok).neutral_p == 0.5
+
+
+def test_nonfinite_resamples_are_counted_and_kept_as_extremes():
+    # harmful baseline [0, 0, 0, 1], benign constant: a resample's d' is +inf exactly when its
+    # harmful draw is constant, probability 0.75^4 + 0.25^4 = 0.3203
+    ids = [f"q{i}" for i in range(8)]
+    labels = ["harmful"] * 4 + ["benign"] * 4
+    margin = torch.tensor([0.0, 0.0, 0.0, 1.0, -5, -5, -5, -5])
+    base = ScoreTable(ids, labels, margin, torch.zeros(8, 1), [0])
+    eff = compare(base, with_margins(base, 0.5, 0.0), n_boot=2000)
+    n = eff["dprime_base"].n_nonfinite
+    assert abs(n - 0.3203 * 2000) < 4 * np.sqrt(2000 * 0.3203 * 0.6797)
+    assert eff["dprime_base"].hi == np.inf  # more than 2.5% of resamples are +inf: the interval says so
+    assert eff.nonfinite["dprime_base"] == n and "dprime_base" in eff.row()["nonfinite_resamples"]
+    assert eff["auroc_base"].n_nonfinite == 0
+
+
+def test_hodges_lehmann_by_brute_force_and_under_heavy_tails():
+    from probing.analysis import hodges_lehmann, hodges_lehmann_shift, interval_arrays, output_figures
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_cauchy(9), rng.normal(0, 1, 7)
+    walsh = [(x[i] + x[j]) / 2 for i in range(9) for j in range(i, 9)]
+    assert hodges_lehmann(x) == pytest.approx(np.median(walsh))
+    assert hodges_lehmann_shift(x, y) == pytest.approx(np.median([a - b for a in x for b in y]))
+    # Cauchy-tailed changes, true shift 1 in both classes: the HL intervals find it, the mean's rarely do
+    D, n = 60, 30
+    b_h, b_b = rng.normal(0.5, 1, (D, n)), rng.normal(-0.5, 1, (D, n))
+    d_h, d_b = b_h + 1 + 0.5 * rng.standard_cauchy((D, n)), b_b + 1 + 0.5 * rng.standard_cauchy((D, n))
+    est = interval_arrays(lambda *a: output_figures(*a, rank=True), b_h, b_b, d_h, d_b, n_boot=300, seed=1)
+    detect = lambda k: (est[k][1] > 0).mean()  # noqa: E731
+    assert detect("hl_common_shift") >= 0.95 and detect("hl_harmful_change") >= 0.9
+    assert detect("common_shift") < 0.7
+    covered = (est["hl_common_shift"][1] <= 1) & (1 <= est["hl_common_shift"][2])
+    assert covered.mean() >= 0.9
+
+
+def test_summary_repr_and_flat_row():
+    base = make_baseline(n_h=20, n_b=25)
+    eff = compare(base, with_margins(base, 1.0, 0.0, noise=0.2), n_boot=100)
+    text = eff.summary()
+    assert text.splitlines()[0].startswith("defended: harmfulness discrimination") and len(text.splitlines()) <= 8
+    assert "AUROC" in text and "HL" in text
+    assert len(repr(eff)) < 300 and "harmfulness discrimination" in repr(eff)
+    row = eff.row()
+    assert all(not isinstance(v, (dict, list, np.ndarray)) for v in row.values())
+    for k in ("mean_shift", "distance_change", "auroc_def", "auroc_change", "dprime_change", "refusal_harmful_def",
+              "refusal_benign_def", "harmful_change_sd", "benign_change_sd", "criterion_def", "hl_differential"):
+        assert row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"], k

@@ -1,12 +1,15 @@
-"""Ensemble prediction formulas, ranking, Pareto front, predicted-vs-measured, plots."""
+"""Ensembles: exact score-level combinations, "+" predictions and their errors, ranking by measured
+values, Pareto front, plots."""
 
 import numpy as np
 import pytest
 import torch
 
-from probing.ensembles import evaluate_prediction, pareto_mask, predict, rank_ensembles, safety_helpfulness
+from probing.analysis import (combine, evaluate_prediction, fit_compose, pareto_mask, predict, rank_ensembles,
+                              safety_helpfulness)
+from probing.aggregate import combine_margins
 from experiments.plots import plot_distributions, plot_layer_profiles, plot_tradeoff
-from probing.layerwise import layer_profile
+from probing.analysis import layer_profile
 
 from .synthetic import make_baseline, with_margins
 
@@ -23,15 +26,20 @@ def test_compose_adds_deltas_in_logit_space(runs):
     pred = predict(base, singles, "+")
     want = singles["shift"].margin + singles["disc"].margin - base.margin
     torch.testing.assert_close(pred.margin, want)
-    assert pred.meta["condition"] == "shift+disc"
+    assert pred.meta["condition"] == "shift+disc" and pred.meta["source"] == "predicted"
 
 
-def test_either_is_max_p_refuse_and_others(runs):
+def test_score_level_ensembles_are_exact_combinations(runs):
     base, singles = runs
-    p = torch.stack([singles["shift"].p_refuse, singles["disc"].p_refuse])
-    torch.testing.assert_close(predict(base, singles, "|").p_refuse, p.max(0).values, atol=1e-6, rtol=0)
-    torch.testing.assert_close(predict(base, singles, "&").p_refuse, p.min(0).values, atol=1e-6, rtol=0)
-    torch.testing.assert_close(predict(base, singles, "~").p_refuse, p.mean(0), atol=1e-6, rtol=0)
+    p = torch.stack([singles["shift"].p_refuse.double(), singles["disc"].p_refuse.double()])
+    either, both, mean = (combine(base, singles, op) for op in "|&~")
+    torch.testing.assert_close(either.p_refuse.double(), p.max(0).values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(both.p_refuse.double(), p.min(0).values, atol=1e-6, rtol=0)
+    torch.testing.assert_close(mean.p_refuse.double(), p.mean(0), atol=1e-6, rtol=0)
+    # the one formula of probing/aggregate.py, unclamped (huge margins survive)
+    m = torch.stack([singles["shift"].margin, singles["disc"].margin])
+    torch.testing.assert_close(mean.margin, combine_margins(m, "mean").float())
+    assert either.meta["source"] == "exact" and predict(base, singles, "|").meta["source"] == "exact"
     with pytest.raises(ValueError, match="op must be"):
         predict(base, singles, "*")
 
@@ -45,6 +53,30 @@ def test_prediction_error_against_measured(runs):
     assert ev["margin_rmse"] == pytest.approx(0.5, abs=1e-6)
 
 
+def test_calibrated_compose_recovers_a_planted_interaction():
+    """Three singles; every measured pair follows delta_ab = 0.7 (da + db) - 0.1 da db. Fitted
+    leave-one-pair-out, the calibrated model predicts the held-out pair; additivity does not."""
+    base = make_baseline(n_h=30, n_b=30, seed=8)
+    rng = np.random.default_rng(3)
+    singles = {n: with_margins(base, rng.normal(1, 0.5), rng.normal(0.3, 0.5), n, noise=0.6, seed=i)
+               for i, n in enumerate("abc")}
+    m0 = base.margin.double()
+    measured = {}
+    for a, b in (("a", "b"), ("a", "c"), ("b", "c")):
+        da, db = singles[a].margin.double() - m0, singles[b].margin.double() - m0
+        t = with_margins(base, 0, 0, f"{a}+{b}")
+        t.margin = (m0 + 0.7 * (da + db) - 0.1 * da * db).float()
+        measured[f"{a}+{b}"] = t
+    model = fit_compose(base, singles, measured, exclude=("a", "b"))
+    assert model.n_pairs == 2
+    assert model.slope == pytest.approx(0.7, abs=1e-4) and model.interaction == pytest.approx(-0.1, abs=1e-4)
+    cal = predict(base, {"a": singles["a"], "b": singles["b"]}, "+", model=model)
+    add = predict(base, {"a": singles["a"], "b": singles["b"]}, "+")
+    assert evaluate_prediction(cal, measured["a+b"])["margin_rmse"] < 1e-4
+    assert evaluate_prediction(add, measured["a+b"])["margin_rmse"] > 0.3
+    assert fit_compose(base, singles, {}).slope == 1.0  # nothing measured: additivity
+
+
 def test_pareto_mask_brute_force():
     rng = np.random.default_rng(0)
     pts = rng.random((30, 2))
@@ -54,18 +86,28 @@ def test_pareto_mask_brute_force():
         assert mask[i] == (not dominated)
 
 
-def test_rank_ensembles(runs, tmp_path):
+def test_rank_ensembles_uses_measured_values(runs, tmp_path):
     base, singles = runs
-    measured = {"shift+disc": with_margins(predict(base, singles, "+"), 0.2, 0.2, "m")}
-    cands = rank_ensembles(base, singles, weight=0.5, measured=measured)
-    names = {c.name for c in cands}
-    assert names == {"baseline", "shift", "disc", "shift+disc", "shift|disc"}
+    measured_plus = with_margins(predict(base, singles, "+"), -2.0, -2.0, "m")  # far from the prediction
+    cands = rank_ensembles(base, singles, weight=0.5, measured={"shift+disc": measured_plus})
+    by = {c.name: c for c in cands}
+    assert set(by) == {"baseline", "shift", "disc", "shift+disc", "shift|disc"}
     assert [c.utility for c in cands] == sorted((c.utility for c in cands), reverse=True)
-    c = next(c for c in cands if c.name == "shift+disc")
-    s, h = safety_helpfulness(predict(base, singles, "+"))
-    assert (c.safety, c.helpfulness) == (s, h)
-    assert c.margin_rmse == pytest.approx(0.2, abs=1e-5) and c.measured_safety is not None
-    assert any(c.pareto for c in cands)
+    c = by["shift+disc"]
+    # ranked by the measurement, the prediction kept beside it with its error
+    assert c.source == "measured" and (c.safety, c.helpfulness) == safety_helpfulness(measured_plus)
+    assert (c.predicted_safety, c.predicted_helpfulness) == safety_helpfulness(predict(base, singles, "+"))
+    assert c.safety_error == pytest.approx(c.predicted_safety - c.safety)
+    assert c.margin_rmse == pytest.approx(2.0, abs=1e-5)
+    e = by["shift|disc"]  # not run, but exact from its members
+    assert e.source == "exact" and (e.safety, e.helpfulness) == safety_helpfulness(combine(base, singles, "|"))
+    assert e.measured_safety is None and e.safety_error is None
+    assert by["baseline"].source == "measured" and by["shift"].source == "measured"
+    front = {c.name for c in cands if c.pareto}
+    pts = np.array([[c.safety, c.helpfulness] for c in cands])
+    assert front == {c.name for c, f in zip(cands, pareto_mask(pts)) if f}
+    unmeasured = {c.name: c for c in rank_ensembles(base, singles)}
+    assert unmeasured["shift+disc"].source == "predicted"
     out = plot_tradeoff(cands, tmp_path / "tradeoff.png")
     assert out.stat().st_size > 10_000
 

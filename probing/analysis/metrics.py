@@ -76,3 +76,57 @@ def compliance_rate(p_refuse, threshold: float = 0.5) -> np.ndarray:
     if p.shape[-1] == 0:
         return np.full(p.shape[:-1], np.nan) if p.ndim > 1 else np.float64(np.nan)
     return (p <= threshold).mean(-1)
+
+
+def criterion(harmful: np.ndarray, benign: np.ndarray, threshold: float = 0.0) -> np.ndarray:
+    """Signal-detection criterion c of the rule "refuse when score > threshold", along the last axis.
+
+    Equal-variance Gaussian model with the d' unit: ``c = (threshold - (mu_h + mu_b) / 2) / pooled``,
+    i.e. ``-(z(hit) + z(false alarm)) / 2`` with hit = refusal of harmful, false alarm = refusal of
+    benign. c > 0: conservative (refuses less than a neutral observer), c < 0: liberal. Zero
+    pooled SD gives 0 when the threshold sits at the midpoint and +-inf otherwise."""
+    harmful, benign = np.asarray(harmful, float), np.asarray(benign, float)
+    off = threshold - (harmful.mean(-1) + benign.mean(-1)) / 2
+    pooled = pooled_sd(harmful, benign)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(pooled > 0, off / np.where(pooled > 0, pooled, 1.0),
+                        np.where(off == 0, 0.0, np.sign(off) * np.inf))
+
+
+def hodges_lehmann(x: np.ndarray) -> np.ndarray:
+    """One-sample Hodges-Lehmann estimate along the last axis: the median of the Walsh averages
+    ``(x_i + x_j) / 2, i <= j``. A rank-based centre that ignores how far out the tails reach."""
+    x = np.asarray(x, float)
+    i, j = np.triu_indices(x.shape[-1])
+    return np.median((x[..., i] + x[..., j]) / 2, axis=-1)
+
+
+def hodges_lehmann_shift(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Two-sample Hodges-Lehmann shift along the last axis: the median of all ``x_i - y_j``."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    diff = x[..., :, None] - y[..., None, :]
+    return np.median(diff.reshape(*diff.shape[:-2], -1), axis=-1)
+
+
+def wilson_ci(successes, n: int, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a binomial proportion (elementwise over ``successes``)."""
+    from scipy.stats import norm
+
+    z = norm.ppf(1 - (1 - level) / 2)
+    k = np.asarray(successes, float)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+
+
+def order_quantile(samples: np.ndarray, q) -> np.ndarray:
+    """Quantile ``q`` of ``samples`` along the last axis, as an order statistic (no interpolation),
+    so +-inf samples count as the most extreme values instead of turning the result into NaN.
+    NaN samples are dropped; a row of NaN only gives NaN. ``q``: scalar or ``samples.shape[:-1]``."""
+    s = np.sort(np.asarray(samples, float), axis=-1)  # NaN sort last
+    valid = (~np.isnan(s)).sum(-1)
+    k = np.clip(np.ceil(np.asarray(q, float) * valid).astype(int) - 1, 0, np.maximum(valid - 1, 0))
+    k = np.broadcast_to(k, s.shape[:-1])
+    out = np.take_along_axis(s, k[..., None], -1)[..., 0]
+    return np.where(valid > 0, out, np.nan)

@@ -1,0 +1,124 @@
+"""Honest statistics: aggregation on one scale, noise that changes nothing is "neither", and
+intervals that cover the truth at their nominal rate on simulated data (benchmarks/coverage_table.py)."""
+
+import numpy as np
+import pytest
+import torch
+
+from probing.aggregate import combine_margins
+from probing.errors import ScoringError
+from probing.plan import fold_variants
+from probing import ScoreTable
+
+
+# ---------------------------------------------------------------- aggregation (probing/aggregate.py)
+
+def logit_mean_p(m: np.ndarray) -> np.ndarray:
+    """Independent float64 formula: log(mean p) - log(mean (1 - p)), with 1 - p = 1 / (1 + e^m)."""
+    p, q = 1 / (1 + np.exp(-m)), 1 / (1 + np.exp(m))
+    return np.log(p.mean(0)) - np.log(q.mean(0))
+
+
+def test_aggregation_rules_seeded():
+    rng = np.random.default_rng(13)
+    for k in (1, 2, 3, 5, 8):
+        m = rng.normal(0, 4, (k, 50))
+        m[:, :5] *= 10  # margins up to about +-100: far beyond the old clamp at +-13.8
+        t = torch.tensor(m)
+        np.testing.assert_allclose(combine_margins(t, "mean").numpy(), logit_mean_p(m), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(combine_margins(t, "majority").numpy(), np.median(m, 0), atol=1e-12)
+        np.testing.assert_array_equal(combine_margins(t, "max").numpy(), m.max(0))
+        np.testing.assert_array_equal(combine_margins(t, "min").numpy(), m.min(0))
+        # the vote: a majority of refusing variants <=> a positive median margin (odd K, no zeros)
+        if k % 2:
+            assert ((m > 0).sum(0) > k / 2).tolist() == (combine_margins(t, "majority").numpy() > 0).tolist()
+    # identical variants keep their margin under every rule, huge ones included
+    for v in (-60.0, -13.9, 0.3, 13.9, 40.0, 90.0):
+        same = torch.full((4, 1), v, dtype=torch.float64)
+        for rule in ("mean", "majority", "max", "min"):
+            assert float(combine_margins(same, rule)[0]) == pytest.approx(v, rel=1e-12, abs=1e-12), rule
+    # huge margins are not truncated: two refusing variants at 40 and 30 average to about 30.69
+    assert float(combine_margins(torch.tensor([[40.0], [30.0]]), "mean")[0]) == pytest.approx(
+        -np.log((np.exp(-40) + np.exp(-30)) / 2), rel=1e-9)
+    with pytest.raises(ScoringError, match="NaN"):
+        combine_margins(torch.tensor([[1.0], [float("nan")]]), "mean")
+
+
+def test_single_variant_keeps_the_raw_margin_bit_for_bit():
+    rng = np.random.default_rng(2)
+    m = torch.tensor(rng.normal(0, 20, 6), dtype=torch.float32)
+    t = ScoreTable([f"q{i}" for i in range(6)], [None] * 6, m, torch.zeros(6, 1), [0])
+    for rule in ("mean", "majority"):
+        out, _, _ = fold_variants(t, [[i] for i in range(6)], rule)
+        assert torch.equal(out, m)
+        k1 = combine_margins(m[None].double(), rule).float()  # K = 1 through the formula: the same margin
+        torch.testing.assert_close(k1, m, atol=1e-5, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def toy_runs():
+    from probing import RefusalScorer, load_model
+    from probing.datasets import toy
+
+    bundle = load_model("toy")
+    qs = toy.requests("test")
+    scorer = RefusalScorer(bundle, batch_size=32, progress=False)
+    return scorer, qs, scorer.score(qs)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "majority"])
+@pytest.mark.parametrize("factory", ["ni_text_smooth", "ni_image_gaussian"])
+def test_noise_at_rate_zero_is_neither(toy_runs, factory, aggregate):
+    import defenses
+    from probing.analysis import compare
+
+    scorer, qs, base = toy_runs
+    d = getattr(defenses, factory)(k=3, rate=0.0, seed=0, aggregate=aggregate)
+    table = scorer.score(qs, defense=d)
+    assert table.meta["samples"] == 3
+    torch.testing.assert_close(table.margin, base.margin, atol=1e-4, rtol=0)  # K copies of the query itself
+    eff = compare(base, table, n_boot=200)
+    assert eff.label == "neither", eff.summary()
+
+
+# ---------------------------------------------------------------- interval coverage
+
+def test_intervals_cover_at_the_nominal_rate():
+    """Every figure of compare() on five simulated scenarios (n = 10..50 per class, unbalanced,
+    Student-t tails). Seeded; 240 data sets per scenario, so the Monte Carlo SE of one coverage is
+    0.014: the mean over the five scenarios (1200 data sets, SE 0.006) must lie in 0.93..0.97 for
+    every figure, and each scenario's coverage in 0.90..0.99 (about 3.5 SE)."""
+    from benchmarks.coverage_table import SCENARIOS, coverage
+
+    cols = [coverage(s, n_datasets=240, n_boot=200, seed=1, rank=False) for s in SCENARIOS]
+    figs = cols[0].keys()
+    bad_mean = {f: round(np.mean([c[f] for c in cols]), 3) for f in figs
+                if not 0.93 <= np.mean([c[f] for c in cols]) <= 0.97}
+    bad_one = {(s.name, f): c[f] for s, c in zip(SCENARIOS, cols) for f in figs if not 0.90 <= c[f] <= 0.99}
+    assert not bad_mean and not bad_one, (bad_mean, bad_one)
+
+
+def test_rank_figures_cover_at_the_nominal_rate():
+    from benchmarks.coverage_table import SCENARIOS, coverage
+
+    cols = [coverage(s, n_datasets=200, n_boot=150, seed=2, only_rank=True) for s in SCENARIOS if s.n_h <= 30]
+    for f in cols[0]:
+        mean = np.mean([c[f] for c in cols])
+        assert 0.93 <= mean <= 0.97 and all(0.90 <= c[f] <= 0.99 for c in cols), (f, [c[f] for c in cols])
+
+
+def test_fixed_unit_under_covers_and_re_estimating_fixes_it():
+    """The audit's failure, reproduced: holding the SD unit at the observed baseline value across
+    resamples makes *_sd intervals far too narrow."""
+    from benchmarks.coverage_table import Scenario
+    from probing.analysis import interval_arrays, pooled_sd, separation_figures
+
+    s = Scenario("normal 20/20", 20, 20, shift_h=3.0, shift_b=2.6, noise=0.3)  # the unit dominates the error
+    truth = s.truth()["shift_sd"]
+    b_h, b_b, d_h, d_b = s.sample(np.random.default_rng(4), (300,))
+    unit = pooled_sd(b_h, b_b)  # [300]: one per data set, held fixed across its resamples
+    fixed = interval_arrays(lambda *a: separation_figures(*a, unit=unit.reshape(unit.shape + (1,) * (a[0].ndim - 2))),
+                            b_h, b_b, d_h, d_b, n_boot=200, seed=5, method="percentile")["shift_sd"]
+    fresh = interval_arrays(separation_figures, b_h, b_b, d_h, d_b, n_boot=200, seed=5)["shift_sd"]
+    cover = lambda e: ((e[1] <= truth) & (truth <= e[2])).mean()  # noqa: E731
+    assert cover(fixed) < 0.7 and 0.92 <= cover(fresh) <= 0.98
