@@ -24,6 +24,12 @@ def _queries_tiny():
     return out
 
 
+def _has_cross_fit(factory) -> bool:
+    import inspect
+
+    return "cross_fit" in inspect.signature(factory).parameters
+
+
 def run_reference():
     from defenses import act_steer, get_defense
     from probing import RefusalScorer, load_model
@@ -46,7 +52,10 @@ def run_reference():
     keep("toy/baseline", base)
     for name in ("sr_self_reminder", "qr_caption_no_image"):
         keep(f"toy/{name}", scorer.score(queries, defense=get_defense(name)), base)
-    keep("toy/act_steer", scorer.score(queries, defense=act_steer(base, alpha=1.0)), base)
+    # In-sample, as the pre-redesign code did; cross-fitting (the default since issue 13) is a
+    # deliberate change of the estimate, not of the machinery this reference pins.
+    steer = act_steer(base, alpha=1.0, cross_fit=False) if _has_cross_fit(act_steer) else act_steer(base, alpha=1.0)
+    keep("toy/act_steer", scorer.score(queries, defense=steer), base)
     yes_no = RefusalScorer(bundle, "yes_no", batch_size=16, progress=False)
     keep("toy/yes_no", yes_no.score(queries))
 
