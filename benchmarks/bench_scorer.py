@@ -15,6 +15,7 @@ glibc's in-use heap (mallinfo2, sampled every 0.2 ms) on CPU.
 
     python benchmarks/bench_scorer.py                       # tiny-random, CPU, batch 8 and 32
     python benchmarks/bench_scorer.py --device cuda --model 7b-random --dtype bfloat16
+    python benchmarks/bench_scorer.py --short --variants ab   # ~30-token text-only prompts
 """
 
 from __future__ import annotations
@@ -67,9 +68,16 @@ def load_bench_model(name: str, device: str, dtype: str, n_layers: int | None) -
     return load_model(name, device=device, dtype=dtype, n_layers=n_layers)
 
 
-def make_queries(n: int) -> list[Query]:
+SHORT_WORDS = ("tell me in a few short words how people usually bake a simple loaf of bread at home on a "
+               "quiet sunday morning").split()
+
+
+def make_queries(n: int, short: bool = False) -> list[Query]:
+    """Queries with a 336+ px image each, or (``short``) text-only prompts of about 30 tokens."""
     from PIL import Image
 
+    if short:
+        return [Query(f"q{i}", " ".join(SHORT_WORDS[: 18 + i % 3]).capitalize() + "?") for i in range(n)]
     queries = []
     for i in range(n):
         text = " ".join(WORDS[: 4 + (i * 5) % len(WORDS)])
@@ -78,9 +86,12 @@ def make_queries(n: int) -> list[Query]:
     return queries
 
 
+SHORT = False  # set by --short
+
+
 def make_inputs(bundle, batch: int):
     scorer = RefusalScorer(bundle, layers="all", batch_size=batch, progress=False)
-    queries = make_queries(batch)
+    queries = make_queries(batch, SHORT)
     inputs = encode(bundle, scorer.render(queries), [q.image for q in queries])
     return scorer, inputs
 
@@ -248,7 +259,10 @@ def main(argv=None):
     p.add_argument("--variants", default="abcde")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--short", action="store_true", help="~30-token text-only prompts instead of 576 image tokens")
     args = p.parse_args(argv)
+    global SHORT
+    SHORT = args.short
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     cpu = not args.device.startswith("cuda")
@@ -268,7 +282,8 @@ def main(argv=None):
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
                if cpu else torch.cuda.get_device_name())
     print()
-    print(f"model: {args.model}, dtype {args.dtype}, device {args.device}")
+    print(f"model: {args.model}, dtype {args.dtype}, device {args.device}"
+          f"{', short text-only prompts' if args.short else ''}")
     print(table(results, machine))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine, "results": results}, indent=1))
