@@ -310,3 +310,40 @@ def test_image_noise_equals_the_pil_formula(size):
         d = ni_image_mask(k=1, rate=0.4, seed=2, patch=7)
         assert np.array_equal(np.asarray(d.perturb(q, _rng(2, q.id, 0)).image),
                               np.asarray(d.transform([q], None)[0][0][0].image))
+
+
+def test_lora_auto_decides_from_the_config(llava_assets):
+    """lora="auto": full fine-tuning for the toy, LoRA for a 7B config (counted on the meta device)."""
+    from transformers import LlavaConfig
+
+    from defenses import mo_finetune
+    from defenses.finetune import language_model_parameters, use_lora
+    from probing import load_model
+
+    toy = load_model("toy")
+    assert language_model_parameters(toy.model.config) < 1e7 and not use_lora("auto", toy.model.config)
+    big = LlavaConfig.from_pretrained(llava_assets)  # LLaVA-1.5-7B's config; no weights are built
+    assert 6.5e9 < language_model_parameters(big) < 7e9 and use_lora("auto", big)
+    assert not use_lora(False, big) and use_lora(True, toy.model.config)
+    d = mo_finetune(steps=1, batch_size=2)
+    assert d.lora == "auto" and d.params["lora"] == "auto"
+    d.model(toy)
+    assert d.describe()["lora_used"] is False
+    with pytest.raises(ValueError, match="'lora'"):
+        mo_finetune(lora="yes")
+
+
+def test_lora_copy_shares_the_frozen_weights():
+    pytest.importorskip("peft")
+    from defenses import mo_finetune
+    from probing import load_model
+
+    toy = load_model("toy")
+    flags = [p.requires_grad for p in toy.model.parameters()]
+    before = {n: p.detach().clone() for n, p in toy.model.named_parameters()}
+    tuned = mo_finetune(steps=2, batch_size=2, lora=True).model(toy)
+    shared = dict(tuned.model.named_parameters())
+    w = toy.model.model.multi_modal_projector.linear_1.weight
+    assert shared["model.multi_modal_projector.linear_1.weight"].data_ptr() == w.data_ptr()  # no copy
+    assert [p.requires_grad for p in toy.model.parameters()] == flags  # the original's flags untouched
+    assert all(torch.equal(p, before[n]) for n, p in toy.model.named_parameters())  # nor its values
