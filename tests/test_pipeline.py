@@ -5,10 +5,8 @@ import os
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from hooks import capture, hook_name
 from hooks.capture import DecisionCapture
