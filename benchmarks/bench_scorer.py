@@ -9,17 +9,22 @@ Variants, all on the same pre-encoded, left-padded batches (576 image tokens + t
   d  hurried     model(..., output_hidden_states=True) (full logits), then the same
   e  generate    generate(max_new_tokens=64) + refusal-phrase match
 
-Time: median of --repeats runs after one warm-up, variants interleaved in one process. Memory:
+Time: median of --repeats runs after one warm-up, variants interleaved in one process; wall clock,
+or with --clock cpu this thread's CPU time (with --threads 1 it is the work itself, robust to other
+processes on a shared machine). b is timed as `score` runs it per batch: its hooks are registered
+once around all batches (`holding_hooks`), outside the per-batch time. Memory:
 peak bytes in use above the resting level during one run: CUDA allocator statistics on GPU;
 glibc's in-use heap (mallinfo2, sampled every 0.2 ms) on CPU.
 
     python benchmarks/bench_scorer.py                       # tiny-random, CPU, batch 8 and 32
     python benchmarks/bench_scorer.py --device cuda --model 7b-random --dtype bfloat16
+    python benchmarks/bench_scorer.py --short --variants ab   # ~30-token text-only prompts
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -67,9 +72,16 @@ def load_bench_model(name: str, device: str, dtype: str, n_layers: int | None) -
     return load_model(name, device=device, dtype=dtype, n_layers=n_layers)
 
 
-def make_queries(n: int) -> list[Query]:
+SHORT_WORDS = ("tell me in a few short words how people usually bake a simple loaf of bread at home on a "
+               "quiet sunday morning").split()
+
+
+def make_queries(n: int, short: bool = False) -> list[Query]:
+    """Queries with a 336+ px image each, or (``short``) text-only prompts of about 30 tokens."""
     from PIL import Image
 
+    if short:
+        return [Query(f"q{i}", " ".join(SHORT_WORDS[: 18 + i % 3]).capitalize() + "?") for i in range(n)]
     queries = []
     for i in range(n):
         text = " ".join(WORDS[: 4 + (i * 5) % len(WORDS)])
@@ -78,9 +90,12 @@ def make_queries(n: int) -> list[Query]:
     return queries
 
 
+SHORT = False  # set by --short
+
+
 def make_inputs(bundle, batch: int):
     scorer = RefusalScorer(bundle, layers="all", batch_size=batch, progress=False)
-    queries = make_queries(batch)
+    queries = make_queries(batch, SHORT)
     inputs = encode(bundle, scorer.render(queries), [q.image for q in queries])
     return scorer, inputs
 
@@ -197,6 +212,9 @@ def measure_memory(bundle, key: str, batch: int) -> tuple[float, int]:
     return peak / 2**20, int(inputs["input_ids"].shape[1])
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time
+
+
 def time_variants(bundle, keys: str, batch: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per batch for each variant, runs interleaved (order alternating between rounds)
     so machine noise and allocator after-effects hit all variants alike."""
@@ -207,11 +225,14 @@ def time_variants(bundle, keys: str, batch: int, repeats: int) -> dict[str, list
     for rep in range(repeats):
         # alternate the order: a variant that follows a huge allocation (d) runs slower
         for key in (keys if rep % 2 == 0 else keys[::-1]):
-            _sync(bundle.device)
-            t0 = time.perf_counter()
-            run_variant(key, bundle, scorer, inputs)
-            _sync(bundle.device)
-            times[key].append(time.perf_counter() - t0)
+            # b as in score(): its hooks are registered once per score() call, around all batches,
+            # so their registration is outside the per-batch time (the floor a runs without them)
+            with (getattr(scorer, "holding_hooks", contextlib.nullcontext)() if key == "b" else contextlib.nullcontext()):
+                _sync(bundle.device)
+                t0 = CLOCK()
+                run_variant(key, bundle, scorer, inputs)
+                _sync(bundle.device)
+                times[key].append(CLOCK() - t0)
     return times
 
 
@@ -232,7 +253,7 @@ def table(results: list[dict], machine: str) -> str:
         for key, r in rows.items():
             t_a = rows["a"]["time_s"] if "a" in rows else float("nan")
             m_b = rows["b"]["peak_mb"] if "b" in rows else float("nan")
-            lines.append(f"| {batch} | {r['seq']} | {key}: {VARIANTS[key]} | {r['time_s']:.4f} | "
+            lines.append(f"| {batch} | {r['seq']} | {key}: {VARIANTS[key]} | {r['time_s']:.5f} | "
                          f"{batch / r['time_s']:.1f} | {r['peak_mb']:.1f} | {r['time_s'] / t_a:.2f}x | "
                          f"{r['peak_mb'] / max(m_b, 1e-9):.2f}x |")
     return "\n".join(lines)
@@ -248,7 +269,16 @@ def main(argv=None):
     p.add_argument("--variants", default="abcde")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--short", action="store_true", help="~30-token text-only prompts instead of 576 image tokens")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall clock, or this thread's CPU time (use with --threads 1)")
     args = p.parse_args(argv)
+    global SHORT, CLOCK
+    SHORT = args.short
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     cpu = not args.device.startswith("cuda")
@@ -268,7 +298,8 @@ def main(argv=None):
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
                if cpu else torch.cuda.get_device_name())
     print()
-    print(f"model: {args.model}, dtype {args.dtype}, device {args.device}")
+    print(f"model: {args.model}, dtype {args.dtype}, device {args.device}, {torch.get_num_threads()} torch "
+          f"threads, {args.clock} clock{', short text-only prompts' if args.short else ''}")
     print(table(results, machine))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine, "results": results}, indent=1))

@@ -42,6 +42,14 @@ class NoiseDefense(Defense):
     def perturb(self, q: Query, rng: np.random.Generator) -> Query:
         raise NotImplementedError
 
+    def prepare(self, q: Query):
+        """What every perturbation of ``q`` starts from, computed once per query (None: nothing)."""
+        return None
+
+    def perturb_prepared(self, q: Query, state, rng: np.random.Generator) -> Query:
+        """`perturb` from `prepare`'s state (image defenses: decode once, perturb K times)."""
+        return self.perturb(q, rng)
+
     def applies(self, q: Query) -> bool:
         return True
 
@@ -51,28 +59,46 @@ class NoiseDefense(Defense):
             if not self.applies(q):  # nothing to perturb: one unchanged copy
                 out.append([(q, PromptSpec())])
                 continue
-            out.append([(self.perturb(q, _rng(self.seed, q.id, k)), PromptSpec()) for k in range(self.k)])
+            state = self.prepare(q)
+            out.append([(self.perturb_prepared(q, state, _rng(self.seed, q.id, k)), PromptSpec())
+                        for k in range(self.k)])
         return out
 
 
 @dataclass
 class ImageGaussian(NoiseDefense):
-    """Gaussian pixel noise with standard deviation ``rate`` (pixel values in [0, 1])."""
+    """Gaussian pixel noise with standard deviation ``rate`` (pixel values in [0, 1]).
+
+    The image is decoded once per query; each of the K samples is computed in place on float64
+    arrays with the same operations and RNG stream as ``(clip(x / 255 + N(0, rate), 0, 1) * 255)
+    .round()`` (tests/test_defenses.py checks the bytes against that formula)."""
 
     name: str = "ni_image_gaussian"
 
     def applies(self, q):
         return q.has_image
 
+    def prepare(self, q):
+        return np.asarray(q.load_image(), dtype=np.float64) / 255.0
+
+    def perturb_prepared(self, q, base, rng):
+        noisy = rng.normal(0.0, self.rate, base.shape)
+        noisy += base  # addition commutes bit for bit: base + noise
+        np.clip(noisy, 0, 1, out=noisy)
+        noisy *= 255
+        np.round(noisy, out=noisy)
+        return dataclasses.replace(q, image=Image.fromarray(noisy.astype(np.uint8)))
+
     def perturb(self, q, rng):
-        arr = np.asarray(q.load_image(), dtype=np.float64) / 255.0
-        noisy = np.clip(arr + rng.normal(0.0, self.rate, arr.shape), 0, 1)
-        return dataclasses.replace(q, image=Image.fromarray((noisy * 255).round().astype(np.uint8)))
+        return self.perturb_prepared(q, self.prepare(q), rng)
 
 
 @dataclass
 class ImageMask(NoiseDefense):
-    """Random square patches (``patch`` px) set to grey, each with probability ``rate``."""
+    """Random square patches (``patch`` px) set to grey, each with probability ``rate``.
+
+    One uniform draw per patch in raster order (rows of patches top to bottom, left to right), as
+    one vectorised draw; the image is decoded once per query."""
 
     name: str = "ni_image_mask"
     patch: int = 14
@@ -86,14 +112,21 @@ class ImageMask(NoiseDefense):
     def applies(self, q):
         return q.has_image
 
-    def perturb(self, q, rng):
-        arr = np.array(q.load_image())
-        h, w = arr.shape[:2]
-        for y in range(0, h, self.patch):
-            for x in range(0, w, self.patch):
-                if rng.random() < self.rate:
-                    arr[y:y + self.patch, x:x + self.patch] = 128
+    def prepare(self, q):
+        return np.asarray(q.load_image())
+
+    def perturb_prepared(self, q, base, rng):
+        h, w = base.shape[:2]
+        ny, nx = -(-h // self.patch), -(-w // self.patch)
+        hit = (rng.random(ny * nx) < self.rate).reshape(ny, nx)
+        arr = base.copy()
+        if hit.any():
+            mask = np.repeat(np.repeat(hit, self.patch, 0), self.patch, 1)[:h, :w]
+            arr[mask] = 128
         return dataclasses.replace(q, image=Image.fromarray(arr))
+
+    def perturb(self, q, rng):
+        return self.perturb_prepared(q, self.prepare(q), rng)
 
 
 _PRINTABLE = string.ascii_letters + string.digits + string.punctuation + " "

@@ -18,19 +18,48 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from .points import HookPoint, attach, decoder_layers, language_model, parse_hook_name
-from .positions import as_positions, gather, scatter
+from .positions import DECISION, as_positions, gather, scatter
 from .errors import HookError, NotCapturedError
 
 
 class _MaskTracker:
-    """Remembers the 2-D attention mask of the current forward (None when there is none)."""
+    """Remembers the 2-D attention mask of the current forward (None when there is none).
+
+    Position indices depend only on the mask and the activation's shape, so they are computed
+    once per forward and shared by every hook point (they are reset when the next forward of the
+    language model starts).
+    """
 
     def __init__(self):
         self.mask: torch.Tensor | None = None
+        self._index: dict = {}
 
     def hook(self, _module, args, kwargs):
         mask = kwargs.get("attention_mask")
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._index = {}
+
+    def index(self, pos, batch: int, seq: int, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``pos``'s indices ``[batch, k]`` for this forward, and the same as flat row indices into
+        ``[batch * seq, ...]`` (None for every position)."""
+        key = (batch, seq, device)
+        got = self._index.get(key)
+        if got is None:
+            idx = pos.index(self.mask, batch, seq, device)
+            flat = None
+            if idx is not None:
+                flat = (idx + torch.arange(0, batch * seq, seq, device=device).unsqueeze(-1)).reshape(-1)
+            got = self._index[key] = (idx, flat)
+        return got
+
+
+def _take(act: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """``gather(act, idx)``: the same values, by one ``index_select`` on the flattened rows."""
+    if not act.is_contiguous():
+        return gather(act, idx)
+    batch, seq = act.shape[:2]
+    rest = act.shape[2:]
+    return act.reshape(batch * seq, *rest).index_select(0, flat).view(batch, idx.shape[1], *rest)
 
 
 @contextlib.contextmanager
@@ -99,20 +128,132 @@ def capture(
     cache = ActivationCache({p.name: [] for p in points})
 
     def make_fn(point: HookPoint, tracker: _MaskTracker):
+        chunks = cache.calls[point.name]
+        convert = device is not None or dtype is not None
+
         def fn(act: torch.Tensor):
-            idx = pos.index(tracker.mask, act.shape[0], act.shape[1], act.device)
-            got = gather(act, idx)
-            if pos.squeeze:
-                got = got[:, 0]
-            # Index selection already made a new tensor; only the live activation ("all") needs a copy.
-            got = got.detach().to(device=device, dtype=dtype, copy=idx is None)
-            cache.calls[point.name].append(got)
+            idx, flat = tracker.index(pos, act.shape[0], act.shape[1], act.device)
+            if idx is None:  # the live activation ("all") needs a copy
+                got = act.detach().to(device=device, dtype=dtype, copy=True)
+            else:  # index selection already made a new tensor
+                got = _take(act, idx, flat).detach()
+                if pos.squeeze:
+                    got = got[:, 0]
+                if convert:
+                    got = got.to(device=device, dtype=dtype)
+            chunks.append(got)
             return None
 
         return fn
 
     with _registered(model, points, make_fn):
         yield cache
+
+
+class DecisionCapture:
+    """``capture(model, resid_post of layers, "decision")`` prepared once for many forwards.
+
+    The scorer's hot path: modules and hook functions are resolved when it is built, so entering
+    the block only registers one pre-hook on the language model and one forward hook per layer
+    (all removed when the block ends, also on an exception). The decision index is computed once
+    per forward from the language model's own attention mask and shared by every layer; each
+    layer then costs one ``index_select``. Values are those of `capture` (tested).
+
+        reader = DecisionCapture(bundle, [0, 1, 2, 3])
+        with reader:
+            out = bundle.model.model(**inputs)
+        reader.hidden()                  # [batch, L, d_model], layers in the order given
+        reader.select(out.last_hidden_state)   # [batch, d_model] at the same positions
+    """
+
+    def __init__(self, model, layers: Iterable[int], device: str | torch.device | None = None):
+        modules = decoder_layers(model)
+        self.layers = [parse_hook_name(f"blocks.{int(i)}.hook_resid_post", len(modules)).layer for i in layers]
+        self._lm = language_model(model)
+        self._modules = [modules[i] for i in self.layers]
+        #: where captures are stored (None: where they are produced); may be changed between blocks
+        self.device = None if device is None else torch.device(device)
+        self._handles: list = []
+        self._depth = 0
+        self._mask: torch.Tensor | None = None
+        self._flat: dict = {}
+        self._got: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._hooks = [self._make_hook(k) for k in range(len(self.layers))]
+
+    def _pre(self, _module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._flat = {}
+        self._got[:] = [None] * len(self.layers)
+
+    def flat_index(self, batch: int, seq: int, device) -> torch.Tensor:
+        """Decision positions of this forward as row indices into ``[batch * seq, ...]``."""
+        key = (batch, seq, device)
+        flat = self._flat.get(key)
+        if flat is None:
+            idx = DECISION.index(self._mask, batch, seq, device)[:, 0]
+            flat = self._flat[key] = idx + torch.arange(0, batch * seq, seq, device=device)
+        return flat
+
+    def select(self, act: torch.Tensor) -> torch.Tensor:
+        """``act [batch, seq, ...]`` at this forward's decision positions: ``[batch, ...]``."""
+        batch, seq = act.shape[:2]
+        flat = self.flat_index(batch, seq, act.device)
+        return act.reshape(batch * seq, *act.shape[2:]).index_select(0, flat)
+
+    def _make_hook(self, k: int):
+        got = self._got
+
+        def hook(_module, _args, output):
+            act = output[0] if isinstance(output, tuple) else output
+            batch, seq = act.shape[:2]
+            flat = self._flat.get((batch, seq, act.device))
+            if flat is None:
+                flat = self.flat_index(batch, seq, act.device)
+            out = act.reshape(batch * seq, *act.shape[2:]).index_select(0, flat).detach()
+            if self.device is not None and out.device != self.device:
+                out = out.to(self.device)
+            got[k] = out
+            return None
+
+        return hook
+
+    def hidden(self) -> torch.Tensor:
+        """The captured layers stacked: ``[batch, L, d_model]``."""
+        if any(g is None for g in self._got):
+            missing = [i for i, g in zip(self.layers, self._got) if g is None]
+            raise NotCapturedError(f"nothing captured at layers {missing}: no forward ran inside the block")
+        return torch.stack(self._got, 1)
+
+    def __enter__(self) -> "DecisionCapture":
+        """Register the hooks (nested blocks reuse the outer block's hooks)."""
+        if self._depth == 0:
+            try:
+                self._handles.append(self._lm.register_forward_pre_hook(self._pre, with_kwargs=True))
+                for module, hook in zip(self._modules, self._hooks):
+                    self._handles.append(module.register_forward_hook(hook))
+            except BaseException:
+                self._remove()
+                raise
+        self._depth += 1
+        self._got[:] = [None] * len(self.layers)  # the hooks hold this list
+        self._flat, self._mask = {}, None
+        return self
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._remove()
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are registered now."""
+        return bool(self._handles)
 
 
 @dataclass(frozen=True)
@@ -152,8 +293,8 @@ def edit(model, edits: dict[str, EditFn], positions="all") -> Iterator[None]:
         user_fn = points[point]
 
         def fn(act: torch.Tensor):
-            idx = pos.index(tracker.mask, act.shape[0], act.shape[1], act.device)
-            sel = gather(act, idx)
+            idx, flat = tracker.index(pos, act.shape[0], act.shape[1], act.device)
+            sel = act if idx is None else _take(act, idx, flat)
             if pos.squeeze:
                 sel = sel[:, 0]
             ctx = EditContext(point.name, point.layer, point.kind, idx, tracker.mask)

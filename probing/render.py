@@ -130,3 +130,30 @@ def encode(bundle, prompts: list[str], images: list, device=None) -> dict[str, t
         out["pixel_values"] = inputs["pixel_values"].to(bundle.dtype)
     device = device or bundle.input_device
     return {k: v.to(device) for k, v in out.items()}
+
+
+def encode_pixels(bundle, prompts: list[str], pixels: list, device=None) -> dict[str, torch.Tensor]:
+    """`encode` from pixel values already processed per image (``pixels``: one ``[3, H, W]`` tensor
+    or None per prompt), so a cached image is not decoded or processed again.
+
+    The text is what the processor tokenizes: each image token expanded to the image's
+    `image_seq_length` positions, then the tokenizer with left padding. Equal to `encode` on the
+    same images (tests/test_pipeline.py checks ids, mask and pixels bit for bit).
+    """
+    token = bundle.processor.image_token
+    flat = [p for p in pixels if p is not None]
+    n_tokens = sum(p.count(token) for p in prompts)
+    if n_tokens != len(flat):
+        raise InputError(f"encode_pixels: {n_tokens} image tokens in the prompts for {len(flat)} images")
+    expanded = token * bundle.image_seq_length
+    text = [p.replace(token, expanded) for p in prompts]
+    inputs = bundle.tokenizer(text, padding=True, return_tensors="pt")
+    out = {
+        "input_ids": inputs["input_ids"],
+        "attention_mask": inputs["attention_mask"],
+        "position_ids": padded_position_ids(inputs["attention_mask"]),
+    }
+    if flat:
+        out["pixel_values"] = torch.stack(flat).to(bundle.dtype)
+    device = device or bundle.input_device
+    return {k: v.to(device) for k, v in out.items()}

@@ -20,17 +20,16 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from hooks.capture import capture
-from hooks.points import hook_name
-from hooks.positions import DECISION, gather
+from hooks.capture import DecisionCapture
 
 from .model import ModelBundle
+from .pipeline import DEFAULT_PIXEL_CACHE_MB, PixelCache, Prefetcher, encode_batch
 from .plan import as_plan, run_plan
 from .query import Query, QueryError, check_unique_ids
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
-from .render import PromptSpec, check_context, encode, plan_batches, prompt_lengths, render_prompt
+from .render import PromptSpec, check_context, plan_batches, prompt_lengths, render_prompt
 from .score_table import ScoreTable
-from .errors import InputError, ScoringError
+from .errors import InputError, MechprobeError, ScoringError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +55,14 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
     return out
 
 
+def lens_logits_of(normed: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``einsum("bld,td->blt", normed, w)`` as the one ``bmm`` einsum runs for it (same operands,
+    same strides, so the same bits; tests/test_scorer.py checks it), without einsum's per-call
+    planning: ``[batch, L, d] x [n_tokens, d] -> [batch, L, n_tokens]``."""
+    b, n_layers, d = normed.shape
+    return torch.bmm(normed.reshape(1, b * n_layers, d), w.t().unsqueeze(0)).view(b, n_layers, w.shape[0])
+
+
 class RefusalScorer:
     """Scores queries in batches: refusal margin, p_refuse, per-layer lens margins, hidden states.
 
@@ -67,6 +74,14 @@ class RefusalScorer:
         batch_size: queries per forward.
         prompt: system prompt / surrounding text applied to every query.
         progress: show a tqdm bar (None: only on a terminal and when there is more than one batch).
+        prefetch: batches prepared ahead of the forward by a background thread (images loaded and
+            processed, text tokenized); 0 prepares each batch inline. Scores are the same bits.
+        pixel_cache: MiB of processed pixel values kept across `score` calls (0: none), or a
+            `probing.pipeline.PixelCache` to share; the same image under several conditions is
+            decoded and processed once. Scores are the same bits.
+
+    After `score`, ``last_timing`` holds the run's ``total_s``, ``forward_s`` and ``wait_s`` (the
+    time the loop waited for prepared batches).
     """
 
     def __init__(
@@ -79,6 +94,8 @@ class RefusalScorer:
         batch_size: int = 8,
         prompt: PromptSpec = PromptSpec(),
         progress: bool | None = None,
+        prefetch: int = 2,
+        pixel_cache: "PixelCache | float" = DEFAULT_PIXEL_CACHE_MB,
     ):
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -90,8 +107,16 @@ class RefusalScorer:
         self.batch_size = batch_size
         self.prompt = prompt
         self.progress = progress
+        if prefetch < 0:
+            raise InputError(f"prefetch must be >= 0, got {prefetch}")
+        self.prefetch = int(prefetch)
+        self.pixel_cache = (pixel_cache if isinstance(pixel_cache, PixelCache)
+                            else PixelCache(int(float(pixel_cache) * 2**20)))
+        self.last_timing: dict = {}
         # Only these rows of the unembedding are ever used: [n_tokens, d_model].
         self._w_readout = bundle.unembed[self.resolved.token_ids].detach().float()
+        # The hot path's hooks, resolved once: decision-position residuals of self.layers.
+        self._reader = DecisionCapture(bundle, self.layers)
 
     # -- preparation ---------------------------------------------------------------------------
 
@@ -118,23 +143,31 @@ class RefusalScorer:
         prefix and input). Returns ``margin [batch]``, ``lens_margin [batch, L]`` and
         ``hidden [batch, L, d_model]`` (hidden in the model's dtype, on its device).
         """
-        names = [hook_name(i) for i in self.layers]
         model_kwargs.setdefault("use_cache", False)
+        reader = self._reader
         # Layers may sit on several devices (device_map): gather captures where the norm is.
-        norm_device = self.bundle.final_norm.weight.device
-        with capture(self.bundle, names, DECISION, device=norm_device) as cache:
+        reader.device = self.bundle.final_norm.weight.device
+        with reader:  # hooks on every requested layer, removed when the block ends
             out = self.bundle.model.model(**inputs, **model_kwargs)
-        idx = DECISION.index(inputs["attention_mask"], *inputs["input_ids"].shape, out.last_hidden_state.device)
-        final = gather(out.last_hidden_state, idx)[:, 0]  # already through the final norm
+        final = reader.select(out.last_hidden_state)  # already through the final norm
         w = self._w_readout.to(final.device)
-        margin = self.resolved.margin(final.float() @ w.T)
-        if not names:
+        logits = final.float() @ w.T  # [batch, n_tokens]
+        if not self.layers:
             empty = final.new_zeros(final.shape[0], 0)
-            return margin, empty.float(), None
-        hidden = torch.stack([cache[n] for n in names], 1)  # [batch, L, d_model]
+            return self.resolved.margin(logits), empty.float(), None
+        hidden = reader.hidden()  # [batch, L, d_model]
         normed = self.bundle.final_norm(hidden)
-        lens = self.resolved.margin(torch.einsum("bld,td->blt", normed.float().to(w.device), w))
+        lens_logits = lens_logits_of(normed.float().to(w.device), w)  # [batch, L, n_tokens]
+        # One margin for the output and every layer (rows reduce independently: the same bits as
+        # two calls, checked in tests/test_scorer.py).
+        both = self.resolved.margin(torch.cat([lens_logits, logits.to(lens_logits.device)[:, None]], 1))
+        margin, lens = both[:, -1], both[:, :-1]
         return margin, lens, hidden
+
+    def holding_hooks(self):
+        """Keep the hot path's hooks registered across `forward` calls inside the block (`score`
+        does this around its batches); they are removed when the block ends, also on an error."""
+        return self._reader
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -177,24 +210,45 @@ class RefusalScorer:
         hidden = torch.empty(n, n_layers, self.bundle.d_model) if self.keep_hidden and n_layers else None
         # tqdm's disable=None hides the bar when stderr is not a terminal.
         disable = (not self.progress) if self.progress is not None else (None if len(batches) > 1 else True)
-        start = time.perf_counter()
-        for rows in tqdm(batches, desc=desc, unit="batch", disable=disable):
-            images = [queries[i].load_image() for i in rows]
-            inputs = encode(self.bundle, [prompts[i] for i in rows], images)
-            got = inputs["attention_mask"].sum(-1).tolist()
+        device = self.bundle.input_device
+
+        def prepare(rows: list[int]) -> dict[str, torch.Tensor]:
+            """Batch ``rows`` as CPU tensors: images loaded, pixels processed (or cached), text
+            tokenized; runs in the prefetch worker while the previous batch is in the model."""
+            ids = [queries[i].id for i in rows]
+            try:
+                inputs = encode_batch(self.bundle, [prompts[i] for i in rows], [queries[i] for i in rows],
+                                      self.pixel_cache, device="cpu")
+            except MechprobeError:  # QueryError and friends already name the query
+                raise
+            except Exception as exc:
+                raise ScoringError(f"preparing queries {ids}: {type(exc).__name__}: {exc}") from exc
+            got = inputs["attention_mask"].sum(-1).tolist()  # CPU tensors: no device sync
             want = [lengths[i] for i in rows]
             if got != want:
-                raise ScoringError(f"token count mismatch for queries {[queries[i].id for i in rows]}: "
-                                   f"processor gave {got}, expected {want}")
-            m, lm, h = self.forward(inputs)
-            idx = torch.tensor(rows)
-            margin[idx] = m.cpu()
-            lens[idx] = lm.cpu()
-            if hidden is not None:
-                hidden[idx] = h.float().cpu()
+                raise ScoringError(f"token count mismatch for queries {ids}: processor gave {got}, expected {want}")
+            return inputs
+
+        start = time.perf_counter()
+        forward_s = 0.0
+        with Prefetcher(prepare, batches, depth=self.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
+                self.holding_hooks():
+            for rows, cpu_inputs in tqdm(zip(batches, feed), total=len(batches), desc=desc, unit="batch",
+                                         disable=disable):
+                t0 = time.perf_counter()
+                m, lm, h = self.forward({k: v.to(device) for k, v in cpu_inputs.items()})
+                idx = torch.tensor(rows)
+                margin[idx] = m.cpu()
+                lens[idx] = lm.cpu()
+                if hidden is not None:
+                    hidden[idx] = h.float().cpu()
+                forward_s += time.perf_counter() - t0
+        self.last_timing = {"batches": len(batches), "total_s": time.perf_counter() - start,
+                            "wait_s": feed.wait_s, "forward_s": forward_s}
         elapsed = time.perf_counter() - start
-        logger.info("scored %d queries in %d batches, %.2fs (%.1f queries/s)", n, len(batches),
-                    elapsed, n / max(elapsed, 1e-9))
+        logger.info("scored %d queries in %d batches, %.2fs (%.1f queries/s; %.0f%% of it waiting for data; "
+                    "pixel cache %d hits, %d misses)", n, len(batches), elapsed, n / max(elapsed, 1e-9),
+                    100 * feed.wait_s / max(elapsed, 1e-9), self.pixel_cache.hits, self.pixel_cache.misses)
         shown = prompt if isinstance(prompt, PromptSpec) else PromptSpec()
         return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
                           list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})},
@@ -202,8 +256,12 @@ class RefusalScorer:
 
     def with_bundle(self, bundle: ModelBundle) -> "RefusalScorer":
         """The same scorer settings over another model (e.g. a fine-tuned defense model)."""
+        # The pixel cache is shared when the images are processed the same way for the same dtype.
+        same = bundle.processor is self.bundle.processor and bundle.dtype == self.bundle.dtype
         return RefusalScorer(bundle, self.readout, layers=self.layers or None, keep_hidden=self.keep_hidden,
-                             batch_size=self.batch_size, prompt=self.prompt, progress=self.progress)
+                             batch_size=self.batch_size, prompt=self.prompt, progress=self.progress,
+                             prefetch=self.prefetch,
+                             pixel_cache=self.pixel_cache if same else self.pixel_cache.max_bytes / 2**20)
 
     def table_meta(self, prompt: PromptSpec = PromptSpec()) -> dict:
         """What a ScoreTable records about how it was scored."""

@@ -268,3 +268,82 @@ def test_intention_and_rewrite_use_the_models_answer(tiny, mixed_queries):
     rewrites = generate(tiny, [Query(q.id, qr_rewrite().question.format(text=q.text), q.image) for q in qs], 3)
     for (vq, spec), q, a in zip((x[0] for x in r), qs, rewrites):
         assert vq.text == (a or q.text) and vq.meta["rewrite"] == a and spec == PromptSpec()
+
+
+# -- noise injection on arrays: the same bytes as the per-sample PIL round trips it replaced -----
+
+def _old_gaussian(q, rate, rng):
+    arr = np.asarray(q.load_image(), dtype=np.float64) / 255.0
+    noisy = np.clip(arr + rng.normal(0.0, rate, arr.shape), 0, 1)
+    return (noisy * 255).round().astype(np.uint8)
+
+
+def _old_mask(q, rate, patch, rng):
+    arr = np.array(q.load_image())
+    h, w = arr.shape[:2]
+    for y in range(0, h, patch):
+        for x in range(0, w, patch):
+            if rng.random() < rate:
+                arr[y:y + patch, x:x + patch] = 128
+    return arr
+
+
+@pytest.mark.parametrize("size", [(112, 112), (101, 67), (300, 257)])
+def test_image_noise_equals_the_pil_formula(size):
+    from PIL import Image
+
+    from defenses.noise import _rng
+
+    rgba = Image.fromarray(np.random.default_rng(9).integers(0, 256, (size[1], size[0], 4), dtype=np.uint8))
+    for q in (Query("img-1", "What is this?", image=noise_image(4, size=size)), Query("img-2", "x", image=rgba)):
+        for rate, seed in ((0.05, 0), (0.3, 11)):
+            got = ni_image_gaussian(k=3, rate=rate, seed=seed).transform([q], None)[0]
+            for k, (v, _) in enumerate(got):
+                want = _old_gaussian(q, rate, _rng(seed, q.id, k))
+                assert np.array_equal(np.asarray(v.image), want), (q.id, rate, seed, k)
+            for patch in (14, 9, 1000):
+                got = ni_image_mask(k=3, rate=rate * 2, seed=seed, patch=patch).transform([q], None)[0]
+                for k, (v, _) in enumerate(got):
+                    want = _old_mask(q, rate * 2, patch, _rng(seed, q.id, k))
+                    assert np.array_equal(np.asarray(v.image), want), (q.id, rate, seed, patch, k)
+        # perturb() alone (the public per-sample call) gives the same as transform()
+        d = ni_image_mask(k=1, rate=0.4, seed=2, patch=7)
+        assert np.array_equal(np.asarray(d.perturb(q, _rng(2, q.id, 0)).image),
+                              np.asarray(d.transform([q], None)[0][0][0].image))
+
+
+def test_lora_auto_decides_from_the_config(llava_assets):
+    """lora="auto": full fine-tuning for the toy, LoRA for a 7B config (counted on the meta device)."""
+    from transformers import LlavaConfig
+
+    from defenses import mo_finetune
+    from defenses.finetune import language_model_parameters, use_lora
+    from probing import load_model
+
+    toy = load_model("toy")
+    assert language_model_parameters(toy.model.config) < 1e7 and not use_lora("auto", toy.model.config)
+    big = LlavaConfig.from_pretrained(llava_assets)  # LLaVA-1.5-7B's config; no weights are built
+    assert 6.5e9 < language_model_parameters(big) < 7e9 and use_lora("auto", big)
+    assert not use_lora(False, big) and use_lora(True, toy.model.config)
+    d = mo_finetune(steps=1, batch_size=2)
+    assert d.lora == "auto" and d.params["lora"] == "auto"
+    d.model(toy)
+    assert d.describe()["lora_used"] is False
+    with pytest.raises(ValueError, match="'lora'"):
+        mo_finetune(lora="yes")
+
+
+def test_lora_copy_shares_the_frozen_weights():
+    pytest.importorskip("peft")
+    from defenses import mo_finetune
+    from probing import load_model
+
+    toy = load_model("toy")
+    flags = [p.requires_grad for p in toy.model.parameters()]
+    before = {n: p.detach().clone() for n, p in toy.model.named_parameters()}
+    tuned = mo_finetune(steps=2, batch_size=2, lora=True).model(toy)
+    shared = dict(tuned.model.named_parameters())
+    w = toy.model.model.multi_modal_projector.linear_1.weight
+    assert shared["model.multi_modal_projector.linear_1.weight"].data_ptr() == w.data_ptr()  # no copy
+    assert [p.requires_grad for p in toy.model.parameters()] == flags  # the original's flags untouched
+    assert all(torch.equal(p, before[n]) for n, p in toy.model.named_parameters())  # nor its values

@@ -154,3 +154,22 @@ def test_duplicate_ids_and_empty_input(tiny):
         RefusalScorer(tiny).score([])
     with pytest.raises(ValueError, match="batch_size"):
         RefusalScorer(tiny, batch_size=0)
+
+
+def test_readout_shortcuts_are_bit_identical():
+    """The hot path's bmm is einsum's own call, and one margin over [output | layers] equals two."""
+    from probing.scorer import lens_logits_of
+
+    g = torch.Generator().manual_seed(0)
+    for b, n_layers, t, n in [(1, 1, 2, 1), (3, 4, 9, 7), (8, 33, 9, 7), (16, 4, 2, 1), (5, 7, 12, 3)]:
+        w = torch.randn(t, 64, generator=g)
+        normed = torch.randn(b, n_layers, 64, generator=g) * 3
+        final = torch.randn(b, 64, generator=g) * 3
+        einsum = torch.einsum("bld,td->blt", normed, w)
+        assert torch.equal(lens_logits_of(normed, w), einsum)
+
+        def margin(x):
+            return torch.logsumexp(x[..., :n], -1) - torch.logsumexp(x[..., n:], -1)
+
+        both = margin(torch.cat([einsum, (final @ w.T)[:, None]], 1))
+        assert torch.equal(both[:, -1], margin(final @ w.T)) and torch.equal(both[:, :-1], margin(einsum))

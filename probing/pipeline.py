@@ -1,0 +1,227 @@
+"""The scorer's data pipeline: batches prepared ahead of the forward, pixel values computed once.
+
+Two pieces, both used by `RefusalScorer.score`:
+
+`Prefetcher`
+    runs ``fn(item)`` for a list of items in one background thread, at most ``depth`` results
+    ahead of the consumer (a bounded queue), and yields the results in order. While the model
+    runs batch k, the worker decodes and processes the images of batch k+1. An exception in the
+    worker is raised in the consumer when it reaches that item (with the worker's traceback);
+    `close` (also run by ``with``) stops and joins the worker, so no thread outlives the block,
+    also after an error or Ctrl-C in the consumer. ``depth=0`` runs everything inline.
+
+`PixelCache`
+    processed ``pixel_values`` per image, a bounded LRU by bytes, so that the same image scored
+    under several prompt conditions (or several defenses) in one scorer's lifetime is decoded and
+    run through the image processor once. Keys cannot be reused wrongly:
+
+    - an image file: resolved path, device, inode, size, mtime and ctime in nanoseconds (ctime
+      changes on any write and cannot be set back by a user), and the pixel limit in force;
+    - an in-memory PIL image: a 160-bit BLAKE2b digest of its RGB pixels and its size, so a
+      changed or different image (even at a reused ``id()``) never hits another's entry.
+
+    Entries are stored in the model's dtype: 3 x 336 x 336 values, 1.29 MiB in float32 and
+    0.65 MiB in bfloat16 for LLaVA-1.5's processor. The default budget of 1024 MiB holds about 790
+    images in float32 (1580 in bf16); a cache smaller than a run's distinct images gets no hits
+    across conditions that visit all images in the same order (LRU), so size it to the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+
+from .errors import InputError, ScoringError
+from .query import Query, max_image_pixels
+from .render import encode, encode_pixels
+
+logger = logging.getLogger(__name__)
+
+#: default byte budget of a scorer's pixel cache (MiB)
+DEFAULT_PIXEL_CACHE_MB = 1024
+
+
+class Prefetcher:
+    """``fn(item)`` for each item, computed ahead in a background thread (see the module docstring).
+
+    Attributes:
+        wait_s: seconds the consumer spent waiting for results (inline: computing them).
+    """
+
+    def __init__(self, fn: Callable, items: Iterable, depth: int = 2, name: str = "mechprobe-prefetch"):
+        if depth < 0:
+            raise InputError(f"prefetch depth must be >= 0, got {depth}")
+        self.fn, self.items, self.depth, self.name = fn, list(items), depth, name
+        self.wait_s = 0.0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+
+    # -- the worker --------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        for item in self.items:
+            if self._stop.is_set():
+                return
+            try:
+                result = (True, self.fn(item))
+            except BaseException as exc:  # handed to the consumer, raised there
+                result = (False, exc)
+            if not self._put(result) or not result[0]:
+                return
+
+    def _put(self, result) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(result, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self):
+        while True:
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise ScoringError(f"{self.name}: the worker stopped without a result") from None
+
+    # -- the consumer ------------------------------------------------------------------------
+
+    def __enter__(self) -> "Prefetcher":
+        if self.depth > 0 and len(self.items) > 1:
+            self._queue = queue.Queue(maxsize=self.depth)
+            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+            self._thread.start()
+        return self
+
+    def __iter__(self) -> Iterator:
+        if self._thread is None:  # inline: depth 0, a single item, or not entered
+            for item in self.items:
+                start = time.perf_counter()
+                value = self.fn(item)
+                self.wait_s += time.perf_counter() - start
+                yield value
+            return
+        for _ in self.items:
+            start = time.perf_counter()
+            ok, value = self._get()
+            self.wait_s += time.perf_counter() - start
+            if not ok:
+                raise value
+            yield value
+
+    def close(self) -> None:
+        """Stop the worker and wait for it (it finishes the item it is computing, then exits)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class PixelCache:
+    """Processed pixel values per image, LRU within ``max_bytes`` (see the module docstring).
+
+    Thread-safe. ``max_bytes=0`` disables it (every lookup misses, nothing is stored).
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_PIXEL_CACHE_MB * 2**20):
+        if max_bytes < 0:
+            raise InputError(f"pixel cache size must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key) -> torch.Tensor | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old.numel() * old.element_size()
+            self._entries[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self.bytes -= dropped.numel() * dropped.element_size()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+
+def image_key(query: Query) -> tuple[tuple, Image.Image | None]:
+    """The cache key of a query's image, and the decoded RGB image when computing the key needed
+    it (in-memory images are hashed on their RGB pixels)."""
+    if isinstance(query.image, Image.Image):
+        rgb = query.load_image()
+        digest = hashlib.blake2b(rgb.tobytes(), digest_size=20).digest()
+        return ("pixels", rgb.size, digest), rgb
+    path = Path(query.image).resolve()
+    st = path.stat()
+    return ("file", str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+            max_image_pixels()), None
+
+
+def process_image(bundle, image: Image.Image) -> torch.Tensor:
+    """One image through the processor's image processor: ``[3, H, W]`` in the model's dtype."""
+    return bundle.processor.image_processor([image], return_tensors="pt")["pixel_values"][0].to(bundle.dtype)
+
+
+def encode_batch(bundle, prompts: Sequence[str], queries: Sequence[Query], cache: PixelCache | None = None,
+                 device=None) -> dict[str, torch.Tensor]:
+    """`probing.render.encode` for ``queries`` (their images loaded here), with each image's pixel
+    values taken from ``cache`` when it holds them and stored there when not. Equal to
+    ``encode(bundle, prompts, [q.load_image() for q in queries])`` (tests/test_pipeline.py)."""
+    if cache is None or not cache.enabled:
+        return encode(bundle, list(prompts), [q.load_image() for q in queries], device=device)
+    pixels = []
+    for q in queries:
+        if not q.has_image:
+            pixels.append(None)
+            continue
+        try:
+            key, loaded = image_key(q)
+        except OSError:  # unreadable file metadata: load_image raises the error naming the query
+            q.load_image()
+            raise
+        value = cache.get(key)
+        if value is None:
+            value = process_image(bundle, loaded if loaded is not None else q.load_image())
+            cache.put(key, value)
+        pixels.append(value)
+    return encode_pixels(bundle, list(prompts), pixels, device=device)

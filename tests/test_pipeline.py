@@ -1,0 +1,221 @@
+"""The scorer's data pipeline: prefetching and the pixel cache change no bit of any score, errors
+surface naming the query, no worker thread outlives `score`."""
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from hooks import capture, hook_name
+from hooks.capture import DecisionCapture
+from probing import PromptSpec, Query, RefusalScorer
+from probing.errors import ScoringError
+from probing.pipeline import PixelCache, Prefetcher, encode_batch, image_key
+from probing.query import QueryError
+from probing.render import encode
+
+from .conftest import noise_image
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("mechprobe-prefetch")]
+
+
+def hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture
+def file_queries(tmp_path, mixed_queries):
+    """The mixed queries with their images as PNG files, plus a JPEG."""
+    out = []
+    for q in mixed_queries:
+        if q.image is not None:
+            path = tmp_path / f"{q.id}.png"
+            q.image.save(path)
+            q = Query(q.id, q.text, image=path, label=q.label)
+        out.append(q)
+    noise_image(42, size=(500, 380)).save(tmp_path / "big.jpg", quality=90)
+    out.append(Query("jpeg", "And this one?", image=tmp_path / "big.jpg", label="benign"))
+    return out
+
+
+# -- the prefetcher ------------------------------------------------------------------------------
+
+def test_prefetcher_keeps_order_and_joins():
+    with Prefetcher(lambda x: x * x, range(20), depth=2) as feed:
+        assert prefetch_threads()
+        assert list(feed) == [x * x for x in range(20)]
+    assert not prefetch_threads()
+    with Prefetcher(lambda x: x + 1, range(5), depth=0) as feed:  # inline
+        assert not prefetch_threads()
+        assert list(feed) == [1, 2, 3, 4, 5]
+
+
+def test_prefetcher_raises_in_the_consumer_and_stops():
+    def fn(x):
+        if x == 3:
+            raise ValueError("item 3 is bad")
+        return x
+
+    seen = []
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        with Prefetcher(fn, range(10), depth=2) as feed:
+            for x in feed:
+                seen.append(x)
+    assert seen == [0, 1, 2] and not prefetch_threads()
+
+
+def test_prefetcher_joins_when_the_consumer_stops_early():
+    calls = []
+
+    def slow(x):
+        calls.append(x)
+        time.sleep(0.01)
+        return x
+
+    with pytest.raises(KeyboardInterrupt):
+        with Prefetcher(slow, range(100), depth=2) as feed:
+            for x in feed:
+                if x == 2:
+                    raise KeyboardInterrupt
+    assert not prefetch_threads()
+    assert len(calls) <= 2 + 2 + 2  # bounded: consumed + queue depth + the one in flight
+
+
+# -- encoding with cached pixels -----------------------------------------------------------------
+
+def test_encode_batch_equals_encode(tiny, file_queries):
+    scorer = RefusalScorer(tiny)
+    prompts = scorer.render(file_queries)
+    want = encode(tiny, prompts, [q.load_image() for q in file_queries])
+    cache = PixelCache()
+    for _ in range(2):  # misses, then hits
+        got = encode_batch(tiny, prompts, file_queries, cache)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+    assert cache.hits == cache.misses == sum(q.has_image for q in file_queries)
+
+
+def test_cache_keys_cannot_be_reused_wrongly(tmp_path):
+    path = tmp_path / "a.png"
+    noise_image(1).save(path)
+    key1, _ = image_key(Query("a", "x", image=path))
+    assert image_key(Query("b", "y", image=str(path)))[0] == key1  # same file, another query
+    os.utime(path, ns=(1, 1))
+    assert image_key(Query("a", "x", image=path))[0] != key1  # touched
+    noise_image(2).save(path)
+    os.utime(path, ns=(1, 1))  # same size, mtime set back: ctime still tells
+    key2 = image_key(Query("a", "x", image=path))[0]
+    assert key2 != key1
+    im = noise_image(3)
+    k1 = image_key(Query("c", "x", image=im))[0]
+    assert image_key(Query("d", "x", image=noise_image(3)))[0] == k1  # same pixels, another object
+    im.putpixel((0, 0), (1, 2, 3))
+    assert image_key(Query("c", "x", image=im))[0] != k1  # changed in place
+
+
+def test_pixel_cache_is_a_bounded_lru():
+    entry = torch.zeros(1024, dtype=torch.float32)  # 4 KiB
+    cache = PixelCache(max_bytes=3 * 4096)
+    for i in range(3):
+        cache.put(i, entry)
+    assert cache.get(0) is entry  # 0 is now the most recent
+    cache.put(3, entry)
+    assert len(cache) == 3 and cache.bytes == 3 * 4096 and cache.get(1) is None and cache.get(0) is entry
+    off = PixelCache(0)
+    off.put("x", entry)
+    assert not off.enabled and off.get("x") is None and len(off) == 0
+
+
+# -- the scorer: same bits with prefetch and cache on or off -----------------------------------
+
+def test_scores_bit_identical_with_prefetch_and_cache(tiny, file_queries, mixed_queries):
+    for queries in (file_queries, mixed_queries):
+        plain = RefusalScorer(tiny, batch_size=3, keep_hidden=True, prefetch=0, pixel_cache=0).score(queries)
+        fast = RefusalScorer(tiny, batch_size=3, keep_hidden=True, prefetch=2)
+        for _ in range(2):  # second run: every image from the cache
+            got = fast.score(queries)
+            assert torch.equal(got.margin, plain.margin)
+            assert torch.equal(got.lens_margin, plain.lens_margin)
+            assert torch.equal(got.hidden, plain.hidden)
+        assert fast.pixel_cache.hits == sum(q.has_image for q in queries)
+        assert set(fast.last_timing) == {"batches", "total_s", "wait_s", "forward_s"}
+    assert not prefetch_threads()
+
+
+def test_conditions_reuse_pixels(tiny, mixed_queries):
+    """The same images under several prompt conditions are processed once."""
+    scorer = RefusalScorer(tiny, batch_size=4, layers=None)
+    n_images = sum(q.has_image for q in mixed_queries)
+    for spec in (PromptSpec(), PromptSpec(system_prompt="Be safe."), PromptSpec(text_after="Think first.")):
+        scorer.score(mixed_queries, prompt=spec)
+    assert scorer.pixel_cache.misses == n_images and scorer.pixel_cache.hits == 2 * n_images
+    # a fine-tuned copy with the same processor shares the cache
+    assert scorer.with_bundle(tiny).pixel_cache is scorer.pixel_cache
+
+
+def test_worker_errors_name_the_query_and_leave_nothing_behind(tiny, tmp_path, mixed_queries, monkeypatch):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    queries = mixed_queries + [Query("cat-9", "What is this?", image=bad)]
+    before = hook_count(tiny.model)
+    with pytest.raises(QueryError, match=r"cat-9.*broken\.png"):
+        RefusalScorer(tiny, batch_size=2).score(queries)
+    assert not prefetch_threads() and hook_count(tiny.model) == before
+
+    import probing.pipeline
+
+    def fail(bundle, image):
+        raise RuntimeError("processor exploded")
+
+    monkeypatch.setattr(probing.pipeline, "process_image", fail)
+    with pytest.raises(ScoringError, match=r"preparing queries \[.*'q1'.*processor exploded"):
+        RefusalScorer(tiny, batch_size=2).score(mixed_queries)
+    assert not prefetch_threads() and hook_count(tiny.model) == before
+
+
+def test_interrupt_during_scoring_joins_the_worker_and_removes_hooks(tiny, mixed_queries, monkeypatch):
+    scorer = RefusalScorer(tiny, batch_size=2)
+    before = hook_count(tiny.model)
+    calls = []
+    real = scorer.forward
+
+    def forward(inputs, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(inputs, **kw)
+
+    monkeypatch.setattr(scorer, "forward", forward)
+    with pytest.raises(KeyboardInterrupt):
+        scorer.score(mixed_queries)
+    assert not prefetch_threads() and hook_count(tiny.model) == before
+
+
+# -- the hot path's hooks ------------------------------------------------------------------------
+
+def test_decision_capture_equals_capture(tiny, mixed_queries):
+    scorer = RefusalScorer(tiny)
+    inputs = encode(tiny, scorer.render(mixed_queries[:5]), [q.load_image() for q in mixed_queries[:5]])
+    names = [hook_name(i) for i in range(tiny.n_layers)]
+    reader = DecisionCapture(tiny, range(tiny.n_layers))
+    before = hook_count(tiny.model)
+    with torch.no_grad():
+        with capture(tiny, names, "decision") as cache:
+            tiny.model.model(**inputs, use_cache=False)
+        with reader:
+            with reader:  # nested: the same hooks
+                assert hook_count(tiny.model) == before + tiny.n_layers + 1
+                out = tiny.model.model(**inputs, use_cache=False)
+            assert reader.active
+    assert not reader.active and hook_count(tiny.model) == before
+    assert torch.equal(reader.hidden(), torch.stack([cache[n] for n in names], 1))
+    assert torch.equal(reader.select(out.last_hidden_state), out.last_hidden_state[:, -1])
+    with pytest.raises(RuntimeError, match="boom"):
+        with reader:
+            raise RuntimeError("boom")
+    assert hook_count(tiny.model) == before
