@@ -82,31 +82,39 @@ def plot_layer_profiles(profiles: list[LayerProfile], path: str | os.PathLike) -
 
 
 def plot_tradeoff(candidates: list[Candidate], path: str | os.PathLike) -> Path:
-    """Safety (refusal on harmful) against helpfulness (compliance on benign), Pareto front joined."""
-    markers = {"baseline": ("*", "black"), "single": ("o", "#34495e"), "+": ("s", "#d35400"), "|": ("^", "#8e44ad")}
+    """Safety (refusal on harmful) against helpfulness (compliance on benign), Pareto front joined.
+
+    Each point sits where the ranking puts it (measured where a measured run exists); filled
+    markers are measured or exact, hollow ones predicted; a grey arrow runs from a pair's
+    prediction to its measurement, so the prediction error is read off the plot."""
+    markers = {"baseline": ("*", "black"), "single": ("o", "#34495e"), "+": ("s", "#d35400"), "|": ("^", "#8e44ad"),
+               "&": ("v", "#16a085"), "~": ("D", "#2c3e50")}
     fig, ax = plt.subplots(figsize=(6, 5))
     for kind, (m, c) in markers.items():
-        pts = [x for x in candidates if x.kind == kind]
-        if pts:
-            ax.scatter([x.helpfulness for x in pts], [x.safety for x in pts], marker=m, color=c, s=60,
-                       label={"+": "a+b (predicted)", "|": "a|b (predicted)"}.get(kind, kind))
+        for source in ("measured", "exact", "predicted"):
+            pts = [x for x in candidates if x.kind == kind and getattr(x, "source", "measured") == source]
+            if not pts:
+                continue
+            face = "none" if source == "predicted" else c
+            label = kind if kind in ("baseline", "single") else f"a{kind}b ({source})"
+            ax.scatter([x.helpfulness for x in pts], [x.safety for x in pts], marker=m, facecolors=face,
+                       edgecolors=c, s=60, label=label)
             for x in pts:
                 ax.annotate(x.name, (x.helpfulness, x.safety), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    measured = [x for x in candidates if x.measured_safety is not None]
-    for x in measured:
-        ax.annotate("", (x.measured_helpfulness, x.measured_safety), (x.helpfulness, x.safety),
-                    arrowprops=dict(arrowstyle="->", color="grey"))
-    if measured:
-        ax.scatter([x.measured_helpfulness for x in measured], [x.measured_safety for x in measured],
-                   facecolors="none", edgecolors="grey", s=60, label="measured ensemble")
+    for x in candidates:
+        pred_s, pred_h = getattr(x, "predicted_safety", None), getattr(x, "predicted_helpfulness", None)
+        if x.measured_safety is not None and pred_s is not None and x.kind == "+":
+            ax.annotate("", (x.measured_helpfulness, x.measured_safety), (pred_h, pred_s),
+                        arrowprops=dict(arrowstyle="->", color="grey"))
+            ax.scatter([pred_h], [pred_s], marker="s", facecolors="none", edgecolors="grey", s=40)
     front = sorted((x for x in candidates if x.pareto), key=lambda x: x.helpfulness)
     ax.plot([x.helpfulness for x in front], [x.safety for x in front], color="green", lw=1.5, label="Pareto front")
     ax.set_xlabel("helpfulness: compliance on benign")
     ax.set_ylabel("safety: refusal on harmful")
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title("Safety / helpfulness trade-off")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("Safety / helpfulness trade-off (grey: prediction -> measurement)")
     return _save(fig, path)
 
 
@@ -115,7 +123,7 @@ def plot_tradeoff(candidates: list[Candidate], path: str | os.PathLike) -> Path:
 import math  # noqa: E402
 
 LABEL_COLOURS = {"safety shift": "#d35400", "harmfulness discrimination": "#27ae60", "both": "#8e44ad",
-                 "neither": "#7f8c8d", "weakening": "#c0392b", "baseline": "black"}
+                 "neither": "#7f8c8d", "weakening": "#c0392b", "over-refusal": "#e67e22", "baseline": "black"}
 KIND_MARKERS = {"baseline": "*", "single": "o", "+": "s", "|": "^", "&": "v", "~": "D"}
 
 

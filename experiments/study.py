@@ -42,18 +42,22 @@ from defenses import Compose, register
 from defenses.base import Defense
 from defenses.finetune import FineTune
 from defenses.prompts import sr_custom
+from defenses import registry
 from defenses.registry import REGISTRY, check_names
 from defenses.rewriting import AskFirst, Caption, Intention
 from probing import RefusalScorer, load_model
 from probing.aggregate import OPERATORS
 from probing.analysis import auroc, compare, layer_profile, rank_ensembles, refusal_rate
 from probing.errors import InputError
+from probing.model import model_fingerprint
 from probing.plan import combine_tables
 from probing.query import Query
+from probing.readout import get_readout
 from probing.render import LLAVA_V1_SYSTEM, format_spec
 from probing.score_table import ScoreTable
 
 from . import options, study_config
+from .common import check_device, check_labels
 from .report import write_table
 from .runs import RunDir
 from .study_config import ANALYSIS_KEYS, StudyConfig
@@ -344,12 +348,26 @@ class Study:
         for name in cfg.defense_params:
             check_names(name)
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)
-        self.run = RunDir(cfg.out, {"experiment": "study", **cfg.as_dict(), "prompt_wordings": self.wordings},
-                          overwrite=cfg.overwrite, ignore=(*ANALYSIS_KEYS, "prompts"))
-        self.bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        check_labels(self.queries, "+".join(d.get("name", "?") for d in cfg.datasets))  # before any forward
+        check_device(cfg.device)
         names = {p for c in self.conditions[1:] for p in _members(c)}
         self.needs_hidden = cfg.keep_hidden or any(n.startswith("act_") for n in names) or \
             any(s != "lens" for s in cfg.layer_scores)
+        readout = get_readout(cfg.readout)
+        # What identifies every condition's scores (see experiments/runs.py); checked without loading the model.
+        fingerprint = {"experiment": "study", **model_fingerprint(cfg.model, dtype=cfg.dtype, device=cfg.device),
+                       "readout": {"name": readout.name, "question": readout.question,
+                                   "refusal_words": list(readout.refusal_words),
+                                   "comply_words": list(readout.comply_words)},
+                       "prompt_format": cfg.prompt_format, "keep_hidden": self.needs_hidden,
+                       "prompt_wordings": self.wordings}
+        self.run = RunDir(cfg.out, {"experiment": "study", **cfg.as_dict(), "prompt_wordings": self.wordings},
+                          overwrite=cfg.overwrite, ignore=(*ANALYSIS_KEYS, "prompts"), fingerprint=fingerprint)
+        try:
+            self.bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        except BaseException:
+            self.run.close()
+            raise
         self.scorer = RefusalScorer(self.bundle, cfg.readout, keep_hidden=self.needs_hidden,
                                     batch_size=cfg.batch_size, prompt=format_spec(cfg.prompt_format), progress=False)
         self.tables: dict[str, ScoreTable] = {}
@@ -378,8 +396,11 @@ class Study:
         return self._defenses[name]
 
     def _score(self, name: str, defense) -> ScoreTable:
+        fp = {"defense": defense.describe() if defense is not None else None}
+        if any(registry.needs_baseline(REGISTRY[p]) for p in _members(name) if p in REGISTRY):
+            fp["baseline"] = self.run.condition_digest(condition_dir("baseline"))
         return self.run.score(lambda qs: self.scorer.score(qs, defense=defense, meta={"condition": name}),
-                              self.queries, condition_dir(name), self.cfg.batch_size)
+                              self.queries, condition_dir(name), self.cfg.batch_size, fingerprint=fp)
 
     def table(self, name: str) -> ScoreTable:
         """The condition's table: scored once (shards), composed, or combined from its members."""
