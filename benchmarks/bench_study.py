@@ -1,0 +1,161 @@
+"""One study run twice on the same queries: the naive way against the project's way.
+
+    python benchmarks/bench_study.py            # tiny-random, 24 toy test queries
+    python benchmarks/bench_study.py --quick    # 12 queries, short fine-tune (< 2 minutes)
+
+The study (issue 15): baseline, 6 defenses (two SR, one with a system prompt; a QR; two NI;
+mo_finetune) and 4 ensembles of both kinds. Only the scoring is timed (the analysis after it is
+the same work either way).
+
+- naive: every condition independent, as a script without the toolkit's study would do it: a
+  new defense object per condition (the fine-tune retrained, captions generated again), score-
+  level ensembles ("a|b") scoring both members again, no pixel cache and no prefetch.
+- project: `experiments.study.Study` in a fresh run directory: each distinct forward once
+  (shards), composites reuse the study's defense instances (one fine-tune, cached captions),
+  score-level ensembles combined from the members' finished tables, pixel cache and prefetch.
+
+Forward-equivalents: query rows through the LLaVA trunk (scoring forwards, every generation step
+and every training step's forward), counted by a pre-hook on the trunk. Both ways must give the
+same tables (float32, 1e-4). The last line is ``study speedup: <x>`` (wall time, naive / project).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+DEFENSES = ["sr_self_reminder", "sr_mmsafety", "qr_caption", "ni_image_gaussian", "ni_text_smooth", "mo_finetune"]
+ENSEMBLES = ["sr_self_reminder+mo_finetune", "sr_mmsafety+ni_image_gaussian", "qr_caption|sr_self_reminder",
+             "mo_finetune|ni_text_smooth"]
+
+
+class Counter:
+    """Query rows through the trunk, by a forward pre-hook (deep copies of the model share it)."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def hook(self, _module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        self.rows += int((ids if ids is not None else emb).shape[0])
+
+
+def naive(bundle, queries, params, batch_size):
+    """Every condition on its own, nothing shared."""
+    from defenses import get_defense
+    from probing import RefusalScorer
+    from probing.aggregate import OPERATORS
+    from probing.plan import combine_tables
+
+    def fresh_scorer():
+        return RefusalScorer(bundle, batch_size=batch_size, progress=False, prefetch=0, pixel_cache=0)
+
+    def single(name):
+        return fresh_scorer().score(queries, defense=get_defense(name, **params.get(name, {})),
+                                    meta={"condition": name})
+
+    tables = {"baseline": fresh_scorer().score(queries, meta={"condition": "baseline"})}
+    for name in DEFENSES:
+        tables[name] = single(name)
+    for name in ENSEMBLES:
+        op = "|" if "|" in name else "+"
+        a, b = name.split(op)
+        if op == "+":
+            from defenses import Compose
+
+            members = [get_defense(p, **params.get(p, {})) for p in (a, b)]
+            tables[name] = fresh_scorer().score(queries, defense=Compose(members=members), meta={"condition": name})
+        else:  # both members scored again, then combined
+            tables[name] = combine_tables([single(a), single(b)], OPERATORS[op], {"condition": name})
+    return tables
+
+
+def project(cfg):
+    from experiments.study import Study
+
+    study = Study(cfg)
+    try:
+        return study, {name: study.table(name) for name in study.conditions}
+    finally:
+        study.run.close()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="12 queries, 10 fine-tuning steps")
+    p.add_argument("--queries", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30, help="mo_finetune steps")
+    args = p.parse_args(argv)
+    n, steps = (12, 10) if args.quick else (args.queries, args.steps)
+    torch.manual_seed(0)
+
+    from experiments.study_config import StudyConfig
+    from probing import load_model
+    from probing.datasets import toy
+
+    queries = toy.requests("test")
+    from experiments.study import stratified_head
+
+    queries = stratified_head(queries, n)
+    params = {"mo_finetune": {"steps": steps}}
+    bundle = load_model("tiny-random", seed=0)
+    counter = Counter()
+    handle = bundle.model.model.register_forward_pre_hook(counter.hook, with_kwargs=True)
+    t0 = time.perf_counter()
+    naive_tables = naive(bundle, queries, params, args.batch_size)
+    t_naive, rows_naive = time.perf_counter() - t0, counter.rows
+    handle.remove()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = StudyConfig(model="tiny-random", out=str(Path(tmp) / "study"), defenses=list(DEFENSES),
+                          ensembles=list(ENSEMBLES), datasets=[{"name": "toy", "tag": "toy", "limit": n}],
+                          defense_params=params, batch_size=args.batch_size, generation_check=0)
+        import experiments.study as study_mod
+
+        counter2 = Counter()
+        real_load = study_mod.load_model
+
+        def counted_load(*a, **k):  # the study loads its own copy of the same model: count it too
+            b = real_load(*a, **k)
+            b.model.model.register_forward_pre_hook(counter2.hook, with_kwargs=True)
+            return b
+
+        study_mod.load_model = counted_load
+        try:
+            t0 = time.perf_counter()
+            _, ours = project(cfg)
+            t_proj, rows_proj = time.perf_counter() - t0, counter2.rows
+        finally:
+            study_mod.load_model = real_load
+
+    worst = 0.0
+    for name, table in naive_tables.items():
+        mine = ours[name].select(table.ids)
+        worst = max(worst, float((mine.margin - table.margin).abs().max()))
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; {len(queries)} queries, {len(DEFENSES)} defenses, {len(ENSEMBLES)} ensembles, "
+          f"mo_finetune steps={steps}")
+    print(f"{'way':<10} {'forward-equivalents':>20} {'per query':>10} {'wall s':>8}")
+    print(f"{'naive':<10} {rows_naive:>20} {rows_naive / len(queries):>10.1f} {t_naive:>8.1f}")
+    print(f"{'project':<10} {rows_proj:>20} {rows_proj / len(queries):>10.1f} {t_proj:>8.1f}")
+    ok = worst <= 1e-4
+    print(f"same tables (max |margin difference| {worst:.2e}, tolerance 1e-4): {'yes' if ok else 'NO'}")
+    print(f"forward-equivalents saved: {rows_naive / max(rows_proj, 1):.2f}x")
+    print(f"study speedup: {t_naive / t_proj:.2f}x")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
