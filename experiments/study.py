@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from defenses import Compose, register
 from defenses.base import Defense
 from defenses.finetune import FineTune
-from defenses.prompts import sr_custom
+from defenses.prompts import PromptDefense, sr_custom
 from defenses import registry
 from defenses.registry import REGISTRY, check_names
 from defenses.rewriting import AskFirst, Caption, Intention
@@ -53,8 +53,9 @@ from probing.model import model_fingerprint
 from probing.plan import combine_tables
 from probing.query import Query
 from probing.readout import get_readout
-from probing.render import LLAVA_V1_SYSTEM, format_spec
+from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec
 from probing.score_table import ScoreTable
+from probing.sweep import score_conditions
 
 from . import options, study_config
 from .common import check_device, check_labels
@@ -395,12 +396,16 @@ class Study:
             self._defenses[name] = d
         return self._defenses[name]
 
-    def _score(self, name: str, defense) -> ScoreTable:
+    def _fingerprint(self, name: str, defense) -> dict:
         fp = {"defense": defense.describe() if defense is not None else None}
         if any(registry.needs_baseline(REGISTRY[p]) for p in _members(name) if p in REGISTRY):
             fp["baseline"] = self.run.condition_digest(condition_dir("baseline"))
+        return fp
+
+    def _score(self, name: str, defense) -> ScoreTable:
         return self.run.score(lambda qs: self.scorer.score(qs, defense=defense, meta={"condition": name}),
-                              self.queries, condition_dir(name), self.cfg.batch_size, fingerprint=fp)
+                              self.queries, condition_dir(name), self.cfg.batch_size,
+                              fingerprint=self._fingerprint(name, defense))
 
     def table(self, name: str) -> ScoreTable:
         """The condition's table: scored once (shards), composed, or combined from its members."""
@@ -426,8 +431,51 @@ class Study:
 
     # -- the whole study -----------------------------------------------------------------------
 
+    def _prompt_only(self, name: str):
+        """The PromptSpec of a condition that only changes the prompt (the baseline, SR defenses), else None."""
+        if name == "baseline":
+            return PromptSpec()
+        op, _ = split_top(name)
+        if op is not None or name not in REGISTRY:
+            return None
+        d = self.defense(name)
+        return d.spec if type(d) is PromptDefense else None
+
+    def score_shared_prefixes(self) -> None:
+        """Score prompt-only conditions query-major: those with the same system prompt share each
+        query's prefix (image included) through `probing.sweep.score_conditions`, chunk by chunk,
+        into the same resumable shards `table` would write (grouped automatically; a condition
+        with its own system prompt forms its own group)."""
+        groups: dict = {}
+        for name in self.conditions:
+            spec = None if name in self.tables else self._prompt_only(name)
+            if spec is not None:
+                groups.setdefault(spec.system_prompt, []).append((name, spec))
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            specs = dict(members)
+            stash: dict = {}
+
+            def from_sweep(name):
+                def score(chunk):
+                    key = tuple(q.id for q in chunk)
+                    if (name, key) not in stash:  # the first missing condition of this chunk scores all of them
+                        for n, t in score_conditions(self.scorer, chunk, specs, desc="shared prefix").items():
+                            record = {} if n == "baseline" else self.defense(n).describe()
+                            t.meta.update({**record, "condition": n})
+                            stash[(n, key)] = t
+                    return stash.pop((name, key))
+                return score
+
+            for name, _ in members:
+                defense = None if name == "baseline" else self.defense(name)
+                self.tables[name] = self.run.score(from_sweep(name), self.queries, condition_dir(name),
+                                                   self.cfg.batch_size, fingerprint=self._fingerprint(name, defense))
+
     def run_all(self) -> dict:
         cfg = self.cfg
+        self.score_shared_prefixes()
         for name in tqdm(self.conditions, desc="conditions", unit="condition"):
             self.table(name)
         base = self.tables["baseline"]

@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicLayer
 from .query import Query, check_unique_ids
 from .render import PromptSpec, check_context, encode, padded_position_ids, prompt_lengths
 from .score_table import ScoreTable
-from .scorer import RefusalScorer
+from .scorer import RefusalScorer, row_meta
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def score_conditions(
         meta.update({"condition": name, "prefix_shared": True})
         tables[name] = ScoreTable([q.id for q in queries], [q.label for q in queries], margin[c].clone(),
                                   lens[c].clone(), list(scorer.layers),
-                                  None if hidden is None else hidden[c].clone(), meta)
+                                  None if hidden is None else hidden[c].clone(), meta,
+                                  [row_meta(q) for q in queries])
     return tables
 
 

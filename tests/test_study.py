@@ -257,3 +257,36 @@ def test_flags_override_the_config_file(tmp_path):
     assert [(d["name"], d["limit"], d["skip_missing"]) for d in c.datasets] == [("mossbench", 6, True),
                                                                                 ("mmsafetybench", 6, True)]
     assert c.datasets[1]["subset"] == "tiny" and c.datasets[0]["root"] == "/x"
+
+
+def test_prompt_conditions_share_prefixes_and_equal_independent_scoring(llava_assets, tmp_path):
+    """Baseline and SR conditions are scored query-major through the prefix-shared sweep, grouped by
+    system prompt; the tables equal independent defended scoring (float32, 1e-4) and resume."""
+    import defenses  # noqa: F401
+    from experiments.study import Study
+    from experiments.study_config import StudyConfig
+    from probing import RefusalScorer
+
+    cfg = StudyConfig(model="tiny-random", out=str(tmp_path / "s"), defenses=["sr_mmsafety", "sr_self_reminder"],
+                      ensembles=[], datasets=[{"name": "toy", "tag": "toy", "limit": 6}], batch_size=4,
+                      generation_check=0)
+    study = Study(cfg)
+    try:
+        study.score_shared_prefixes()
+        assert study.tables["sr_mmsafety"].meta.get("prefix_shared") is True  # grouped with the baseline
+        assert "sr_self_reminder" not in study.tables  # its own system prompt: a group of one, scored as usual
+        plain = RefusalScorer(study.bundle, batch_size=4, progress=False)
+        for name in ("baseline", "sr_mmsafety"):
+            want = plain.score(study.queries, defense=None if name == "baseline" else name)
+            got = study.tables[name].select(want.ids)
+            torch.testing.assert_close(got.margin, want.margin, atol=1e-4, rtol=0, msg=name)
+            assert got.row_meta[0].get("kind") == want.row_meta[0].get("kind")
+        assert study.tables["sr_mmsafety"].meta["defense"] == "sr_mmsafety"
+    finally:
+        study.run.close()
+    again = Study(cfg)  # a resumed study loads the shards, whichever path wrote them
+    try:
+        torch.testing.assert_close(again.table("sr_mmsafety").margin, study.tables["sr_mmsafety"].margin,
+                                   atol=0, rtol=0)
+    finally:
+        again.run.close()
