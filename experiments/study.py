@@ -360,8 +360,7 @@ class Study:
                        "readout": {"name": readout.name, "question": readout.question,
                                    "refusal_words": list(readout.refusal_words),
                                    "comply_words": list(readout.comply_words)},
-                       "prompt_format": cfg.prompt_format, "keep_hidden": self.needs_hidden,
-                       "prompt_wordings": self.wordings}
+                       "prompt_format": cfg.prompt_format, "prompt_wordings": self.wordings}
         self.run = RunDir(cfg.out, {"experiment": "study", **cfg.as_dict(), "prompt_wordings": self.wordings},
                           overwrite=cfg.overwrite, ignore=(*ANALYSIS_KEYS, "prompts"), fingerprint=fingerprint)
         try:
@@ -398,6 +397,8 @@ class Study:
 
     def _fingerprint(self, name: str, defense) -> dict:
         fp = {"defense": defense.describe() if defense is not None else None}
+        if name == "baseline" and self.needs_hidden:  # activation defenses need its hidden states:
+            fp["hidden"] = True                       # shards scored without them are recomputed
         if any(registry.needs_baseline(REGISTRY[p]) for p in _members(name) if p in REGISTRY):
             fp["baseline"] = self.run.condition_digest(condition_dir("baseline"))
         return fp

@@ -21,6 +21,7 @@ import logging
 from typing import Sequence
 
 import torch
+from einops import rearrange
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
@@ -176,6 +177,8 @@ def _score_batch(scorer, queries, rows, prompts, ids, shared, extra):
     position_ids = prefix_rep.sum(-1, keepdim=True) + padded_position_ids(suffix_mask)
     m, lm, h = scorer.forward({"input_ids": suffix_ids, "attention_mask": mask, "position_ids": position_ids},
                               cache=cache)
-    b = len(rows)
-    split = lambda t: None if t is None else t.view(b, n_cond, *t.shape[1:]).transpose(0, 1)  # noqa: E731
+    # suffix rows are query-major (row = query * C + condition): regroup them condition-first
+    def split(t):
+        return None if t is None else rearrange(t, "(query cond) ... -> cond query ...", cond=n_cond)
+
     return split(m), split(lm), split(h)
