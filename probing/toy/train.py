@@ -102,8 +102,26 @@ def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_siz
     return history
 
 
-def train(seed: int = 0, steps: int = 600, batch_size: int = 32, lr: float = 2e-3, repeats: int = 12,
-          warmup: int = 60, log_every: int = 50, progress: bool = True, vision_steps: int = 600,
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 16):
+    """Endless batches of row indices: every epoch shuffled, then each run of ``pool`` batches
+    regrouped by length (far less padding) and emitted in random order."""
+    while True:
+        rows = list(range(len(lengths)))
+        rng.shuffle(rows)
+        for s in range(0, len(rows), batch_size * pool):
+            chunk = sorted(rows[s:s + batch_size * pool], key=lambda i: lengths[i])
+            group = [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+            rng.shuffle(group)
+            yield from group
+
+
+# The shipped weights' settings (`python -m probing.toy.train --seed 0`).
+TRAIN_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, repeats=30, vision_steps=600, threads=1)
+
+
+def train(seed: int = 0, steps: int = TRAIN_DEFAULTS["steps"], batch_size: int = TRAIN_DEFAULTS["batch_size"],
+          lr: float = TRAIN_DEFAULTS["lr"], repeats: int = TRAIN_DEFAULTS["repeats"], warmup: int = 60,
+          log_every: int = 50, progress: bool = True, vision_steps: int = TRAIN_DEFAULTS["vision_steps"],
           vision_renders: int = 100):
     """Train from scratch; returns (model, processor, history of losses)."""
     torch.manual_seed(seed)
@@ -113,18 +131,13 @@ def train(seed: int = 0, steps: int = 600, batch_size: int = 32, lr: float = 2e-
     encoded = [encode_example(processor, e) for e in examples]
     logger.info("training on %d examples for %d steps", len(encoded), steps)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    rng = random.Random(f"order-{seed}")
-    order: list[int] = []
+    batches = length_grouped_batches([len(x["input_ids"]) for x in encoded], batch_size,
+                                     random.Random(f"order-{seed}"))
     model.train()
     start = time.perf_counter()
     pad = processor.tokenizer.pad_token_id
     for step in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(encoded)))
-            rng.shuffle(more)
-            order += more
-        rows, order = order[:batch_size], order[batch_size:]
-        batch = collate([encoded[i] for i in rows], pad)
+        batch = collate([encoded[i] for i in next(batches)], pad)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         loss = model(**batch, use_cache=False).loss
@@ -134,7 +147,7 @@ def train(seed: int = 0, steps: int = 600, batch_size: int = 32, lr: float = 2e-
         opt.step()
         history.append(loss.item())
         if progress and (step % log_every == 0 or step == steps - 1):
-            logger.info("step %d/%d loss %.4f (%.0fs)", step, steps, float(loss), time.perf_counter() - start)
+            logger.info("step %d/%d loss %.4f (%.0fs)", step, steps, history[-1], time.perf_counter() - start)
     model.eval()
     return model, processor, history
 
@@ -150,16 +163,21 @@ def save(model, processor, out: Path = WEIGHTS_DIR) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--vision-steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=TRAIN_DEFAULTS["steps"])
+    p.add_argument("--vision-steps", type=int, default=TRAIN_DEFAULTS["vision_steps"])
+    p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
+    p.add_argument("--repeats", type=int, default=TRAIN_DEFAULTS["repeats"], help="copies of the request set")
+    p.add_argument("--threads", type=int, default=TRAIN_DEFAULTS["threads"],
+                   help="torch threads (the bits depend on it; 1 is fastest on a shared 2-core machine)")
     p.add_argument("--out", default=str(WEIGHTS_DIR))
     p.add_argument("--no-eval", action="store_true", help="skip the behaviour report")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model, processor, _ = train(args.seed, args.steps, args.batch_size, args.lr, vision_steps=args.vision_steps)
+    model, processor, _ = train(args.seed, args.steps, args.batch_size, args.lr, args.repeats,
+                                vision_steps=args.vision_steps)
     out = save(model, processor, args.out)
     logger.info("trained in %.0fs, saved to %s", time.perf_counter() - start, out)
     if not args.no_eval:
