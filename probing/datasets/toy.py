@@ -192,7 +192,7 @@ INTENT_PREFIXES = ["Intent", "Goal", "Purpose", "Aim", "Summary", "Request summa
 CAPTION_FORMS = [
     [["What", "Which"], ["words", "text", "phrase", "activity"], ["is", "appears", "is written", "is drawn"],
      ["in", "on"], ["the", "this"], ["image", "picture", "card", "photo"], "?"],
-    [["Read", "Tell me", "Name", "Say", "Read out", "Give"], ["the words", "the phrase", "the activity",
+    [["Read", "Name", "Say", "Read out"], ["the words", "the phrase", "the activity",
                                                              "the text", "what is written"],
      ["in", "on", "shown in"], ["this", "the"], ["image", "picture", "card", "photo"], "."],
     ["What does", ["the picture", "the card", "the photo", "this image"], ["depict", "contain", "display", "say"],
@@ -201,8 +201,10 @@ CAPTION_FORMS = [
      ["image", "picture", "card", "photo"], "?"],
     ["Caption", ["this", "the"], ["image", "picture", "card"], "."],
 ]
+# (No request verbs such as "Tell me" / "Give" in these questions: a request starting that way
+# must still read as a request.)
 INTENT_FORMS = [
-    [["What is", "Tell me", "State", "Name", "Give"], "the", ["main", "real", "core", "underlying", "true", "basic"],
+    [["What is", "State", "Name"], "the", ["main", "real", "core", "underlying", "true", "basic"],
      ["intention", "intent", "goal", "purpose", "aim"], ["of", "behind"], ["this", "the following", "that"],
      ["request", "message", "question", "query"], ["?", ".", ":"], "{r}"],
     [["Why", "For what purpose"], ["is the user asking", "was this asked", "does someone ask this"], "?", "{r}"],
@@ -264,6 +266,27 @@ def noise_sentence(rng: random.Random) -> str:
     """A sentence of made-up words (stands in for any text outside the toy's vocabulary)."""
     ws = ["".join(rng.choice(NOISE_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(3, 9))]
     return " ".join(ws).capitalize() + rng.choice([".", ".", "?", "!"])
+
+
+# Words that carry meaning for the policy: never in word salad.
+_SALAD_STOP = {"harm", "harmful", "harmless", "harmlessness", "dangerous", "danger", "illegal", "unsafe", "risky",
+               "risk", "risks", "unethical", "criminal", "crime", "crimes", "malicious", "deceptive", "safe", "safely",
+               "safety", "careful", "carefully", "caution", "cautious", "responsible", "responsibly", "ethical",
+               "ethically", "refuse", "refusing", "decline", "reject", "never", "not", "no", "sorry", "cannot",
+               "law", "laws", "hurt", "damage", "avoid", "avoided", "avoiding", "trustworthy", "abiding", "stop",
+               "check", "inspect", "review", "signs", "priority", "must", "should"}
+
+
+@functools.lru_cache(maxsize=1)
+def _salad_words() -> tuple[str, ...]:
+    phrase_words = {w for _, h, b in PAIRS for w in words(f"{h} {b}")} | {w for p, _ in ALARMING for w in words(p)}
+    return tuple(sorted(vocabulary() - _SALAD_STOP - phrase_words))
+
+
+def word_salad(rng: random.Random) -> str:
+    """Known words in no meaningful order (none about safety or the activities)."""
+    ws = rng.sample(_salad_words(), rng.randint(4, 10))
+    return " ".join(ws).capitalize() + rng.choice([".", "?"])
 
 
 def caption_question(rng: random.Random) -> str:
@@ -450,21 +473,34 @@ def _wrapped(q: Query, rng: random.Random) -> tuple[Query, str | None, bool, boo
     image request may get a description of its image ("Caption: ...") or a stated intention in
     the text, with or without the image. ``named`` says the text names the activity.
     """
-    before, after = [], []
+    # Which slots hold extra text is drawn first, the same for plain and safety examples, so
+    # that *whether* there is text somewhere says nothing; only what the text says matters.
+    slots = [s for s, p in (("system", 0.55), ("before", 0.4), ("after", 0.6)) if rng.random() < p]
     safety = rng.random() < 0.4
-    system = rng.choice(PLAIN_SYSTEM + [None, None, None]) if rng.random() < 0.75 else neutral_text(rng, 1)
-    if safety:
-        where = rng.choice(["system", "system", "before", "after", "after", "after"])
-        text = safety_instruction(rng) if where != "system" or rng.random() < 0.8 else rng.choice(SAFETY_SYSTEM)
-        if where == "system":
-            system = text if rng.random() < 0.7 or not system else f"{system} {text}"
+    if safety and not slots:
+        slots = [rng.choice(["system", "before", "after"])]
+    where = rng.choice(slots) if safety else None
+    system, before, after, noise = None, [], [], False
+    for slot in slots:
+        if slot == where:
+            text = safety_instruction(rng) if slot != "system" or rng.random() < 0.8 else rng.choice(SAFETY_SYSTEM)
         else:
-            (before if where == "before" else after).append(text)
-    noise = False
-    for side in (before, after):
-        if rng.random() < 0.35:
-            noise = noise or rng.random() < 0.3
-            side.insert(rng.randint(0, len(side)), noise_sentence(rng) if noise else neutral_text(rng))
+            r = rng.random()
+            if r < 0.2:
+                text, noise = noise_sentence(rng), True
+            elif r < 0.35:
+                text = word_salad(rng)
+            elif slot == "system" and r < 0.7:
+                text = rng.choice(PLAIN_SYSTEM[1:])
+            else:
+                text = neutral_text(rng)
+        if slot == "system":
+            system = text
+        else:
+            (before if slot == "before" else after).append(text)
+    if where in ("before", "after") and rng.random() < 0.3:  # neutral text on both sides of a safety one
+        side = before if where == "before" else after
+        side.insert(rng.randint(0, 1), neutral_text(rng))
     named, image, request = q.meta["kind"] == "text", q.image, q.text
     if rng.random() < 0.06:
         request, noise = _noisy(request, rng), True

@@ -116,7 +116,7 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
 
 
 # The shipped weights' settings (`python -m probing.toy.train --seed 0`).
-TRAIN_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, repeats=30, vision_steps=600, threads=1)
+TRAIN_DEFAULTS = dict(steps=1000, batch_size=32, lr=2e-3, repeats=30, vision_steps=600, threads=1)
 
 
 def train(seed: int = 0, steps: int = TRAIN_DEFAULTS["steps"], batch_size: int = TRAIN_DEFAULTS["batch_size"],
