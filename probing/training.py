@@ -78,6 +78,13 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target[keep])
 
 
+def causal_lm_loss(model, batch: dict) -> torch.Tensor:
+    """The HF model's own loss, ``model(**batch).loss``: full-vocabulary logits at every position.
+    Used where the vocabulary is small and bit-for-bit reproduction of earlier weights matters
+    (the toy); `answer_loss` is the same number up to float summation order."""
+    return model(**batch, use_cache=False).loss
+
+
 def epoch_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
     """Batches of row indices, each row once per shuffled epoch (an epoch's tail joins the next)."""
     order: list[int] = []
@@ -90,6 +97,19 @@ def epoch_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[
         yield rows
 
 
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random, pool: int = 16):
+    """Endless batches of row indices: every epoch shuffled, then each run of ``pool`` batches
+    regrouped by length (far less padding) and emitted in random order."""
+    while True:
+        rows = list(range(len(lengths)))
+        rng.shuffle(rows)
+        for s in range(0, len(rows), batch_size * pool):
+            chunk = sorted(rows[s:s + batch_size * pool], key=lambda i: lengths[i])
+            group = [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+            rng.shuffle(group)
+            yield from group
+
+
 def sampled_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
     """Batches drawn without replacement within a batch, independently per step."""
     while True:
@@ -98,7 +118,7 @@ def sampled_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[lis
 
 def fit(model, params: Sequence[torch.nn.Parameter], encoded: list[dict], *, steps: int, lr: float, warmup: int,
         batches: Iterator[list[int]], pad_id: int, optimizer: torch.optim.Optimizer, device=None,
-        clip: float = 1.0, log_every: int = 50, name: str = "train") -> list[float]:
+        clip: float = 1.0, log_every: int = 50, name: str = "train", loss_fn=answer_loss) -> list[float]:
     """Train ``params`` of ``model`` for ``steps`` steps on ``encoded`` examples; returns the losses.
 
     The learning rate follows `lr_at`; gradients are clipped to ``clip``. The model is left in
@@ -113,7 +133,7 @@ def fit(model, params: Sequence[torch.nn.Parameter], encoded: list[dict], *, ste
             batch = {k: v.to(device) for k, v in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = answer_loss(model, batch)
+        loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip)
