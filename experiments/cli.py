@@ -66,6 +66,9 @@ def cmd_score(args) -> int:
         device_map = json.loads(device_map)
     bundle = load_model(args.model, device=device, dtype=args.dtype, device_map=device_map)
     queries = load_jsonl(args.queries)
+    from .common import warn_out_of_vocabulary
+
+    warn_out_of_vocabulary(queries, args.model)
     layers = "all" if args.layers == "all" else (None if args.layers == "none"
                                                   else [int(x) for x in args.layers.split(",")])
     spec = PromptSpec(system_prompt=args.system_prompt)

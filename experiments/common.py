@@ -168,6 +168,7 @@ class Session:
         fingerprint = run_fingerprint(args, name, keep_hidden)  # the model name, checked without loading
         self.queries = load_queries(args.dataset, args.limit)
         check_labels(self.queries, args.dataset, args.limit)
+        warn_out_of_vocabulary(self.queries, args.model)
         self.run = RunDir(args.out, config_of(args, name), overwrite=args.overwrite, ignore=ANALYSIS_OPTIONS,
                           fingerprint=fingerprint)
         try:
@@ -206,3 +207,18 @@ class Session:
     def report(self, title: str, sections: list[tuple[str, str]]) -> Path:
         return write_report(self.run.path / "report.md", title, sections,
                             preface=f"Config: `{self.run.path / 'config.json'}`")
+
+
+def warn_out_of_vocabulary(queries: list[Query], model: str, share: float = 0.5) -> int:
+    """For the toy, log a warning naming the queries most of whose words it never saw in training
+    (its answers to them mean little: docs/toy.md lists what it knows). Returns how many."""
+    if str(model) != "toy":
+        return 0
+    from probing.datasets.toy import out_of_vocabulary_share
+
+    strange = [q.id for q in queries if q.text and out_of_vocabulary_share(q.text) > share]
+    if strange:
+        logger.warning("%d of %d queries are mostly outside the toy's vocabulary (e.g. %s): the toy knows only its "
+                       "synthetic activities and words (docs/toy.md), so its scores on them mean little",
+                       len(strange), len(queries), ", ".join(repr(s) for s in strange[:3]))
+    return len(strange)

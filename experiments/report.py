@@ -282,12 +282,58 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
                      "refusal (margin > 0) equals the judged one; AUROC: the margin ranks judged refusals above "
                      "answers (`tables/generation_check.csv` holds the answers)."),
             ("table", [g], ["n", "generated_refusal_rate", "readout_refusal_rate", "agreement", "auroc"])]))
+    if cfg.model == "toy":
+        sections.append(("The toy against the paper's findings", [
+            ("text", "Long et al. (2025) found on LLaVA-1.5: system reminders (SR) and model optimisation (MO) "
+                     "work by a safety shift; query rewriting (QR) by harmfulness discrimination; SR+MO is the "
+                     "safest ensemble; QR|SR gives the best safety/helpfulness trade-off. What the toy shows, "
+                     "finding by finding ('not run' where the condition is not in this study):"),
+            ("table", paper_comparison(summary, trade), ["finding", "paper", "toy", "agrees"])]))
     sections.append(("Files", [("text", "\n".join([
         "- `summary.csv|json`: the table above as numbers, interval bounds in `_lo` / `_hi` columns",
         "- `scores/<condition>/`: one ScoreTable per condition ('|' written as `_or_`)",
         "- `tables/`: conditions, per_dataset, datasets, tradeoff, layers, generation_check, per_query.csv",
         "- `shards/`, `models/`, `generations/`: what a resumed run reuses"]))]))
     return write_rich_report(out, cfg.title, preface, sections)
+
+
+SHIFT_LABELS = ("safety shift", "both")
+DISCRIMINATION_LABELS = ("harmfulness discrimination", "both")
+
+
+def paper_comparison(summary: list[dict], trade: dict) -> list[dict]:
+    """The paper's qualitative findings against a study's measured labels and rankings."""
+    by = {r["condition"]: r for r in summary}
+    rows = []
+
+    def label_rows(prefix, paper, accepted):
+        for name, r in by.items():
+            if name.startswith(prefix) and not any(op in name for op in "+|&~"):
+                rows.append({"finding": f"{name}: {paper}", "paper": paper, "toy": r["label"],
+                             "agrees": "yes" if r["label"] in accepted else "no"})
+
+    label_rows("sr_", "safety shift", SHIFT_LABELS)
+    label_rows("mo_", "safety shift", SHIFT_LABELS)
+    label_rows("qr_", "harmfulness discrimination", DISCRIMINATION_LABELS)
+    singles = [r for n, r in by.items() if n != "baseline"]
+    srmo = next((n for n in by if "+" in n and "sr_" in n and "mo_" in n), None)
+    if srmo:
+        top = max(r["refusal_harmful"] for r in singles)
+        rows.append({"finding": "SR+MO is the safest", "paper": srmo,
+                     "toy": f"{srmo}: harmful refusal {by[srmo]['refusal_harmful']:.2f} (highest: {top:.2f})",
+                     "agrees": "yes" if by[srmo]["refusal_harmful"] >= top else "no"})
+    else:
+        rows.append({"finding": "SR+MO is the safest", "paper": "sr+mo", "toy": "not run", "agrees": None})
+    qrsr = next((n for n in by if "|" in n and "sr_" in n and "qr_" in n), None)
+    measured = [p for p in trade.get("points", []) if p.get("measured")]
+    if qrsr and measured:
+        best = max(measured, key=lambda p: p["utility"])
+        rows.append({"finding": "QR|SR gives the best trade-off", "paper": qrsr,
+                     "toy": f"best measured utility: {best['name']}",
+                     "agrees": "yes" if best["name"] == qrsr else "no"})
+    else:
+        rows.append({"finding": "QR|SR gives the best trade-off", "paper": "qr|sr", "toy": "not run", "agrees": None})
+    return rows
 
 
 def study_llava_v1_system() -> str:

@@ -58,7 +58,7 @@ from probing.score_table import ScoreTable
 from probing.sweep import score_conditions
 
 from . import options, study_config
-from .common import check_device, check_labels
+from .common import check_device, check_labels, warn_out_of_vocabulary
 from .report import write_table
 from .runs import RunDir
 from .study_config import ANALYSIS_KEYS, StudyConfig
@@ -350,6 +350,7 @@ class Study:
             check_names(name)
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)
         check_labels(self.queries, "+".join(d.get("name", "?") for d in cfg.datasets))  # before any forward
+        warn_out_of_vocabulary(self.queries, cfg.model)
         check_device(cfg.device)
         names = {p for c in self.conditions[1:] for p in _members(c)}
         self.needs_hidden = cfg.keep_hidden or any(n.startswith("act_") for n in names) or \
