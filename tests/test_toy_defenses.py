@@ -98,16 +98,16 @@ def test_caption_refactoring_closes_the_typography_gap(baseline, runs):
 
 # Labels measured on the shipped toy (seeded bootstrap, 2026-11-26). Every safety instruction
 # raises refusal on harmful requests and, less, on benign ones: "safety shift" or "both".
-# qr_caption_no_image is "both", not pure discrimination: harmful refusal rises by +1.5 SD while
-# benign margins move +0.1 SD, and the common shift (the mean of the two) is then significant too.
+# qr_caption_no_image is harmfulness discrimination: harmful refusal rises by +1.5 SD while benign
+# margins barely move (the label rule reads the two class changes, docs/analysis.md).
 EXPECTED = {
     "sr_self_reminder": {"safety shift", "both"},
     "sr_adashield_s": {"safety shift", "both"},
     "sr_mmsafety": {"safety shift", "both"},
     "sr_toy_prompt": {"both"},
     "act_steer": {"safety shift"},
-    "qr_caption_no_image": {"both"},
-    "qr_caption": {"both"},
+    "qr_caption_no_image": {"harmfulness discrimination"},
+    "qr_caption": {"harmfulness discrimination", "both"},
     "mo_finetune": {"both"},
     "sr_self_reminder+mo_finetune": {"both"},
     "ni_image_gaussian": {"neither"},
