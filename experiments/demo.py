@@ -1,6 +1,6 @@
 """demo: the study (experiments/study.py) on the embedded toy, not a code path of its own.
 
-    mechprobe demo                      # a few minutes on 2 CPU cores
+    mechprobe demo                      # about 40 s on 2 CPU cores (docs/performance.md)
     mechprobe demo --defenses sr_self_reminder,qr_caption_no_image
 
 Runs `mechprobe study` with model "toy", the toy's test split, the demo's defenses and the
