@@ -12,10 +12,13 @@ the same work either way).
   level ensembles ("a|b") scoring both members again, no pixel cache and no prefetch.
 - project: `experiments.study.Study` in a fresh run directory: each distinct forward once
   (shards), composites reuse the study's defense instances (one fine-tune, cached captions),
-  score-level ensembles combined from the members' finished tables, pixel cache and prefetch.
+  score-level ensembles combined from the members' finished tables, the baseline and the SR
+  defenses that share a system prompt scored query-major through the prefix-shared sweep, pixel
+  cache and prefetch.
 
 Forward-equivalents: query rows through the LLaVA trunk (scoring forwards, every generation step
-and every training step's forward), counted by a pre-hook on the trunk. Both ways must give the
+and every training step's forward), counted by a pre-hook on the trunk; a prefix-shared sweep
+counts its prefix rows and its (short) suffix rows alike, so the count understates its saving. Both ways must give the
 same tables (float32, 1e-4). The last line is ``study speedup: <x>`` (wall time, naive / project).
 """
 
@@ -86,6 +89,7 @@ def project(cfg):
 
     study = Study(cfg)
     try:
+        study.score_shared_prefixes()  # what run_all does first: prompt conditions query-major
         return study, {name: study.table(name) for name in study.conditions}
     finally:
         study.run.close()
