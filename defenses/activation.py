@@ -24,8 +24,8 @@ Cross-fitting (default, ``cross_fit=True``): the direction table's labelled quer
 direction (and offsets / midpoint) estimated on the other folds, so a defense is never evaluated
 on the queries that estimated it; queries not in the table use the full-table estimate.
 ``describe()["cross_fit"]["folds"]`` (recorded in the run's meta) gives every query's fold.
-``cross_fit=False`` is the old in-sample behaviour. Composed with other defenses ("a+b"), the
-edits use the full-table estimate (a Compose merges edits, not plans).
+``cross_fit=False`` is the old in-sample behaviour. Composed with other defenses ("a+b"), a
+defense stays cross-fitted: `defenses.composite.Compose.plan` partitions the queries by its folds.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class ActivationDefense(Defense):
     ScoringPlan.parts); a query of the direction table is edited with the state of its own fold
     (estimated on the other folds), a query not in the table with the full-table state. So a
     defense is never evaluated on the queries that estimated its direction. ``edits(bundle)``
-    (used when composed with other defenses by ``a+b``) always uses the full-table state."""
+    always uses the full-table state; `Compose.plan` keeps a composite cross-fitted through
+    ``folds``, ``fold_states`` and ``make_edits``."""
 
     category: str = "ACT"
     directions: dict = field(default_factory=dict, repr=False)

@@ -53,15 +53,43 @@ class Compose(Defense):
         return bundle
 
     def edits(self, bundle):
+        return self._merge([member.edits(bundle) for member in self.members])
+
+    @staticmethod
+    def _merge(edit_sets: list[dict]) -> dict:
+        """Members' edits in member order; two at the same hook point are chained."""
         merged: dict = {}
-        for member in self.members:
-            for name, fn in member.edits(bundle).items():
+        for edits in edit_sets:
+            for name, fn in edits.items():
                 if name in merged:
                     first = merged[name]
                     merged[name] = lambda act, ctx, f=first, g=fn: g(f(act, ctx), ctx)
                 else:
                     merged[name] = fn
         return merged
+
+    def plan(self, queries, bundle) -> ScoringPlan:
+        """Cross-fitted members (activation defenses with ``fold_states``) stay cross-fitted inside the
+        composite: the queries are partitioned by their folds and each part is edited with the states
+        estimated without it, exactly as the member alone would edit them."""
+        queries = list(queries)
+        fitted = [m for m in self.members if getattr(m, "cross_fit", False) and getattr(m, "fold_states", None)]
+        if not fitted:
+            return super().plan(queries, bundle)
+        model = self.model(bundle)
+        groups: dict[tuple, list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(tuple(m.folds.get(q.id, -1) for m in fitted), []).append(i)
+        parts = []
+        for key, idx in sorted(groups.items()):
+            fold = {id(m): k for m, k in zip(fitted, key)}
+            edits = self._merge([m.make_edits(m.fold_states[fold[id(m)]]) if fold.get(id(m), -1) != -1
+                                 else m.edits(model) for m in self.members])
+            sub = [queries[i] for i in idx]
+            parts.append((idx, ScoringPlan(self.name, self.transform(sub, model), bundle=model, edits=edits,
+                                           edit_positions=self.edit_positions, aggregate=self.aggregate,
+                                           record={"folds": list(key)})))
+        return ScoringPlan(self.name, bundle=model, parts=parts, record=self.describe())
 
 
 @dataclass

@@ -125,3 +125,28 @@ def test_partitioned_plan_must_cover_every_query_once(setup):
     bad = ScoringPlan("bad", parts=[([0, 1], sub)])
     with pytest.raises(ScoringError, match="partition"):
         run_plan(scorer, qs[:3], bad)
+
+
+def test_composites_stay_cross_fitted(setup):
+    """Inside "a+b" a cross-fitted defense edits each query with its own fold's direction: composed
+    with a defense that changes nothing, it scores exactly as alone; composed with a prompt defense,
+    each fold's queries score as the composite built from that fold's in-sample-free state."""
+    from defenses import Compose, Defense, sr_self_reminder
+
+    bundle, qs, scorer, base = setup
+    steer = act_steer(base, alpha=1.0)
+    plain = RefusalScorer(bundle, layers=None, batch_size=32, progress=False)
+    alone = plain.score(qs, defense=steer)
+    with_noop = plain.score(qs, defense=Compose(members=[steer, Defense(name="noop")]))
+    torch.testing.assert_close(with_noop.margin, alone.margin, atol=0, rtol=0)
+    assert with_noop.meta["params"]["act_steer"]["cross_fit"] is True
+    composite = plain.score(qs, defense=Compose(members=[sr_self_reminder(), steer]))
+    for k, state in steer.fold_states.items():  # by hand: each fold with its own state's edits
+        rows = [i for i, q in enumerate(qs) if steer.folds.get(q.id) == k]
+        sub = [qs[i] for i in rows]
+        spec = sr_self_reminder().spec
+        with edit(bundle, steer.make_edits(state), positions=steer.edit_positions):
+            want = plain.score(sub, prompt=spec)
+        torch.testing.assert_close(composite.margin[rows], want.margin, atol=1e-5, rtol=0, msg=f"fold {k}")
+    in_sample = plain.score(qs, defense=Compose(members=[sr_self_reminder(), act_steer(base, cross_fit=False)]))
+    assert not torch.equal(in_sample.margin, composite.margin)
