@@ -120,7 +120,7 @@ class FineTune(Defense):
                 try:
                     from peft import LoraConfig, get_peft_model
                 except ImportError as exc:
-                    raise InputError("mo_finetune(lora=True) needs peft: pip install peft") from exc
+                    raise InputError("mo_finetune with LoRA needs peft: pip install -e \".[lora]\"") from exc
                 for p in model.parameters():  # only the adapters train
                     p.requires_grad_(False)
                 model.model.language_model = get_peft_model(
