@@ -156,19 +156,16 @@ def _run_parts(scorer, queries: list[Query], plan: ScoringPlan, prompt, record: 
     if sorted(order) != list(range(len(queries))):
         raise ScoringError(f"plan {plan.name!r}: its parts do not partition the {len(queries)} queries "
                            f"(every query exactly once)")
+    specs = None if isinstance(prompt, PromptSpec) else list(prompt)
     pieces = []
     for idx, sub in plan.parts:
         if not idx:
             continue
-        sub_prompt = prompt if isinstance(prompt, PromptSpec) else [list(prompt)[i] for i in idx]
+        sub_prompt = prompt if specs is None else [specs[i] for i in idx]
         pieces.append(run_plan(scorer, [queries[i] for i in idx], sub, prompt=sub_prompt, desc=desc))
-    table = ScoreTable.concat(pieces)
-    where = {q: k for k, q in enumerate(order)}
-    rows = torch.tensor([where[i] for i in range(len(queries))], dtype=torch.long)
-    return ScoreTable([table.ids[r] for r in rows], [table.labels[r] for r in rows], table.margin[rows],
-                      table.lens_margin[rows], list(table.layers),
-                      None if table.hidden is None else table.hidden[rows],
-                      {**table.meta, **record}, [dict(table.row_meta[r]) for r in rows])
+    table = ScoreTable.concat(pieces).select([q.id for q in queries])  # back to input order
+    table.meta.update(record)
+    return table
 
 
 def combine_tables(tables: list[ScoreTable], rule: str, meta: dict | None = None) -> ScoreTable:

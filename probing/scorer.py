@@ -28,8 +28,8 @@ from .plan import as_plan, run_plan
 from .query import Query, QueryError, check_unique_ids
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
 from .render import PromptSpec, check_context, plan_batches, prompt_lengths, render_prompt
-from .score_table import ScoreTable
 from .errors import InputError, MechprobeError, ScoringError
+from .score_table import ScoreTable
 
 logger = logging.getLogger(__name__)
 
@@ -243,9 +243,9 @@ class RefusalScorer:
                 if hidden is not None:
                     hidden[idx] = h.float().cpu()
                 forward_s += time.perf_counter() - t0
-        self.last_timing = {"batches": len(batches), "total_s": time.perf_counter() - start,
-                            "wait_s": feed.wait_s, "forward_s": forward_s}
         elapsed = time.perf_counter() - start
+        self.last_timing = {"batches": len(batches), "total_s": elapsed, "wait_s": feed.wait_s,
+                            "forward_s": forward_s}
         logger.info("scored %d queries in %d batches, %.2fs (%.1f queries/s; %.0f%% of it waiting for data; "
                     "pixel cache %d hits, %d misses)", n, len(batches), elapsed, n / max(elapsed, 1e-9),
                     100 * feed.wait_s / max(elapsed, 1e-9), self.pixel_cache.hits, self.pixel_cache.misses)
