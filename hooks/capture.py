@@ -175,42 +175,24 @@ class DecisionCapture:
         self.device = None if device is None else torch.device(device)
         self._handles: list = []
         self._depth = 0
-        self._mask: torch.Tensor | None = None
-        self._flat: dict = {}
+        self._tracker = _MaskTracker()  # the forward's mask and its decision index, shared by all layers
         self._got: list[torch.Tensor | None] = [None] * len(self.layers)
         self._hooks = [self._make_hook(k) for k in range(len(self.layers))]
 
-    def _pre(self, _module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self._flat = {}
+    def _pre(self, module, args, kwargs):
+        self._tracker.hook(module, args, kwargs)
         self._got[:] = [None] * len(self.layers)
-
-    def flat_index(self, batch: int, seq: int, device) -> torch.Tensor:
-        """Decision positions of this forward as row indices into ``[batch * seq, ...]``."""
-        key = (batch, seq, device)
-        flat = self._flat.get(key)
-        if flat is None:
-            idx = DECISION.index(self._mask, batch, seq, device)[:, 0]
-            flat = self._flat[key] = idx + torch.arange(0, batch * seq, seq, device=device)
-        return flat
 
     def select(self, act: torch.Tensor) -> torch.Tensor:
         """``act [batch, seq, ...]`` at this forward's decision positions: ``[batch, ...]``."""
-        batch, seq = act.shape[:2]
-        flat = self.flat_index(batch, seq, act.device)
-        return act.reshape(batch * seq, *act.shape[2:]).index_select(0, flat)
+        idx, flat = self._tracker.index(DECISION, act.shape[0], act.shape[1], act.device)
+        return _take(act, idx, flat)[:, 0]
 
     def _make_hook(self, k: int):
         got = self._got
 
         def hook(_module, _args, output):
-            act = output[0] if isinstance(output, tuple) else output
-            batch, seq = act.shape[:2]
-            flat = self._flat.get((batch, seq, act.device))
-            if flat is None:
-                flat = self.flat_index(batch, seq, act.device)
-            out = act.reshape(batch * seq, *act.shape[2:]).index_select(0, flat).detach()
+            out = self.select(output[0] if isinstance(output, tuple) else output).detach()
             if self.device is not None and out.device != self.device:
                 out = out.to(self.device)
             got[k] = out
@@ -237,7 +219,7 @@ class DecisionCapture:
                 raise
         self._depth += 1
         self._got[:] = [None] * len(self.layers)  # the hooks hold this list
-        self._flat, self._mask = {}, None
+        self._tracker = _MaskTracker()  # no index of an earlier forward survives
         return self
 
     def _remove(self) -> None:
