@@ -1,6 +1,6 @@
 """Coverage of compare()'s intervals on simulated data with known truth.
 
-    python benchmarks/coverage_table.py                       # the table of docs/analysis.md
+    python benchmarks/coverage_table.py                       # the tables of docs/analysis.md
     python benchmarks/coverage_table.py --datasets 1000 --n-boot 1000 --method percentile
 
 Each scenario draws paired (baseline, defended) margins per class: baseline ~ centre_c + scale *
@@ -8,7 +8,12 @@ noise, defended = baseline + shift_c + change noise. The truth of every figure i
 one very large sample of the same scenario (200k queries per class); for the rank-based
 (Hodges-Lehmann) figures, whose noise is symmetric, it is the planted shift. A figure's coverage
 is the share of data sets whose interval holds its truth (nominal 0.95; with D data sets the
-Monte Carlo SE is sqrt(0.95 * 0.05 / D), 0.010 for D = 500).
+Monte Carlo SE is sqrt(0.95 * 0.05 / D): 0.004 for D = 3000, 0.009 for D = 600). The rank-based
+figures are slow (all pairs of a class), so they get their own, smaller number of data sets.
+
+The refusal rates are binomial counts with Wilson intervals: their coverage at n queries and a
+true rate p is computed exactly (sum of binomial probabilities; no simulation), printed per
+scenario beside the simulated value, and over a grid of p in a second table (`rate_table`).
 """
 
 from __future__ import annotations
@@ -88,27 +93,108 @@ def coverage(scenario: Scenario, n_datasets: int = 500, n_boot: int = 400, seed:
     return {k: float(np.concatenate(v).mean()) for k, v in hits.items()}
 
 
+RATE_SIDES = {"refusal_harmful_base": "h", "refusal_harmful_def": "h",
+              "refusal_benign_base": "b", "refusal_benign_def": "b"}
+
+
+def _binomial_interval(method: str, k: np.ndarray, n: int, level: float):
+    """Lower and upper ends of a standard binomial interval at counts ``k`` (Brown, Cai and
+    DasGupta 2001): "wilson" (what compare() reports), "jeffreys", "agresti_coull", "clopper_pearson"."""
+    from scipy.stats import beta, norm
+
+    from probing.analysis.metrics import wilson_ci
+
+    a = (1 - level) / 2
+    if method == "wilson":
+        return wilson_ci(k, n, level)
+    if method == "jeffreys":
+        return (np.where(k > 0, beta.ppf(a, k + 0.5, n - k + 0.5), 0.0),
+                np.where(k < n, beta.ppf(1 - a, k + 0.5, n - k + 0.5), 1.0))
+    if method == "agresti_coull":
+        z = norm.ppf(1 - a)
+        nt = n + z * z
+        pt = (k + z * z / 2) / nt
+        half = z * np.sqrt(pt * (1 - pt) / nt)
+        return np.maximum(pt - half, 0.0), np.minimum(pt + half, 1.0)
+    if method == "clopper_pearson":
+        with np.errstate(invalid="ignore"):
+            return (np.where(k > 0, beta.ppf(a, np.maximum(k, 1), n - k + 1), 0.0),
+                    np.where(k < n, beta.ppf(1 - a, k + 1, np.maximum(n - k, 1)), 1.0))
+    raise ValueError(method)
+
+
+RATE_METHODS = ("wilson", "jeffreys", "agresti_coull", "clopper_pearson")
+
+
+def exact_rate_coverage(n: int, p, level: float = 0.95, method: str = "wilson") -> np.ndarray:
+    """Exact coverage of a binomial interval (default: Wilson, the one compare() gives refusal
+    rates) with ``n`` trials at true rate(s) ``p``: the binomial probability of the counts whose
+    interval holds ``p``."""
+    from scipy.stats import binom
+
+    k = np.arange(n + 1)
+    lo, hi = _binomial_interval(method, k.astype(float), n, level)
+    p = np.atleast_1d(np.asarray(p, float))
+    inside = (lo[:, None] <= p[None]) & (p[None] <= hi[:, None])
+    return (binom.pmf(k[:, None], n, p[None]) * inside).sum(0)
+
+
+def rate_table(ns=(10, 12, 20, 40, 50, 100), level: float = 0.95) -> list[str]:
+    """Exact coverage over true rates 0.05..0.95 (step 0.001) per number of queries and method:
+    mean, lowest, highest, and the share of rates with coverage in 0.93-0.97."""
+    grid = np.linspace(0.05, 0.95, 901)
+    lines = ["| queries n | method | mean coverage | lowest | highest | share of rates in 0.93-0.97 |",
+             "|---|---|---|---|---|---|"]
+    for n in ns:
+        for method in RATE_METHODS:
+            c = exact_rate_coverage(n, grid, level, method)
+            lines.append(f"| {n} | {method} | {c.mean():.3f} | {c.min():.3f} | {c.max():.3f} | "
+                         f"{((c >= 0.93) & (c <= 0.97)).mean():.2f} |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", type=int, default=500)
+    ap.add_argument("--datasets", type=int, default=3000, help="data sets per scenario (all but the rank figures)")
+    ap.add_argument("--rank-datasets", type=int, default=600, help="data sets per scenario for the rank figures")
     ap.add_argument("--n-boot", type=int, default=400)
     ap.add_argument("--method", default="auto", choices=("auto", "expanded", "percentile", "bca"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-rank", action="store_true", help="leave out the Hodges-Lehmann figures (the slow part)")
+    ap.add_argument("--rates-only", action="store_true",
+                    help="only the exact coverage table of binomial intervals for refusal rates (instant)")
     args = ap.parse_args(argv)
+    if args.rates_only:
+        print("\n".join(rate_table(level=0.95)))
+        return 0
     t0 = time.time()
-    cols = {s.name: coverage(s, args.datasets, args.n_boot, args.seed, args.method, rank=not args.no_rank)
-            for s in SCENARIOS}
+    cols = {}
+    for s in SCENARIOS:
+        cols[s.name] = coverage(s, args.datasets, args.n_boot, args.seed, args.method, rank=False)
+        if not args.no_rank:
+            cols[s.name].update(coverage(s, args.rank_datasets, args.n_boot, args.seed, args.method, only_rank=True))
+    truths = {s.name: s.truth() for s in SCENARIOS}
+    sizes = {s.name: {"h": s.n_h, "b": s.n_b} for s in SCENARIOS}
     figs = list(next(iter(cols.values())))
-    print(f"coverage of 95% intervals ({args.method}; {args.datasets} data sets x {args.n_boot} resamples; "
-          f"MC SE {np.sqrt(0.95 * 0.05 / args.datasets):.3f})\n")
+    print(f"coverage of 95% intervals ({args.method}; {args.datasets} data sets (rank figures: "
+          f"{args.rank_datasets}) x {args.n_boot} resamples; MC SE {np.sqrt(0.95 * 0.05 / args.datasets):.3f} "
+          f"({np.sqrt(0.95 * 0.05 / args.rank_datasets):.3f}); refusal rates: simulated / exact)\n")
     print("| figure | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for f in figs:
-        print(f"| `{f}` | " + " | ".join(f"{cols[s][f]:.3f}" for s in cols) + " |")
+        cells = []
+        for name in cols:
+            cell = f"{cols[name][f]:.3f}"
+            if f in RATE_SIDES:
+                exact = exact_rate_coverage(sizes[name][RATE_SIDES[f]], truths[name][f])[0]
+                cell += f" / {exact:.3f}"
+            cells.append(cell)
+        print(f"| `{f}` | " + " | ".join(cells) + " |")
     lo = min(min(c.values()) for c in cols.values())
     hi = max(max(c.values()) for c in cols.values())
-    print(f"\nrange {lo:.3f} .. {hi:.3f}; {time.time() - t0:.0f} s")
+    print(f"\nrange {lo:.3f} .. {hi:.3f} (simulated)")
+    print("\n(exact coverage of binomial intervals over true rates: --rates-only)")
+    print(f"\n{time.time() - t0:.0f} s")
     return 0
 
 

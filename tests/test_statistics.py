@@ -122,3 +122,22 @@ def test_fixed_unit_under_covers_and_re_estimating_fixes_it():
     fresh = interval_arrays(separation_figures, b_h, b_b, d_h, d_b, n_boot=200, seed=5)["shift_sd"]
     cover = lambda e: ((e[1] <= truth) & (truth <= e[2])).mean()  # noqa: E731
     assert cover(fixed) < 0.7 and 0.92 <= cover(fresh) <= 0.98
+
+
+def test_exact_rate_coverage_matches_simulation_and_known_properties():
+    """The exact binomial coverage behind docs/analysis.md's refusal-rate table: equal to a seeded
+    simulation of binomial counts, Clopper-Pearson never below nominal (its defining property),
+    and Wilson's dip at n = 10 real (not a simulation artefact)."""
+    from benchmarks.coverage_table import exact_rate_coverage
+    from probing.analysis.metrics import wilson_ci
+
+    rng = np.random.default_rng(3)
+    for n, p in ((10, 0.6915), (12, 0.837), (40, 0.35)):
+        k = rng.binomial(n, p, 200_000)
+        lo, hi = wilson_ci(k, n)
+        simulated = ((lo <= p) & (p <= hi)).mean()
+        assert abs(simulated - exact_rate_coverage(n, p)[0]) < 0.003, (n, p, simulated)
+    grid = np.linspace(0.05, 0.95, 181)
+    assert exact_rate_coverage(10, grid, method="clopper_pearson").min() >= 0.95 - 1e-12
+    assert exact_rate_coverage(10, 0.6915)[0] < 0.93  # the scenario cell of the table: discreteness
+    assert 0.95 <= exact_rate_coverage(10, grid).mean() <= 0.96
