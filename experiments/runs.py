@@ -3,6 +3,7 @@
     runs/<name>/config.json                         the options (to rerun), the run's fingerprint, versions
     runs/<name>/.lock                               pid and host of the process writing the run
     runs/<name>/shards/<condition>/<k>/             one ScoreTable per chunk of ``batch`` queries
+                                                    (length-planned: see `length_order`)
     runs/<name>/shards/<condition>/<k>/shard.json   what the shard was scored from, and its checksums
     runs/<name>/tables/*.csv|json, report.md, *.png written by the experiment
 
@@ -123,6 +124,19 @@ def close_all() -> None:
 
 
 atexit.register(close_all)
+
+
+def length_order(queries: Sequence[Query]) -> list[int]:
+    """The order in which a run directory cuts a condition's queries into shards: text-only
+    queries first, then queries with an image (stable: each group keeps the input order).
+
+    An image is most of a prompt's tokens (576 of ~600 for LLaVA-1.5), and the scorer sorts each
+    shard's rows by token length but can only pad as little as the queries it holds: cut in input
+    order, a dataset that interleaves kinds (the toy, MM-SafetyBench's TEXT and image kinds) pads
+    short text prompts to an image's length in nearly every shard. The key is whether a query has
+    an image and nothing else, so the same queries cut the same shards (a rerun resumes) and an
+    edited text recomputes only its own shard; tables come back in input order."""
+    return sorted(range(len(queries)), key=lambda i: queries[i].has_image)
 
 
 class RunDir:
@@ -314,11 +328,12 @@ class RunDir:
         if not isinstance(batch, int) or batch < 1:
             raise RunDirError(f"shard size (batch) must be an integer >= 1, got {batch!r}")
         queries = list(queries)
+        planned = [queries[i] for i in length_order(queries)]
         cond_fp = json.loads(json.dumps(fingerprint or {}, default=str))
         root = self.path / "shards" / condition
         parts, sums = [], []
-        for k, start in enumerate(range(0, len(queries), batch)):
-            chunk = queries[start:start + batch]
+        for k, start in enumerate(range(0, len(planned), batch)):
+            chunk = planned[start:start + batch]
             shard = root / f"{k:05d}"
             expect = {"condition": condition, "condition_fingerprint": cond_fp, "fingerprint": self.fingerprint,
                       "queries": [[q.id, query_digest(q)] for q in chunk]}
@@ -333,7 +348,8 @@ class RunDir:
             parts.append(table)
             sums.append(record["files"])
         self.digests[condition] = digest(sums)
-        return ScoreTable.concat(parts)
+        table = ScoreTable.concat(parts)
+        return table if table.ids == [q.id for q in queries] else table.select([q.id for q in queries])
 
     def condition_digest(self, condition: str) -> str | None:
         """A hash of a scored condition's shards (for conditions built from it, e.g. the baseline)."""

@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: default byte budget of a scorer's pixel cache (MiB)
 DEFAULT_PIXEL_CACHE_MB = 1024
+#: default byte budget of a scorer's image-feature cache (MiB, on the model's device)
+DEFAULT_FEATURE_CACHE_MB = 1024
 
 
 class Prefetcher:
@@ -184,6 +186,57 @@ class PixelCache:
             self.bytes = 0
 
 
+def vision_version(model) -> tuple:
+    """What identifies the image features a LLaVA model computes: the identity of its vision
+    tower and projector and the in-place version counters of their parameters (an optimizer
+    step or a load_state_dict bumps them), so features cached before a weight change are never
+    served after it."""
+    inner = model.model
+    mods = (inner.vision_tower, inner.multi_modal_projector)
+    return (tuple(id(m) for m in mods),
+            sum(p._version for m in mods for p in m.parameters()))
+
+
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``[n_images, image_seq_length, d_model]``: what the LLaVA trunk scatters into the image
+    token positions (vision tower, feature layer, projector), as its own forward computes it."""
+    cfg = model.config
+    out = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+
+def embed_with_features(model, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The trunk's input embeddings with ``features`` in the image token positions: the same
+    operations as `LlavaModel.forward` (token embedding, then masked_scatter of the features in
+    the embedding dtype)."""
+    embeds = model.model.get_input_embeddings()(input_ids)
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
+
+
+def cached_image_inputs(model, inputs: dict, keys: list, cache: PixelCache, version) -> dict:
+    """``inputs`` with ``pixel_values`` replaced by ``inputs_embeds`` whose image positions hold
+    features from ``cache`` (one entry per image key and `vision_version`); the images it lacks
+    go through the vision tower together, as the trunk would run them, and are stored."""
+    if "pixel_values" not in inputs or not cache.enabled:
+        return inputs
+    pixel_values = inputs["pixel_values"]
+    if len(keys) != pixel_values.shape[0]:
+        raise ScoringError(f"feature cache: {len(keys)} image keys for {pixel_values.shape[0]} images")
+    found = [cache.get((key, version)) for key in keys]
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
+        fresh = image_features(model, pixel_values[missing] if len(missing) < len(keys) else pixel_values)
+        for i, f in zip(missing, fresh):
+            found[i] = f.clone()  # its own storage, so the cache's byte count is what it holds
+            cache.put((keys[i], version), found[i])
+    out = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids")}
+    out["inputs_embeds"] = embed_with_features(model, inputs["input_ids"], torch.stack(found))
+    return out
+
+
 def image_key(query: Query) -> tuple[tuple, Image.Image | None]:
     """The cache key of a query's image, and the decoded RGB image when computing the key needed
     it (in-memory images are hashed on their RGB pixels)."""
@@ -203,11 +256,12 @@ def process_image(bundle, image: Image.Image) -> torch.Tensor:
 
 
 def encode_batch(bundle, prompts: Sequence[str], queries: Sequence[Query], cache: PixelCache | None = None,
-                 device=None) -> dict[str, torch.Tensor]:
+                 device=None, keys: list | None = None) -> dict[str, torch.Tensor]:
     """`probing.render.encode` for ``queries`` (their images loaded here), with each image's pixel
     values taken from ``cache`` when it holds them and stored there when not. Equal to
-    ``encode(bundle, prompts, [q.load_image() for q in queries])`` (tests/test_pipeline.py)."""
-    if cache is None or not cache.enabled:
+    ``encode(bundle, prompts, [q.load_image() for q in queries])`` (tests/test_pipeline.py).
+    ``keys``: a list that receives each image's `image_key`, in the order of ``pixel_values``."""
+    if (cache is None or not cache.enabled) and keys is None:
         return encode(bundle, list(prompts), [q.load_image() for q in queries], device=device)
     pixels = []
     for q in queries:
@@ -219,9 +273,12 @@ def encode_batch(bundle, prompts: Sequence[str], queries: Sequence[Query], cache
         except OSError:  # unreadable file metadata: load_image raises the error naming the query
             q.load_image()
             raise
-        value = cache.get(key)
+        if keys is not None:
+            keys.append(key)
+        value = cache.get(key) if cache is not None else None
         if value is None:
             value = process_image(bundle, loaded if loaded is not None else q.load_image())
-            cache.put(key, value)
+            if cache is not None:
+                cache.put(key, value)
         pixels.append(value)
     return encode_pixels(bundle, list(prompts), pixels, device=device)

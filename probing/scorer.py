@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from hooks.capture import DecisionCapture
 
 from .model import ModelBundle
-from .pipeline import DEFAULT_PIXEL_CACHE_MB, PixelCache, Prefetcher, encode_batch
+from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, PixelCache, Prefetcher,
+                       cached_image_inputs, encode_batch, vision_version)
 from .plan import as_plan, run_plan
 from .query import Query, QueryError, check_unique_ids
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
@@ -79,6 +80,14 @@ class RefusalScorer:
         pixel_cache: MiB of processed pixel values kept across `score` calls (0: none), or a
             `probing.pipeline.PixelCache` to share; the same image under several conditions is
             decoded and processed once. Scores are the same bits.
+        feature_cache: MiB of image features (vision tower + projector output, on the model's
+            device) kept across `score` calls (0: none), or a `PixelCache` to share; the same
+            image under several prompt conditions, text variants or defenses that keep the
+            model's vision weights runs through the vision tower once. Keyed by the image and
+            `probing.pipeline.vision_version`, so changed vision weights never reuse features.
+            The first pass over an image gives the same bits as without the cache; a later batch
+            that reuses features computed in another batch composition agrees to float rounding
+            (tests/test_pipeline.py: 1e-5 in float32).
 
     After `score`, ``last_timing`` holds the run's ``total_s``, ``forward_s`` and ``wait_s`` (the
     time the loop waited for prepared batches).
@@ -96,6 +105,7 @@ class RefusalScorer:
         progress: bool | None = None,
         prefetch: int = 2,
         pixel_cache: "PixelCache | float" = DEFAULT_PIXEL_CACHE_MB,
+        feature_cache: "PixelCache | float" = DEFAULT_FEATURE_CACHE_MB,
     ):
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -112,6 +122,8 @@ class RefusalScorer:
         self.prefetch = int(prefetch)
         self.pixel_cache = (pixel_cache if isinstance(pixel_cache, PixelCache)
                             else PixelCache(int(float(pixel_cache) * 2**20)))
+        self.feature_cache = (feature_cache if isinstance(feature_cache, PixelCache)
+                              else PixelCache(int(float(feature_cache) * 2**20)))
         self.last_timing: dict = {}
         # Only these rows of the unembedding are ever used: [n_tokens, d_model].
         self._w_readout = bundle.unembed[self.resolved.token_ids].detach().float()
@@ -212,13 +224,18 @@ class RefusalScorer:
         disable = (not self.progress) if self.progress is not None else (None if len(batches) > 1 else True)
         device = self.bundle.input_device
 
-        def prepare(rows: list[int]) -> dict[str, torch.Tensor]:
+        use_features = self.feature_cache.enabled and any(q.has_image for q in queries)
+        version = vision_version(self.bundle.model) if use_features else None
+
+        def prepare(rows: list[int]) -> tuple[dict[str, torch.Tensor], list | None]:
             """Batch ``rows`` as CPU tensors: images loaded, pixels processed (or cached), text
-            tokenized; runs in the prefetch worker while the previous batch is in the model."""
+            tokenized; runs in the prefetch worker while the previous batch is in the model.
+            Also each image's cache key (for the feature cache), or None."""
             ids = [queries[i].id for i in rows]
+            keys = [] if use_features else None
             try:
                 inputs = encode_batch(self.bundle, [prompts[i] for i in rows], [queries[i] for i in rows],
-                                      self.pixel_cache, device="cpu")
+                                      self.pixel_cache, device="cpu", keys=keys)
             except MechprobeError:  # QueryError and friends already name the query
                 raise
             except Exception as exc:
@@ -227,16 +244,20 @@ class RefusalScorer:
             want = [lengths[i] for i in rows]
             if got != want:
                 raise ScoringError(f"token count mismatch for queries {ids}: processor gave {got}, expected {want}")
-            return inputs
+            return inputs, keys
 
         start = time.perf_counter()
         forward_s = 0.0
         with Prefetcher(prepare, batches, depth=self.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
                 self.holding_hooks():
-            for rows, cpu_inputs in tqdm(zip(batches, feed), total=len(batches), desc=desc, unit="batch",
-                                         disable=disable):
+            for rows, (cpu_inputs, keys) in tqdm(zip(batches, feed), total=len(batches), desc=desc, unit="batch",
+                                                 disable=disable):
                 t0 = time.perf_counter()
-                m, lm, h = self.forward({k: v.to(device) for k, v in cpu_inputs.items()})
+                inputs = {k: v.to(device) for k, v in cpu_inputs.items()}
+                if keys:
+                    with torch.inference_mode():
+                        inputs = cached_image_inputs(self.bundle.model, inputs, keys, self.feature_cache, version)
+                m, lm, h = self.forward(inputs)
                 idx = torch.tensor(rows)
                 margin[idx] = m.cpu()
                 lens[idx] = lm.cpu()
@@ -247,8 +268,9 @@ class RefusalScorer:
         self.last_timing = {"batches": len(batches), "total_s": elapsed, "wait_s": feed.wait_s,
                             "forward_s": forward_s}
         logger.info("scored %d queries in %d batches, %.2fs (%.1f queries/s; %.0f%% of it waiting for data; "
-                    "pixel cache %d hits, %d misses)", n, len(batches), elapsed, n / max(elapsed, 1e-9),
-                    100 * feed.wait_s / max(elapsed, 1e-9), self.pixel_cache.hits, self.pixel_cache.misses)
+                    "pixel cache %d hits, %d misses; feature cache %d hits, %d misses)", n, len(batches), elapsed,
+                    n / max(elapsed, 1e-9), 100 * feed.wait_s / max(elapsed, 1e-9), self.pixel_cache.hits,
+                    self.pixel_cache.misses, self.feature_cache.hits, self.feature_cache.misses)
         shown = prompt if isinstance(prompt, PromptSpec) else PromptSpec()
         return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
                           list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})},
@@ -256,12 +278,14 @@ class RefusalScorer:
 
     def with_bundle(self, bundle: ModelBundle) -> "RefusalScorer":
         """The same scorer settings over another model (e.g. a fine-tuned defense model)."""
-        # The pixel cache is shared when the images are processed the same way for the same dtype.
+        # The pixel cache is shared when the images are processed the same way for the same dtype;
+        # the feature cache always (its keys carry the vision weights' identity and version).
         same = bundle.processor is self.bundle.processor and bundle.dtype == self.bundle.dtype
         return RefusalScorer(bundle, self.readout, layers=self.layers or None, keep_hidden=self.keep_hidden,
                              batch_size=self.batch_size, prompt=self.prompt, progress=self.progress,
                              prefetch=self.prefetch,
-                             pixel_cache=self.pixel_cache if same else self.pixel_cache.max_bytes / 2**20)
+                             pixel_cache=self.pixel_cache if same else self.pixel_cache.max_bytes / 2**20,
+                             feature_cache=self.feature_cache)
 
     def table_meta(self, prompt: PromptSpec = PromptSpec()) -> dict:
         """What a ScoreTable records about how it was scored."""

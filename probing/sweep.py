@@ -25,6 +25,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
+from .pipeline import cached_image_inputs, image_key, vision_version
 from .query import Query, check_unique_ids
 from .render import PromptSpec, check_context, encode, padded_position_ids, prompt_lengths
 from .score_table import ScoreTable
@@ -161,6 +162,10 @@ def _score_batch(scorer, queries, rows, prompts, ids, shared, extra):
               "position_ids": padded_position_ids(prefix_mask)}
     if "pixel_values" in full:
         kwargs["pixel_values"] = full["pixel_values"]
+        if scorer.feature_cache.enabled:  # each image through the vision tower once per run
+            keys = [image_key(queries[i])[0] for i in rows if queries[i].has_image]
+            kwargs = cached_image_inputs(bundle.model, kwargs, keys, scorer.feature_cache,
+                                         vision_version(bundle.model))
     cache = bundle.model.model(**kwargs, use_cache=True).cache
     cache.layers = [SharedPrefixLayer(layer.keys, layer.values, n_cond) for layer in cache.layers]
 

@@ -219,3 +219,62 @@ def test_decision_capture_equals_capture(tiny, mixed_queries):
         with reader:
             raise RuntimeError("boom")
     assert hook_count(tiny.model) == before
+
+
+# -- the image-feature cache -------------------------------------------------------------------
+
+def test_feature_cache_runs_each_image_through_the_vision_tower_once(tiny, mixed_queries):
+    """Against scoring with no cache at all: the first pass is the same bits; later conditions,
+    in other batch compositions, reuse the features (hits counted) and agree to float rounding."""
+    n_images = sum(q.has_image for q in mixed_queries)
+    calls = []
+    handle = tiny.model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        cached = RefusalScorer(tiny, batch_size=3, keep_hidden=True)
+        for batch_size, spec in ((3, PromptSpec()), (4, PromptSpec(system_prompt="Be safe.")),
+                                 (2, PromptSpec(text_after="Think first."))):
+            cached.batch_size = batch_size
+            got = cached.score(mixed_queries, prompt=spec)
+            want = RefusalScorer(tiny, batch_size=batch_size, keep_hidden=True, pixel_cache=0,
+                                 feature_cache=0).score(mixed_queries, prompt=spec)
+            if spec == PromptSpec():
+                assert torch.equal(got.margin, want.margin) and torch.equal(got.hidden, want.hidden)
+            torch.testing.assert_close(got.margin, want.margin, rtol=0, atol=1e-5)
+            torch.testing.assert_close(got.lens_margin, want.lens_margin, rtol=0, atol=1e-5)
+    finally:
+        handle.remove()
+    # the cached scorer's share of the vision tower calls: each image once
+    assert cached.feature_cache.misses == n_images and cached.feature_cache.hits == 2 * n_images
+    assert sum(calls) == n_images + 3 * n_images  # cached scorer once; each uncached reference scorer
+
+
+def test_feature_cache_is_not_reused_after_the_vision_weights_change(tiny, mixed_queries):
+    scorer = RefusalScorer(tiny, batch_size=4, layers=None)
+    before = scorer.score(mixed_queries)
+    proj = tiny.model.model.multi_modal_projector.linear_1.weight
+    try:
+        with torch.no_grad():
+            proj.add_(0.5)  # in place: same tensor object, new version
+        after = scorer.score(mixed_queries)
+        fresh = RefusalScorer(tiny, batch_size=4, layers=None, feature_cache=0).score(mixed_queries)
+        assert torch.equal(after.margin, fresh.margin) and not torch.equal(after.margin, before.margin)
+    finally:
+        with torch.no_grad():
+            proj.sub_(0.5)
+    assert scorer.feature_cache.hits == 0
+
+
+def test_sweep_prefix_pass_uses_the_feature_cache(tiny, mixed_queries):
+    from probing.sweep import score_conditions
+
+    specs = {"a": PromptSpec(), "b": PromptSpec(text_after="Be safe.")}
+    scorer = RefusalScorer(tiny, batch_size=4, layers=None)
+    first = score_conditions(scorer, mixed_queries, specs)
+    again = score_conditions(scorer, mixed_queries, specs)
+    n_images = sum(q.has_image for q in mixed_queries)
+    assert scorer.feature_cache.misses == n_images and scorer.feature_cache.hits == n_images
+    for name in specs:
+        assert torch.equal(first[name].margin, again[name].margin)
+        plain = RefusalScorer(tiny, batch_size=4, layers=None, feature_cache=0).score(mixed_queries,
+                                                                                      prompt=specs[name])
+        torch.testing.assert_close(first[name].margin, plain.margin, rtol=0, atol=1e-4)

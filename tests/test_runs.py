@@ -71,10 +71,10 @@ def test_changed_image_or_label_recomputes(tmp_path):
     run_once(tmp_path / "r", qs)
     Image.new("RGB", (9, 9), "blue").save(img)  # same path, other bytes (size changes)
     _, calls = run_once(tmp_path / "r", qs)
-    assert calls == [["a", "b"]]
+    assert calls == [["b", "a"]]  # one shard (text-only query first)
     relabelled = [qs[0], Query("b", "u", label="benign")]
     _, calls = run_once(tmp_path / "r", relabelled)
-    assert calls == [["a", "b"]]
+    assert calls == [["b", "a"]]
 
 
 def test_flipped_byte_in_a_shard_is_recomputed(tmp_path, caplog):
@@ -213,3 +213,17 @@ def test_lock_of_a_live_process_on_another_host_is_respected(tmp_path):
     (tmp_path / "r" / LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": 0}))
     with pytest.raises(RunDirError, match="pid 1 on elsewhere"):
         RunDir(tmp_path / "r", {"x": 1})
+
+
+def test_shards_group_text_only_and_image_queries_and_tables_keep_input_order(tmp_path):
+    from PIL import Image
+
+    img = Image.new("RGB", (8, 8), "red")
+    qs = [Query(f"q{i}", f"text {i}", image=img if i % 2 else None, label="harmful" if i % 3 else "benign")
+          for i in range(6)]
+    table, calls = run_once(tmp_path / "r", qs)
+    assert calls == [["q0", "q2"], ["q4", "q1"], ["q3", "q5"]]  # text-only first, then image queries
+    assert table.ids == [q.id for q in qs]
+    assert table.margin.tolist() == [float(len(q.text)) for q in qs]
+    again, calls = run_once(tmp_path / "r", qs)
+    assert calls == [] and again.ids == table.ids
