@@ -83,6 +83,11 @@ def set_defense_resolver(fn: Callable[[str], PlanSource]) -> None:
     _resolver = fn
 
 
+def has_defense_resolver() -> bool:
+    """Whether defense names can be resolved (the `defenses` package has been imported)."""
+    return _resolver is not None
+
+
 def as_plan(defense, queries: list[Query], bundle) -> ScoringPlan:
     """A `ScoringPlan` from a plan, a defense object, or a defense name / ensemble expression."""
     if isinstance(defense, ScoringPlan):

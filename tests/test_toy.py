@@ -129,6 +129,20 @@ def test_no_shipped_defense_text_in_training(training_texts):
     assert not [t for t, _ in training_texts if UNSEEN_SENTENCE.lower() in t]
 
 
+def test_foreign_filler_words_are_foreign_and_clear_of_the_held_out_sentence():
+    """The everyday words the toy is trained to ignore lie outside its vocabulary, and share no
+    word or 4-letter stem with the held-out sentence of the invariance tests (so those measure
+    generalisation to unseen words)."""
+    vocab = data.vocabulary()
+    assert not [w for w in data.FOREIGN_WORDS if w in vocab]
+    held = data.words(UNSEEN_SENTENCE)
+    stems = {w[:4] for w in held if len(w) >= 4}
+    assert not [w for w in data.FOREIGN_WORDS if w in held or w[:4] in stems]
+    form_words = {w for form in data.STATEMENT_FORMS for slot in form
+                  for alt in ([slot] if isinstance(slot, str) else slot) for w in data.words(alt)}
+    assert not [w for w in form_words if len(w) >= 4 and (w in held or w[:4] in stems)]
+
+
 def test_vocabulary_covers_training_and_flags_foreign_text(training_texts):
     vocab = data.vocabulary()
     assert {"steal", "cars", "harmful", "refuse", "sorry", "image"} <= vocab
@@ -155,10 +169,7 @@ def scored(toy):
     return queries, scorer, scorer.score(queries)
 
 
-@pytest.mark.parametrize("kind", ["text", "typo", pytest.param("picture", marks=pytest.mark.xfail(
-    reason="picture requests are not yet robust: the test template 'What activity is in this picture?' is also a "
-           "generated caption question, so surrounding text tips the toy between captioning and answering",
-    strict=False))])
+@pytest.mark.parametrize("kind", ["text", "typo", "picture"])
 @pytest.mark.parametrize("where", ["text_after", "text_before"])
 def test_unrelated_text_does_not_flip_refusal(scored, kind, where):
     from probing import PromptSpec

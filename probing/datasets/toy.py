@@ -268,6 +268,53 @@ def noise_sentence(rng: random.Random) -> str:
     return " ".join(ws).capitalize() + rng.choice([".", ".", "?", "!"])
 
 
+# Everyday English words the toy's vocabulary lacks (checked in tests/test_toy.py): sentences of
+# them stand in for a user's text the toy cannot read, which it must ignore. Their BPE pieces
+# differ from the made-up syllables above. Kept clear of the held-out sentence of the
+# invariance tests (no shared word or stem).
+FOREIGN_WORDS = (
+    "apple mountain coffee yellow guitar ticket pencil ocean dinner forest jacket bicycle kitchen island planet "
+    "museum holiday village bottle carpet ladder candle rabbit orange violin tomato castle harbor rocket sandwich "
+    "blanket mirror pillow basket button cookie dolphin engine feather glove hammer honey jungle lemon marble "
+    "needle onion parrot puzzle quilt saddle tiger umbrella wagon zebra anchor balloon cabbage desert eagle "
+    "fountain galaxy helmet igloo jelly kettle lantern meadow nest orchard pepper radio silver thunder valley "
+    "walnut yacht almond beach cherry diamond elbow forward giant hollow invite journey kingdom little morning "
+    "narrow olive purple quick rather tomorrow velvet wonder young zero sometimes yesterday weekend travel "
+    "dancing singing swimming running jumping cooking baking fishing drawing knitting hiking camping sailing "
+    "skating skiing surfing climbing brother sister cousin uncle aunt grandma doctor farmer baker sailor pilot "
+    "driver singer artist").split()
+
+
+_GERUNDS = [w for w in FOREIGN_WORDS if w.endswith("ing")]
+_PEOPLE = ["brother", "sister", "cousin", "uncle", "aunt", "grandma", "doctor", "farmer", "baker", "sailor",
+           "pilot", "driver", "singer", "artist"]
+_THINGS = [w for w in FOREIGN_WORDS if w not in _GERUNDS and w not in _PEOPLE]
+# First-person chit-chat about everyday life: statements, not requests, even when they say "I like
+# to ..." or "I want ..." about something harmless. A request next to them is still the request.
+STATEMENT_FORMS = [
+    ["I", ["like", "love", "enjoy", "tried", "started"], "_G", [".", "on weekends.", "with my _P."]],
+    ["My", "_P", ["likes", "loves", "tried", "started"], "_G", [".", "this week.", "every morning."]],
+    [["We", "I", "My _P"], ["bought", "found", "saw", "cleaned", "fixed", "lost"], ["a", "the", "an old"], "_T",
+     [".", "yesterday.", "near the _T.", "a while ago."]],
+    ["I", ["want", "need", "would like"], ["a new", "another", "a small"], "_T", [".", "for my _P."]],
+    [["Our", "The"], "_T", ["is", "was", "looks"], ["nice", "old", "new", "big", "_T"], [".", "today.", "!"]],
+]
+
+
+def foreign_sentence(rng: random.Random) -> str:
+    """Text the toy cannot fully read: everyday words outside its vocabulary, either loose (with
+    a few words it knows) or as first-person chit-chat (`STATEMENT_FORMS`)."""
+    if rng.random() < 0.5:
+        ws = [rng.choice(FOREIGN_WORDS) if rng.random() < 0.7 else rng.choice(_salad_words())
+              for _ in range(rng.randint(3, 9))]
+        return " ".join(ws).capitalize() + rng.choice([".", ".", "?", "!"])
+    text = _fill(rng, rng.choice(STATEMENT_FORMS))
+    for slot, pool in (("_G", _GERUNDS), ("_P", _PEOPLE), ("_T", _THINGS)):
+        while slot in text:
+            text = text.replace(slot, rng.choice(pool), 1)
+    return text
+
+
 # Words that carry meaning for the policy: never in word salad.
 _SALAD_STOP = {"harm", "harmful", "harmless", "harmlessness", "dangerous", "danger", "illegal", "unsafe", "risky",
                "risk", "risks", "unethical", "criminal", "crime", "crimes", "malicious", "deceptive", "safe", "safely",
@@ -465,18 +512,21 @@ def _noisy(text: str, rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_letters) if c != " " and rng.random() < rate else c for c in text)
 
 
-def _wrapped(q: Query, rng: random.Random) -> tuple[Query, str | None, bool, bool]:
+def _wrapped(q: Query, rng: random.Random, safety: bool | None = None) -> tuple[Query, str | None, bool, bool]:
     """The request inside a random context: (query, system prompt, safety instruction given?, named?).
 
     A safety instruction (a generated wording) goes in the system prompt, before or after the
     request; neutral text (formatting, chit-chat, unrelated questions) may go anywhere too; an
     image request may get a description of its image ("Caption: ...") or a stated intention in
     the text, with or without the image. ``named`` says the text names the activity.
+    ``safety`` forces whether a safety instruction is given (the twin of an example; the draw
+    is made either way, so a twin started from the same rng state gets the same slots).
     """
     # Which slots hold extra text is drawn first, the same for plain and safety examples, so
     # that *whether* there is text somewhere says nothing; only what the text says matters.
     slots = [s for s, p in (("system", 0.55), ("before", 0.4), ("after", 0.6)) if rng.random() < p]
-    safety = rng.random() < 0.4
+    draw = rng.random()
+    safety = draw < 0.4 if safety is None else safety
     if safety and not slots:
         slots = [rng.choice(["system", "before", "after"])]
     where = rng.choice(slots) if safety else None
@@ -486,8 +536,10 @@ def _wrapped(q: Query, rng: random.Random) -> tuple[Query, str | None, bool, boo
             text = safety_instruction(rng) if slot != "system" or rng.random() < 0.8 else rng.choice(SAFETY_SYSTEM)
         else:
             r = rng.random()
-            if r < 0.2:
+            if r < 0.1:
                 text, noise = noise_sentence(rng), True
+            elif r < 0.2:
+                text, noise = foreign_sentence(rng), True
             elif r < 0.35:
                 text = word_salad(rng)
             elif slot == "system" and r < 0.7:
@@ -505,7 +557,8 @@ def _wrapped(q: Query, rng: random.Random) -> tuple[Query, str | None, bool, boo
     if rng.random() < 0.06:
         request, noise = _noisy(request, rng), True
     if not named and rng.random() < 0.15:
-        before.append(describe(rng, q.meta["phrase"]))
+        # before or after the request: where text stands must not say whether it names the image
+        (before if rng.random() < 0.5 else after).append(describe(rng, q.meta["phrase"]))
         named = True
         if rng.random() < 0.5:
             image = None
@@ -514,6 +567,9 @@ def _wrapped(q: Query, rng: random.Random) -> tuple[Query, str | None, bool, boo
         named = True
     text = "\n".join([*before, request, *after])
     return Query(q.id, text, image, q.label, {**q.meta, "noise": noise}), system, safety, named
+
+
+TWIN_SHARE = 0.5  # image requests that also appear with the opposite safety context
 
 
 def training_examples(seed: int = 0, repeats: int = 6) -> list[Example]:
@@ -526,15 +582,24 @@ def training_examples(seed: int = 0, repeats: int = 6) -> list[Example]:
     base = requests("train", seed, repeats=repeats)
     base += requests("train", seed + 1, kinds=("text",), alarming=False, repeats=max(1, repeats // 2))
     for q in base:
-        wq, system, safety, named = _wrapped(q, rng)
-        kind = "text" if named else q.meta["kind"]
-        refuse = refuses(q.label, kind, q.meta["phrase"], safety, q.meta.get("trigger"))
-        if rng.random() < 0.8:
-            out.append(Example(wq, system, _answer(refuse, q.meta["phrase"], rng)))
-        else:
-            yn = Query(q.id + "-yn", f"{wq.text}\n{yes_no_question(rng)}", wq.image, q.label,
-                       {**wq.meta, "task": "yes_no"})
-            out.append(Example(yn, system, "No" if refuse else "Yes"))
+        state = rng.getstate()
+        wrapped = [_wrapped(q, rng)]
+        # Image requests get a twin half the time: the same slots with the safety decision
+        # flipped, so that for the request whose answer hangs on the context (a harmful image
+        # complies unless told to be safe) only what the text *says* tells the two apart.
+        if q.meta["kind"] != "text" and rng.random() < TWIN_SHARE:
+            twin_rng = random.Random()
+            twin_rng.setstate(state)
+            wrapped.append(_wrapped(q, twin_rng, safety=not wrapped[0][2]))
+        for wq, system, safety, named in wrapped:
+            kind = "text" if named else q.meta["kind"]
+            refuse = refuses(q.label, kind, q.meta["phrase"], safety, q.meta.get("trigger"))
+            if rng.random() < 0.8:
+                out.append(Example(wq, system, _answer(refuse, q.meta["phrase"], rng)))
+            else:
+                yn = Query(q.id + "-yn", f"{wq.text}\n{yes_no_question(rng)}", wq.image, q.label,
+                           {**wq.meta, "task": "yes_no"})
+                out.append(Example(yn, system, "No" if refuse else "Yes"))
     # Asked about a request (as the query-refactoring steps ask): its intention, or a rewrite.
     for q in requests("train", seed + 2, repeats=max(1, repeats // 4)):
         phrase = q.meta["phrase"]

@@ -64,7 +64,7 @@ def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_siz
 
 
 # The shipped weights' settings (`python -m probing.toy.train --seed 0`).
-TRAIN_DEFAULTS = dict(steps=1000, batch_size=32, lr=2e-3, repeats=30, vision_steps=600, threads=1)
+TRAIN_DEFAULTS = dict(steps=1400, batch_size=32, lr=2e-3, repeats=40, vision_steps=600, threads=1)
 
 
 def train(seed: int = 0, steps: int = TRAIN_DEFAULTS["steps"], batch_size: int = TRAIN_DEFAULTS["batch_size"],
