@@ -9,12 +9,13 @@ the same work either way).
 
 - naive: every condition independent, as a script without the toolkit's study would do it: a
   new defense object per condition (the fine-tune retrained, captions generated again), score-
-  level ensembles ("a|b") scoring both members again, no pixel cache and no prefetch.
+  level ensembles ("a|b") scoring both members again, no pixel or feature cache, no prefetch.
 - project: `experiments.study.Study` in a fresh run directory: each distinct forward once
   (shards), composites reuse the study's defense instances (one fine-tune, cached captions),
   score-level ensembles combined from the members' finished tables, the baseline and the SR
   defenses that share a system prompt scored query-major through the prefix-shared sweep, pixel
-  cache and prefetch.
+  and image-feature caches (each image through the vision tower once), shards that group
+  text-only and image queries, and prefetch.
 
 Forward-equivalents: query rows through the LLaVA trunk (scoring forwards, every generation step
 and every training step's forward), counted by a pre-hook on the trunk; a prefix-shared sweep
@@ -42,6 +43,36 @@ ENSEMBLES = ["sr_self_reminder+mo_finetune", "sr_mmsafety+ni_image_gaussian", "q
              "mo_finetune|ni_text_smooth"]
 
 
+class TuneTimer:
+    """Seconds spent fine-tuning (`FineTune._tune`), so the table can show what is training and
+    what is scoring: a way that trains k times is at most k times slower on the training part."""
+
+    def __init__(self):
+        self.seconds, self.runs = 0.0, 0
+
+    def __enter__(self):
+        from defenses.finetune import FineTune
+
+        self._orig = FineTune._tune
+        timer = self
+
+        def timed(defense, bundle):
+            t0 = time.perf_counter()
+            try:
+                return timer._orig(defense, bundle)
+            finally:
+                timer.seconds += time.perf_counter() - t0
+                timer.runs += 1
+
+        FineTune._tune = timed
+        return self
+
+    def __exit__(self, *exc):
+        from defenses.finetune import FineTune
+
+        FineTune._tune = self._orig
+
+
 class Counter:
     """Query rows through the trunk, by a forward pre-hook (deep copies of the model share it)."""
 
@@ -62,7 +93,8 @@ def naive(bundle, queries, params, batch_size):
     from probing.plan import combine_tables
 
     def fresh_scorer():
-        return RefusalScorer(bundle, batch_size=batch_size, progress=False, prefetch=0, pixel_cache=0)
+        return RefusalScorer(bundle, batch_size=batch_size, progress=False, prefetch=0, pixel_cache=0,
+                             feature_cache=0)
 
     def single(name):
         return fresh_scorer().score(queries, defense=get_defense(name, **params.get(name, {})),
@@ -118,7 +150,8 @@ def main(argv=None) -> int:
     counter = Counter()
     handle = bundle.model.model.register_forward_pre_hook(counter.hook, with_kwargs=True)
     t0 = time.perf_counter()
-    naive_tables = naive(bundle, queries, params, args.batch_size)
+    with TuneTimer() as tune_naive:
+        naive_tables = naive(bundle, queries, params, args.batch_size)
     t_naive, rows_naive = time.perf_counter() - t0, counter.rows
     handle.remove()
 
@@ -139,7 +172,8 @@ def main(argv=None) -> int:
         study_mod.load_model = counted_load
         try:
             t0 = time.perf_counter()
-            _, ours = project(cfg)
+            with TuneTimer() as tune_proj:
+                _, ours = project(cfg)
             t_proj, rows_proj = time.perf_counter() - t0, counter2.rows
         finally:
             study_mod.load_model = real_load
@@ -151,12 +185,17 @@ def main(argv=None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {len(queries)} queries, {len(DEFENSES)} defenses, {len(ENSEMBLES)} ensembles, "
           f"mo_finetune steps={steps}")
-    print(f"{'way':<10} {'forward-equivalents':>20} {'per query':>10} {'wall s':>8}")
-    print(f"{'naive':<10} {rows_naive:>20} {rows_naive / len(queries):>10.1f} {t_naive:>8.1f}")
-    print(f"{'project':<10} {rows_proj:>20} {rows_proj / len(queries):>10.1f} {t_proj:>8.1f}")
+    print(f"{'way':<10} {'forward-equivalents':>20} {'per query':>10} {'wall s':>8} {'fine-tunings':>13} "
+          f"{'tuning s':>9} {'rest s':>7}")
+    for way, rows, t, tune in (("naive", rows_naive, t_naive, tune_naive), ("project", rows_proj, t_proj, tune_proj)):
+        print(f"{way:<10} {rows:>20} {rows / len(queries):>10.1f} {t:>8.1f} {tune.runs:>13} {tune.seconds:>9.1f} "
+              f"{t - tune.seconds:>7.1f}")
     ok = worst <= 1e-4
     print(f"same tables (max |margin difference| {worst:.2e}, tolerance 1e-4): {'yes' if ok else 'NO'}")
     print(f"forward-equivalents saved: {rows_naive / max(rows_proj, 1):.2f}x")
+    print(f"speedup without fine-tuning: {(t_naive - tune_naive.seconds) / max(t_proj - tune_proj.seconds, 1e-9):.2f}x; "
+          f"on fine-tuning: {tune_naive.seconds / max(tune_proj.seconds, 1e-9):.2f}x "
+          f"({tune_naive.runs} fine-tunings against {tune_proj.runs})")
     print(f"study speedup: {t_naive / t_proj:.2f}x")
     return 0 if ok else 1
 
