@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from defenses import Compose, register
@@ -50,6 +51,7 @@ from probing.aggregate import OPERATORS
 from probing.analysis import auroc, compare, layer_profile, rank_ensembles, refusal_rate
 from probing.errors import InputError
 from probing.model import model_fingerprint
+from probing.pipeline import PixelCache
 from probing.plan import combine_tables
 from probing.query import Query
 from probing.readout import get_readout
@@ -337,6 +339,31 @@ def split_top(expression: str) -> tuple[str | None, list[str]]:
     return None, [expression]
 
 
+#: most MiB each of the study's pixel and image-feature caches may hold (features live on the
+#: model's device: LLaVA-1.5-7B in bf16 needs 4.7 MB an image, so this holds ~870 images)
+IMAGE_CACHE_CAP_MB = 4096
+
+
+def image_caches(bundle, n_images: int) -> tuple[PixelCache, PixelCache]:
+    """The study's pixel and feature caches, sized to hold every image of the run once (up to
+    `IMAGE_CACHE_CAP_MB` each) with the "keep" policy: conditions visit the same images in turn,
+    a repeated scan, so whatever fits is served to every later condition (perturbed images of
+    noise injection, seen once, find it full and are not stored)."""
+    item = torch.empty((), dtype=bundle.dtype).element_size()
+    crop = getattr(bundle.processor.image_processor, "crop_size", None) or {}
+    side = (crop.get("height", 336), crop.get("width", 336)) if isinstance(crop, dict) else (336, 336)
+    need = {"pixel": n_images * 3 * side[0] * side[1] * item,
+            "feature": n_images * bundle.image_seq_length * bundle.d_model * item}
+    cap = IMAGE_CACHE_CAP_MB * 2**20
+    for what, size in need.items():
+        if size > cap:
+            logger.info("%s cache: %d images need %.0f MiB, capped at %d MiB: the first %d images are cached",
+                        what, n_images, size / 2**20, IMAGE_CACHE_CAP_MB, int(n_images * cap / size))
+    # a little headroom: entries are stored at their exact size, so n_images fit exactly
+    return (PixelCache(min(need["pixel"], cap) + 2**20, policy="keep"),
+            PixelCache(min(need["feature"], cap) + 2**20, policy="keep"))
+
+
 class Study:
     """One study: its config, queries, run directory, model, scorer and tables."""
 
@@ -369,8 +396,10 @@ class Study:
         except BaseException:
             self.run.close()
             raise
+        pixels, features = image_caches(self.bundle, sum(q.has_image for q in self.queries))
         self.scorer = RefusalScorer(self.bundle, cfg.readout, keep_hidden=self.needs_hidden,
-                                    batch_size=cfg.batch_size, prompt=format_spec(cfg.prompt_format), progress=False)
+                                    batch_size=cfg.batch_size, prompt=format_spec(cfg.prompt_format), progress=False,
+                                    pixel_cache=pixels, feature_cache=features)
         self.tables: dict[str, ScoreTable] = {}
         self._defenses: dict[str, Defense] = {}
 

@@ -29,10 +29,12 @@ Two pieces, both used by `RefusalScorer.score`:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -135,14 +137,24 @@ class Prefetcher:
 
 
 class PixelCache:
-    """Processed pixel values per image, LRU within ``max_bytes`` (see the module docstring).
+    """Processed pixel values (or image features) per image within ``max_bytes`` (see the module
+    docstring).
 
+    ``policy``: "lru" (default) evicts the least recently used entry to make room; "keep" admits
+    entries while there is room and then stores nothing more. A run that visits the same images
+    condition after condition is a repeated scan, which LRU turns into zero hits once the images
+    outnumber the budget; "keep" then still serves the first images that fit on every pass.
     Thread-safe. ``max_bytes=0`` disables it (every lookup misses, nothing is stored).
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_PIXEL_CACHE_MB * 2**20):
+    POLICIES = ("lru", "keep")
+
+    def __init__(self, max_bytes: int = DEFAULT_PIXEL_CACHE_MB * 2**20, policy: str = "lru"):
         if max_bytes < 0:
             raise InputError(f"pixel cache size must be >= 0, got {max_bytes}")
+        if policy not in self.POLICIES:
+            raise InputError(f"cache policy must be one of {self.POLICIES}, got {policy!r}")
+        self.policy = policy
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self.hits = self.misses = 0
@@ -171,6 +183,8 @@ class PixelCache:
         if size > self.max_bytes:
             return
         with self._lock:
+            if self.policy == "keep" and key not in self._entries and self.bytes + size > self.max_bytes:
+                return  # full: keep what is there
             old = self._entries.pop(key, None)
             if old is not None:
                 self.bytes -= old.numel() * old.element_size()
@@ -186,14 +200,30 @@ class PixelCache:
             self.bytes = 0
 
 
+_MODULE_UIDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_NEXT_UID = itertools.count()
+
+
+def _uid(module) -> int:
+    """A number no other module object ever gets in this process (unlike ``id()``, which a new
+    object can reuse once the old one is freed; a deep copy is a new object, so a new number)."""
+    with _UID_LOCK:
+        if module not in _MODULE_UIDS:
+            _MODULE_UIDS[module] = next(_NEXT_UID)
+        return _MODULE_UIDS[module]
+
+
+_UID_LOCK = threading.Lock()
+
+
 def vision_version(model) -> tuple:
-    """What identifies the image features a LLaVA model computes: the identity of its vision
-    tower and projector and the in-place version counters of their parameters (an optimizer
-    step or a load_state_dict bumps them), so features cached before a weight change are never
-    served after it."""
+    """What identifies the image features a LLaVA model computes: its vision tower and projector
+    (as objects: a fine-tuned deep copy is another one) and the in-place version counters of their
+    parameters (an optimizer step or a load_state_dict bumps them), so features cached before a
+    weight change are never served after it."""
     inner = model.model
     mods = (inner.vision_tower, inner.multi_modal_projector)
-    return (tuple(id(m) for m in mods),
+    return (tuple(_uid(m) for m in mods),
             sum(p._version for m in mods for p in m.parameters()))
 
 

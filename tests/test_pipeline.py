@@ -278,3 +278,26 @@ def test_sweep_prefix_pass_uses_the_feature_cache(tiny, mixed_queries):
         plain = RefusalScorer(tiny, batch_size=4, layers=None, feature_cache=0).score(mixed_queries,
                                                                                       prompt=specs[name])
         torch.testing.assert_close(first[name].margin, plain.margin, rtol=0, atol=1e-4)
+
+
+def test_keep_policy_serves_the_first_images_on_every_pass():
+    """A repeated scan over more images than fit: LRU ends with no hits, "keep" serves what fits."""
+    for policy, want_hits in (("lru", 0), ("keep", 2 * 3)):
+        cache = PixelCache(3 * 4 * 4, policy=policy)  # room for 3 float32 [4] tensors... of 4 bytes each
+        for _ in range(3):  # three conditions, the same 5 images in the same order
+            for k in range(5):
+                if cache.get(k) is None:
+                    cache.put(k, torch.zeros(4))
+        assert cache.hits == want_hits, (policy, cache.hits)
+    with pytest.raises(Exception, match="policy"):
+        PixelCache(10, policy="fifo")
+
+
+def test_study_caches_hold_every_image_of_the_run(tiny):
+    from experiments.study import image_caches
+
+    pixels, features = image_caches(tiny, 10)
+    assert pixels.policy == features.policy == "keep"
+    per_feature = tiny.image_seq_length * tiny.d_model * 4  # float32
+    assert 10 * per_feature <= features.max_bytes < 10 * per_feature + 2 * 2**20
+    assert pixels.max_bytes >= 10 * 3 * 336 * 336 * 4
