@@ -22,8 +22,15 @@ Two pieces, both used by `RefusalScorer.score`:
 
     Entries are stored in the model's dtype: 3 x 336 x 336 values, 1.29 MiB in float32 and
     0.65 MiB in bfloat16 for LLaVA-1.5's processor. The default budget of 1024 MiB holds about 790
-    images in float32 (1580 in bf16); a cache smaller than a run's distinct images gets no hits
-    across conditions that visit all images in the same order (LRU), so size it to the dataset.
+    images in float32 (1580 in bf16); an LRU cache smaller than a run's distinct images gets no
+    hits across conditions that visit all images in the same order, so size it to the dataset or
+    use ``policy="keep"`` (what `experiments.study` does: sized to the run, first come kept).
+
+The same class holds the scorer's **image-feature cache**: the vision tower + projector output
+per image (``[image_seq_length, d_model]`` on the model's device, 4.7 MB in bf16 for
+LLaVA-1.5-7B), keyed by the image key and `vision_version`; `cached_image_inputs` hands the
+trunk ``inputs_embeds`` with the cached features in the image positions, so an image scored
+under several conditions goes through the vision tower once.
 """
 
 from __future__ import annotations
