@@ -169,8 +169,10 @@ def test_mo_finetune_changes_no_global_rng_and_caches_per_model(monkeypatch):
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # tiny-random (576 image tokens a query) keeps the run busy for seconds after its first shard;
+    # the toy finishes its 80 queries in well under a second, so the signal could come too late
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "mechanisms", "--defenses", "sr_self_reminder",
-                             "--batch-size", "2", "--out", str(out)], env=env, cwd=os.getcwd(),
+                             "--model", "tiny-random", "--batch-size", "2", "--out", str(out)], env=env, cwd=os.getcwd(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = out / "shards" / "baseline" / "00000" / "shard.json"
     deadline = time.time() + 180
