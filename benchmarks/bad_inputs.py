@@ -347,7 +347,9 @@ def case_ctrl_c(tmp):
     out = tmp / "run"
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "mechanisms", "--defenses", "sr_self_reminder",
                              "--batch-size", "2", "--out", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # SIGINT's default back (a background job inherits it ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = out / "shards" / "baseline" / "00000" / "shard.json"
     deadline = time.time() + 180
     while not first.exists() and proc.poll() is None and time.time() < deadline:

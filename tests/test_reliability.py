@@ -169,11 +169,12 @@ def test_mo_finetune_changes_no_global_rng_and_caches_per_model(monkeypatch):
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # tiny-random (576 image tokens a query) keeps the run busy for seconds after its first shard;
-    # the toy finishes its 80 queries in well under a second, so the signal could come too late
+    # The child gets SIGINT's default action back: a test run started in the background by a
+    # non-interactive shell inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "mechanisms", "--defenses", "sr_self_reminder",
-                             "--model", "tiny-random", "--batch-size", "2", "--out", str(out)], env=env, cwd=os.getcwd(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--batch-size", "2", "--out", str(out)], env=env, cwd=os.getcwd(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = out / "shards" / "baseline" / "00000" / "shard.json"
     deadline = time.time() + 180
     while not first.exists() and proc.poll() is None and time.time() < deadline:
