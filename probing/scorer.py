@@ -129,6 +129,9 @@ class RefusalScorer:
         self._w_readout = bundle.unembed[self.resolved.token_ids].detach().float()
         # The hot path's hooks, resolved once: decision-position residuals of self.layers.
         self._reader = DecisionCapture(bundle, self.layers)
+        # Modules the hot path calls, looked up once (the bundle's properties walk the model).
+        self._trunk = bundle.model.model
+        self._final_norm = bundle.final_norm
 
     # -- preparation ---------------------------------------------------------------------------
 
@@ -158,9 +161,12 @@ class RefusalScorer:
         model_kwargs.setdefault("use_cache", False)
         reader = self._reader
         # Layers may sit on several devices (device_map): gather captures where the norm is.
-        reader.device = self.bundle.final_norm.weight.device
-        with reader:  # hooks on every requested layer, removed when the block ends
-            out = self.bundle.model.model(**inputs, **model_kwargs)
+        reader.device = self._final_norm.weight.device
+        if reader.active:  # `score` holds the hooks around all its batches: nothing to register
+            out = self._trunk(**inputs, **model_kwargs)
+        else:
+            with reader:  # hooks on every requested layer, removed when the block ends
+                out = self._trunk(**inputs, **model_kwargs)
         final = reader.select(out.last_hidden_state)  # already through the final norm
         w = self._w_readout.to(final.device)
         logits = final.float() @ w.T  # [batch, n_tokens]
@@ -168,7 +174,7 @@ class RefusalScorer:
             empty = final.new_zeros(final.shape[0], 0)
             return self.resolved.margin(logits), empty.float(), None
         hidden = reader.hidden()  # [batch, L, d_model]
-        normed = self.bundle.final_norm(hidden)
+        normed = self._final_norm(hidden)
         lens_logits = lens_logits_of(normed.float().to(w.device), w)  # [batch, L, n_tokens]
         # One margin for the output and every layer (rows reduce independently: the same bits as
         # two calls, checked in tests/test_scorer.py).
