@@ -343,19 +343,31 @@ def case_limit(value):
     return run
 
 
-def case_ctrl_c(tmp):
-    out = tmp / "run"
+def interrupt_after_first_shard(out: Path, env: dict | None = None) -> tuple[subprocess.Popen, str, bool]:
+    """Start `mechprobe mechanisms` writing ``out``, send SIGINT once its first baseline shard is
+    written, and wait: (the process, its stderr, whether it was still running at the signal).
+
+    The child gets SIGINT's default action back: a run started in the background by a
+    non-interactive shell inherits SIGINT *ignored*, and Python then never raises
+    KeyboardInterrupt."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "mechanisms", "--defenses", "sr_self_reminder",
-                             "--batch-size", "2", "--out", str(out)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             "--batch-size", "2", "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # SIGINT's default back (a background job inherits it ignored)
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = out / "shards" / "baseline" / "00000" / "shard.json"
     deadline = time.time() + 180
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
+    running = proc.poll() is None
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    return proc, err, running
+
+
+def case_ctrl_c(tmp):
+    out = tmp / "run"
+    proc, err, _ = interrupt_after_first_shard(out)
     last = err.strip().splitlines()[-1].split("\r")[-1] if err.strip() else ""
     if proc.returncode == 130 and last == "interrupted: rerun the same command to resume" and "Traceback" not in err:
         lock = " (lock released)" if not (out / ".lock").exists() else " (LOCK LEFT BEHIND)"

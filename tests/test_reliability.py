@@ -1,11 +1,7 @@
 """Bad inputs fail before any forward pass, in one line; loading leaves nothing behind (issue 12)."""
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -167,21 +163,11 @@ def test_mo_finetune_changes_no_global_rng_and_caches_per_model(monkeypatch):
 
 
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
+    from benchmarks.bad_inputs import interrupt_after_first_shard
+
     out = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # The child gets SIGINT's default action back: a test run started in the background by a
-    # non-interactive shell inherits SIGINT *ignored*, and Python then never raises KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "mechanisms", "--defenses", "sr_self_reminder",
-                             "--batch-size", "2", "--out", str(out)], env=env, cwd=os.getcwd(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    first = out / "shards" / "baseline" / "00000" / "shard.json"
-    deadline = time.time() + 180
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc, err, running = interrupt_after_first_shard(out)
+    assert running, err[-2000:]
     assert proc.returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].split("\r")[-1] == "interrupted: rerun the same command to resume"
     assert "Traceback" not in err
