@@ -340,7 +340,8 @@ def split_top(expression: str) -> tuple[str | None, list[str]]:
 
 
 #: most MiB each of the study's pixel and image-feature caches may hold (features live on the
-#: model's device: LLaVA-1.5-7B in bf16 needs 4.7 MB an image, so this holds ~870 images)
+#: model's device, where they also get at most a tenth of its memory: LLaVA-1.5-7B in bf16 needs
+#: 4.7 MB an image, so 4096 MiB hold ~870 images)
 IMAGE_CACHE_CAP_MB = 4096
 
 
@@ -354,14 +355,25 @@ def image_caches(bundle, n_images: int) -> tuple[PixelCache, PixelCache]:
     side = (crop.get("height", 336), crop.get("width", 336)) if isinstance(crop, dict) else (336, 336)
     need = {"pixel": n_images * 3 * side[0] * side[1] * item,
             "feature": n_images * bundle.image_seq_length * bundle.d_model * item}
-    cap = IMAGE_CACHE_CAP_MB * 2**20
+    caps = {"pixel": IMAGE_CACHE_CAP_MB * 2**20,  # host memory
+            # features live on the model's device: at most a tenth of an accelerator's memory
+            "feature": min(IMAGE_CACHE_CAP_MB * 2**20, device_memory(bundle.input_device) // 10)}
     for what, size in need.items():
-        if size > cap:
-            logger.info("%s cache: %d images need %.0f MiB, capped at %d MiB: the first %d images are cached",
-                        what, n_images, size / 2**20, IMAGE_CACHE_CAP_MB, int(n_images * cap / size))
+        if size > caps[what]:
+            logger.info("%s cache: %d images need %.0f MiB, capped at %.0f MiB: the first %d images are cached",
+                        what, n_images, size / 2**20, caps[what] / 2**20, int(n_images * caps[what] / size))
     # a little headroom: entries are stored at their exact size, so n_images fit exactly
-    return (PixelCache(min(need["pixel"], cap) + 2**20, policy="keep"),
-            PixelCache(min(need["feature"], cap) + 2**20, policy="keep"))
+    return (PixelCache(min(need["pixel"], caps["pixel"]) + 2**20, policy="keep"),
+            PixelCache(min(need["feature"], caps["feature"]) + 2**20, policy="keep"))
+
+
+def device_memory(device) -> int:
+    """Total memory of a CUDA device in bytes; for the CPU (or anything else) a number large
+    enough not to cap (host memory is bounded by `IMAGE_CACHE_CAP_MB` alone)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return 2**62
 
 
 class Study:

@@ -301,3 +301,13 @@ def test_study_caches_hold_every_image_of_the_run(tiny):
     per_feature = tiny.image_seq_length * tiny.d_model * 4  # float32
     assert 10 * per_feature <= features.max_bytes < 10 * per_feature + 2 * 2**20
     assert pixels.max_bytes >= 10 * 3 * 336 * 336 * 4
+
+
+def test_study_feature_cache_takes_at_most_a_tenth_of_an_accelerator(tiny, monkeypatch):
+    import experiments.study as study
+
+    monkeypatch.setattr(study, "device_memory", lambda device: 24 * 2**30)  # a 24 GiB card
+    _, features = study.image_caches(tiny, 10**6)  # far more images than fit
+    assert features.max_bytes <= 24 * 2**30 // 10 + 2**20
+    pixels, _ = study.image_caches(tiny, 10**6)
+    assert pixels.max_bytes == study.IMAGE_CACHE_CAP_MB * 2**20 + 2**20
