@@ -209,6 +209,7 @@ class PixelCache:
 
 _MODULE_UIDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _NEXT_UID = itertools.count()
+_UID_LOCK = threading.Lock()
 
 
 def _uid(module) -> int:
@@ -218,9 +219,6 @@ def _uid(module) -> int:
         if module not in _MODULE_UIDS:
             _MODULE_UIDS[module] = next(_NEXT_UID)
         return _MODULE_UIDS[module]
-
-
-_UID_LOCK = threading.Lock()
 
 
 def vision_version(model) -> tuple:
@@ -234,14 +232,14 @@ def vision_version(model) -> tuple:
             sum(p._version for m in mods for p in m.parameters()))
 
 
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """``[n_images, image_seq_length, d_model]``: what the LLaVA trunk scatters into the image
-    token positions (vision tower, feature layer, projector), as its own forward computes it."""
+def image_features(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """One ``[image_seq_length, d_model]`` tensor per image (views of one batch output): what the
+    LLaVA trunk scatters into the image token positions (vision tower, feature layer, projector),
+    as its own forward computes it."""
     cfg = model.config
     out = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
                                          vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-    feats = out.pooler_output if hasattr(out, "pooler_output") else out
-    return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 
 def embed_with_features(model, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,9 @@ from einops import rearrange
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from .pipeline import cached_image_inputs, image_key, vision_version
+from .pipeline import cached_image_inputs, encode_batch, vision_version
 from .query import Query, check_unique_ids
-from .render import PromptSpec, check_context, encode, padded_position_ids, prompt_lengths
+from .render import PromptSpec, check_context, padded_position_ids, prompt_lengths
 from .score_table import ScoreTable
 from .scorer import RefusalScorer, row_meta
 from .errors import InputError
@@ -144,7 +144,10 @@ def _score_batch(scorer, queries, rows, prompts, ids, shared, extra):
     bundle, n_cond = scorer.bundle, len(prompts)
     image_id = bundle.image_token_id
     # Prefix pass: the first condition's prompt, cut after the shared tokens (images expanded).
-    full = encode(bundle, [prompts[0][i] for i in rows], [queries[i].load_image() for i in rows])
+    # Pixels from the scorer's cache; each image's key comes from the same load (feature cache).
+    keys = [] if scorer.feature_cache.enabled else None
+    full = encode_batch(bundle, [prompts[0][i] for i in rows], [queries[i] for i in rows], scorer.pixel_cache,
+                        keys=keys)
     pad = bundle.tokenizer.pad_token_id
     prefix_rows = []
     for r, i in enumerate(rows):
@@ -162,8 +165,7 @@ def _score_batch(scorer, queries, rows, prompts, ids, shared, extra):
               "position_ids": padded_position_ids(prefix_mask)}
     if "pixel_values" in full:
         kwargs["pixel_values"] = full["pixel_values"]
-        if scorer.feature_cache.enabled:  # each image through the vision tower once per run
-            keys = [image_key(queries[i])[0] for i in rows if queries[i].has_image]
+        if keys is not None:  # each image through the vision tower once per run
             kwargs = cached_image_inputs(bundle.model, kwargs, keys, scorer.feature_cache,
                                          vision_version(bundle.model))
     cache = bundle.model.model(**kwargs, use_cache=True).cache
