@@ -97,6 +97,7 @@ def make_inputs(bundle, batch: int):
     scorer = RefusalScorer(bundle, layers="all", batch_size=batch, progress=False)
     queries = make_queries(batch, SHORT)
     inputs = encode(bundle, scorer.render(queries), [q.image for q in queries])
+    scorer.bench_left_padded = bool(inputs["attention_mask"][:, -1].all())  # `score` checks it so
     return scorer, inputs
 
 
@@ -115,8 +116,8 @@ def run_variant(key: str, bundle, scorer, inputs):
     with torch.inference_mode():
         if key == "a":
             return model.model(**inputs, use_cache=False).last_hidden_state[:, -1]
-        if key == "b":
-            return scorer.forward(inputs)[:2]
+        if key == "b":  # as `score` runs it: the batch's left padding checked before (on the CPU)
+            return scorer.forward(inputs, left_padded=scorer.bench_left_padded)[:2]
         if key in ("c", "d"):
             kw = {"logits_to_keep": 1} if key == "c" else {}
             out = model(**inputs, output_hidden_states=True, **kw)

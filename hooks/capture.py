@@ -167,6 +167,10 @@ class DecisionCapture:
     """
 
     def __init__(self, model, layers: Iterable[int], device: str | torch.device | None = None):
+        #: True while every forward's batch is known to be left-padded (each row's last position is
+        #: real): the decision position is then the last one, read as a view without the mask
+        #: arithmetic and gathers (the same values). Set by the caller that built the batch.
+        self.left_padded = False
         modules = decoder_layers(model)
         self.layers = [parse_hook_name(f"blocks.{int(i)}.hook_resid_post", len(modules)).layer for i in layers]
         self._lm = language_model(model)
@@ -184,7 +188,10 @@ class DecisionCapture:
         self._got[:] = [None] * len(self.layers)
 
     def select(self, act: torch.Tensor) -> torch.Tensor:
-        """``act [batch, seq, ...]`` at this forward's decision positions: ``[batch, ...]``."""
+        """``act [batch, seq, ...]`` at this forward's decision positions: ``[batch, ...]`` (a view
+        of ``act`` when ``left_padded``)."""
+        if self.left_padded:
+            return act[:, -1]
         idx, flat = self._tracker.index(DECISION, act.shape[0], act.shape[1], act.device)
         return _take(act, idx, flat)[:, 0]
 
@@ -192,7 +199,13 @@ class DecisionCapture:
         got = self._got
 
         def hook(_module, _args, output):
-            out = self.select(output[0] if isinstance(output, tuple) else output).detach()
+            act = output[0] if isinstance(output, tuple) else output
+            # A copy, never a view: a view would keep the layer's whole [batch, seq, d] output alive
+            # until the forward ends (gigabytes at 7B).
+            if self.left_padded:
+                out = (act.detach() if act.requires_grad else act)[:, -1].clone()
+            else:
+                out = self.select(act).detach()
             if self.device is not None and out.device != self.device:
                 out = out.to(self.device)
             got[k] = out

@@ -86,7 +86,8 @@ class ResolvedReadout:
 
     def margin(self, logits: torch.Tensor) -> torch.Tensor:
         """Margin from logits over ``token_ids`` (last dim), in float32: ``[...] -> [...]``."""
-        logits = logits.float()
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         n = len(self.refusal_ids)
         return torch.logsumexp(logits[..., :n], -1) - torch.logsumexp(logits[..., n:], -1)
 

@@ -56,12 +56,19 @@ def resolve_layers(layers, n_layers: int) -> list[int]:
     return out
 
 
-def lens_logits_of(normed: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def lens_logits_of(normed: torch.Tensor, w: torch.Tensor, w_bmm: torch.Tensor | None = None) -> torch.Tensor:
     """``einsum("bld,td->blt", normed, w)`` as the one ``bmm`` einsum runs for it (same operands,
     same strides, so the same bits; tests/test_scorer.py checks it), without einsum's per-call
-    planning: ``[batch, L, d] x [n_tokens, d] -> [batch, L, n_tokens]``."""
+    planning: ``[batch, L, d] x [n_tokens, d] -> [batch, L, n_tokens]``. ``w_bmm``: the view
+    ``w.t().unsqueeze(0)`` made once by the caller (the same operand)."""
     b, n_layers, d = normed.shape
-    return torch.bmm(normed.reshape(1, b * n_layers, d), w.t().unsqueeze(0)).view(b, n_layers, w.shape[0])
+    if w_bmm is None:
+        w_bmm = w.t().unsqueeze(0)
+    return torch.bmm(normed.reshape(1, b * n_layers, d), w_bmm).view(b, n_layers, w.shape[0])
+
+
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
 class RefusalScorer:
@@ -127,6 +134,7 @@ class RefusalScorer:
         self.last_timing: dict = {}
         # Only these rows of the unembedding are ever used: [n_tokens, d_model].
         self._w_readout = bundle.unembed[self.resolved.token_ids].detach().float()
+        self._w_views: dict = {}  # device -> (w, w.T, w.t().unsqueeze(0)): views made once
         # The hot path's hooks, resolved once: decision-position residuals of self.layers.
         self._reader = DecisionCapture(bundle, self.layers)
         # Modules the hot path calls, looked up once (the bundle's properties walk the model).
@@ -151,34 +159,51 @@ class RefusalScorer:
     # -- the hot path --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, inputs: dict[str, torch.Tensor], **model_kwargs):
-        """Score one encoded, left-padded batch.
+    def forward(self, inputs: dict[str, torch.Tensor], *, left_padded: bool = False, **model_kwargs):
+        """Score one encoded batch.
 
-        ``model_kwargs`` go to the trunk (e.g. a prefix ``cache``; the attention mask then covers
-        prefix and input). Returns ``margin [batch]``, ``lens_margin [batch, L]`` and
-        ``hidden [batch, L, d_model]`` (hidden in the model's dtype, on its device).
+        ``left_padded=True`` promises that every row's last position is a real token (the
+        caller built the batch so: `score` checks each batch's mask on the CPU, the sweep pads
+        left itself); the decision position is then read as the last one, without the mask
+        arithmetic (the same values). Otherwise it is found from the attention mask, so any
+        padding works. ``model_kwargs`` go to the trunk (e.g. a prefix ``cache``; the attention
+        mask then covers prefix and input). Returns ``margin [batch]``, ``lens_margin [batch, L]``
+        and ``hidden [batch, L, d_model]`` (hidden in the model's dtype, on its device).
         """
         model_kwargs.setdefault("use_cache", False)
         reader = self._reader
         # Layers may sit on several devices (device_map): gather captures where the norm is.
         reader.device = self._final_norm.weight.device
-        if reader.active:  # `score` holds the hooks around all its batches: nothing to register
-            out = self._trunk(**inputs, **model_kwargs)
-        else:
-            with reader:  # hooks on every requested layer, removed when the block ends
+        reader.left_padded = left_padded
+        try:
+            if reader.active:  # `score` holds the hooks around all its batches: nothing to register
                 out = self._trunk(**inputs, **model_kwargs)
-        final = reader.select(out.last_hidden_state)  # already through the final norm
-        w = self._w_readout.to(final.device)
-        logits = final.float() @ w.T  # [batch, n_tokens]
+            else:
+                with reader:  # hooks on every requested layer, removed when the block ends
+                    out = self._trunk(**inputs, **model_kwargs)
+            # already through the final norm; contiguous as the gathered rows were (same matmul)
+            final = reader.select(out.last_hidden_state).contiguous()
+        finally:
+            reader.left_padded = False
+        # Conversions only where they change something: on short inputs each no-op `.to()` /
+        # `.float()` is a dispatch as long as a small kernel.
+        views = self._w_views.get(final.device)
+        if views is None:
+            w = self._w_readout.to(final.device)
+            views = self._w_views[final.device] = (w, w.T, w.t().unsqueeze(0))
+        w, w_t, w_bmm = views
+        logits = _as_float32(final) @ w_t  # [batch, n_tokens]
         if not self.layers:
             empty = final.new_zeros(final.shape[0], 0)
             return self.resolved.margin(logits), empty.float(), None
         hidden = reader.hidden()  # [batch, L, d_model]
-        normed = self._final_norm(hidden)
-        lens_logits = lens_logits_of(normed.float().to(w.device), w)  # [batch, L, n_tokens]
+        normed = _as_float32(self._final_norm(hidden))
+        if normed.device != w.device:
+            normed = normed.to(w.device)
+        lens_logits = lens_logits_of(normed, w, w_bmm)  # [batch, L, n_tokens]
         # One margin for the output and every layer (rows reduce independently: the same bits as
         # two calls, checked in tests/test_scorer.py).
-        both = self.resolved.margin(torch.cat([lens_logits, logits.to(lens_logits.device)[:, None]], 1))
+        both = self.resolved.margin(torch.cat([lens_logits, logits[:, None]], 1))
         margin, lens = both[:, -1], both[:, :-1]
         return margin, lens, hidden
 
@@ -246,24 +271,25 @@ class RefusalScorer:
                 raise
             except Exception as exc:
                 raise ScoringError(f"preparing queries {ids}: {type(exc).__name__}: {exc}") from exc
-            got = inputs["attention_mask"].sum(-1).tolist()  # CPU tensors: no device sync
+            mask = inputs["attention_mask"]
+            got = mask.sum(-1).tolist()  # CPU tensors: no device sync
             want = [lengths[i] for i in rows]
             if got != want:
                 raise ScoringError(f"token count mismatch for queries {ids}: processor gave {got}, expected {want}")
-            return inputs, keys
+            return inputs, keys, bool(mask[:, -1].all())  # left-padded: the forward's fast read
 
         start = time.perf_counter()
         forward_s = 0.0
         with Prefetcher(prepare, batches, depth=self.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
                 self.holding_hooks():
-            for rows, (cpu_inputs, keys) in tqdm(zip(batches, feed), total=len(batches), desc=desc, unit="batch",
+            for rows, (cpu_inputs, keys, left_padded) in tqdm(zip(batches, feed), total=len(batches), desc=desc, unit="batch",
                                                  disable=disable):
                 t0 = time.perf_counter()
                 inputs = {k: v.to(device) for k, v in cpu_inputs.items()}
                 if keys:
                     with torch.inference_mode():
                         inputs = cached_image_inputs(self.bundle.model, inputs, keys, self.feature_cache, version)
-                m, lm, h = self.forward(inputs)
+                m, lm, h = self.forward(inputs, left_padded=left_padded)
                 idx = torch.tensor(rows)
                 margin[idx] = m.cpu()
                 lens[idx] = lm.cpu()

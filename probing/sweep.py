@@ -183,7 +183,7 @@ def _score_batch(scorer, queries, rows, prompts, ids, shared, extra):
     mask = torch.cat([prefix_rep, suffix_mask], 1)
     position_ids = prefix_rep.sum(-1, keepdim=True) + padded_position_ids(suffix_mask)
     m, lm, h = scorer.forward({"input_ids": suffix_ids, "attention_mask": mask, "position_ids": position_ids},
-                              cache=cache)
+                              cache=cache, left_padded=True)  # suffixes padded left above
     # suffix rows are query-major (row = query * C + condition): regroup them condition-first
     def split(t):
         return None if t is None else rearrange(t, "(query cond) ... -> cond query ...", cond=n_cond)

@@ -173,3 +173,41 @@ def test_readout_shortcuts_are_bit_identical():
 
         both = margin(torch.cat([einsum, (final @ w.T)[:, None]], 1))
         assert torch.equal(both[:, -1], margin(final @ w.T)) and torch.equal(both[:, :-1], margin(einsum))
+
+
+def test_left_padded_read_is_the_mask_read(tiny, mixed_queries):
+    """`forward(left_padded=True)` (what `score` uses after checking each batch's mask) reads the
+    last position without the mask: the same bits as the mask-derived decision index; captures are
+    copies, never views that would keep a layer's whole output alive."""
+    from probing.pipeline import encode_batch
+
+    scorer = RefusalScorer(tiny, batch_size=4, keep_hidden=True)
+    inputs = encode_batch(tiny, scorer.render(mixed_queries[:5]), mixed_queries[:5], scorer.pixel_cache)
+    assert inputs["attention_mask"][:, -1].all() and not inputs["attention_mask"].all()  # padded, on the left
+    slow = scorer.forward(inputs)
+    with scorer.holding_hooks():
+        fast = scorer.forward(inputs, left_padded=True)
+        captured = list(scorer._reader._got)
+    for a, b in zip(slow, fast):
+        assert torch.equal(a, b)
+    assert all(c._base is None for c in captured)
+    assert scorer._reader.left_padded is False  # the promise holds for one forward only
+
+
+def test_right_padded_batches_take_the_mask_read(tiny, mixed_queries):
+    """A processor that pads on the right still scores each query as alone: `score` checks the
+    mask and reads the decision position from it."""
+    left = RefusalScorer(tiny, batch_size=4).score(mixed_queries)
+    tok = tiny.tokenizer
+    tok.padding_side = "right"
+    try:
+        scorer = RefusalScorer(tiny, batch_size=4)
+        from probing.pipeline import encode_batch
+
+        mask = encode_batch(tiny, scorer.render(mixed_queries[:4]), mixed_queries[:4], None)["attention_mask"]
+        assert not mask[:, -1].all()  # the batches really are padded on the right
+        right = scorer.score(mixed_queries)
+    finally:
+        tok.padding_side = "left"
+    torch.testing.assert_close(right.margin, left.margin, atol=ATOL, rtol=0)
+    torch.testing.assert_close(right.lens_margin, left.lens_margin, atol=ATOL, rtol=0)
