@@ -9,17 +9,21 @@ the same work either way).
 
 - naive: every condition independent, as a script without the toolkit's study would do it: a
   new defense object per condition (the fine-tune retrained, captions generated again), score-
-  level ensembles ("a|b") scoring both members again, no pixel or feature cache, no prefetch.
+  level ensembles ("a|b") scoring both members again, no pixel or feature cache, no prefetch,
+  every noise variant of a query scored in full (``share_prefix=False``).
 - project: `experiments.study.Study` in a fresh run directory: each distinct forward once
   (shards), composites reuse the study's defense instances (one fine-tune, cached captions),
   score-level ensembles combined from the members' finished tables, the baseline and the SR
   defenses that share a system prompt scored query-major through the prefix-shared sweep, pixel
   and image-feature caches (each image through the vision tower once), shards that group
-  text-only and image queries, and prefetch.
+  text-only and image queries, prefetch, and each image query's text variants
+  (`ni_text_smooth`) sharing its image prefix.
 
 Forward-equivalents: query rows through the LLaVA trunk (scoring forwards, every generation step
 and every training step's forward), counted by a pre-hook on the trunk; a prefix-shared sweep
-counts its prefix rows and its (short) suffix rows alike, so the count understates its saving. Both ways must give the
+counts its prefix rows and its (short) suffix rows alike, so the count understates its saving;
+inference tokens (rows x padded length of scoring and generation forwards, what the language
+model's compute grows with) show it. Both ways must give the
 same tables (float32, 1e-4). The last line is ``study speedup: <x>`` (wall time, naive / project).
 """
 
@@ -74,15 +78,21 @@ class TuneTimer:
 
 
 class Counter:
-    """Query rows through the trunk, by a forward pre-hook (deep copies of the model share it)."""
+    """Query rows through the trunk, and token positions (padding included) of the inference
+    forwards (scoring, generation; not training), by a forward pre-hook (deep copies of the model
+    share it)."""
 
     def __init__(self):
         self.rows = 0
+        self.tokens = 0
 
     def hook(self, _module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         emb = kwargs.get("inputs_embeds")
-        self.rows += int((ids if ids is not None else emb).shape[0])
+        x = ids if ids is not None else emb
+        self.rows += int(x.shape[0])
+        if not torch.is_grad_enabled():  # scoring and generation; training steps run with grad
+            self.tokens += int(x.shape[0] * x.shape[1])
 
 
 def naive(bundle, queries, params, batch_size):
@@ -94,7 +104,7 @@ def naive(bundle, queries, params, batch_size):
 
     def fresh_scorer():
         return RefusalScorer(bundle, batch_size=batch_size, progress=False, prefetch=0, pixel_cache=0,
-                             feature_cache=0)
+                             feature_cache=0, share_prefix=False)
 
     def single(name):
         return fresh_scorer().score(queries, defense=get_defense(name, **params.get(name, {})),
@@ -152,7 +162,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     with TuneTimer() as tune_naive:
         naive_tables = naive(bundle, queries, params, args.batch_size)
-    t_naive, rows_naive = time.perf_counter() - t0, counter.rows
+    t_naive, rows_naive, tokens_naive = time.perf_counter() - t0, counter.rows, counter.tokens
     handle.remove()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,7 +184,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             with TuneTimer() as tune_proj:
                 _, ours = project(cfg)
-            t_proj, rows_proj = time.perf_counter() - t0, counter2.rows
+            t_proj, rows_proj, tokens_proj = time.perf_counter() - t0, counter2.rows, counter2.tokens
         finally:
             study_mod.load_model = real_load
 
@@ -185,14 +195,16 @@ def main(argv=None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {len(queries)} queries, {len(DEFENSES)} defenses, {len(ENSEMBLES)} ensembles, "
           f"mo_finetune steps={steps}")
-    print(f"{'way':<10} {'forward-equivalents':>20} {'per query':>10} {'wall s':>8} {'fine-tunings':>13} "
-          f"{'tuning s':>9} {'rest s':>7}")
-    for way, rows, t, tune in (("naive", rows_naive, t_naive, tune_naive), ("project", rows_proj, t_proj, tune_proj)):
-        print(f"{way:<10} {rows:>20} {rows / len(queries):>10.1f} {t:>8.1f} {tune.runs:>13} {tune.seconds:>9.1f} "
-              f"{t - tune.seconds:>7.1f}")
+    print(f"{'way':<10} {'forward-equivalents':>20} {'per query':>10} {'inference tokens':>17} {'wall s':>8} "
+          f"{'fine-tunings':>13} {'tuning s':>9} {'rest s':>7}")
+    for way, rows, tokens, t, tune in (("naive", rows_naive, tokens_naive, t_naive, tune_naive),
+                                       ("project", rows_proj, tokens_proj, t_proj, tune_proj)):
+        print(f"{way:<10} {rows:>20} {rows / len(queries):>10.1f} {tokens:>17} {t:>8.1f} {tune.runs:>13} "
+              f"{tune.seconds:>9.1f} {t - tune.seconds:>7.1f}")
     ok = worst <= 1e-4
     print(f"same tables (max |margin difference| {worst:.2e}, tolerance 1e-4): {'yes' if ok else 'NO'}")
-    print(f"forward-equivalents saved: {rows_naive / max(rows_proj, 1):.2f}x")
+    print(f"forward-equivalents saved: {rows_naive / max(rows_proj, 1):.2f}x; "
+          f"inference tokens saved: {tokens_naive / max(tokens_proj, 1):.2f}x")
     print(f"speedup without fine-tuning: {(t_naive - tune_naive.seconds) / max(t_proj - tune_proj.seconds, 1e-9):.2f}x; "
           f"on fine-tuning: {tune_naive.seconds / max(tune_proj.seconds, 1e-9):.2f}x "
           f"({tune_naive.runs} fine-tunings against {tune_proj.runs})")

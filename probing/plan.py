@@ -145,7 +145,14 @@ def run_plan(scorer, queries: Sequence[Query], plan: ScoringPlan, *, prompt=Prom
             specs.append(base.merged(spec))
         groups.append(rows)
     with edit(bundle, plan.edits, positions=plan.edit_positions):
-        table = active.score(flat, prompt=specs, desc=f"{desc} [{plan.name}]")
+        if active.share_prefix and not plan.edits and any(len(g) > 1 for g in groups):
+            # K variants of an image query that differ only after the image (text noise, text
+            # around the request): the image prefix runs once per query, not K times.
+            from .sweep import score_variant_groups  # the sweep builds on the scorer, which imports us
+
+            table = score_variant_groups(active, flat, specs, groups, desc=f"{desc} [{plan.name}]")
+        else:
+            table = active.score(flat, prompt=specs, desc=f"{desc} [{plan.name}]")
     margin, lens, hidden = fold_variants(table, groups, plan.aggregate)
     out_meta = {**table.meta, **record}
     if any(len(g) > 1 for g in groups):

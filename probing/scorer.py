@@ -95,6 +95,11 @@ class RefusalScorer:
             The first pass over an image gives the same bits as without the cache; a later batch
             that reuses features computed in another batch composition agrees to float rounding
             (tests/test_pipeline.py: 1e-5 in float32).
+        share_prefix: a defense's variants of one image query that differ only after the image
+            (`ni_text_smooth`'s K noisy texts, text around the request) run the shared prefix
+            (system prompt, template, image) once and each variant's remaining tokens against its
+            KV cache (`probing.sweep.score_variant_groups`): scores agree with independent passes
+            to float rounding (1e-4 in float32, tested). False scores every variant in full.
 
     After `score`, ``last_timing`` holds the run's ``total_s``, ``forward_s`` and ``wait_s`` (the
     time the loop waited for prepared batches).
@@ -113,6 +118,7 @@ class RefusalScorer:
         prefetch: int = 2,
         pixel_cache: "PixelCache | float" = DEFAULT_PIXEL_CACHE_MB,
         feature_cache: "PixelCache | float" = DEFAULT_FEATURE_CACHE_MB,
+        share_prefix: bool = True,
     ):
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -131,6 +137,7 @@ class RefusalScorer:
                             else PixelCache(int(float(pixel_cache) * 2**20)))
         self.feature_cache = (feature_cache if isinstance(feature_cache, PixelCache)
                               else PixelCache(int(float(feature_cache) * 2**20)))
+        self.share_prefix = bool(share_prefix)
         self.last_timing: dict = {}
         # Only these rows of the unembedding are ever used: [n_tokens, d_model].
         self._w_readout = bundle.unembed[self.resolved.token_ids].detach().float()
@@ -317,7 +324,7 @@ class RefusalScorer:
                              batch_size=self.batch_size, prompt=self.prompt, progress=self.progress,
                              prefetch=self.prefetch,
                              pixel_cache=self.pixel_cache if same else self.pixel_cache.max_bytes / 2**20,
-                             feature_cache=self.feature_cache)
+                             feature_cache=self.feature_cache, share_prefix=self.share_prefix)
 
     def table_meta(self, prompt: PromptSpec = PromptSpec()) -> dict:
         """What a ScoreTable records about how it was scored."""

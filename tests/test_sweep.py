@@ -57,3 +57,88 @@ def test_identical_conditions_keep_a_suffix(tiny):
 def test_sweep_errors(tiny):
     with pytest.raises(ValueError, match="needs queries"):
         score_conditions(RefusalScorer(tiny), [], CONDITIONS)
+
+
+# ---------------------------------------------------------------- variants of one query
+
+def _variant_rows(mixed_queries, tmp_path):
+    """Rows of several variants per query: text variants of image queries (in-memory and file
+    images), text variants of text-only queries, a lone row, and one group whose images differ."""
+    import dataclasses
+
+    from .conftest import noise_image
+
+    path = tmp_path / "photo.png"
+    noise_image(7).save(path)
+    base = [q for q in mixed_queries if q.has_image][:2] + [Query("f", "What is in the file?", image=str(path))]
+    texts = [q for q in mixed_queries if not q.has_image][:2]
+    rows, specs, groups = [], [], []
+
+    def group(variants):
+        groups.append(list(range(len(rows), len(rows) + len(variants))))
+        for vq, spec in variants:
+            rows.append(vq)
+            specs.append(spec)
+
+    for j, q in enumerate(base):  # 2, 3 and 4 variants: noisy text and text around the request
+        vs = [(dataclasses.replace(q, id=f"{q.id}#0"), PromptSpec()),
+              (dataclasses.replace(q, id=f"{q.id}#1", text=q.text + " please"), PromptSpec()),
+              (dataclasses.replace(q, id=f"{q.id}#2"), PromptSpec(text_after="Answer safely.")),
+              (dataclasses.replace(q, id=f"{q.id}#3", text="x " + q.text), PromptSpec(text_before="Be careful."))]
+        group(vs[: 2 + j])
+    for q in texts:
+        group([(dataclasses.replace(q, id=f"{q.id}#0"), PromptSpec()),
+               (dataclasses.replace(q, id=f"{q.id}#1", text=q.text + "!"), PromptSpec())])
+    group([(dataclasses.replace(base[0], id="lone"), PromptSpec(system_prompt="You are careful."))])
+    group([(dataclasses.replace(base[0], id="img#0"), PromptSpec()),
+           (dataclasses.replace(base[0], id="img#1", image=noise_image(11)), PromptSpec())])
+    return rows, specs, groups
+
+
+def test_variant_groups_equal_independent_passes(tiny, mixed_queries, tmp_path):
+    from probing.sweep import score_variant_groups, variant_prefixes
+
+    rows, specs, groups = _variant_rows(mixed_queries, tmp_path)
+    scorer = RefusalScorer(tiny, batch_size=2, keep_hidden=True, feature_cache=0)
+    _, _, shared = variant_prefixes(scorer, rows, specs, groups)
+    assert [n is not None for n in shared] == [True, True, True, False, False, False, False]
+
+    calls = []  # images through the vision tower
+    handle = tiny.model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        got = score_variant_groups(scorer, rows, specs, groups)
+    finally:
+        handle.remove()
+    alone = scorer.score(rows, prompt=specs)
+    assert got.ids == alone.ids and got.meta["prefix_shared_groups"] == 3
+    torch.testing.assert_close(got.margin, alone.margin, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.lens_margin, alone.lens_margin, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.hidden, alone.hidden, atol=1e-4, rtol=0)
+    # one image per sharing group (3) and one per row elsewhere (the lone row, two differing images)
+    assert sum(calls) == 3 + 3
+    assert (got.margin[groups[0]][0] - got.margin[groups[0]][1]).abs() > 1e-4  # variants really differ
+
+
+def test_text_smoothing_shares_the_image_prefix(tiny, mixed_queries):
+    """`ni_text_smooth` through `score` (its K variants share each image query's prefix) equals
+    scoring every variant in full, and sends far fewer tokens through the trunk."""
+    from defenses import ni_text_smooth
+
+    d = ni_text_smooth(k=4, rate=0.2, seed=3)
+    tokens = []
+    handle = tiny.model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: tokens.append(int(k["attention_mask"].shape[0] * k["inputs_embeds"].shape[1])),
+        with_kwargs=True)
+    try:
+        shared = RefusalScorer(tiny, batch_size=4).score(mixed_queries, defense=d)
+        n_shared = sum(tokens)
+        tokens.clear()
+        full = RefusalScorer(tiny, batch_size=4, share_prefix=False).score(mixed_queries, defense=d)
+        n_full = sum(tokens)
+    finally:
+        handle.remove()
+    assert shared.meta["prefix_shared_groups"] == sum(q.has_image for q in mixed_queries)
+    assert "prefix_shared_groups" not in full.meta
+    torch.testing.assert_close(shared.margin, full.margin, atol=1e-4, rtol=0)
+    torch.testing.assert_close(shared.lens_margin, full.lens_margin, atol=1e-4, rtol=0)
+    assert n_shared < 0.5 * n_full, (n_shared, n_full)
