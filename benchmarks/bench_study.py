@@ -19,12 +19,13 @@ the same work either way).
   text-only and image queries, prefetch, and each image query's text variants
   (`ni_text_smooth`) sharing its image prefix.
 
-Forward-equivalents: query rows through the LLaVA trunk (scoring forwards, every generation step
-and every training step's forward), counted by a pre-hook on the trunk; a prefix-shared sweep
-counts its prefix rows and its (short) suffix rows alike, so the count understates its saving;
-inference tokens (rows x padded length of scoring and generation forwards, what the language
-model's compute grows with) show it. Both ways must give the
-same tables (float32, 1e-4). The last line is ``study speedup: <x>`` (wall time, naive / project).
+Forward-equivalents: query rows through the LLaVA trunk in scoring forwards and every generation
+step, counted by a pre-hook on the trunk (a fine-tuning trains a deep copy, whose copied hook
+counts elsewhere: training is in the fine-tuning columns instead). A prefix-shared pass counts
+its prefix rows and its (short) suffix rows alike, so the row count understates its saving;
+inference tokens (rows x padded length, what the language model's compute grows with) show it.
+Both ways must give the same tables (float32, 1e-4). The last line is ``study speedup: <x>``
+(wall time, naive / project).
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ class TuneTimer:
 
 
 class Counter:
-    """Query rows through the trunk, and token positions (padding included) of the inference
-    forwards (scoring, generation; not training), by a forward pre-hook (deep copies of the model
-    share it)."""
+    """Query rows and token positions (padding included) through the trunk, by a forward pre-hook.
+    A deep copy of the model (a fine-tuning) gets a copy of the counter, so training steps are not
+    counted here."""
 
     def __init__(self):
         self.rows = 0
@@ -91,8 +92,7 @@ class Counter:
         emb = kwargs.get("inputs_embeds")
         x = ids if ids is not None else emb
         self.rows += int(x.shape[0])
-        if not torch.is_grad_enabled():  # scoring and generation; training steps run with grad
-            self.tokens += int(x.shape[0] * x.shape[1])
+        self.tokens += int(x.shape[0] * x.shape[1])
 
 
 def naive(bundle, queries, params, batch_size):
