@@ -26,7 +26,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from .pipeline import cached_image_inputs, encode_batch, vision_version
+from .pipeline import Prefetcher, cached_image_inputs, encode_batch, vision_version
 from .query import Query, QueryError, check_unique_ids
 from .render import PromptSpec, check_context, padded_position_ids, prompt_lengths
 from .score_table import ScoreTable
@@ -108,7 +108,7 @@ def score_conditions(
         logger.info("prefix sharing does not apply: scoring %d conditions independently", len(specs))
         return {n: scorer.score(queries, prompt=conditions[n], meta={"condition": n}, desc=n) for n in names}
     prompts, ids, shared = plan
-    bundle, n_cond, extra = scorer.bundle, len(specs), bundle_extra(scorer)
+    bundle, n_cond = scorer.bundle, len(specs)
     for c in range(n_cond):
         check_context(bundle, queries, prompt_lengths(bundle, prompts[c], [int(q.has_image) for q in queries]))
 
@@ -119,14 +119,18 @@ def score_conditions(
     order = sorted(range(n), key=lambda i: (-shared[i], i))
     batches = [order[i: i + scorer.batch_size] for i in range(0, n, scorer.batch_size)]
     disable = (not scorer.progress) if scorer.progress is not None else (None if len(batches) > 1 else True)
-    for rows in tqdm(batches, desc=desc, unit="batch", disable=disable):
-        m, lm, h = _score_batch(scorer, queries, rows, prompts, ids, shared, extra)
-        idx = torch.tensor(rows)
-        for c in range(n_cond):
-            margin[c, idx] = m[c].cpu()
-            lens[c, idx] = lm[c].cpu()
-            if hidden is not None:
-                hidden[c, idx] = h[c].float().cpu()
+    def prepare(rows):
+        return _prepare_prefixed(scorer, *_condition_batch(queries, rows, prompts, ids, shared))
+
+    with Prefetcher(prepare, batches, depth=scorer.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed:
+        for rows, batch in tqdm(zip(batches, feed), total=len(batches), desc=desc, unit="batch", disable=disable):
+            m, lm, h = (_split_conditions(t, n_cond) for t in _score_prefixed(scorer, batch))
+            idx = torch.tensor(rows)
+            for c in range(n_cond):
+                margin[c, idx] = m[c].cpu()
+                lens[c, idx] = lm[c].cpu()
+                if hidden is not None:
+                    hidden[c, idx] = h[c].float().cpu()
     tables = {}
     for c, name in enumerate(names):
         meta = scorer.table_meta(conditions[name])
@@ -194,7 +198,7 @@ def score_variant_groups(scorer: RefusalScorer, queries: Sequence[Query], specs:
     sharing = [g for g, n in zip(range(len(groups)), shared) if n is not None]
     if not sharing:
         return scorer.score(queries, prompt=specs, meta=meta, desc=desc)
-    bundle, extra = scorer.bundle, bundle_extra(scorer)
+    bundle = scorer.bundle
     for g in sharing:  # fail before any compute: a missing image, an input beyond the context
         head = queries[groups[g][0]]
         if not hasattr(head.image, "convert") and not Path(head.image).is_file():
@@ -217,12 +221,17 @@ def score_variant_groups(scorer: RefusalScorer, queries: Sequence[Query], specs:
     order = sorted(sharing, key=lambda g: (-shared[g], g))
     batches = [order[i: i + scorer.batch_size] for i in range(0, len(order), scorer.batch_size)]
     disable = (not scorer.progress) if scorer.progress is not None else (None if len(batches) > 1 else True)
-    with scorer.holding_hooks():
-        for batch in tqdm(batches, desc=f"{desc} (shared prefix)", unit="batch", disable=disable):
-            heads = [groups[g][0] for g in batch]
-            m, lm, h = _score_prefixed(scorer, [queries[i] for i in heads], [prompts[i] for i in heads],
-                                       [ids[i] for i in heads], [shared[g] for g in batch],
-                                       [[ids[i][shared[g]:] for i in groups[g]] for g in batch], extra)
+    def prepare(batch):
+        heads = [groups[g][0] for g in batch]
+        return _prepare_prefixed(scorer, [queries[i] for i in heads], [prompts[i] for i in heads],
+                                 [ids[i] for i in heads], [shared[g] for g in batch],
+                                 [[ids[i][shared[g]:] for i in groups[g]] for g in batch])
+
+    with Prefetcher(prepare, batches, depth=scorer.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
+            scorer.holding_hooks():
+        for batch, prepared in tqdm(zip(batches, feed), total=len(batches), desc=f"{desc} (shared prefix)",
+                                    unit="batch", disable=disable):
+            m, lm, h = _score_prefixed(scorer, prepared)
             idx = torch.tensor([i for g in batch for i in groups[g]])
             margin[idx] = m.cpu()
             lens[idx] = lm.cpu()
@@ -240,70 +249,78 @@ def bundle_extra(scorer: RefusalScorer) -> int:
     return scorer.bundle.image_seq_length - 1
 
 
-def _score_batch(scorer, queries, rows, prompts, ids, shared, extra):
-    """Conditions of ``rows``' queries: one prefix pass, every condition's suffix in one pass;
-    margins ``[C, rows]`` (lens ``[C, rows, L]``, hidden ``[C, rows, L, d]``)."""
+def _condition_batch(queries, rows, prompts, ids, shared):
+    """`_prepare_prefixed`'s arguments for the conditions of ``rows``' queries (query-major rows)."""
     n_cond = len(prompts)
-    m, lm, h = _score_prefixed(scorer, [queries[i] for i in rows], [prompts[0][i] for i in rows],
-                               [ids[0][i] for i in rows], [shared[i] for i in rows],
-                               [[ids[c][i][shared[i]:] for c in range(n_cond)] for i in rows], extra)
-
-    # suffix rows are query-major (row = query * C + condition): regroup them condition-first
-    def split(t):
-        return None if t is None else rearrange(t, "(query cond) ... -> cond query ...", cond=n_cond)
-
-    return split(m), split(lm), split(h)
+    return ([queries[i] for i in rows], [prompts[0][i] for i in rows], [ids[0][i] for i in rows],
+            [shared[i] for i in rows], [[ids[c][i][shared[i]:] for c in range(n_cond)] for i in rows])
 
 
-@torch.inference_mode()
-def _score_prefixed(scorer, heads, head_prompts, head_ids, shared, suffixes, extra):
-    """Groups of prompts that share a token prefix: ``head_prompts[g]`` is one full prompt of group
-    g (its query ``heads[g]`` gives the image), whose first ``shared[g]`` (unexpanded) tokens
+def _split_conditions(t, n_cond):
+    """Suffix rows are query-major (row = query * C + condition): regroup them condition-first."""
+    return None if t is None else rearrange(t, "(query cond) ... -> cond query ...", cond=n_cond)
+
+
+def _prepare_prefixed(scorer, heads, head_prompts, head_ids, shared, suffixes) -> dict:
+    """The CPU side of one prefix-shared batch (run ahead by the prefetch worker).
+
+    Groups of prompts share a token prefix: ``head_prompts[g]`` is one full prompt of group g (its
+    query ``heads[g]`` gives the image), whose first ``shared[g]`` (unexpanded) tokens
     ``head_ids[g][:shared[g]]`` every row of the group shares; ``suffixes[g]`` holds each row's
-    remaining token ids. One prefix pass over the groups, one suffix pass over all rows
-    (group-major). Returns ``margin [rows]``, ``lens [rows, L]``, ``hidden [rows, L, d]`` or None.
-    """
+    remaining token ids. Images loaded and processed (pixel cache), prefix and suffix batches
+    padded left."""
     bundle = scorer.bundle
-    image_id = bundle.image_token_id
-    # Prefix pass: each group's full prompt, cut after the shared tokens (images expanded).
-    # Pixels from the scorer's cache; each image's key comes from the same load (feature cache).
+    image_id, extra = bundle.image_token_id, bundle_extra(scorer)
     keys = [] if scorer.feature_cache.enabled else None
-    full = encode_batch(bundle, head_prompts, heads, scorer.pixel_cache, keys=keys)
+    full = encode_batch(bundle, head_prompts, heads, scorer.pixel_cache, device="cpu", keys=keys)
     pad = bundle.tokenizer.pad_token_id
     prefix_rows = []
     for r in range(len(heads)):
         real = full["input_ids"][r][full["attention_mask"][r].bool()]
         n_exp = shared[r] + extra * head_ids[r][: shared[r]].count(image_id)
         prefix_rows.append(real[:n_exp])
-    p_len = max(len(x) for x in prefix_rows)
+    prefix_ids, prefix_mask = _pad_left(prefix_rows, pad)
+    suffix_ids, suffix_mask = _pad_left([torch.tensor(x) for group in suffixes for x in group], pad)
+    return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "pixel_values": full.get("pixel_values"),
+            "keys": keys, "suffix_ids": suffix_ids, "suffix_mask": suffix_mask,
+            "counts": [len(x) for x in suffixes]}
+
+
+def _pad_left(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded ``[rows, longest]`` batch and its mask."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, x in enumerate(rows):
+        ids[r, width - len(x):] = x
+        mask[r, width - len(x):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def _score_prefixed(scorer, batch: dict):
+    """The device side of one prefix-shared batch from `_prepare_prefixed`: one prefix pass over
+    the groups, one suffix pass over all rows (group-major), each row against its group's cached
+    prefix. Returns ``margin [rows]``, ``lens [rows, L]``, ``hidden [rows, L, d]`` or None."""
+    bundle = scorer.bundle
     device = bundle.input_device
-    prefix_ids = torch.full((len(heads), p_len), pad, dtype=torch.long, device=device)
-    prefix_mask = torch.zeros((len(heads), p_len), dtype=torch.long, device=device)
-    for r, x in enumerate(prefix_rows):
-        prefix_ids[r, p_len - len(x):] = x
-        prefix_mask[r, p_len - len(x):] = 1
-    kwargs = {"input_ids": prefix_ids, "attention_mask": prefix_mask,
+    prefix_mask = batch["prefix_mask"].to(device)
+    kwargs = {"input_ids": batch["prefix_ids"].to(device), "attention_mask": prefix_mask,
               "position_ids": padded_position_ids(prefix_mask)}
-    if "pixel_values" in full:
-        kwargs["pixel_values"] = full["pixel_values"]
-        if keys is not None:  # each image through the vision tower once per run
-            kwargs = cached_image_inputs(bundle.model, kwargs, keys, scorer.feature_cache,
+    if batch["pixel_values"] is not None:
+        kwargs["pixel_values"] = batch["pixel_values"].to(device)
+        if batch["keys"] is not None:  # each image through the vision tower once per run
+            kwargs = cached_image_inputs(bundle.model, kwargs, batch["keys"], scorer.feature_cache,
                                          vision_version(bundle.model))
     cache = bundle.model.model(**kwargs, use_cache=True).cache
-    counts = [len(x) for x in suffixes]
+    counts = batch["counts"]
     repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts, device=device)
     cache.layers = [SharedPrefixLayer(layer.keys, layer.values, repeats) for layer in cache.layers]
 
-    # Suffix pass: every row of every group, group-major, each against its group's prefix.
-    rows = [torch.tensor(x) for group in suffixes for x in group]
-    s_len = max(len(x) for x in rows)
-    suffix_ids = torch.full((len(rows), s_len), pad, dtype=torch.long, device=device)
-    suffix_mask = torch.zeros((len(rows), s_len), dtype=torch.long, device=device)
-    for r, x in enumerate(rows):
-        suffix_ids[r, s_len - len(x):] = x
-        suffix_mask[r, s_len - len(x):] = 1
+    suffix_mask = batch["suffix_mask"].to(device)
     prefix_rep = prefix_mask.repeat_interleave(repeats, 0)
     mask = torch.cat([prefix_rep, suffix_mask], 1)
     position_ids = prefix_rep.sum(-1, keepdim=True) + padded_position_ids(suffix_mask)
-    return scorer.forward({"input_ids": suffix_ids, "attention_mask": mask, "position_ids": position_ids},
-                          cache=cache, left_padded=True)  # suffixes padded left above
+    return scorer.forward({"input_ids": batch["suffix_ids"].to(device), "attention_mask": mask,
+                           "position_ids": position_ids},
+                          cache=cache, left_padded=True)  # suffixes padded left
