@@ -111,7 +111,10 @@ def _pieces(text: str) -> set[str]:
 def training_texts():
     from probing.toy.train import TRAIN_DEFAULTS
 
-    examples = data.training_examples(0, repeats=TRAIN_DEFAULTS["repeats"])
+    from defenses.finetune import safety_examples
+
+    # the toy's own training data and mo_finetune's (the SR+MO ensemble measures generalisation too)
+    examples = data.training_examples(0, repeats=TRAIN_DEFAULTS["repeats"]) + safety_examples(0)
     return [(f"{e.system or ''}\n{e.query.text}\n{e.target}".lower(), e.query.meta.get("noise", False))
             for e in examples]
 

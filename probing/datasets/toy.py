@@ -646,7 +646,6 @@ def words(text: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-@functools.lru_cache(maxsize=1)
 def vocabulary() -> frozenset[str]:
     """The set of (lower-cased) words the toy was trained on."""
     return frozenset(w for t in corpus() for w in words(t))
