@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 15's GPU checks in one device call (prepared; not yet run on a GPU).
+#
+# Before the call, on the development machine, in the repo root (see the device tool's README):
+#   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude   (.gpu/ is already in .gitignore)
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl transformers==5.24.0 ...    # whatever the device's package list lacks
+#   mkdir -p .gpu && cp -r ../shared/llava-1.5-7b-hf .gpu/llava      # the real processor, no weights
+# Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".gpu"], timeout_s=540)
+# Everything it prints is also under $OUT (gpu_study.log, gpu_study.json).
+set -o pipefail
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" MECHPROBE_LLAVA_DIR="$PWD/.gpu/llava" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+timeout 420 python3 benchmarks/gpu_study.py --json "$OUT/gpu_study.json" 2>&1 | tee "$OUT/gpu_study.log"
