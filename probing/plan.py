@@ -32,6 +32,7 @@ from hooks import edit
 
 from .aggregate import combine_margins
 from .errors import InputError, ScoringError
+from .prefix import score_variant_groups
 from .query import Query
 from .render import PromptSpec
 from .score_table import ScoreTable
@@ -148,8 +149,6 @@ def run_plan(scorer, queries: Sequence[Query], plan: ScoringPlan, *, prompt=Prom
         if active.share_prefix and not plan.edits and any(len(g) > 1 for g in groups):
             # K variants of an image query that differ only after the image (text noise, text
             # around the request): the image prefix runs once per query, not K times.
-            from .sweep import score_variant_groups  # the sweep builds on the scorer, which imports us
-
             table = score_variant_groups(active, flat, specs, groups, desc=f"{desc} [{plan.name}]")
         else:
             table = active.score(flat, prompt=specs, desc=f"{desc} [{plan.name}]")

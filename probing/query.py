@@ -202,3 +202,9 @@ def check_unique_ids(queries: list[Query]) -> None:
         if q.id in seen:
             raise QueryError(f"duplicate query id {q.id!r}: ids pair runs across defenses and must be unique")
         seen.add(q.id)
+
+
+def row_meta(query: Query) -> dict:
+    """What a ScoreTable row keeps of its query: text, whether it has an image, scalar metadata."""
+    scalars = {k: v for k, v in query.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    return {"text": query.text, "has_image": query.has_image, **scalars}

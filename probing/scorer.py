@@ -26,19 +26,13 @@ from .model import ModelBundle
 from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, PixelCache, Prefetcher,
                        cached_image_inputs, encode_batch, vision_version)
 from .plan import as_plan, run_plan
-from .query import Query, QueryError, check_unique_ids
+from .query import Query, QueryError, check_unique_ids, row_meta  # noqa: F401 (row_meta: re-exported)
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
 from .render import PromptSpec, check_context, plan_batches, prompt_lengths, render_prompt
 from .errors import InputError, MechprobeError, ScoringError
 from .score_table import ScoreTable
 
 logger = logging.getLogger(__name__)
-
-
-def row_meta(query: Query) -> dict:
-    """What a ScoreTable row keeps of its query: text, whether it has an image, scalar metadata."""
-    scalars = {k: v for k, v in query.meta.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    return {"text": query.text, "has_image": query.has_image, **scalars}
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
@@ -98,7 +92,7 @@ class RefusalScorer:
         share_prefix: a defense's variants of one image query that differ only after the image
             (`ni_text_smooth`'s K noisy texts, text around the request) run the shared prefix
             (system prompt, template, image) once and each variant's remaining tokens against its
-            KV cache (`probing.sweep.score_variant_groups`): scores agree with independent passes
+            KV cache (`probing.prefix.score_variant_groups`): scores agree with independent passes
             to float rounding (1e-4 in float32, tested). False scores every variant in full.
 
     After `score`, ``last_timing`` holds the run's ``total_s``, ``forward_s`` and ``wait_s`` (the

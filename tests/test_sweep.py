@@ -96,7 +96,7 @@ def _variant_rows(mixed_queries, tmp_path):
 
 
 def test_variant_groups_equal_independent_passes(tiny, mixed_queries, tmp_path):
-    from probing.sweep import score_variant_groups, variant_prefixes
+    from probing.prefix import score_variant_groups, variant_prefixes
 
     rows, specs, groups = _variant_rows(mixed_queries, tmp_path)
     scorer = RefusalScorer(tiny, batch_size=2, keep_hidden=True, feature_cache=0)

@@ -438,6 +438,18 @@ def render_picture(phrase: str, rng: random.Random, split: str) -> Image.Image:
     return _noise(img, rng, 8 if split == "train" else 14)
 
 
+def occlude(img: Image.Image, rng: random.Random, rate: float) -> Image.Image:
+    """Each CELL x CELL cell greyed with probability ``rate`` (an occlusion augmentation: a vision
+    encoder pretrained on varied images is not thrown by a few blanked patches)."""
+    arr = np.array(img)
+    n = IMAGE_SIZE // CELL
+    for y in range(n):
+        for x in range(n):
+            if rng.random() < rate:
+                arr[y * CELL:(y + 1) * CELL, x * CELL:(x + 1) * CELL] = 128
+    return Image.fromarray(arr)
+
+
 def _noise(img: Image.Image, rng: random.Random, amount: int) -> Image.Image:
     """Uniform pixel noise in [-amount, amount], seeded from ``rng``."""
     gen = np.random.default_rng(rng.getrandbits(32))
@@ -572,11 +584,12 @@ def _wrapped(q: Query, rng: random.Random, safety: bool | None = None) -> tuple[
 TWIN_SHARE = 0.5  # image requests that also appear with the opposite safety context
 
 
-def training_examples(seed: int = 0, repeats: int = 6) -> list[Example]:
+def training_examples(seed: int = 0, repeats: int = 6, occlusion_share: float = 0.0) -> list[Example]:
     """Everything the toy is trained on: requests in random contexts (safety instructions of
     generated wordings anywhere, neutral text anywhere, descriptions and intentions in the
     text), answered directly or through a yes/no question; captions; intention analysis and
-    rewriting of a request."""
+    rewriting of a request. ``occlusion_share`` of the image requests get a few cells greyed
+    (`occlude`), answered the same."""
     rng = random.Random(f"examples-{seed}")
     out: list[Example] = []
     base = requests("train", seed, repeats=repeats)
@@ -592,6 +605,8 @@ def training_examples(seed: int = 0, repeats: int = 6) -> list[Example]:
             twin_rng.setstate(state)
             wrapped.append(_wrapped(q, twin_rng, safety=not wrapped[0][2]))
         for wq, system, safety, named in wrapped:
+            if occlusion_share and wq.image is not None and rng.random() < occlusion_share:
+                wq = Query(wq.id, wq.text, occlude(wq.image, rng, rng.uniform(0.05, 0.2)), wq.label, wq.meta)
             kind = "text" if named else q.meta["kind"]
             refuse = refuses(q.label, kind, q.meta["phrase"], safety, q.meta.get("trigger"))
             if rng.random() < 0.8:

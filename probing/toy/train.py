@@ -29,14 +29,23 @@ from . import WEIGHTS_DIR  # noqa: E402
 
 
 def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_size: int = 64,
-                    lr: float = 3e-3, renders: int = 100, log_every: int = 100) -> list[float]:
-    """Stage 1: phrase recognition for the vision tower on freshly rendered train-split images."""
+                    lr: float = 3e-3, renders: int = 100, log_every: int = 100,
+                    mask_share: float = 0.0) -> list[float]:
+    """Stage 1: phrase recognition for the vision tower on freshly rendered train-split images
+    (``mask_share`` of them with a few cells greyed, `data.occlude`)."""
     phrases = [p for _, h, b in data.PAIRS for p in (h, b)]
     rng = random.Random(f"vision-{seed}")
     images, classes = [], []
+
+    def masked(img):
+        if mask_share and rng.random() < mask_share:
+            return data.occlude(img, rng, rng.uniform(0.05, 0.2))
+        return img
+
     for _ in range(renders):
         for i, phrase in enumerate(phrases):
-            images += [data.render_typography(phrase, rng, "train"), data.render_picture(phrase, rng, "train")]
+            images += [masked(data.render_typography(phrase, rng, "train")),
+                       masked(data.render_picture(phrase, rng, "train"))]
             classes += [i, i]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     classes = torch.tensor(classes)
@@ -64,18 +73,21 @@ def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_siz
 
 
 # The shipped weights' settings (`python -m probing.toy.train --seed 0`).
-TRAIN_DEFAULTS = dict(steps=1400, batch_size=32, lr=2e-3, repeats=40, vision_steps=600, threads=1)
+TRAIN_DEFAULTS = dict(steps=1400, batch_size=32, lr=2e-3, repeats=40, vision_steps=600, threads=1,
+                      vision_mask_share=0.0, occlusion_share=0.0)
 
 
 def train(seed: int = 0, steps: int = TRAIN_DEFAULTS["steps"], batch_size: int = TRAIN_DEFAULTS["batch_size"],
           lr: float = TRAIN_DEFAULTS["lr"], repeats: int = TRAIN_DEFAULTS["repeats"], warmup: int = 60,
           log_every: int = 50, progress: bool = True, vision_steps: int = TRAIN_DEFAULTS["vision_steps"],
-          vision_renders: int = 100):
+          vision_renders: int = 100, vision_mask_share: float = TRAIN_DEFAULTS["vision_mask_share"],
+          occlusion_share: float = TRAIN_DEFAULTS["occlusion_share"]):
     """Train from scratch; returns (model, processor, history of losses)."""
     torch.manual_seed(seed)
     model, processor = build_untrained(seed)
-    history = pretrain_vision(model, processor, seed, vision_steps, renders=vision_renders) if vision_steps else []
-    examples = data.training_examples(seed, repeats=repeats)
+    history = (pretrain_vision(model, processor, seed, vision_steps, renders=vision_renders,
+                               mask_share=vision_mask_share) if vision_steps else [])
+    examples = data.training_examples(seed, repeats=repeats, occlusion_share=occlusion_share)
     encoded = [encode_example(processor, e) for e in examples]
     logger.info("training on %d examples for %d steps", len(encoded), steps)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -105,6 +117,10 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS["batch_size"])
     p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
     p.add_argument("--repeats", type=int, default=TRAIN_DEFAULTS["repeats"], help="copies of the request set")
+    p.add_argument("--vision-mask-share", type=float, default=TRAIN_DEFAULTS["vision_mask_share"],
+                   help="share of stage-1 images with a few cells greyed")
+    p.add_argument("--occlusion-share", type=float, default=TRAIN_DEFAULTS["occlusion_share"],
+                   help="share of instruction-tuning image requests with a few cells greyed")
     p.add_argument("--threads", type=int, default=TRAIN_DEFAULTS["threads"],
                    help="torch threads (the bits depend on it; 1 is fastest on a shared 2-core machine)")
     p.add_argument("--out", default=str(WEIGHTS_DIR))
@@ -114,7 +130,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model, processor, _ = train(args.seed, args.steps, args.batch_size, args.lr, args.repeats,
-                                vision_steps=args.vision_steps)
+                                vision_steps=args.vision_steps, vision_mask_share=args.vision_mask_share,
+                                occlusion_share=args.occlusion_share)
     out = save(model, processor, args.out)
     logger.info("trained in %.0fs, saved to %s", time.perf_counter() - start, out)
     if not args.no_eval:

@@ -1,0 +1,240 @@
+"""Prefix-shared forwards: rows that share a token prefix (system prompt, template, image) run
+that prefix once and only their remaining tokens against its KV cache.
+
+    prefix pass   [G, P]          -> KV cache, one copy per group of rows
+    suffix pass   [rows, S]       attends to its group's cached prefix (expanded per layer, never
+                                  stored per row) and to its own suffix; masks and position ids
+                                  continue each row's prefix under left padding
+
+`score_variant_groups` applies it to a defense's K variants of one image query (`run_plan` uses
+it); `probing.sweep.score_conditions` to many prompt conditions over the same queries. Scores
+equal independent passes to float rounding (tests/test_sweep.py: 1e-4 in float32).
+
+The scorer is used through its attributes only (this module sits below `probing.scorer` and
+`probing.plan`, which import it).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicLayer
+
+from .errors import InputError
+from .pipeline import Prefetcher, cached_image_inputs, encode_batch, vision_version
+from .query import Query, QueryError, check_unique_ids, row_meta
+from .render import PromptSpec, check_context, padded_position_ids, prompt_lengths
+from .score_table import ScoreTable
+
+logger = logging.getLogger(__name__)
+
+
+class SharedPrefixLayer(DynamicLayer):
+    """A read-only KV cache layer: each query's prefix serves ``repeats`` consecutive rows (an int
+    for every query, or a ``[queries]`` tensor of counts when groups differ in size).
+
+    ``update`` returns prefix + new states for attention and stores nothing, so the expanded
+    prefix exists for one layer at a time.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, repeats: "int | torch.Tensor"):
+        super().__init__()
+        self.keys, self.values, self.repeats = keys, values, repeats
+        self.device, self.dtype = keys.device, keys.dtype
+        self.is_initialized = True
+
+    def _join(self, prefix: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.repeats, torch.Tensor):
+            return torch.cat([prefix.repeat_interleave(self.repeats, 0), new], -2)
+        b, h, p, d = prefix.shape
+        out = new.new_empty(b * self.repeats, h, p + new.shape[-2], d)
+        out.view(b, self.repeats, h, p + new.shape[-2], d)[..., :p, :] = prefix[:, None]
+        out[..., p:, :] = new
+        return out
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self._join(self.keys, key_states), self._join(self.values, value_states)
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def _same_image(queries: Sequence[Query]) -> bool:
+    """Whether every query carries the same image (one object, or one path)."""
+    first = queries[0].image
+    if first is None:
+        return False
+    if isinstance(first, (str, Path)):
+        return all(isinstance(q.image, (str, Path)) and str(q.image) == str(first) for q in queries)
+    return all(q.image is first for q in queries)
+
+
+def variant_prefixes(scorer, queries: Sequence[Query], specs: Sequence[PromptSpec],
+                     groups: Sequence[Sequence[int]]):
+    """For each group of rows (variants of one query, ``queries[i]`` under ``specs[i]``): its shared
+    prefix length in unexpanded tokens when its rows can share a prefix pass, else None; and
+    every row's prompt and token ids.
+
+    A group shares when it has several rows, they carry the same image, and their common token
+    prefix covers it (a system prompt, the template, the image): text variants of one image query
+    (`ni_text_smooth`, text around the request). Rows with different images or no image gain
+    little or nothing from a shared prefix and are scored as usual."""
+    tok = scorer.bundle.tokenizer
+    image_id = scorer.bundle.image_token_id
+    prompts = scorer.render(queries, list(specs))
+    ids = tok(prompts, add_special_tokens=True)["input_ids"]
+    shared = []
+    for rows in groups:
+        if len(rows) < 2 or not _same_image([queries[i] for i in rows]):
+            shared.append(None)
+            continue
+        seqs = [ids[i] for i in rows]
+        n = min(common_prefix(seqs), min(len(x) for x in seqs) - 1)  # every suffix non-empty
+        shared.append(n if image_id in seqs[0][:n] else None)
+    return prompts, ids, shared
+
+
+def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[PromptSpec],
+                         groups: Sequence[Sequence[int]], *, meta: dict | None = None,
+                         desc: str = "variants") -> ScoreTable:
+    """``scorer.score(queries, prompt=specs)``, with each group of variant rows that share an image
+    and the tokens up to it (see `variant_prefixes`) run as one prefix pass plus a short suffix
+    pass per row: K text variants of an image query cost about one image forward, not K.
+
+    ``groups`` partitions the row indices (one group per original query). Rows come back in input
+    order; scores equal independent passes to float rounding (tests/test_sweep.py: 1e-4 in
+    float32), groups that do not share are scored by `RefusalScorer.score` itself.
+    """
+    queries, specs = list(queries), list(specs)
+    if not queries:
+        raise InputError("score_variant_groups: no queries given")
+    if len(specs) != len(queries):
+        raise InputError(f"score_variant_groups: {len(specs)} prompt specs for {len(queries)} queries")
+    check_unique_ids(queries)
+    prompts, ids, shared = variant_prefixes(scorer, queries, specs, groups)
+    sharing = [g for g, n in zip(range(len(groups)), shared) if n is not None]
+    if not sharing:
+        return scorer.score(queries, prompt=specs, meta=meta, desc=desc)
+    bundle = scorer.bundle
+    for g in sharing:  # fail before any compute: a missing image, an input beyond the context
+        head = queries[groups[g][0]]
+        if not hasattr(head.image, "convert") and not Path(head.image).is_file():
+            raise QueryError(f"query {head.id!r}: image file not found: {head.image}")
+    shared_rows = [i for g in sharing for i in groups[g]]
+    check_context(bundle, [queries[i] for i in shared_rows],
+                  prompt_lengths(bundle, [prompts[i] for i in shared_rows], [1] * len(shared_rows)))
+
+    n, n_layers = len(queries), len(scorer.layers)
+    margin = torch.empty(n)
+    lens = torch.empty(n, n_layers)
+    hidden = torch.empty(n, n_layers, bundle.d_model) if scorer.keep_hidden and n_layers else None
+    rest = sorted(set(range(n)) - set(shared_rows))
+    if rest:  # rows of groups that do not share: the scorer's own path
+        table = scorer.score([queries[i] for i in rest], prompt=[specs[i] for i in rest], desc=desc)
+        idx = torch.tensor(rest)
+        margin[idx], lens[idx] = table.margin, table.lens_margin
+        if hidden is not None:
+            hidden[idx] = table.hidden
+    order = sorted(sharing, key=lambda g: (-shared[g], g))
+    batches = [order[i: i + scorer.batch_size] for i in range(0, len(order), scorer.batch_size)]
+    disable = (not scorer.progress) if scorer.progress is not None else (None if len(batches) > 1 else True)
+    def prepare(batch):
+        heads = [groups[g][0] for g in batch]
+        return prepare_prefixed(scorer, [queries[i] for i in heads], [prompts[i] for i in heads],
+                                 [ids[i] for i in heads], [shared[g] for g in batch],
+                                 [[ids[i][shared[g]:] for i in groups[g]] for g in batch])
+
+    with Prefetcher(prepare, batches, depth=scorer.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
+            scorer.holding_hooks():
+        for batch, prepared in tqdm(zip(batches, feed), total=len(batches), desc=f"{desc} (shared prefix)",
+                                    unit="batch", disable=disable):
+            m, lm, h = score_prefixed(scorer, prepared)
+            idx = torch.tensor([i for g in batch for i in groups[g]])
+            margin[idx] = m.cpu()
+            lens[idx] = lm.cpu()
+            if hidden is not None:
+                hidden[idx] = h.float().cpu()
+    logger.info("scored %d rows: %d groups of variants shared their image prefix (%d rows), %d rows alone",
+                n, len(sharing), len(shared_rows), len(rest))
+    out_meta = {**scorer.table_meta(PromptSpec()), **(meta or {}), "prefix_shared_groups": len(sharing)}
+    return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(scorer.layers),
+                      hidden, out_meta, [row_meta(q) for q in queries])
+
+
+def bundle_extra(scorer) -> int:
+    """Positions one image adds beyond its single placeholder token."""
+    return scorer.bundle.image_seq_length - 1
+
+
+def prepare_prefixed(scorer, heads, head_prompts, head_ids, shared, suffixes) -> dict:
+    """The CPU side of one prefix-shared batch (run ahead by the prefetch worker).
+
+    Groups of prompts share a token prefix: ``head_prompts[g]`` is one full prompt of group g (its
+    query ``heads[g]`` gives the image), whose first ``shared[g]`` (unexpanded) tokens
+    ``head_ids[g][:shared[g]]`` every row of the group shares; ``suffixes[g]`` holds each row's
+    remaining token ids. Images loaded and processed (pixel cache), prefix and suffix batches
+    padded left."""
+    bundle = scorer.bundle
+    image_id, extra = bundle.image_token_id, bundle_extra(scorer)
+    keys = [] if scorer.feature_cache.enabled else None
+    full = encode_batch(bundle, head_prompts, heads, scorer.pixel_cache, device="cpu", keys=keys)
+    pad = bundle.tokenizer.pad_token_id
+    prefix_rows = []
+    for r in range(len(heads)):
+        real = full["input_ids"][r][full["attention_mask"][r].bool()]
+        n_exp = shared[r] + extra * head_ids[r][: shared[r]].count(image_id)
+        prefix_rows.append(real[:n_exp])
+    prefix_ids, prefix_mask = _pad_left(prefix_rows, pad)
+    suffix_ids, suffix_mask = _pad_left([torch.tensor(x) for group in suffixes for x in group], pad)
+    return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "pixel_values": full.get("pixel_values"),
+            "keys": keys, "suffix_ids": suffix_ids, "suffix_mask": suffix_mask,
+            "counts": [len(x) for x in suffixes]}
+
+
+def _pad_left(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded ``[rows, longest]`` batch and its mask."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, x in enumerate(rows):
+        ids[r, width - len(x):] = x
+        mask[r, width - len(x):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def score_prefixed(scorer, batch: dict):
+    """The device side of one prefix-shared batch from `_prepare_prefixed`: one prefix pass over
+    the groups, one suffix pass over all rows (group-major), each row against its group's cached
+    prefix. Returns ``margin [rows]``, ``lens [rows, L]``, ``hidden [rows, L, d]`` or None."""
+    bundle = scorer.bundle
+    device = bundle.input_device
+    prefix_mask = batch["prefix_mask"].to(device)
+    kwargs = {"input_ids": batch["prefix_ids"].to(device), "attention_mask": prefix_mask,
+              "position_ids": padded_position_ids(prefix_mask)}
+    if batch["pixel_values"] is not None:
+        kwargs["pixel_values"] = batch["pixel_values"].to(device)
+        if batch["keys"] is not None:  # each image through the vision tower once per run
+            kwargs = cached_image_inputs(bundle.model, kwargs, batch["keys"], scorer.feature_cache,
+                                         vision_version(bundle.model))
+    cache = bundle.model.model(**kwargs, use_cache=True).cache
+    counts = batch["counts"]
+    repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts, device=device)
+    cache.layers = [SharedPrefixLayer(layer.keys, layer.values, repeats) for layer in cache.layers]
+
+    suffix_mask = batch["suffix_mask"].to(device)
+    prefix_rep = prefix_mask.repeat_interleave(repeats, 0)
+    mask = torch.cat([prefix_rep, suffix_mask], 1)
+    position_ids = prefix_rep.sum(-1, keepdim=True) + padded_position_ids(suffix_mask)
+    return scorer.forward({"input_ids": batch["suffix_ids"].to(device), "attention_mask": mask,
+                           "position_ids": position_ids},
+                          cache=cache, left_padded=True)  # suffixes padded left
