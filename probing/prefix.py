@@ -120,6 +120,8 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
     if len(specs) != len(queries):
         raise InputError(f"score_variant_groups: {len(specs)} prompt specs for {len(queries)} queries")
     check_unique_ids(queries)
+    if sorted(i for g in groups for i in g) != list(range(len(queries))):
+        raise InputError(f"score_variant_groups: the groups must hold each of the {len(queries)} rows exactly once")
     prompts, ids, shared = variant_prefixes(scorer, queries, specs, groups)
     sharing = [g for g, n in zip(range(len(groups)), shared) if n is not None]
     if not sharing:

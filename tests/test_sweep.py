@@ -142,3 +142,11 @@ def test_text_smoothing_shares_the_image_prefix(tiny, mixed_queries):
     torch.testing.assert_close(shared.margin, full.margin, atol=1e-4, rtol=0)
     torch.testing.assert_close(shared.lens_margin, full.lens_margin, atol=1e-4, rtol=0)
     assert n_shared < 0.5 * n_full, (n_shared, n_full)
+
+
+def test_variant_groups_must_partition_the_rows(tiny):
+    from probing.prefix import score_variant_groups
+
+    qs = [Query("a", "x"), Query("b", "y")]
+    with pytest.raises(ValueError, match="exactly once"):
+        score_variant_groups(RefusalScorer(tiny), qs, [PromptSpec()] * 2, [[0]])
