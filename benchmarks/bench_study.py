@@ -13,11 +13,11 @@ the same work either way).
   every noise variant of a query scored in full (``share_prefix=False``).
 - project: `experiments.study.Study` in a fresh run directory: each distinct forward once
   (shards), composites reuse the study's defense instances (one fine-tune, cached captions),
-  score-level ensembles combined from the members' finished tables, the baseline and the SR
-  defenses that share a system prompt scored query-major through the prefix-shared sweep, pixel
+  score-level ensembles combined from the members' finished tables, every condition that only
+  changes the inputs (baseline, SR, QR, NI and their "+" composites) scored query-major, so rows
+  that share a query's image and the tokens up to it run that prefix once, pixel
   and image-feature caches (each image through the vision tower once), shards that group
-  text-only and image queries, prefetch, and each image query's text variants
-  (`ni_text_smooth`) sharing its image prefix.
+  text-only and image queries, and prefetch.
 
 Forward-equivalents: query rows through the LLaVA trunk in scoring forwards and every generation
 step, counted by a pre-hook on the trunk (a fine-tuning trains a deep copy, whose copied hook
@@ -131,7 +131,7 @@ def project(cfg):
 
     study = Study(cfg)
     try:
-        study.score_shared_prefixes()  # what run_all does first: prompt conditions query-major
+        study.score_shared_prefixes()  # what run_all does first: input-only conditions query-major
         return study, {name: study.table(name) for name in study.conditions}
     finally:
         study.run.close()

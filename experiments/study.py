@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from defenses import Compose, register
 from defenses.base import Defense
 from defenses.finetune import FineTune
-from defenses.prompts import PromptDefense, sr_custom
+from defenses.prompts import sr_custom
 from defenses import registry
 from defenses.registry import REGISTRY, check_names
 from defenses.rewriting import AskFirst, Caption, Intention
@@ -52,12 +52,12 @@ from probing.analysis import auroc, compare, layer_profile, rank_ensembles, refu
 from probing.errors import InputError
 from probing.model import model_fingerprint
 from probing.pipeline import PixelCache
-from probing.plan import combine_tables
+from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, fold_table
+from probing.prefix import score_variant_groups
 from probing.query import Query
 from probing.readout import get_readout
 from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec
 from probing.score_table import ScoreTable
-from probing.sweep import score_conditions
 
 from . import options, study_config
 from .common import check_device, check_labels, warn_out_of_vocabulary
@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 add_arguments = options.study  # the options live in experiments/options.py
 
 SCORE_OPS = tuple(OPERATORS)  # "|", "&", "~": combined from finished tables
+INPUT_CATEGORIES = ("SR", "QR", "NI")  # defenses that only change the model's inputs
 #: Loaders whose ids already say where a query came from.
 OWN_PREFIX = {"mossbench": "moss-", "mmsafetybench": "mmsb-"}
 
@@ -474,47 +475,97 @@ class Study:
 
     # -- the whole study -----------------------------------------------------------------------
 
-    def _prompt_only(self, name: str):
-        """The PromptSpec of a condition that only changes the prompt (the baseline, SR defenses), else None."""
+    def _input_only(self, name: str) -> bool:
+        """Whether the condition only changes the model's inputs: the baseline, SR / QR / NI
+        defenses and "+" composites of them (the study's own model, no activation edits), whose
+        rows can share each query's prefix with other conditions'."""
         if name == "baseline":
-            return PromptSpec()
-        op, _ = split_top(name)
-        if op is not None or name not in REGISTRY:
-            return None
-        d = self.defense(name)
-        return d.spec if type(d) is PromptDefense else None
+            return True
+        op, parts = split_top(name)
+        if op in SCORE_OPS:
+            return False
+        for part in (parts if op == "+" else [name]):
+            if part not in REGISTRY or registry.needs_baseline(REGISTRY[part]):
+                return False
+            if self.defense(part).category not in INPUT_CATEGORIES:
+                return False
+        return True
+
+    def _condition_plan(self, name: str, chunk: list[Query]) -> ScoringPlan:
+        if name == "baseline":
+            return ScoringPlan("baseline", [[(q, PromptSpec())] for q in chunk])
+        op, parts = split_top(name)
+        defense = Compose(members=[self.defense(p) for p in parts]) if op == "+" else self.defense(name)
+        return as_plan(defense, chunk, self.bundle)
+
+    def _score_query_major(self, names: list[str], chunk: list[Query]) -> dict[str, ScoreTable]:
+        """One chunk of every condition in ``names``, query-major: all their rows (variants
+        included) in one `probing.prefix.score_variant_groups` call, grouped per query by image
+        and the tokens up to it, so rows that agree there (same system prompt, same image) run
+        that prefix once; then each condition's rows folded into its table."""
+        plans = {n: self._condition_plan(n, chunk) for n in names}
+        flat, specs, where, groups = [], [], {}, {}
+        tok, image_id = self.bundle.tokenizer, self.bundle.image_token_id
+        for n, plan in plans.items():
+            if plan.edits or plan.members or plan.parts or plan.bundle not in (None, self.bundle):
+                raise InputError(f"condition {n!r} does not only change the inputs; it cannot be scored query-major")
+            rows, specs_n, local = expand_variants(chunk, plan)
+            offset = len(flat)
+            where[n] = (offset, local)
+            flat += [dataclasses.replace(q, id=f"{n}\0{q.id}") for q in rows]
+            specs += specs_n
+        prompts = self.scorer.render(flat, specs)
+        ids = tok(prompts, add_special_tokens=True)["input_ids"]
+        for n, (offset, local) in where.items():
+            for i, rows in enumerate(local):
+                for r in rows:
+                    row, seq = flat[offset + r], ids[offset + r]
+                    if row.image is None or image_id not in seq:
+                        groups[("alone", offset + r)] = [offset + r]
+                        continue
+                    image = str(row.image) if isinstance(row.image, (str, os.PathLike)) else id(row.image)
+                    groups.setdefault((i, image, tuple(seq[: seq.index(image_id) + 1])), []).append(offset + r)
+        table = score_variant_groups(self.scorer, flat, specs, list(groups.values()), desc="query-major")
+        out = {}
+        for n, (offset, local) in where.items():
+            mine = table.select([flat[offset + r].id for rows in local for r in rows])
+            shifted, k = [], 0
+            for rows in local:
+                shifted.append(list(range(k, k + len(rows))))
+                k += len(rows)
+            record = {"condition": n, **plans[n].record}
+            t = fold_table(mine, chunk, shifted, plans[n].aggregate, record)
+            if n == "baseline":  # as `scorer.score` records an undefended run
+                t.row_meta = [{k: v for k, v in r.items() if k != "variants"} for r in t.row_meta]
+            out[n] = t
+        return out
 
     def score_shared_prefixes(self) -> None:
-        """Score prompt-only conditions query-major: those with the same system prompt share each
-        query's prefix (image included) through `probing.sweep.score_conditions`, chunk by chunk,
-        into the same resumable shards `table` would write (grouped automatically; a condition
-        with its own system prompt forms its own group)."""
-        groups: dict = {}
-        for name in self.conditions:
-            spec = None if name in self.tables else self._prompt_only(name)
-            if spec is not None:
-                groups.setdefault(spec.system_prompt, []).append((name, spec))
-        for members in groups.values():
-            if len(members) < 2:
-                continue
-            specs = dict(members)
-            stash: dict = {}
+        """Score every condition that only changes the inputs (`_input_only`) query-major, chunk by
+        chunk, into the same resumable shards `table` would write: per query, the rows of all of
+        them that share its image and the tokens up to it (the baseline, SR defenses with the same
+        system prompt, QR defenses that keep the image, each text-noise variant) run that prefix
+        once. The first missing condition of a chunk scores all of them."""
+        names = [n for n in self.conditions if n not in self.tables and self._input_only(n)]
+        if len(names) < 2:
+            return
+        stash: dict = {}
 
-            def from_sweep(name):
-                def score(chunk):
-                    key = tuple(q.id for q in chunk)
-                    if (name, key) not in stash:  # the first missing condition of this chunk scores all of them
-                        for n, t in score_conditions(self.scorer, chunk, specs, desc="shared prefix").items():
-                            record = {} if n == "baseline" else self.defense(n).describe()
-                            t.meta.update({**record, "condition": n})
-                            stash[(n, key)] = t
-                    return stash.pop((name, key))
-                return score
+        def from_groups(name):
+            def score(chunk):
+                key = tuple(q.id for q in chunk)
+                if (name, key) not in stash:
+                    for n, t in self._score_query_major(names, list(chunk)).items():
+                        stash[(n, key)] = t
+                return stash.pop((name, key))
+            return score
 
-            for name, _ in members:
-                defense = None if name == "baseline" else self.defense(name)
-                self.tables[name] = self.run.score(from_sweep(name), self.queries, condition_dir(name),
-                                                   self.cfg.batch_size, fingerprint=self._fingerprint(name, defense))
+        for name in names:
+            op, parts = split_top(name)
+            defense = (None if name == "baseline" else
+                       Compose(members=[self.defense(p) for p in parts]) if op == "+" else self.defense(name))
+            self.tables[name] = self.run.score(from_groups(name), self.queries, condition_dir(name),
+                                               self.cfg.batch_size, fingerprint=self._fingerprint(name, defense))
 
     def run_all(self) -> dict:
         cfg = self.cfg

@@ -130,11 +130,25 @@ def run_plan(scorer, queries: Sequence[Query], plan: ScoringPlan, *, prompt=Prom
         return combine_tables(tables, plan.combine, record)
     if plan.is_partitioned:
         return _run_parts(scorer, queries, plan, prompt, record, desc)
+    bundle = plan.bundle if plan.bundle is not None else scorer.bundle
+    active = scorer if bundle is scorer.bundle else scorer.with_bundle(bundle)
+    flat, specs, groups = expand_variants(queries, plan, prompt)
+    with edit(bundle, plan.edits, positions=plan.edit_positions):
+        if active.share_prefix and not plan.edits and any(len(g) > 1 for g in groups):
+            # K variants of an image query that differ only after the image (text noise, text
+            # around the request): the image prefix runs once per query, not K times.
+            table = score_variant_groups(active, flat, specs, groups, desc=f"{desc} [{plan.name}]")
+        else:
+            table = active.score(flat, prompt=specs, desc=f"{desc} [{plan.name}]")
+    return fold_table(table, queries, groups, plan.aggregate, record)
+
+
+def expand_variants(queries: list[Query], plan: ScoringPlan, prompt=PromptSpec()):
+    """A plan's variant rows: ``flat`` queries (ids ``<id>#<k>`` when a query has several), their
+    prompt specs (``prompt`` merged with each variant's), and each query's rows in ``flat``."""
     if len(plan.variants) != len(queries):
         raise ScoringError(f"defense {plan.name!r} returned variants for {len(plan.variants)} of {len(queries)} queries")
     base_specs = [prompt] * len(queries) if isinstance(prompt, PromptSpec) else list(prompt)
-    bundle = plan.bundle if plan.bundle is not None else scorer.bundle
-    active = scorer if bundle is scorer.bundle else scorer.with_bundle(bundle)
     flat, specs, groups = [], [], []
     for q, base, vs in zip(queries, base_specs, plan.variants):
         if not vs:
@@ -145,14 +159,13 @@ def run_plan(scorer, queries: Sequence[Query], plan: ScoringPlan, *, prompt=Prom
             flat.append(dataclasses.replace(vq, id=q.id if len(vs) == 1 else f"{q.id}#{k}"))
             specs.append(base.merged(spec))
         groups.append(rows)
-    with edit(bundle, plan.edits, positions=plan.edit_positions):
-        if active.share_prefix and not plan.edits and any(len(g) > 1 for g in groups):
-            # K variants of an image query that differ only after the image (text noise, text
-            # around the request): the image prefix runs once per query, not K times.
-            table = score_variant_groups(active, flat, specs, groups, desc=f"{desc} [{plan.name}]")
-        else:
-            table = active.score(flat, prompt=specs, desc=f"{desc} [{plan.name}]")
-    margin, lens, hidden = fold_variants(table, groups, plan.aggregate)
+    return flat, specs, groups
+
+
+def fold_table(table: ScoreTable, queries: list[Query], groups: list[list[int]], rule: str, record: dict) -> ScoreTable:
+    """One row per query from a table of variant rows (``groups[i]``: query i's rows), meta from
+    the table and ``record``."""
+    margin, lens, hidden = fold_variants(table, groups, rule)
     out_meta = {**table.meta, **record}
     if any(len(g) > 1 for g in groups):
         out_meta["samples"] = max(len(g) for g in groups)

@@ -259,30 +259,47 @@ def test_flags_override_the_config_file(tmp_path):
     assert c.datasets[1]["subset"] == "tiny" and c.datasets[0]["root"] == "/x"
 
 
-def test_prompt_conditions_share_prefixes_and_equal_independent_scoring(llava_assets, tmp_path):
-    """Baseline and SR conditions are scored query-major through the prefix-shared sweep, grouped by
-    system prompt; the tables equal independent defended scoring (float32, 1e-4) and resume."""
+def test_input_conditions_are_scored_query_major_and_equal_independent_scoring(llava_assets, tmp_path):
+    """The baseline and every condition that only changes the inputs (SR with and without a system
+    prompt, a QR that keeps the image, text noise, a "+" composite of them) are scored query-major:
+    per query, rows that share the image and the tokens up to it run that prefix once. The tables
+    equal independent defended scoring (float32, 1e-4), fewer tokens go through the trunk, and a
+    resumed study loads the shards."""
     import defenses  # noqa: F401
     from experiments.study import Study
     from experiments.study_config import StudyConfig
     from probing import RefusalScorer
 
-    cfg = StudyConfig(model="tiny-random", out=str(tmp_path / "s"), defenses=["sr_mmsafety", "sr_self_reminder"],
-                      ensembles=[], datasets=[{"name": "toy", "tag": "toy", "limit": 6}], batch_size=4,
-                      generation_check=0)
+    names = ["sr_mmsafety", "sr_self_reminder", "qr_caption", "ni_text_smooth"]
+    cfg = StudyConfig(model="tiny-random", out=str(tmp_path / "s"), defenses=names,
+                      ensembles=["sr_mmsafety+ni_text_smooth"], datasets=[{"name": "toy", "tag": "toy", "limit": 6}],
+                      batch_size=4, generation_check=0)
     study = Study(cfg)
+    tokens = []
+    handle = study.bundle.model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: tokens.append(int(k["inputs_embeds"].shape[0] * k["inputs_embeds"].shape[1])),
+        with_kwargs=True)
     try:
         study.score_shared_prefixes()
-        assert study.tables["sr_mmsafety"].meta.get("prefix_shared") is True  # grouped with the baseline
-        assert "sr_self_reminder" not in study.tables  # its own system prompt: a group of one, scored as usual
-        plain = RefusalScorer(study.bundle, batch_size=4, progress=False)
-        for name in ("baseline", "sr_mmsafety"):
-            want = plain.score(study.queries, defense=None if name == "baseline" else name)
+        shared_tokens = sum(tokens)
+        assert set(study.tables) == {"baseline", *names, "sr_mmsafety+ni_text_smooth"}
+        assert study.tables["sr_mmsafety"].meta["prefix_shared_groups"] > 0
+        plain = RefusalScorer(study.bundle, batch_size=4, progress=False, share_prefix=False)
+        tokens.clear()
+        for name in ["baseline", *names, "sr_mmsafety+ni_text_smooth"]:
+            defense = None if name == "baseline" else (study._condition_plan(name, study.queries) if "+" in name
+                                                       else study.defense(name))
+            want = plain.score(study.queries, defense=defense)
             got = study.tables[name].select(want.ids)
             torch.testing.assert_close(got.margin, want.margin, atol=1e-4, rtol=0, msg=name)
+            torch.testing.assert_close(got.lens_margin, want.lens_margin, atol=1e-4, rtol=0, msg=name)
             assert got.row_meta[0].get("kind") == want.row_meta[0].get("kind")
+            assert got.meta.get("samples") == want.meta.get("samples"), name
+        assert shared_tokens < 0.5 * sum(tokens), (shared_tokens, sum(tokens))
         assert study.tables["sr_mmsafety"].meta["defense"] == "sr_mmsafety"
+        assert "variants" not in study.tables["baseline"].row_meta[0]
     finally:
+        handle.remove()
         study.run.close()
     again = Study(cfg)  # a resumed study loads the shards, whichever path wrote them
     try:
