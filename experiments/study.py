@@ -507,7 +507,7 @@ class Study:
         flat, specs, where, groups = [], [], {}, {}
         tok, image_id = self.bundle.tokenizer, self.bundle.image_token_id
         for n, plan in plans.items():
-            if plan.edits or plan.members or plan.parts or plan.bundle not in (None, self.bundle):
+            if plan.edits or plan.members or plan.parts or (plan.bundle is not None and plan.bundle is not self.bundle):
                 raise InputError(f"condition {n!r} does not only change the inputs; it cannot be scored query-major")
             rows, specs_n, local = expand_variants(chunk, plan)
             offset = len(flat)

@@ -147,8 +147,9 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
         if hidden is not None:
             hidden[idx] = table.hidden
     order = sorted(sharing, key=lambda g: (-shared[g], g))
-    batches = [order[i: i + scorer.batch_size] for i in range(0, len(order), scorer.batch_size)]
+    batches = group_batches(order, [len(groups[g]) for g in order], scorer.batch_size)
     disable = (not scorer.progress) if scorer.progress is not None else (None if len(batches) > 1 else True)
+
     def prepare(batch):
         heads = [groups[g][0] for g in batch]
         return prepare_prefixed(scorer, [queries[i] for i in heads], [prompts[i] for i in heads],
@@ -170,6 +171,26 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
     out_meta = {**scorer.table_meta(PromptSpec()), **(meta or {}), "prefix_shared_groups": len(sharing)}
     return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(scorer.layers),
                       hidden, out_meta, [row_meta(q) for q in queries])
+
+
+#: suffix rows of one prefix-shared batch, in multiples of the scorer's batch size: each row holds
+#: its group's prefix keys and values expanded for one layer at a time
+ROWS_PER_BATCH = 8
+
+
+def group_batches(order: list[int], sizes: list[int], batch_size: int) -> list[list[int]]:
+    """Groups (in ``order``, ``sizes[k]`` rows for ``order[k]``) cut into batches of at most
+    ``batch_size`` groups and ``ROWS_PER_BATCH * batch_size`` rows (a larger group goes alone)."""
+    batches, current, rows = [], [], 0
+    for g, n in zip(order, sizes):
+        if current and (len(current) == batch_size or rows + n > ROWS_PER_BATCH * batch_size):
+            batches.append(current)
+            current, rows = [], 0
+        current.append(g)
+        rows += n
+    if current:
+        batches.append(current)
+    return batches
 
 
 def bundle_extra(scorer) -> int:

@@ -150,3 +150,12 @@ def test_variant_groups_must_partition_the_rows(tiny):
     qs = [Query("a", "x"), Query("b", "y")]
     with pytest.raises(ValueError, match="exactly once"):
         score_variant_groups(RefusalScorer(tiny), qs, [PromptSpec()] * 2, [[0]])
+
+
+def test_prefix_batches_cap_groups_and_rows():
+    from probing.prefix import ROWS_PER_BATCH, group_batches
+
+    assert group_batches([0, 1, 2, 3, 4], [1, 1, 1, 1, 1], 2) == [[0, 1], [2, 3], [4]]
+    big = ROWS_PER_BATCH * 2
+    assert group_batches([0, 1, 2, 3], [big - 1, 2, big + 5, 1], 2) == [[0], [1], [2], [3]]
+    assert group_batches([0, 1, 2], [3, 3, 3], 4) == [[0, 1, 2]]
