@@ -456,16 +456,12 @@ class Study:
         if name in self.tables:
             return self.tables[name]
         op, parts = split_top(name)
-        if name == "baseline":
-            table = self._score("baseline", None)
-        elif op in SCORE_OPS:
+        if op in SCORE_OPS:
             members = [self.table(p) for p in parts]
             table = combine_tables(members, OPERATORS[op], {"condition": name, "defense": name, "op": op,
                                                             "members": parts, "scored": False})
-        elif op == "+":
-            table = self._score(name, Compose(members=[self.defense(p) for p in parts]))
         else:
-            table = self._score(name, self.defense(name))
+            table = self._score(name, self._scored_defense(name))
         self.tables[name] = table
         return table
 
@@ -491,50 +487,43 @@ class Study:
                 return False
         return True
 
+    def _scored_defense(self, name: str) -> Defense | None:
+        """What a scored condition applies: None for the baseline, the composite of a "+"
+        ensemble's members (the study's own instances), or the single defense."""
+        if name == "baseline":
+            return None
+        op, parts = split_top(name)
+        return Compose(members=[self.defense(p) for p in parts]) if op == "+" else self.defense(name)
+
     def _condition_plan(self, name: str, chunk: list[Query]) -> ScoringPlan:
         if name == "baseline":
             return ScoringPlan("baseline", [[(q, PromptSpec())] for q in chunk])
-        op, parts = split_top(name)
-        defense = Compose(members=[self.defense(p) for p in parts]) if op == "+" else self.defense(name)
-        return as_plan(defense, chunk, self.bundle)
+        return as_plan(self._scored_defense(name), chunk, self.bundle)
 
     def _score_query_major(self, names: list[str], chunk: list[Query]) -> dict[str, ScoreTable]:
         """One chunk of every condition in ``names``, query-major: all their rows (variants
-        included) in one `probing.prefix.score_variant_groups` call, grouped per query by image
-        and the tokens up to it, so rows that agree there (same system prompt, same image) run
-        that prefix once; then each condition's rows folded into its table."""
+        included) in one `probing.prefix.score_variant_groups` call, one group per query split by
+        image and the tokens up to it, so rows that agree there (same system prompt, same image)
+        run that prefix once; then each condition's rows folded into its table."""
         plans = {n: self._condition_plan(n, chunk) for n in names}
-        flat, specs, where, groups = [], [], {}, {}
-        tok, image_id = self.bundle.tokenizer, self.bundle.image_token_id
+        flat, specs, where = [], [], {}
+        per_query: list[list[int]] = [[] for _ in chunk]
         for n, plan in plans.items():
             if plan.edits or plan.members or plan.parts or (plan.bundle is not None and plan.bundle is not self.bundle):
                 raise InputError(f"condition {n!r} does not only change the inputs; it cannot be scored query-major")
             rows, specs_n, local = expand_variants(chunk, plan)
-            offset = len(flat)
-            where[n] = (offset, local)
+            for i, group in enumerate(local):
+                per_query[i] += [len(flat) + r for r in group]
+            where[n] = (len(flat), local)
             flat += [dataclasses.replace(q, id=f"{n}\0{q.id}") for q in rows]
             specs += specs_n
-        prompts = self.scorer.render(flat, specs)
-        ids = tok(prompts, add_special_tokens=True)["input_ids"]
-        for n, (offset, local) in where.items():
-            for i, rows in enumerate(local):
-                for r in rows:
-                    row, seq = flat[offset + r], ids[offset + r]
-                    if row.image is None or image_id not in seq:
-                        groups[("alone", offset + r)] = [offset + r]
-                        continue
-                    image = str(row.image) if isinstance(row.image, (str, os.PathLike)) else id(row.image)
-                    groups.setdefault((i, image, tuple(seq[: seq.index(image_id) + 1])), []).append(offset + r)
-        table = score_variant_groups(self.scorer, flat, specs, list(groups.values()), desc="query-major")
+        table = score_variant_groups(self.scorer, flat, specs, per_query, split=True, desc="query-major")
         out = {}
         for n, (offset, local) in where.items():
+            # this condition's rows, in its own order: `local` indexes them as they are
             mine = table.select([flat[offset + r].id for rows in local for r in rows])
-            shifted, k = [], 0
-            for rows in local:
-                shifted.append(list(range(k, k + len(rows))))
-                k += len(rows)
             record = {"condition": n, **plans[n].record}
-            t = fold_table(mine, chunk, shifted, plans[n].aggregate, record)
+            t = fold_table(mine, chunk, local, plans[n].aggregate, record)
             if n == "baseline":  # as `scorer.score` records an undefended run
                 t.row_meta = [{k: v for k, v in r.items() if k != "variants"} for r in t.row_meta]
             out[n] = t
@@ -561,11 +550,8 @@ class Study:
             return score
 
         for name in names:
-            op, parts = split_top(name)
-            defense = (None if name == "baseline" else
-                       Compose(members=[self.defense(p) for p in parts]) if op == "+" else self.defense(name))
-            self.tables[name] = self.run.score(from_groups(name), self.queries, condition_dir(name),
-                                               self.cfg.batch_size, fingerprint=self._fingerprint(name, defense))
+            self.tables[name] = self.run.score(from_groups(name), self.queries, condition_dir(name), self.cfg.batch_size,
+                                               fingerprint=self._fingerprint(name, self._scored_defense(name)))
 
     def run_all(self) -> dict:
         cfg = self.cfg

@@ -17,6 +17,7 @@ The scorer is used through its attributes only (this module sits below `probing.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -68,14 +69,55 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+def _image_identity(image):
+    """One image: a path by its string, an in-memory image by its object."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else id(image)
+
+
 def _same_image(queries: Sequence[Query]) -> bool:
     """Whether every query carries the same image (one object, or one path)."""
-    first = queries[0].image
-    if first is None:
+    if queries[0].image is None or any(q.image is None for q in queries):
         return False
-    if isinstance(first, (str, Path)):
-        return all(isinstance(q.image, (str, Path)) and str(q.image) == str(first) for q in queries)
-    return all(q.image is first for q in queries)
+    return len({_image_identity(q.image) for q in queries}) == 1
+
+
+def split_by_image_prefix(queries: Sequence[Query], ids: Sequence[list[int]], groups: Sequence[Sequence[int]],
+                          image_id: int) -> list[list[int]]:
+    """Each group's rows split by their image and their tokens up to and including it (the system
+    prompt and template before the image), so rows of different conditions that agree there can
+    share a prefix pass; rows without an image stand alone."""
+    out = []
+    for rows in groups:
+        buckets: dict = {}
+        for r in rows:
+            seq = ids[r]
+            if queries[r].image is None or image_id not in seq:
+                out.append([r])
+                continue
+            key = (_image_identity(queries[r].image), tuple(seq[: seq.index(image_id) + 1]))
+            buckets.setdefault(key, []).append(r)
+        out += buckets.values()
+    return out
+
+
+def _tokens(scorer, queries: Sequence[Query], specs: Sequence[PromptSpec]) -> tuple[list[str], list[list[int]]]:
+    """Every row's prompt and its (unexpanded) token ids."""
+    prompts = scorer.render(queries, list(specs))
+    return prompts, scorer.bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+
+
+def _shared_lengths(queries: Sequence[Query], ids: Sequence[list[int]], groups: Sequence[Sequence[int]],
+                    image_id: int) -> list[int | None]:
+    """Each group's shared prefix length in unexpanded tokens, or None when it cannot share."""
+    shared = []
+    for rows in groups:
+        if len(rows) < 2 or not _same_image([queries[i] for i in rows]):
+            shared.append(None)
+            continue
+        seqs = [ids[i] for i in rows]
+        n = min(common_prefix(seqs), min(len(x) for x in seqs) - 1)  # every suffix non-empty
+        shared.append(n if image_id in seqs[0][:n] else None)
+    return shared
 
 
 def variant_prefixes(scorer, queries: Sequence[Query], specs: Sequence[PromptSpec],
@@ -88,23 +130,12 @@ def variant_prefixes(scorer, queries: Sequence[Query], specs: Sequence[PromptSpe
     prefix covers it (a system prompt, the template, the image): text variants of one image query
     (`ni_text_smooth`, text around the request). Rows with different images or no image gain
     little or nothing from a shared prefix and are scored as usual."""
-    tok = scorer.bundle.tokenizer
-    image_id = scorer.bundle.image_token_id
-    prompts = scorer.render(queries, list(specs))
-    ids = tok(prompts, add_special_tokens=True)["input_ids"]
-    shared = []
-    for rows in groups:
-        if len(rows) < 2 or not _same_image([queries[i] for i in rows]):
-            shared.append(None)
-            continue
-        seqs = [ids[i] for i in rows]
-        n = min(common_prefix(seqs), min(len(x) for x in seqs) - 1)  # every suffix non-empty
-        shared.append(n if image_id in seqs[0][:n] else None)
-    return prompts, ids, shared
+    prompts, ids = _tokens(scorer, queries, specs)
+    return prompts, ids, _shared_lengths(queries, ids, groups, scorer.bundle.image_token_id)
 
 
 def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[PromptSpec],
-                         groups: Sequence[Sequence[int]], *, meta: dict | None = None,
+                         groups: Sequence[Sequence[int]], *, split: bool = False, meta: dict | None = None,
                          desc: str = "variants") -> ScoreTable:
     """``scorer.score(queries, prompt=specs)``, with each group of variant rows that share an image
     and the tokens up to it (see `variant_prefixes`) run as one prefix pass plus a short suffix
@@ -112,7 +143,9 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
 
     ``groups`` partitions the row indices (one group per original query). Rows come back in input
     order; scores equal independent passes to float rounding (tests/test_sweep.py: 1e-4 in
-    float32), groups that do not share are scored by `RefusalScorer.score` itself.
+    float32), groups that do not share are scored by `RefusalScorer.score` itself. ``split``:
+    split each group by image and the tokens up to it first (`split_by_image_prefix`), so a group
+    may hold rows of many conditions of one query (`experiments.study` passes them so).
     """
     queries, specs = list(queries), list(specs)
     if not queries:
@@ -122,8 +155,12 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
     check_unique_ids(queries)
     if sorted(i for g in groups for i in g) != list(range(len(queries))):
         raise InputError(f"score_variant_groups: the groups must hold each of the {len(queries)} rows exactly once")
-    prompts, ids, shared = variant_prefixes(scorer, queries, specs, groups)
-    sharing = [g for g, n in zip(range(len(groups)), shared) if n is not None]
+    prompts, ids = _tokens(scorer, queries, specs)
+    image_id = scorer.bundle.image_token_id
+    if split:
+        groups = split_by_image_prefix(queries, ids, groups, image_id)
+    shared = _shared_lengths(queries, ids, groups, image_id)
+    sharing = [g for g, n in enumerate(shared) if n is not None]
     if not sharing:
         return scorer.score(queries, prompt=specs, meta=meta, desc=desc)
     bundle = scorer.bundle
@@ -236,7 +273,7 @@ def _pad_left(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.T
 
 @torch.inference_mode()
 def score_prefixed(scorer, batch: dict):
-    """The device side of one prefix-shared batch from `_prepare_prefixed`: one prefix pass over
+    """The device side of one prefix-shared batch from `prepare_prefixed`: one prefix pass over
     the groups, one suffix pass over all rows (group-major), each row against its group's cached
     prefix. Returns ``margin [rows]``, ``lens [rows, L]``, ``hidden [rows, L, d]`` or None."""
     bundle = scorer.bundle

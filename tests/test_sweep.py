@@ -159,3 +159,16 @@ def test_prefix_batches_cap_groups_and_rows():
     big = ROWS_PER_BATCH * 2
     assert group_batches([0, 1, 2, 3], [big - 1, 2, big + 5, 1], 2) == [[0], [1], [2], [3]]
     assert group_batches([0, 1, 2], [3, 3, 3], 4) == [[0, 1, 2]]
+
+
+def test_split_by_image_prefix_keeps_rows_that_agree_up_to_the_image():
+    from probing.prefix import split_by_image_prefix
+
+    from .conftest import noise_image
+
+    a, b = noise_image(1), noise_image(2)
+    qs = [Query("r0", "x", image=a), Query("r1", "y", image=a), Query("r2", "z", image=a),
+          Query("r3", "w", image=b), Query("r4", "v")]
+    img = 9
+    ids = [[1, 5, img, 7], [1, 5, img, 8], [1, 6, img, 7], [1, 5, img, 7], [1, 5, 7]]  # r2: another system prompt
+    assert sorted(split_by_image_prefix(qs, ids, [[0, 1, 2, 3, 4]], img)) == [[0, 1], [2], [3], [4]]
