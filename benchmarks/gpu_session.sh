@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15's GPU checks in one device call (prepared; not yet run on a GPU).
+# Issue 15's GPU checks in one device call.
 #
 # Before the call, on the development machine, in the repo root (see the device tool's README):
 #   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude   (.gpu/ is already in .gitignore)
@@ -7,7 +7,8 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl transformers==5.24.0 ...    # whatever the device's package list lacks
 #   mkdir -p .gpu && cp -r ../shared/llava-1.5-7b-hf .gpu/llava      # the real processor, no weights
-# Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".gpu"], timeout_s=540)
+#   cp -r ../shared/data/mm-safetybench .gpu/mm-safetybench          # 96 stand-in images at 1024 px (4.3 MB)
+# Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".gpu"], timeout_s=480)
 # Everything it prints is also under $OUT (gpu_study.log, gpu_study.json).
 set -o pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -18,4 +19,6 @@ fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" MECHPROBE_LLAVA_DIR="$PWD/.gpu/llava" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-timeout 420 python3 benchmarks/gpu_study.py --json "$OUT/gpu_study.json" 2>&1 | tee "$OUT/gpu_study.log"
+python3 -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)'
+timeout 420 python3 benchmarks/gpu_study.py --compile --mmsb-root .gpu/mm-safetybench --queries 32 --deadline 380 \
+    --json "$OUT/gpu_study.json" 2>&1 | tee "$OUT/gpu_study.log"

@@ -8,14 +8,19 @@ at each batch size under every attention implementation available here (``sdpa``
 language model compiled in place (``torch.compile``). MFU as in bench_gpu.py (prefill FLOPs over
 real tokens / time / the card's peak bf16 FLOP/s).
 
-Part 2, the study's busy fraction: `experiments.study.Study` over toy test queries with the
-baseline, two SR defenses (one with a system prompt), `qr_caption`, `ni_image_gaussian`,
+Part 2, the study's busy fraction: `experiments.study.Study` over toy test queries (and, with
+``--mmsb-root``, MM-SafetyBench's image queries at their 1024 px, where image processing costs most)
+with the baseline, two SR defenses (one with a system prompt), `qr_caption`, `ni_image_gaussian`,
 `ni_text_smooth` and two ensembles (`mo_finetune` left out: its training at 7B alone outlasts a
 device session). Run twice in fresh run directories: once for the wall time, once under
 torch.profiler for the kernel time (the union of all kernel intervals, so overlapping streams
 count once). Busy fraction = kernel time / unprofiled wall time (goal >= 0.90).
 
-    python benchmarks/gpu_study.py                                       # on a GPU
+Part 3 (``--compile``), last because it compiles the language model in place: ``sdpa`` compiled,
+skipped when less than ``--compile-budget`` seconds remain of ``--deadline``. Results are written to
+``--json`` after every part, so a run stopped at its limit still reports what it finished.
+
+    python benchmarks/gpu_study.py --compile --mmsb-root .gpu/mm-safetybench   # on a GPU
     python benchmarks/gpu_study.py --model tiny-random --device cpu --dtype float32 \\
         --batch-sizes 2 --queries 4 --repeats 1                          # the CPU smoke run
 """
@@ -70,9 +75,10 @@ def time_scorer(bundle, batch: int, repeats: int, device: str) -> tuple[float, f
     return statistics.median(times), prefill_flops(bundle, inputs)
 
 
-def mfu_rows(bundle, batches: list[int], repeats: int, device: str, peak: float, compile_: bool) -> list[dict]:
+def mfu_rows(bundle, batches: list[int], repeats: int, device: str, peak: float, compiled_only: bool = False,
+             ) -> list[dict]:
     rows = []
-    runs = [(attn, False) for attn in attention_paths()] + ([("sdpa", True)] if compile_ else [])
+    runs = [("sdpa", True)] if compiled_only else [(attn, False) for attn in attention_paths()]
     for attn, compiled in runs:
         try:
             bundle.model.set_attn_implementation(attn)
@@ -97,11 +103,12 @@ def mfu_rows(bundle, batches: list[int], repeats: int, device: str, peak: float,
 
 
 def kernel_seconds(prof) -> float:
-    """Union of the device kernel intervals of a profile, in seconds."""
+    """Union of the device activity intervals (kernels, copies) of a profile, in seconds. Read from
+    the raw kineto events: building the profiler's FunctionEvent tree for a whole study takes minutes."""
     from torch.autograd import DeviceType
 
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == DeviceType.CUDA)
+    spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
+                   if e.device_type() == DeviceType.CUDA)
     total, end = 0, None
     for a, b in spans:
         if end is None or a > end:
@@ -110,10 +117,52 @@ def kernel_seconds(prof) -> float:
         elif b > end:
             total += b - end
             end = b
-    return total / 1e6
+    return total / 1e9
 
 
-def study_once(bundle, n_queries: int, batch: int, device: str, profiled: bool) -> tuple[float, float | None, int]:
+class UtilizationSampler:
+    """NVML's GPU utilization (the share of its sample window in which a kernel ran) read every
+    `period` seconds in a thread; the mean over a run is a second, profiler-free busy fraction."""
+
+    def __init__(self, period: float = 0.05):
+        import threading
+
+        self.period, self.samples = period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self.samples.append(torch.cuda.utilization())
+            except Exception:  # noqa: BLE001 -- no NVML here: no second measure
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.samples) / 100 if self.samples else None
+
+
+def study_datasets(n_queries: int, mmsb_root: str | None) -> list[dict]:
+    datasets = [{"name": "toy", "tag": "toy", "limit": n_queries}]
+    if mmsb_root:
+        datasets.append({"name": "mmsafetybench", "tag": "mmsb", "root": str(Path(mmsb_root).resolve()),
+                         "kinds": ["SD", "TYPO", "SD_TYPO"], "subset": "tiny", "skip_missing": True})
+    return datasets
+
+
+def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: bool,
+               ) -> tuple[float, float | None, int, float | None]:
+    """Wall seconds of one study's scoring, its device-busy seconds (profiled runs), its query count
+    and NVML's mean utilization (unprofiled runs on a GPU)."""
     import experiments.study as study_mod
     from experiments.study_config import StudyConfig
 
@@ -122,7 +171,7 @@ def study_once(bundle, n_queries: int, batch: int, device: str, profiled: bool) 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = StudyConfig(model="tiny-random", out=str(Path(tmp) / "study"), defenses=list(STUDY_DEFENSES),
-                              ensembles=list(STUDY_ENSEMBLES), datasets=[{"name": "toy", "tag": "toy", "limit": n_queries}],
+                              ensembles=list(STUDY_ENSEMBLES), datasets=datasets,
                               batch_size=batch, generation_check=0)
             study = study_mod.Study(cfg)
             try:
@@ -130,8 +179,11 @@ def study_once(bundle, n_queries: int, batch: int, device: str, profiled: bool) 
                 if device.startswith("cuda"):
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
                 prof = torch.profiler.profile(activities=activities) if profiled else None
+                sampler = UtilizationSampler() if device.startswith("cuda") and not profiled else None
                 if prof is not None:
                     prof.__enter__()
+                if sampler is not None:
+                    sampler.__enter__()
                 _sync(device)
                 t0 = time.perf_counter()
                 study.score_shared_prefixes()
@@ -139,43 +191,19 @@ def study_once(bundle, n_queries: int, batch: int, device: str, profiled: bool) 
                     study.table(name)
                 _sync(device)
                 wall = time.perf_counter() - t0
+                if sampler is not None:
+                    sampler.__exit__(None, None, None)
                 if prof is not None:
                     prof.__exit__(None, None, None)
                 kernels = kernel_seconds(prof) if prof is not None and device.startswith("cuda") else None
-                return wall, kernels, len(study.queries)
+                return wall, kernels, len(study.queries), sampler.mean if sampler is not None else None
             finally:
                 study.run.close()
     finally:
         study_mod.load_model = real_load
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="7b-random")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--n-layers", type=int, default=None)
-    p.add_argument("--batch-sizes", default="8,16,32,64")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--compile", action="store_true", help="also time sdpa with the language model compiled")
-    p.add_argument("--queries", type=int, default=48, help="toy test queries in the study")
-    p.add_argument("--study-batch", type=int, default=16)
-    p.add_argument("--skip-mfu", action="store_true")
-    p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    torch.manual_seed(0)
-    bundle = load_bench_model(args.model, args.device, args.dtype, args.n_layers)
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    peak = peak_flops(args.device, args.peak_tflops)
-    print(f"model {bundle.name}, {args.dtype}, {device_name}, torch {torch.__version__}", flush=True)
-
-    rows = [] if args.skip_mfu else mfu_rows(bundle, [int(b) for b in args.batch_sizes.split(",")],
-                                            args.repeats, args.device, peak, args.compile)
-    wall, _, n = study_once(bundle, args.queries, args.study_batch, args.device, profiled=False)
-    wall_p, kernels, _ = study_once(bundle, args.queries, args.study_batch, args.device, profiled=True)
-    busy = kernels / wall if kernels is not None else float("nan")
-
+def print_mfu_table(rows: list[dict]) -> None:
     print("\n| attention | compiled | batch | s / batch | queries/s | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -184,15 +212,84 @@ def main(argv=None) -> int:
         else:
             print(f"| {r['attn']} | {r['compile']} | {r['batch']} | {r['s']:.4f} | {r['queries_s']:.1f} | "
                   f"{r['tflops']:.1f} | {r['mfu']:.1%} |")
-    print(f"\nstudy: {n} queries, {len(STUDY_DEFENSES)} defenses, {len(STUDY_ENSEMBLES)} ensembles, batch "
-          f"{args.study_batch}: wall {wall:.1f} s ({n / wall:.2f} queries/s per condition set), "
-          f"profiled wall {wall_p:.1f} s, kernel time {'n/a' if kernels is None else f'{kernels:.1f} s'}")
-    print(f"study GPU busy fraction: {busy:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"mfu": rows, "study": {"queries": n, "wall_s": wall,
-                                                                       "profiled_wall_s": wall_p,
-                                                                       "kernel_s": kernels, "busy": busy}},
-                                              indent=1))
+
+
+def main(argv=None) -> int:
+    started = time.perf_counter()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="7b-random")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--n-layers", type=int, default=None)
+    p.add_argument("--batch-sizes", default="8,16,32,64")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="also time sdpa with the language model compiled (last)")
+    p.add_argument("--queries", type=int, default=48, help="toy test queries in the study")
+    p.add_argument("--mmsb-root", default=None, help="an MM-SafetyBench root: its tiny-subset image queries join the study")
+    p.add_argument("--study-batch", type=int, default=16)
+    p.add_argument("--skip-mfu", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--deadline", type=float, default=400.0, help="seconds from start; --compile is skipped past it")
+    p.add_argument("--compile-budget", type=float, default=150.0, help="seconds --compile needs before the deadline")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    result: dict = {"args": vars(args)}
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1, default=str))
+
+    t0 = time.perf_counter()
+    bundle = load_bench_model(args.model, args.device, args.dtype, args.n_layers)
+    image_processor = type(getattr(bundle.processor, "image_processor", None)).__name__
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    peak = peak_flops(args.device, args.peak_tflops)
+    result.update(model=bundle.name, device=device_name, torch=torch.__version__, image_processor=image_processor,
+                  load_s=time.perf_counter() - t0)
+    print(f"model {bundle.name}, {args.dtype}, {device_name}, torch {torch.__version__}, image processor "
+          f"{image_processor}, built in {result['load_s']:.1f} s", flush=True)
+    save()
+
+    rows = [] if args.skip_mfu else mfu_rows(bundle, [int(b) for b in args.batch_sizes.split(",")],
+                                            args.repeats, args.device, peak)
+    result["mfu"] = rows
+    save()
+    print_mfu_table(rows)
+
+    datasets = study_datasets(args.queries, args.mmsb_root)
+    wall, _, n, nvml = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
+    result["study"] = {"queries": n, "wall_s": wall, "nvml_busy": nvml}
+    save()
+    print(f"\nstudy: {n} queries ({', '.join(d['tag'] for d in datasets)}), {len(STUDY_DEFENSES)} defenses, "
+          f"{len(STUDY_ENSEMBLES)} ensembles, batch {args.study_batch}: wall {wall:.1f} s, NVML mean "
+          f"utilization {'n/a' if nvml is None else f'{nvml:.2f}'}", flush=True)
+    left = args.deadline - (time.perf_counter() - started)
+    if left < 1.5 * wall + 30:
+        print(f"profiled study skipped: {left:.0f} s left of the deadline", flush=True)
+        wall_p, kernels = float("nan"), None
+    else:
+        wall_p, kernels, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=True)
+    busy = kernels / wall if kernels is not None else float("nan")
+    result["study"].update(profiled_wall_s=wall_p, kernel_s=kernels, busy=busy)
+    save()
+    print(f"study profiled wall {wall_p:.1f} s, kernel time {'n/a' if kernels is None else f'{kernels:.1f} s'}")
+    print(f"study GPU busy fraction: {busy:.2f}", flush=True)
+
+    if args.compile and not args.skip_mfu:
+        left = args.deadline - (time.perf_counter() - started)
+        if left < args.compile_budget:
+            print(f"\n--compile skipped: {left:.0f} s left of the deadline, {args.compile_budget:.0f} s needed")
+            result["compile"] = f"skipped ({left:.0f} s left)"
+        else:
+            t0 = time.perf_counter()
+            crows = mfu_rows(bundle, [int(b) for b in args.batch_sizes.split(",")], args.repeats, args.device,
+                             peak, compiled_only=True)
+            result["mfu"] = rows + crows
+            result["compile"] = f"ran in {time.perf_counter() - t0:.0f} s (compilation included)"
+            print_mfu_table(crows)
+        save()
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
     return 0
 
 
