@@ -76,9 +76,9 @@ def time_scorer(bundle, batch: int, repeats: int, device: str) -> tuple[float, f
 
 
 def mfu_rows(bundle, batches: list[int], repeats: int, device: str, peak: float, compiled_only: bool = False,
-             ) -> list[dict]:
+             paths: list[str] | None = None) -> list[dict]:
     rows = []
-    runs = [("sdpa", True)] if compiled_only else [(attn, False) for attn in attention_paths()]
+    runs = [("sdpa", True)] if compiled_only else [(attn, False) for attn in (paths or attention_paths())]
     for attn, compiled in runs:
         try:
             bundle.model.set_attn_implementation(attn)
@@ -159,7 +159,7 @@ def study_datasets(n_queries: int, mmsb_root: str | None) -> list[dict]:
     return datasets
 
 
-def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: bool,
+def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: bool, cprofile: str | None = None,
                ) -> tuple[float, float | None, int, float | None]:
     """Wall seconds of one study's scoring, its device-busy seconds (profiled runs), its query count
     and NVML's mean utilization (unprofiled runs on a GPU)."""
@@ -184,6 +184,12 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
                     prof.__enter__()
                 if sampler is not None:
                     sampler.__enter__()
+                py_prof = None
+                if cprofile:
+                    import cProfile
+
+                    py_prof = cProfile.Profile()
+                    py_prof.enable()
                 _sync(device)
                 t0 = time.perf_counter()
                 study.score_shared_prefixes()
@@ -191,6 +197,9 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
                     study.table(name)
                 _sync(device)
                 wall = time.perf_counter() - t0
+                if py_prof is not None:
+                    py_prof.disable()
+                    py_prof.dump_stats(cprofile)
                 if sampler is not None:
                     sampler.__exit__(None, None, None)
                 if prof is not None:
@@ -228,10 +237,13 @@ def main(argv=None) -> int:
     p.add_argument("--mmsb-root", default=None, help="an MM-SafetyBench root: its tiny-subset image queries join the study")
     p.add_argument("--study-batch", type=int, default=16)
     p.add_argument("--skip-mfu", action="store_true")
+    p.add_argument("--attention", default=None, help="comma-separated attention paths (default: all available)")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--deadline", type=float, default=400.0, help="seconds from start; --compile is skipped past it")
     p.add_argument("--compile-budget", type=float, default=150.0, help="seconds --compile needs before the deadline")
     p.add_argument("--json", default=None)
+    p.add_argument("--cprofile", default=None, help="run the study a second time under cProfile (not the "
+                   "torch profiler), dump the stats here and print where the host time goes")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     result: dict = {"args": vars(args)}
@@ -252,7 +264,8 @@ def main(argv=None) -> int:
     save()
 
     rows = [] if args.skip_mfu else mfu_rows(bundle, [int(b) for b in args.batch_sizes.split(",")],
-                                            args.repeats, args.device, peak)
+                                            args.repeats, args.device, peak,
+                                            paths=args.attention.split(",") if args.attention else None)
     result["mfu"] = rows
     save()
     print_mfu_table(rows)
@@ -265,16 +278,25 @@ def main(argv=None) -> int:
           f"{len(STUDY_ENSEMBLES)} ensembles, batch {args.study_batch}: wall {wall:.1f} s, NVML mean "
           f"utilization {'n/a' if nvml is None else f'{nvml:.2f}'}", flush=True)
     left = args.deadline - (time.perf_counter() - started)
-    if left < 1.5 * wall + 30:
+    if left < 2 * wall + 30:
         print(f"profiled study skipped: {left:.0f} s left of the deadline", flush=True)
         wall_p, kernels = float("nan"), None
+    elif args.cprofile:
+        wall_p, kernels, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=False,
+                                           cprofile=args.cprofile)
+        import pstats
+
+        for order in ("tottime", "cumulative"):
+            print(f"\n-- host time by {order} (cProfile, {wall_p:.1f} s wall) --")
+            pstats.Stats(args.cprofile).sort_stats(order).print_stats(28)
     else:
         wall_p, kernels, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=True)
-    busy = kernels / wall if kernels is not None else float("nan")
+    busy = kernels / wall if kernels is not None else (nvml if nvml is not None else float("nan"))
     result["study"].update(profiled_wall_s=wall_p, kernel_s=kernels, busy=busy)
     save()
     print(f"study profiled wall {wall_p:.1f} s, kernel time {'n/a' if kernels is None else f'{kernels:.1f} s'}")
-    print(f"study GPU busy fraction: {busy:.2f}", flush=True)
+    print(f"study GPU busy fraction: {busy:.2f} ({'profiler kernel time' if kernels is not None else 'NVML'})",
+          flush=True)
 
     if args.compile and not args.skip_mfu:
         left = args.deadline - (time.perf_counter() - started)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from defenses import Compose, register
 from defenses.base import Defense
 from defenses.finetune import FineTune
+from defenses.noise import shared_perturbations
 from defenses.prompts import sr_custom
 from defenses import registry
 from defenses.registry import REGISTRY, check_names
@@ -504,8 +505,10 @@ class Study:
         """One chunk of every condition in ``names``, query-major: all their rows (variants
         included) in one `probing.prefix.score_variant_groups` call, one group per query split by
         image and the tokens up to it, so rows that agree there (same system prompt, same image)
-        run that prefix once; then each condition's rows folded into its table."""
-        plans = {n: self._condition_plan(n, chunk) for n in names}
+        run that prefix once; then each condition's rows folded into its table. Noise defenses
+        shared by several conditions ("NI" and "SR+NI") perturb each query once."""
+        with shared_perturbations():
+            plans = {n: self._condition_plan(n, chunk) for n in names}
         flat, specs, where = [], [], {}
         per_query: list[list[int]] = [[] for _ in chunk]
         for n, plan in plans.items():
