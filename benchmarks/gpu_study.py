@@ -242,6 +242,9 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=400.0, help="seconds from start; --compile is skipped past it")
     p.add_argument("--compile-budget", type=float, default=150.0, help="seconds --compile needs before the deadline")
     p.add_argument("--json", default=None)
+    p.add_argument("--study-compiled", action="store_true",
+                   help="then compile the language model (as `load_model(compile=True)` does) and run the study "
+                        "twice more: the first includes compilation, the second is warm")
     p.add_argument("--cprofile", default=None, help="run the study a second time under cProfile (not the "
                    "torch profiler), dump the stats here and print where the host time goes")
     args = p.parse_args(argv)
@@ -277,6 +280,14 @@ def main(argv=None) -> int:
     print(f"\nstudy: {n} queries ({', '.join(d['tag'] for d in datasets)}), {len(STUDY_DEFENSES)} defenses, "
           f"{len(STUDY_ENSEMBLES)} ensembles, batch {args.study_batch}: wall {wall:.1f} s, NVML mean "
           f"utilization {'n/a' if nvml is None else f'{nvml:.2f}'}", flush=True)
+    if args.study_compiled:
+        bundle.language_model.compile()
+        for label in ("compiled, first (compiles)", "compiled, warm"):
+            w, _, _, u = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
+            result.setdefault("study_compiled", []).append({"run": label, "wall_s": w, "nvml_busy": u})
+            save()
+            print(f"study {label}: wall {w:.1f} s, NVML mean utilization {'n/a' if u is None else f'{u:.2f}'}",
+                  flush=True)
     left = args.deadline - (time.perf_counter() - started)
     if left < 2 * wall + 30:
         print(f"profiled study skipped: {left:.0f} s left of the deadline", flush=True)

@@ -112,6 +112,9 @@ def study(p):
     p.add_argument("--prompts", default=None, help="a TOML/JSON file of published defense wordings (docs/defenses.md)")
     p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="compile the language model (torch.compile): faster forwards on a GPU after a one-off "
+                        "compilation; margins agree to ~1e-6, not bit for bit (docs/performance.md §2)")
     p.add_argument("--readout", default=None, choices=["first_token", "yes_no"])
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default 1000)")

@@ -406,7 +406,7 @@ class Study:
         self.run = RunDir(cfg.out, {"experiment": "study", **cfg.as_dict(), "prompt_wordings": self.wordings},
                           overwrite=cfg.overwrite, ignore=(*ANALYSIS_KEYS, "prompts"), fingerprint=fingerprint)
         try:
-            self.bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+            self.bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
         except BaseException:
             self.run.close()
             raise

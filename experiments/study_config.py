@@ -38,6 +38,7 @@ DEFAULTS = {
     "defense_params": {},
     "device": "cpu",
     "dtype": None,
+    "compile": False,
     "readout": "first_token",
     "batch_size": 16,
     "keep_hidden": False,
@@ -100,6 +101,7 @@ class StudyConfig:
     defense_params: dict = field(default_factory=dict)
     device: str = "cpu"
     dtype: str | None = None
+    compile: bool = False
     readout: str = "first_token"
     batch_size: int = 16
     keep_hidden: bool = False
@@ -197,6 +199,9 @@ def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyC
     if not isinstance(values["defense_params"], dict) or not all(isinstance(v, dict)
                                                                  for v in values["defense_params"].values()):
         raise InputError(f"{source}: 'defense_params' must be a table of tables: [defense_params.<name>]")
+    for key in ("compile", "keep_hidden"):
+        if not isinstance(values[key], bool):
+            raise InputError(f"{source}: {key!r} must be true or false, got {values[key]!r}")
     for key in ("batch_size", "n_boot", "seed", "folds", "generation_check", "max_new_tokens"):
         if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
             raise InputError(f"{source}: {key!r} must be a non-negative integer, got {values[key]!r}")
@@ -208,7 +213,7 @@ def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyC
 
 
 # Flags of `mechprobe study` -> config keys (flags left at None keep the file's value).
-FLAG_KEYS = ("model", "out", "defenses", "ensembles", "prompt_format", "prompts", "device", "dtype", "readout",
+FLAG_KEYS = ("model", "out", "defenses", "ensembles", "prompt_format", "prompts", "device", "dtype", "compile", "readout",
              "batch_size", "n_boot", "seed", "weight", "generation_check", "max_new_tokens")
 
 
