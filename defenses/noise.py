@@ -87,7 +87,7 @@ class NoiseDefense(Defense):
 
     def transform(self, queries, bundle):
         memo = _SHARED.get()
-        mine = (type(self), tuple(sorted(self.params.items())))
+        mine = (type(self), repr(sorted(self.params.items())))
         keys = [(mine, q.id, q.text, id(q.image)) for q in queries]
         todo = {}  # first index of each distinct key that needs its copies computed
         for i, (q, key) in enumerate(zip(queries, keys)):

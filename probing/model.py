@@ -445,9 +445,10 @@ def load_model(
             then ignored. Captured activations are gathered where the final norm sits.
         max_memory: per-device budget for ``device_map="auto"`` (e.g. ``{0: "20GiB", "cpu": "60GiB"}``).
         compile: compile the language model in place with ``torch.compile`` (hooks and activation
-            edits still apply). Faster on a GPU (1.22-1.31x per forward at 7B on an H200,
-            docs/performance.md §2) once compiled: the first forward of each new shape family
-            compiles (~30-60 s at 7B), so it pays on long runs only. Fused kernels round
+            edits still apply). Faster on a GPU once compiled (1.23-1.30x per scorer forward at
+            7B on an H200, docs/performance.md §2b), but each new input-shape family compiles on
+            first use (a study's many families had not compiled after 220 s there), so it pays
+            on long runs only. Fused kernels round
             differently: margins agree with the eager model to ~1e-6 in float32, not bit for bit.
             A deep copy (``mo_finetune``'s model) runs uncompiled. Not with ``device_map``.
     """
