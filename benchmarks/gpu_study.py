@@ -16,6 +16,11 @@ device session). Run twice in fresh run directories: once for the wall time, onc
 torch.profiler for the kernel time (the union of all kernel intervals, so overlapping streams
 count once). Busy fraction = kernel time / unprofiled wall time (goal >= 0.90).
 
+``--cprofile PATH`` runs the second study under cProfile instead of torch.profiler and prints
+where the host time goes; ``--study-compiled`` then compiles the language model and runs the
+study twice more (the first run includes compilation). Results of the H200 runs: docs/
+performance.md §2b.
+
 Part 3 (``--compile``), last because it compiles the language model in place: ``sdpa`` compiled,
 skipped when less than ``--compile-budget`` seconds remain of ``--deadline``. Results are written to
 ``--json`` after every part, so a run stopped at its limit still reports what it finished.
