@@ -239,7 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="also time sdpa with the language model compiled (last)")
     p.add_argument("--queries", type=int, default=48, help="toy test queries in the study")
-    p.add_argument("--mmsb-root", default=None, help="an MM-SafetyBench root: its tiny-subset image queries join the study")
+    p.add_argument("--mmsb-root", default=None,
+                   help="an MM-SafetyBench root: its tiny-subset image queries join the study")
     p.add_argument("--study-batch", type=int, default=16)
     p.add_argument("--skip-mfu", action="store_true")
     p.add_argument("--attention", default=None, help="comma-separated attention paths (default: all available)")

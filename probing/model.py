@@ -447,7 +447,7 @@ def load_model(
         compile: compile the language model in place with ``torch.compile`` (hooks and activation
             edits still apply). Faster on a GPU once compiled (1.23-1.30x per scorer forward at
             7B on an H200, docs/performance.md §2b), but each new input-shape family compiles on
-            first use (a study's many families had not compiled after 220 s there), so it pays
+            first use (a study's many families had not compiled after about 200 s there), so it pays
             on long runs only. Fused kernels round
             differently: margins agree with the eager model to ~1e-6 in float32, not bit for bit.
             A deep copy (``mo_finetune``'s model) runs uncompiled. Not with ``device_map``.
@@ -492,5 +492,6 @@ def load_model(
         model.model.language_model.compile()
     logger.info("loaded %s: %d layers, d_model=%d, %s on %s%s", name,
                 model.config.text_config.num_hidden_layers,
-                model.config.text_config.hidden_size, model.dtype, device, ", language model compiled" if compile else "")
+                model.config.text_config.hidden_size, model.dtype, device,
+                ", language model compiled" if compile else "")
     return ModelBundle(model=model, processor=processor, name=name, source_dir=source_dir)
