@@ -214,8 +214,7 @@ def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyC
 
 # Flags of `mechprobe study` -> config keys (flags left at None keep the file's value).
 FLAG_KEYS = ("model", "out", "defenses", "ensembles", "prompt_format", "prompts", "device", "dtype", "compile",
-             "readout",
-             "batch_size", "n_boot", "seed", "weight", "generation_check", "max_new_tokens")
+             "readout", "batch_size", "n_boot", "seed", "weight", "generation_check", "max_new_tokens")
 
 
 def from_args(args) -> StudyConfig:
