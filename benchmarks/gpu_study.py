@@ -33,6 +33,7 @@ skipped when less than ``--compile-budget`` seconds remain of ``--deadline``. Re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -185,30 +186,27 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
                 prof = torch.profiler.profile(activities=activities) if profiled else None
                 sampler = UtilizationSampler() if device.startswith("cuda") and not profiled else None
-                if prof is not None:
-                    prof.__enter__()
-                if sampler is not None:
-                    sampler.__enter__()
                 py_prof = None
                 if cprofile:
                     import cProfile
 
                     py_prof = cProfile.Profile()
-                    py_prof.enable()
-                _sync(device)
-                t0 = time.perf_counter()
-                study.score_shared_prefixes()
-                for name in study.conditions:
-                    study.table(name)
-                _sync(device)
-                wall = time.perf_counter() - t0
+                with contextlib.ExitStack() as stack:
+                    for ctx in (prof, sampler):
+                        if ctx is not None:
+                            stack.enter_context(ctx)
+                    if py_prof is not None:
+                        py_prof.enable()
+                        stack.callback(py_prof.disable)
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    study.score_shared_prefixes()
+                    for name in study.conditions:
+                        study.table(name)
+                    _sync(device)
+                    wall = time.perf_counter() - t0
                 if py_prof is not None:
-                    py_prof.disable()
                     py_prof.dump_stats(cprofile)
-                if sampler is not None:
-                    sampler.__exit__(None, None, None)
-                if prof is not None:
-                    prof.__exit__(None, None, None)
                 kernels = kernel_seconds(prof) if prof is not None and device.startswith("cuda") else None
                 return wall, kernels, len(study.queries), sampler.mean if sampler is not None else None
             finally:
