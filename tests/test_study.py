@@ -307,3 +307,32 @@ def test_input_conditions_are_scored_query_major_and_equal_independent_scoring(l
                                    atol=0, rtol=0)
     finally:
         again.run.close()
+
+
+def test_noise_shared_by_a_single_and_a_composite_is_drawn_once_per_query(llava_assets, tmp_path, monkeypatch):
+    """`ni_image_gaussian` alone and inside `sr_mmsafety+ni_image_gaussian` draw each image query's
+    noisy copies once in the query-major study (`shared_perturbations` around each chunk), and both
+    tables still equal independent scoring (float32, 1e-4)."""
+    import defenses.noise as noise
+    from experiments.study import Study
+    from experiments.study_config import StudyConfig
+    from probing import RefusalScorer
+
+    drawn: list[str] = []
+    real = noise.NoiseDefense._copies
+    monkeypatch.setattr(noise.NoiseDefense, "_copies", lambda self, q: drawn.append(q.id) or real(self, q))
+    cfg = StudyConfig(model="tiny-random", out=str(tmp_path / "s"), defenses=["sr_mmsafety", "ni_image_gaussian"],
+                      ensembles=["sr_mmsafety+ni_image_gaussian"], defense_params={"ni_image_gaussian": {"k": 2}},
+                      datasets=[{"name": "toy", "tag": "toy", "limit": 8}], batch_size=4, generation_check=0)
+    study = Study(cfg)
+    try:
+        study.score_shared_prefixes()
+        image_ids = sorted(q.id for q in study.queries if q.has_image)
+        assert image_ids and sorted(drawn) == image_ids, "one draw per image query for both conditions"
+        plain = RefusalScorer(study.bundle, batch_size=4, progress=False, share_prefix=False)
+        for name in ("ni_image_gaussian", "sr_mmsafety+ni_image_gaussian"):
+            want = plain.score(study.queries, defense=study._condition_plan(name, study.queries))
+            got = study.tables[name].select(want.ids)
+            torch.testing.assert_close(got.margin, want.margin, atol=1e-4, rtol=0, msg=name)
+    finally:
+        study.run.close()
