@@ -200,12 +200,11 @@ class DecisionCapture:
 
         def hook(_module, _args, output):
             act = output[0] if isinstance(output, tuple) else output
-            # A copy, never a view: a view would keep the layer's whole [batch, seq, d] output alive
-            # until the forward ends (gigabytes at 7B).
+            out = self.select(act.detach() if act.requires_grad else act)
             if self.left_padded:
-                out = (act.detach() if act.requires_grad else act)[:, -1].clone()
-            else:
-                out = self.select(act).detach()
+                # `select` gave a view; a copy lets the layer's whole [batch, seq, d] output be
+                # freed before the forward ends (gigabytes at 7B)
+                out = out.clone()
             if self.device is not None and out.device != self.device:
                 out = out.to(self.device)
             got[k] = out

@@ -283,8 +283,8 @@ class RefusalScorer:
         forward_s = 0.0
         with Prefetcher(prepare, batches, depth=self.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
                 self.holding_hooks():
-            for rows, (cpu_inputs, keys, left_padded) in tqdm(zip(batches, feed), total=len(batches), desc=desc, unit="batch",
-                                                 disable=disable):
+            for rows, (cpu_inputs, keys, left_padded) in tqdm(zip(batches, feed), total=len(batches), desc=desc,
+                                                               unit="batch", disable=disable):
                 t0 = time.perf_counter()
                 inputs = {k: v.to(device) for k, v in cpu_inputs.items()}
                 if keys:
