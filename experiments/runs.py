@@ -328,28 +328,56 @@ class RunDir:
         if not isinstance(batch, int) or batch < 1:
             raise RunDirError(f"shard size (batch) must be an integer >= 1, got {batch!r}")
         queries = list(queries)
-        planned = [queries[i] for i in length_order(queries)]
-        cond_fp = json.loads(json.dumps(fingerprint or {}, default=str))
         root = self.path / "shards" / condition
         parts, sums = [], []
-        for k, start in enumerate(range(0, len(planned), batch)):
-            chunk = planned[start:start + batch]
+        for k, chunk in enumerate(self.shard_chunks(queries, batch)):
             shard = root / f"{k:05d}"
-            expect = {"condition": condition, "condition_fingerprint": cond_fp, "fingerprint": self.fingerprint,
-                      "queries": [[q.id, query_digest(q)] for q in chunk]}
+            expect = self._expect(condition, fingerprint, chunk)
             table, record = self._load_shard(shard, expect)
             if table is None:
                 table = score_fn(chunk)
-                if table.ids != [q.id for q in chunk]:
-                    raise ScoringError(f"shard {shard}: the scorer returned rows {table.ids[:5]} for queries "
-                                       f"{[q.id for q in chunk][:5]}")
-                table.check_finite(f"shard {shard}")
-                record = self._save_shard(shard, table, expect)
+                record = self._store(shard, table, expect)
             parts.append(table)
             sums.append(record["files"])
         self.digests[condition] = digest(sums)
         table = ScoreTable.concat(parts)
         return table if table.ids == [q.id for q in queries] else table.select([q.id for q in queries])
+
+    @staticmethod
+    def shard_chunks(queries: Sequence[Query], batch: int) -> list[list[Query]]:
+        """The chunks `score` cuts ``queries`` into, in shard order: shard k holds chunk k."""
+        planned = [queries[i] for i in length_order(queries)]
+        return [planned[start:start + batch] for start in range(0, len(planned), batch)]
+
+    def _expect(self, condition: str, fingerprint: dict | None, chunk: list[Query]) -> dict:
+        """What shard records of ``condition`` for ``chunk`` must hold to be reused."""
+        return {"condition": condition, "condition_fingerprint": json.loads(json.dumps(fingerprint or {}, default=str)),
+                "fingerprint": self.fingerprint, "queries": [[q.id, query_digest(q)] for q in chunk]}
+
+    def _store(self, shard: Path, table: ScoreTable, expect: dict) -> dict:
+        ids = [i for i, _ in expect["queries"]]
+        if table.ids != ids:
+            raise ScoringError(f"shard {shard}: the scorer returned rows {table.ids[:5]} for queries {ids[:5]}")
+        table.check_finite(f"shard {shard}")
+        return self._save_shard(shard, table, expect)
+
+    def has_shard(self, condition: str, k: int, chunk: list[Query], *, fingerprint: dict | None = None) -> bool:
+        """Whether shard ``k`` of ``condition`` has a record that matches ``chunk`` (its files are
+        checked when `score` loads it; a damaged one is then recomputed)."""
+        try:
+            record = json.loads((self.path / "shards" / condition / f"{k:05d}" / SHARD_RECORD).read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(record, dict) and self._mismatch(record, self._expect(condition, fingerprint, chunk)) is None
+
+    def store_shard(self, condition: str, k: int, chunk: list[Query], table: ScoreTable, *,
+                    fingerprint: dict | None = None) -> None:
+        """Save ``table`` as shard ``k`` of ``condition`` (``chunk``, as `shard_chunks` cut it),
+        exactly as `score` would: for a caller that computes several conditions' shards together,
+        so none waits in memory and an interruption loses none; `score` then loads it."""
+        if self._lock is None:
+            raise RunDirError(f"the run directory {self.path} was closed; open it again to score")
+        self._store(self.path / "shards" / condition / f"{k:05d}", table, self._expect(condition, fingerprint, chunk))
 
     def condition_digest(self, condition: str) -> str | None:
         """A hash of a scored condition's shards (for conditions built from it, e.g. the baseline)."""

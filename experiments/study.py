@@ -537,24 +537,30 @@ class Study:
         chunk, into the same resumable shards `table` would write: per query, the rows of all of
         them that share its image and the tokens up to it (the baseline, SR defenses with the same
         system prompt, QR defenses that keep the image, each text-noise variant) run that prefix
-        once. The first missing condition of a chunk scores all of them."""
+        once. The first missing condition of a chunk scores it for every condition whose shard is
+        missing, and stores the others' shards at once (`RunDir.store_shard`): nothing waits in
+        memory, and an interruption loses no chunk already scored."""
         names = [n for n in self.conditions if n not in self.tables and self._input_only(n)]
         if len(names) < 2:
             return
-        stash: dict = {}
+        batch = self.cfg.batch_size
+        index = {tuple(q.id for q in c): k for k, c in enumerate(self.run.shard_chunks(self.queries, batch))}
+        fingerprints = {n: self._fingerprint(n, self._scored_defense(n)) for n in names}
 
         def from_groups(name):
             def score(chunk):
-                key = tuple(q.id for q in chunk)
-                if (name, key) not in stash:
-                    for n, t in self._score_query_major(names, list(chunk)).items():
-                        stash[(n, key)] = t
-                return stash.pop((name, key))
+                k = index[tuple(q.id for q in chunk)]
+                todo = [name] + [n for n in names if n != name and not self.run.has_shard(
+                    condition_dir(n), k, chunk, fingerprint=fingerprints[n])]
+                tables = self._score_query_major(todo, list(chunk))
+                for n in todo[1:]:
+                    self.run.store_shard(condition_dir(n), k, chunk, tables[n], fingerprint=fingerprints[n])
+                return tables[name]
             return score
 
         for name in names:
-            self.tables[name] = self.run.score(from_groups(name), self.queries, condition_dir(name), self.cfg.batch_size,
-                                               fingerprint=self._fingerprint(name, self._scored_defense(name)))
+            self.tables[name] = self.run.score(from_groups(name), self.queries, condition_dir(name), batch,
+                                               fingerprint=fingerprints[name])
 
     def run_all(self) -> dict:
         cfg = self.cfg

@@ -336,3 +336,52 @@ def test_noise_shared_by_a_single_and_a_composite_is_drawn_once_per_query(llava_
             torch.testing.assert_close(got.margin, want.margin, atol=1e-4, rtol=0, msg=name)
     finally:
         study.run.close()
+
+
+def test_query_major_chunks_are_stored_at_once_and_not_recomputed_after_an_interruption(llava_assets, tmp_path,
+                                                                                         monkeypatch):
+    """Each chunk is scored once for every input-only condition and every condition's shard is
+    stored when it is computed: after an interruption at the third chunk, a resumed study scores
+    only the chunks left, and its tables equal an uninterrupted run's."""
+    from experiments.study import Study
+    from experiments.study_config import StudyConfig
+
+    def config(out):
+        return StudyConfig(model="tiny-random", out=str(out), defenses=["sr_mmsafety", "ni_text_smooth"],
+                           ensembles=["sr_mmsafety+ni_text_smooth"], datasets=[{"name": "toy", "tag": "toy", "limit": 8}],
+                           batch_size=2, generation_check=0)
+
+    real = Study._score_query_major
+    calls: list[tuple[int, tuple[str, ...]]] = []
+
+    def counting(self, names, chunk, fail_at=None):
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        calls.append((len(chunk), tuple(names)))
+        return real(self, names, chunk)
+
+    monkeypatch.setattr(Study, "_score_query_major", counting)
+    whole = Study(config(tmp_path / "whole"))
+    try:
+        whole.score_shared_prefixes()
+        n_chunks = len(whole.run.shard_chunks(whole.queries, 2))
+        assert len(calls) == n_chunks and all(len(names) == 4 for _, names in calls), calls
+    finally:
+        whole.run.close()
+
+    calls.clear()
+    monkeypatch.setattr(Study, "_score_query_major", lambda self, names, chunk: counting(self, names, chunk, fail_at=2))
+    first = Study(config(tmp_path / "cut"))
+    with pytest.raises(KeyboardInterrupt):
+        first.score_shared_prefixes()
+    first.run.close()
+    calls.clear()
+    monkeypatch.setattr(Study, "_score_query_major", counting)
+    resumed = Study(config(tmp_path / "cut"))
+    try:
+        resumed.score_shared_prefixes()
+        assert len(calls) == n_chunks - 2, f"chunks scored again after the interruption: {calls}"
+        for name, table in resumed.tables.items():
+            torch.testing.assert_close(table.margin, whole.tables[name].margin, atol=1e-6, rtol=0, msg=name)
+    finally:
+        resumed.run.close()
