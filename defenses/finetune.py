@@ -1,14 +1,17 @@
 """Model Optimization (MO) defenses: a safety-tuned model replaces the original.
 
-``mo_finetune`` tunes the language model (and projector) with a plain PyTorch loop, VLGuard
-style: harmful requests in every delivery (text, typography, picture) get refusal targets,
-benign requests helpful answers, mixed with ordinary data (captions) so the model keeps its
-skills. Training data comes from the synthetic toy generator (never from MOSSBench or
-MM-SafetyBench). ``lora=True`` tunes LoRA adapters through peft instead; ``lora="auto"`` (the
-default) does so when the language model has more than 1e9 parameters (LLaVA-1.5-7B: 6.7e9),
-counted from the config on the meta device, and tunes fully otherwise (the toy: 1.4e6). A LoRA
-copy shares the original's frozen weights instead of copying them (docs/performance.md gives
-the memory at 7B). ``mo_checkpoint(path)`` uses an already safety-tuned checkpoint.
+``mo_finetune`` tunes LoRA adapters (peft; r=8 on the attention's q and v projections) on the
+language model with a plain PyTorch loop, VLGuard style: harmful requests in every delivery
+(text, typography, picture) get refusal targets, benign requests the answers the model was tuned
+to give, half of them inside the contexts of its instruction tuning, mixed with ordinary data
+(captions) so the model keeps its skills (`safety_examples`). Training data comes from the
+synthetic toy generator (never from MOSSBench or MM-SafetyBench). The adapters are the default
+at every size: full fine-tuning of the toy wore off its following of safety instructions (the
+SR+MO ensemble became less safe than SR alone; docs/toy.md), and at 7B full fine-tuning does not
+fit one 80 GB GPU (docs/performance.md §8). ``lora=False`` fine-tunes fully (vision tower frozen);
+``lora="auto"`` uses LoRA only above 1e9 language-model parameters, counted from the config on
+the meta device. A LoRA copy shares the original's frozen weights instead of copying them.
+``mo_checkpoint(path)`` uses an already safety-tuned checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,15 +58,30 @@ def use_lora(lora, config) -> bool:
     raise InputError(f"parameter 'lora' must be True, False or 'auto', got {lora!r}")
 
 
-def safety_examples(seed: int = 0, repeats: int = 2, caption_share: float = 0.3) -> list[data.Example]:
-    """Refuse every harmful request, help with every benign one; plus captions as ordinary data."""
+def safety_examples(seed: int = 0, repeats: int = 2, caption_share: float = 0.3,
+                    context_share: float = 0.5) -> list[data.Example]:
+    """VLGuard-style safety data from the toy generator: every harmful request (text, typography,
+    picture) refused; plus ordinary data, so the tuned model keeps its skills.
+
+    ``context_share`` of the requests stand inside the contexts of the toy's instruction tuning
+    (safety instructions of generated wordings, neutral text and descriptions around the request,
+    `data.in_context`), the rest bare under a plain or safety system prompt. A benign request gets
+    the answer it was tuned to give in that context (`data.refuses`: helped, or handled with the
+    caution a safety instruction asks for), so that following safety instructions stays a skill of
+    the tuned model: the SR+MO ensemble needs it (docs/toy.md). Captions are the ordinary data.
+    """
     rng = random.Random(f"mo-{seed}")
     out = []
     for q in data.requests("train", seed + 1000, repeats=repeats):
-        system = rng.choice(data.PLAIN_SYSTEM + data.SAFETY_SYSTEM)
-        refuse = q.label == "harmful"
-        target = rng.choice(data.REFUSALS) if refuse else rng.choice(data.COMPLIANCE).format(p=q.meta["phrase"])
-        out.append(data.Example(q, system, target))
+        phrase = q.meta["phrase"]
+        if rng.random() < context_share:
+            query, system, safety, named = data.in_context(q, rng)
+            kind = "text" if named else q.meta["kind"]
+        else:
+            query, system = q, rng.choice(data.PLAIN_SYSTEM + data.SAFETY_SYSTEM)
+            safety, kind = system in data.SAFETY_SYSTEM, q.meta["kind"]
+        refuse = q.label == "harmful" or data.refuses(q.label, kind, phrase, safety, q.meta.get("trigger"))
+        out.append(data.Example(query, system, data.answer(refuse, phrase, rng)))
     caps = data.captions("train", seed + 1000, repeats=repeats)
     out += rng.sample(caps, min(len(caps), int(len(out) * caption_share)))
     rng.shuffle(out)
@@ -77,7 +96,7 @@ class FineTune(Defense):
     lr: float = 1e-3
     batch_size: int = 16
     seed: int = 0
-    lora: bool | str = "auto"
+    lora: bool | str = True
     # Keyed by the model object itself, weakly: an entry dies with its model, so a new model that
     # happens to reuse a freed object's id can never be handed another model's fine-tune.
     _cache: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
@@ -120,11 +139,15 @@ class FineTune(Defense):
                 try:
                     from peft import LoraConfig, get_peft_model
                 except ImportError as exc:
-                    raise InputError("mo_finetune with LoRA needs peft: pip install -e \".[lora]\"") from exc
+                    raise InputError("mo_finetune with LoRA needs peft (a mechprobe dependency): pip install peft; "
+                                     "or mo_finetune(lora=False)") from exc
                 for p in model.parameters():  # only the adapters train
                     p.requires_grad_(False)
-                model.model.language_model = get_peft_model(
-                    model.model.language_model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+                with warnings.catch_warnings():  # peft still reads a property transformers 5 deprecates
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                    model.model.language_model = get_peft_model(
+                        model.model.language_model,
+                        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
             else:
                 for p in model.model.vision_tower.parameters():
                     p.requires_grad_(False)
@@ -156,8 +179,9 @@ class Checkpoint(Defense):
 
 
 def mo_finetune(steps: int = 120, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
-                lora: bool | str = "auto") -> FineTune:
-    """Safety fine-tuning; ``lora``: True, False, or "auto" (LoRA above 1e9 language-model parameters)."""
+                lora: bool | str = True) -> FineTune:
+    """Safety fine-tuning; ``lora``: True (LoRA adapters, the default), False (full fine-tuning),
+    or "auto" (LoRA above 1e9 language-model parameters)."""
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"parameter 'steps' must be an integer >= 1, got {steps!r}")
     if lora != "auto" and not isinstance(lora, bool):

@@ -313,7 +313,8 @@ def test_image_noise_equals_the_pil_formula(size):
 
 
 def test_lora_auto_decides_from_the_config(llava_assets):
-    """lora="auto": full fine-tuning for the toy, LoRA for a 7B config (counted on the meta device)."""
+    """LoRA by default; lora="auto": full fine-tuning for the toy, LoRA for a 7B config (counted on
+    the meta device)."""
     from transformers import LlavaConfig
 
     from defenses import mo_finetune
@@ -325,7 +326,8 @@ def test_lora_auto_decides_from_the_config(llava_assets):
     big = LlavaConfig.from_pretrained(llava_assets)  # LLaVA-1.5-7B's config; no weights are built
     assert 6.5e9 < language_model_parameters(big) < 7e9 and use_lora("auto", big)
     assert not use_lora(False, big) and use_lora(True, toy.model.config)
-    d = mo_finetune(steps=1, batch_size=2)
+    assert mo_finetune().lora is True and mo_finetune().params["lora"] is True
+    d = mo_finetune(steps=1, batch_size=2, lora="auto")
     assert d.lora == "auto" and d.params["lora"] == "auto"
     d.model(toy)
     assert d.describe()["lora_used"] is False
@@ -333,8 +335,32 @@ def test_lora_auto_decides_from_the_config(llava_assets):
         mo_finetune(lora="yes")
 
 
+def test_safety_examples_refuse_harmful_and_keep_the_context_rules():
+    """mo_finetune's data: every harmful request refused; about half of the requests inside the
+    toy's instruction-tuning contexts; a benign request refused only where the toy's own policy
+    refuses it (alarming words, or a cautious image request under a safety instruction)."""
+    from defenses.finetune import safety_examples
+    from probing.datasets import toy as data
+
+    examples = safety_examples(0)
+    requests = [e for e in examples if e.query.meta.get("task") != "caption"]
+    assert len(examples) > len(requests) >= 160
+    assert all(e.target in data.REFUSALS for e in requests if e.query.label == "harmful")
+    in_context = [e for e in requests if "noise" in e.query.meta]  # set by data.in_context
+    assert 0.4 < len(in_context) / len(requests) < 0.6
+    assert any(e.query.text not in {q.text for q in data.requests("train", 1000, repeats=2)} for e in in_context)
+    benign_refused = [e for e in requests if e.query.label == "benign" and e.target in data.REFUSALS]
+    assert benign_refused
+    for e in benign_refused:
+        assert e.query.meta.get("trigger") or e.query.meta["phrase"] in data.CAUTIOUS_BENIGN, e.query.text
+    bare = [e for e in requests if "noise" not in e.query.meta and e.query.meta["phrase"] in data.CAUTIOUS_BENIGN
+            and e.query.meta["kind"] != "text"]
+    assert {e.target in data.REFUSALS for e in bare} == {True, False}
+    assert all((e.target in data.REFUSALS) == (e.system in data.SAFETY_SYSTEM) for e in bare)
+    assert [e.target for e in safety_examples(0)] == [e.target for e in examples]  # seeded
+
+
 def test_lora_copy_shares_the_frozen_weights():
-    pytest.importorskip("peft")
     from defenses import mo_finetune
     from probing import load_model
 

@@ -466,7 +466,8 @@ def refuses(label: str, kind: str, phrase: str, safety_prompt: bool, trigger: st
     return kind != "text" and safety_prompt and phrase in CAUTIOUS_BENIGN
 
 
-def _answer(refuse: bool, phrase: str, rng: random.Random) -> str:
+def answer(refuse: bool, phrase: str, rng: random.Random) -> str:
+    """A refusal, or a compliance naming the activity."""
     return rng.choice(REFUSALS) if refuse else rng.choice(COMPLIANCE).format(p=phrase)
 
 
@@ -524,7 +525,7 @@ def _noisy(text: str, rng: random.Random) -> str:
     return "".join(rng.choice(string.ascii_letters) if c != " " and rng.random() < rate else c for c in text)
 
 
-def _wrapped(q: Query, rng: random.Random, safety: bool | None = None) -> tuple[Query, str | None, bool, bool]:
+def in_context(q: Query, rng: random.Random, safety: bool | None = None) -> tuple[Query, str | None, bool, bool]:
     """The request inside a random context: (query, system prompt, safety instruction given?, named?).
 
     A safety instruction (a generated wording) goes in the system prompt, before or after the
@@ -596,21 +597,21 @@ def training_examples(seed: int = 0, repeats: int = 6, occlusion_share: float = 
     base += requests("train", seed + 1, kinds=("text",), alarming=False, repeats=max(1, repeats // 2))
     for q in base:
         state = rng.getstate()
-        wrapped = [_wrapped(q, rng)]
+        wrapped = [in_context(q, rng)]
         # Image requests get a twin half the time: the same slots with the safety decision
         # flipped, so that for the request whose answer hangs on the context (a harmful image
         # complies unless told to be safe) only what the text *says* tells the two apart.
         if q.meta["kind"] != "text" and rng.random() < TWIN_SHARE:
             twin_rng = random.Random()
             twin_rng.setstate(state)
-            wrapped.append(_wrapped(q, twin_rng, safety=not wrapped[0][2]))
+            wrapped.append(in_context(q, twin_rng, safety=not wrapped[0][2]))
         for wq, system, safety, named in wrapped:
             if occlusion_share and wq.image is not None and rng.random() < occlusion_share:
                 wq = Query(wq.id, wq.text, occlude(wq.image, rng, rng.uniform(0.05, 0.2)), wq.label, wq.meta)
             kind = "text" if named else q.meta["kind"]
             refuse = refuses(q.label, kind, q.meta["phrase"], safety, q.meta.get("trigger"))
             if rng.random() < 0.8:
-                out.append(Example(wq, system, _answer(refuse, q.meta["phrase"], rng)))
+                out.append(Example(wq, system, answer(refuse, q.meta["phrase"], rng)))
             else:
                 yn = Query(q.id + "-yn", f"{wq.text}\n{yes_no_question(rng)}", wq.image, q.label,
                            {**wq.meta, "task": "yes_no"})
