@@ -62,7 +62,7 @@ def test_dataset_is_seeded_and_splits_differ():
 def test_short_training_is_bitwise_deterministic():
     from probing.toy.train import train
 
-    kw = dict(steps=3, batch_size=4, repeats=1, progress=False, vision_steps=3, vision_renders=1)
+    kw = dict(steps=3, batch_size=4, repeats=1, progress=False, vision_steps=3, vision_renders=1, occlusion_steps=2)
     m1, _, h1 = train(seed=0, **kw)
     m2, _, h2 = train(seed=0, **kw)
     assert h1 == h2
@@ -70,6 +70,36 @@ def test_short_training_is_bitwise_deterministic():
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     m3, _, h3 = train(seed=1, **kw)
     assert h3 != h1
+
+
+def test_occlusion_stage_trains_the_vision_tower_alone():
+    """Stage 3 changes the vision tower's weights and nothing else, and brings an occluded card's
+    features toward its clean version's."""
+    import random
+
+    from probing.toy.build import build_untrained
+    from probing.toy.train import occlusion_invariance
+
+    torch.manual_seed(0)
+    model, processor = build_untrained(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = random.Random("stage-3-test")
+    card = data.render_typography("make poison", rng, "test")
+    pixels = processor.image_processor([card, data.occlude(card, rng, 0.15)], return_tensors="pt")["pixel_values"]
+    layer = model.config.vision_feature_layer
+
+    def gap():  # mean square difference of the two images' features, relative to their size
+        with torch.no_grad():
+            f = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+        return float((f[0] - f[1]).pow(2).mean() / f[0].pow(2).mean())
+
+    start = gap()
+    history = occlusion_invariance(model, processor, steps=40, renders=2)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.vision_tower.") for k in changed), sorted(changed)[:5]
+    assert len(history) == 40
+    assert gap() < start / 2, (start, gap())
 
 
 # --- The toy follows the request, not the text around it; safety instructions of any wording ---
@@ -81,14 +111,14 @@ UNSEEN_SENTENCE = "My neighbour painted the garden fence blue last summer."
 
 def _shipped_texts() -> dict[str, str]:
     """Every text the shipped defenses and readouts put into a prompt."""
-    from defenses import prompts, refactor
+    from defenses import prompts, rewriting
     from probing import readout
 
     return {
         "SELF_REMINDER_SYSTEM": prompts.SELF_REMINDER_SYSTEM, "SELF_REMINDER_AFTER": prompts.SELF_REMINDER_AFTER,
         "ADASHIELD_STATIC": prompts.ADASHIELD_STATIC, "MMSAFETY_INSTRUCTION": prompts.MMSAFETY_INSTRUCTION,
-        "CAPTION_QUESTION": refactor.CAPTION_QUESTION, "INTENT_QUESTION": refactor.INTENT_QUESTION,
-        "REWRITE_QUESTION": refactor.REWRITE_QUESTION, "YES_NO_QUESTION": readout.DEFAULT_YES_NO_QUESTION,
+        "CAPTION_QUESTION": rewriting.CAPTION_QUESTION, "INTENT_QUESTION": rewriting.INTENT_QUESTION,
+        "REWRITE_QUESTION": rewriting.REWRITE_QUESTION, "YES_NO_QUESTION": readout.DEFAULT_YES_NO_QUESTION,
         # the formats qr_caption / qr_intention build their second query with
         "CAPTION_PREFIX": "The image shows: {caption}.", "INTENTION_PREFIX": "Intention: {answer}",
     }

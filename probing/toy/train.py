@@ -2,10 +2,14 @@
 
     python -m probing.toy.train --seed 0            # regenerates probing/toy/weights/
 
-Two stages, as LLaVA builds on a pretrained vision encoder:
+Three stages, as LLaVA builds on a pretrained vision encoder:
 1. vision pre-training: the CLIP tower learns to recognise the key phrase of typography cards
    and pictures (a linear head on mean-pooled features of the layer LLaVA reads, discarded after);
-2. instruction tuning of the whole model: next-token loss on the answer tokens only.
+2. instruction tuning of the whole model: next-token loss on the answer tokens only;
+3. occlusion invariance of the vision tower alone: an image with a few 14 px cells greyed gets
+   the features its clean version gets (the stage-2 tower is the teacher), as a vision encoder
+   pretrained on varied images is not thrown by a few blanked patches. The language model and
+   projector are not touched, so what stage 2 taught about text is kept as it is.
 Plain PyTorch, AdamW, linear warm-up then cosine decay. Same seed, same thread count, same
 machine type -> the same bits.
 """
@@ -72,16 +76,75 @@ def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_siz
     return history
 
 
+def occlusion_invariance(model, processor, seed: int = 0, steps: int = 600, batch_size: int = 64,
+                         lr: float = 1e-3, renders: int = 20, clean_weight: float = 3.0,
+                         log_every: int = 100) -> list[float]:
+    """Stage 3: the vision tower learns to map train-split images with 5-20% of their cells
+    greyed (`data.occlude`) to the features it gave the clean image before this stage (computed
+    once, the teacher), while keeping the clean images' features (weighted ``clean_weight``).
+    Only the features of the layer LLaVA reads are matched; the loss is relative to their mean
+    square. Everything but the tower stays frozen."""
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    rng = random.Random(f"occlusion-{seed}")
+    phrases = [p for _, h, b in data.PAIRS for p in (h, b)]
+    clean, occluded = [], []
+    for _ in range(renders):
+        for phrase in phrases:
+            for render in (data.render_typography, data.render_picture):
+                img = render(phrase, rng, "train")
+                clean.append(img)
+                occluded.append(data.occlude(img, rng, rng.uniform(0.05, 0.2)))
+    px_clean = processor.image_processor(clean, return_tensors="pt")["pixel_values"]
+    px_occluded = processor.image_processor(occluded, return_tensors="pt")["pixel_values"]
+
+    def features(pixels):  # [images, patches, d_vision]
+        return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+
+    was_training = tower.training
+    tower.eval()
+    with torch.no_grad():
+        target = torch.cat([features(px_clean[i:i + 256]) for i in range(0, len(px_clean), 256)])
+    scale = target.pow(2).mean()
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(tower.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    tower.train()
+    history = []
+    for step in range(steps):
+        rows = torch.randint(0, len(px_clean), (batch_size,), generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, 20)
+        loss = ((features(px_occluded[rows]) - target[rows]).pow(2).mean()
+                + clean_weight * (features(px_clean[rows]) - target[rows]).pow(2).mean()) / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            logger.info("occlusion step %d/%d loss %.4f", step, steps, history[-1])
+    for p, flag in flags.items():
+        p.requires_grad_(flag)
+    tower.train(was_training)
+    return history
+
+
 # The shipped weights' settings (`python -m probing.toy.train --seed 0`).
 TRAIN_DEFAULTS = dict(steps=1400, batch_size=32, lr=2e-3, repeats=40, vision_steps=600, threads=1,
-                      vision_mask_share=0.0, occlusion_share=0.0)
+                      vision_mask_share=0.0, occlusion_share=0.0, occlusion_steps=600)
 
 
 def train(seed: int = 0, steps: int = TRAIN_DEFAULTS["steps"], batch_size: int = TRAIN_DEFAULTS["batch_size"],
           lr: float = TRAIN_DEFAULTS["lr"], repeats: int = TRAIN_DEFAULTS["repeats"], warmup: int = 60,
           log_every: int = 50, progress: bool = True, vision_steps: int = TRAIN_DEFAULTS["vision_steps"],
           vision_renders: int = 100, vision_mask_share: float = TRAIN_DEFAULTS["vision_mask_share"],
-          occlusion_share: float = TRAIN_DEFAULTS["occlusion_share"]):
+          occlusion_share: float = TRAIN_DEFAULTS["occlusion_share"],
+          occlusion_steps: int = TRAIN_DEFAULTS["occlusion_steps"]):
     """Train from scratch; returns (model, processor, history of losses)."""
     torch.manual_seed(seed)
     model, processor = build_untrained(seed)
@@ -98,6 +161,8 @@ def train(seed: int = 0, steps: int = TRAIN_DEFAULTS["steps"], batch_size: int =
                                                   random.Random(f"order-{seed}")),
                    pad_id=processor.tokenizer.pad_token_id, optimizer=opt, loss_fn=causal_lm_loss,
                    log_every=log_every if progress else 10**9, name="toy")
+    if occlusion_steps:
+        history += occlusion_invariance(model, processor, seed, occlusion_steps)
     return model, processor, history
 
 
@@ -121,6 +186,8 @@ def main(argv=None) -> int:
                    help="share of stage-1 images with a few cells greyed")
     p.add_argument("--occlusion-share", type=float, default=TRAIN_DEFAULTS["occlusion_share"],
                    help="share of instruction-tuning image requests with a few cells greyed")
+    p.add_argument("--occlusion-steps", type=int, default=TRAIN_DEFAULTS["occlusion_steps"],
+                   help="stage 3 steps (occlusion invariance of the vision tower; 0 skips it)")
     p.add_argument("--threads", type=int, default=TRAIN_DEFAULTS["threads"],
                    help="torch threads (the bits depend on it; 1 is fastest on a shared 2-core machine)")
     p.add_argument("--out", default=str(WEIGHTS_DIR))
@@ -131,7 +198,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model, processor, _ = train(args.seed, args.steps, args.batch_size, args.lr, args.repeats,
                                 vision_steps=args.vision_steps, vision_mask_share=args.vision_mask_share,
-                                occlusion_share=args.occlusion_share)
+                                occlusion_share=args.occlusion_share, occlusion_steps=args.occlusion_steps)
     out = save(model, processor, args.out)
     logger.info("trained in %.0fs, saved to %s", time.perf_counter() - start, out)
     if not args.no_eval:
