@@ -5,8 +5,8 @@
 Run on the pre-redesign code (commit 2c66e6a, which holds this script) with the current toy
 weights and toy dataset copied in (probing/toy/weights/, probing/datasets/toy.py): the reference
 then pins the machinery, not a particular toy. tests/test_reference.py recomputes the same
-conditions with the current code and asserts equality. Last regenerated after the toy's retraining
-(issue 14): git worktree add /tmp/ref 2c66e6a, copy those files in, run this script there with
+conditions with the current code and asserts equality. Last regenerated after the toy's third
+training stage (issue 14, 2026-11-26 evening): git worktree add /tmp/ref 2c66e6a, copy those files in, run this script there with
 MECHPROBE_LLAVA_DIR set, copy reference.* back. Covers a toy run (test split: baseline,
 a system-prompt defense, captioning, an activation edit) and a tiny-random run (text and image
 queries, baseline and a system-prompt defense), with every output-level figure of `compare`.
