@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from probing import ScoreTable
-from probing.layerwise import diffmean_scores, layer_profile, stratified_folds
+from probing.analysis import diffmean_scores, layer_profile, stratified_folds
 from probing.analysis import pair_tables
 
 from .synthetic import make_baseline
