@@ -2,9 +2,9 @@
 
 ``mo_finetune`` tunes LoRA adapters (peft; r=8 on the attention's q and v projections) on the
 language model with a plain PyTorch loop, VLGuard style: harmful requests in every delivery
-(text, typography, picture) get refusal targets, benign requests the answers the model was tuned
-to give, half of them inside the contexts of its instruction tuning, mixed with ordinary data
-(captions) so the model keeps its skills (`safety_examples`). Training data comes from the
+(text, typography, picture) get refusal targets, benign requests the answer the toy's policy
+gives in their context, half of the requests inside the contexts of the toy's instruction
+tuning, mixed with ordinary data (captions) so the model keeps its skills (`safety_examples`). Training data comes from the
 synthetic toy generator (never from MOSSBench or MM-SafetyBench). The adapters are the default
 at every size: full fine-tuning of the toy wore off its following of safety instructions (the
 SR+MO ensemble became less safe than SR alone; docs/toy.md), and at 7B full fine-tuning does not
@@ -66,9 +66,10 @@ def safety_examples(seed: int = 0, repeats: int = 2, caption_share: float = 0.3,
     ``context_share`` of the requests stand inside the contexts of the toy's instruction tuning
     (safety instructions of generated wordings, neutral text and descriptions around the request,
     `data.in_context`), the rest bare under a plain or safety system prompt. A benign request gets
-    the answer it was tuned to give in that context (`data.refuses`: helped, or handled with the
-    caution a safety instruction asks for), so that following safety instructions stays a skill of
-    the tuned model: the SR+MO ensemble needs it (docs/toy.md). Captions are the ordinary data.
+    the answer the toy's policy gives in that context (`data.refuses`: helped, or handled with the
+    caution a safety instruction asks for; for the toy, the answer it was tuned to give), so that
+    following safety instructions stays a skill of the tuned model: the SR+MO ensemble needs it
+    (docs/toy.md). Captions are the ordinary data.
     """
     rng = random.Random(f"mo-{seed}")
     out = []
