@@ -56,23 +56,35 @@ def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_siz
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
     head = torch.nn.Linear(model.config.vision_config.hidden_size, len(phrases))
-    params = [*tower.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+    def loss_of(rows):
+        feats = tower(pixel_values=pixels[rows], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
+        return torch.nn.functional.cross_entropy(head(feats), classes[rows])
+
+    return _train_tower(tower, [*tower.parameters(), *head.parameters()], loss_of, len(classes), seed=seed,
+                        steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.01, log_every=log_every,
+                        name="vision")
+
+
+def _train_tower(tower, params, loss_of, n_rows: int, *, seed: int, steps: int, batch_size: int, lr: float,
+                 weight_decay: float, log_every: int, name: str) -> list[float]:
+    """The vision stages' loop: AdamW over ``params``, batches of rows drawn with replacement from
+    a generator seeded with ``seed``, 20 warm-up steps then cosine; ``loss_of(rows)``."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     tower.train()
     history = []
     for step in range(steps):
-        rows = torch.randint(0, len(classes), (batch_size,), generator=gen)
+        rows = torch.randint(0, n_rows, (batch_size,), generator=gen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, 20)
-        feats = tower(pixel_values=pixels[rows], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
-        loss = torch.nn.functional.cross_entropy(head(feats), classes[rows])
+        loss = loss_of(rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         history.append(loss.item())
         if step % log_every == 0 or step == steps - 1:
-            logger.info("vision step %d/%d loss %.4f", step, steps, history[-1])
+            logger.info("%s step %d/%d loss %.4f", name, step, steps, history[-1])
     return history
 
 
@@ -112,22 +124,13 @@ def occlusion_invariance(model, processor, seed: int = 0, steps: int = 600, batc
     params = list(tower.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    tower.train()
-    history = []
-    for step in range(steps):
-        rows = torch.randint(0, len(px_clean), (batch_size,), generator=gen)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, 20)
-        loss = ((features(px_occluded[rows]) - target[rows]).pow(2).mean()
+
+    def loss_of(rows):
+        return ((features(px_occluded[rows]) - target[rows]).pow(2).mean()
                 + clean_weight * (features(px_clean[rows]) - target[rows]).pow(2).mean()) / scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
-        if step % log_every == 0 or step == steps - 1:
-            logger.info("occlusion step %d/%d loss %.4f", step, steps, history[-1])
+
+    history = _train_tower(tower, params, loss_of, len(px_clean), seed=seed, steps=steps, batch_size=batch_size,
+                           lr=lr, weight_decay=0.0, log_every=log_every, name="occlusion")
     for p, flag in flags.items():
         p.requires_grad_(flag)
     tower.train(was_training)
