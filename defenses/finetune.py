@@ -4,8 +4,8 @@
 language model with a plain PyTorch loop, VLGuard style: harmful requests in every delivery
 (text, typography, picture) get refusal targets, benign requests the answer the toy's policy
 gives in their context, half of the requests inside the contexts of the toy's instruction
-tuning, mixed with ordinary data (captions) so the model keeps its skills (`safety_examples`). Training data comes from the
-synthetic toy generator (never from MOSSBench or MM-SafetyBench). The adapters are the default
+tuning, mixed with ordinary data (captions) so the model keeps its skills (`safety_examples`).
+Training data comes from the synthetic toy generator (never from MOSSBench or MM-SafetyBench). The adapters are the default
 at every size: full fine-tuning of the toy wore off its following of safety instructions (the
 SR+MO ensemble became less safe than SR alone; docs/toy.md), and at 7B full fine-tuning does not
 fit one 80 GB GPU (docs/performance.md §8). ``lora=False`` fine-tunes fully (vision tower frozen);

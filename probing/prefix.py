@@ -76,7 +76,7 @@ def _image_identity(image):
 
 def _same_image(queries: Sequence[Query]) -> bool:
     """Whether every query carries the same image (one object, or one path)."""
-    if queries[0].image is None or any(q.image is None for q in queries):
+    if any(q.image is None for q in queries):
         return False
     return len({_image_identity(q.image) for q in queries}) == 1
 

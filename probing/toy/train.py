@@ -32,12 +32,23 @@ logger = logging.getLogger(__name__)
 from . import WEIGHTS_DIR  # noqa: E402
 
 
+def _phrases() -> list[str]:
+    """Every activity's key phrase, harmful then benign per pair (the vision stages' classes)."""
+    return [p for _, h, b in data.PAIRS for p in (h, b)]
+
+
+def _tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The vision tower's patch features at the layer LLaVA reads: ``[images, patches, d_vision]``."""
+    out = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
 def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_size: int = 64,
                     lr: float = 3e-3, renders: int = 100, log_every: int = 100,
                     mask_share: float = 0.0) -> list[float]:
     """Stage 1: phrase recognition for the vision tower on freshly rendered train-split images
     (``mask_share`` of them with a few cells greyed, `data.occlude`)."""
-    phrases = [p for _, h, b in data.PAIRS for p in (h, b)]
+    phrases = _phrases()
     rng = random.Random(f"vision-{seed}")
     images, classes = [], []
 
@@ -54,12 +65,10 @@ def pretrain_vision(model, processor, seed: int = 0, steps: int = 600, batch_siz
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     classes = torch.tensor(classes)
     tower = model.model.vision_tower
-    layer = model.config.vision_feature_layer
     head = torch.nn.Linear(model.config.vision_config.hidden_size, len(phrases))
 
     def loss_of(rows):
-        feats = tower(pixel_values=pixels[rows], output_hidden_states=True).hidden_states[layer][:, 1:].mean(1)
-        return torch.nn.functional.cross_entropy(head(feats), classes[rows])
+        return torch.nn.functional.cross_entropy(head(_tower_features(model, pixels[rows]).mean(1)), classes[rows])
 
     return _train_tower(tower, [*tower.parameters(), *head.parameters()], loss_of, len(classes), seed=seed,
                         steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.01, log_every=log_every,
@@ -97,12 +106,10 @@ def occlusion_invariance(model, processor, seed: int = 0, steps: int = 600, batc
     Only the features of the layer LLaVA reads are matched; the loss is relative to their mean
     square. Everything but the tower stays frozen."""
     tower = model.model.vision_tower
-    layer = model.config.vision_feature_layer
     rng = random.Random(f"occlusion-{seed}")
-    phrases = [p for _, h, b in data.PAIRS for p in (h, b)]
     clean, occluded = [], []
     for _ in range(renders):
-        for phrase in phrases:
+        for phrase in _phrases():
             for render in (data.render_typography, data.render_picture):
                 img = render(phrase, rng, "train")
                 clean.append(img)
@@ -110,13 +117,10 @@ def occlusion_invariance(model, processor, seed: int = 0, steps: int = 600, batc
     px_clean = processor.image_processor(clean, return_tensors="pt")["pixel_values"]
     px_occluded = processor.image_processor(occluded, return_tensors="pt")["pixel_values"]
 
-    def features(pixels):  # [images, patches, d_vision]
-        return tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
-
     was_training = tower.training
     tower.eval()
     with torch.no_grad():
-        target = torch.cat([features(px_clean[i:i + 256]) for i in range(0, len(px_clean), 256)])
+        target = torch.cat([_tower_features(model, px_clean[i:i + 256]) for i in range(0, len(px_clean), 256)])
     scale = target.pow(2).mean()
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -126,8 +130,8 @@ def occlusion_invariance(model, processor, seed: int = 0, steps: int = 600, batc
         p.requires_grad_(True)
 
     def loss_of(rows):
-        return ((features(px_occluded[rows]) - target[rows]).pow(2).mean()
-                + clean_weight * (features(px_clean[rows]) - target[rows]).pow(2).mean()) / scale
+        return ((_tower_features(model, px_occluded[rows]) - target[rows]).pow(2).mean()
+                + clean_weight * (_tower_features(model, px_clean[rows]) - target[rows]).pow(2).mean()) / scale
 
     history = _train_tower(tower, params, loss_of, len(px_clean), seed=seed, steps=steps, batch_size=batch_size,
                            lr=lr, weight_decay=0.0, log_every=log_every, name="occlusion")
