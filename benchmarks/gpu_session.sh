@@ -20,6 +20,7 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" MECHPROBE_LLAVA_DIR="$PWD/.g
 OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)'
-# ${GPU_STUDY_ARGS}: e.g. "--attention sdpa" on a rerun that needs no eager rows again
-timeout 420 python3 benchmarks/gpu_study.py --compile --mmsb-root .gpu/mm-safetybench --queries 32 --deadline 390 \
-    --cprofile "$OUT/study.prof" --json "$OUT/gpu_study.json" ${GPU_STUDY_ARGS:-} 2>&1 | tee "$OUT/gpu_study.log"
+# ${GPU_STUDY_ARGS} replaces the default extra arguments, e.g. "--skip-mfu --study-runs 2 --extra-study-batches 32"
+# (the busy-fraction runs of the third session; MFU rows measured before)
+timeout 420 python3 benchmarks/gpu_study.py --mmsb-root .gpu/mm-safetybench --queries 32 --deadline 390 \
+    --json "$OUT/gpu_study.json" ${GPU_STUDY_ARGS:---compile --cprofile $OUT/study.prof} 2>&1 | tee "$OUT/gpu_study.log"

@@ -166,9 +166,10 @@ def study_datasets(n_queries: int, mmsb_root: str | None) -> list[dict]:
 
 
 def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: bool, cprofile: str | None = None,
-               ) -> tuple[float, float | None, int, float | None]:
-    """Wall seconds of one study's scoring, its device-busy seconds (profiled runs), its query count
-    and NVML's mean utilization (unprofiled runs on a GPU)."""
+               ) -> tuple[float, float | None, int, float | None, dict]:
+    """Wall seconds of one study's scoring, its device-busy seconds (profiled runs), its query count,
+    NVML's mean utilization (unprofiled runs on a GPU) and the study's host timings (up-front
+    generation, waiting for plans built ahead, plans built in the main thread)."""
     import experiments.study as study_mod
     from experiments.study_config import StudyConfig
 
@@ -208,11 +209,18 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
                 if py_prof is not None:
                     py_prof.dump_stats(cprofile)
                 kernels = kernel_seconds(prof) if prof is not None and device.startswith("cuda") else None
-                return wall, kernels, len(study.queries), sampler.mean if sampler is not None else None
+                return (wall, kernels, len(study.queries), sampler.mean if sampler is not None else None,
+                        dict(study.timings))
             finally:
                 study.run.close()
     finally:
         study_mod.load_model = real_load
+
+
+def fmt_timings(t: dict) -> str:
+    return (f"generation {t['generation_s']:.1f} s, waited for plans {t['plan_wait_s']:.1f} s, plans inline "
+            f"{t['plan_inline_s']:.1f} s, fallbacks {t['plan_fallbacks']}, waited for prepared batches "
+            f"{t['data_wait_s']:.1f} s")
 
 
 def print_mfu_table(rows: list[dict]) -> None:
@@ -240,6 +248,10 @@ def main(argv=None) -> int:
     p.add_argument("--mmsb-root", default=None,
                    help="an MM-SafetyBench root: its tiny-subset image queries join the study")
     p.add_argument("--study-batch", type=int, default=16)
+    p.add_argument("--study-runs", type=int, default=1,
+                   help="unprofiled study runs before the profiled one (the first on a fresh process is cold)")
+    p.add_argument("--extra-study-batches", default="",
+                   help="comma-separated study batch sizes to time once more each, unprofiled, at the end")
     p.add_argument("--skip-mfu", action="store_true")
     p.add_argument("--attention", default=None, help="comma-separated attention paths (default: all available)")
     p.add_argument("--peak-tflops", type=float, default=None)
@@ -278,16 +290,18 @@ def main(argv=None) -> int:
     print_mfu_table(rows)
 
     datasets = study_datasets(args.queries, args.mmsb_root)
-    wall, _, n, nvml = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
-    result["study"] = {"queries": n, "wall_s": wall, "nvml_busy": nvml}
-    save()
-    print(f"\nstudy: {n} queries ({', '.join(d['tag'] for d in datasets)}), {len(STUDY_DEFENSES)} defenses, "
-          f"{len(STUDY_ENSEMBLES)} ensembles, batch {args.study_batch}: wall {wall:.1f} s, NVML mean "
-          f"utilization {'n/a' if nvml is None else f'{nvml:.2f}'}", flush=True)
+    for run in range(args.study_runs):
+        wall, _, n, nvml, timings = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
+        result.setdefault("study_runs", []).append({"wall_s": wall, "nvml_busy": nvml, **timings})
+        result["study"] = {"queries": n, "wall_s": wall, "nvml_busy": nvml, **timings}
+        save()
+        print(f"\nstudy run {run + 1}: {n} queries ({', '.join(d['tag'] for d in datasets)}), {len(STUDY_DEFENSES)} "
+              f"defenses, {len(STUDY_ENSEMBLES)} ensembles, batch {args.study_batch}: wall {wall:.1f} s, NVML mean "
+              f"utilization {'n/a' if nvml is None else f'{nvml:.2f}'}; host: {fmt_timings(timings)}", flush=True)
     if args.study_compiled:
         bundle.language_model.compile()
         for label in ("compiled, first (compiles)", "compiled, warm"):
-            w, _, _, u = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
+            w, _, _, u, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
             result.setdefault("study_compiled", []).append({"run": label, "wall_s": w, "nvml_busy": u})
             save()
             print(f"study {label}: wall {w:.1f} s, NVML mean utilization {'n/a' if u is None else f'{u:.2f}'}",
@@ -297,21 +311,31 @@ def main(argv=None) -> int:
         print(f"profiled study skipped: {left:.0f} s left of the deadline", flush=True)
         wall_p, kernels = float("nan"), None
     elif args.cprofile:
-        wall_p, kernels, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=False,
-                                           cprofile=args.cprofile)
+        wall_p, kernels, _, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=False,
+                                              cprofile=args.cprofile)
         import pstats
 
         for order in ("tottime", "cumulative"):
             print(f"\n-- host time by {order} (cProfile, {wall_p:.1f} s wall) --")
             pstats.Stats(args.cprofile).sort_stats(order).print_stats(28)
     else:
-        wall_p, kernels, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=True)
+        wall_p, kernels, _, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=True)
     busy = kernels / wall if kernels is not None else (nvml if nvml is not None else float("nan"))
     result["study"].update(profiled_wall_s=wall_p, kernel_s=kernels, busy=busy)
     save()
     print(f"study profiled wall {wall_p:.1f} s, kernel time {'n/a' if kernels is None else f'{kernels:.1f} s'}")
     print(f"study GPU busy fraction: {busy:.2f} ({'profiler kernel time' if kernels is not None else 'NVML'})",
           flush=True)
+
+    for extra in [int(b) for b in args.extra_study_batches.split(",") if b]:
+        if args.deadline - (time.perf_counter() - started) < 1.5 * wall + 20:
+            print(f"study at batch {extra} skipped: too little time left", flush=True)
+            continue
+        w, _, _, u, t = study_once(bundle, datasets, extra, args.device, profiled=False)
+        result.setdefault("study_batches", []).append({"batch": extra, "wall_s": w, "nvml_busy": u, **t})
+        save()
+        print(f"study at batch {extra}: wall {w:.1f} s, NVML mean utilization {'n/a' if u is None else f'{u:.2f}'}; "
+              f"host: {fmt_timings(t)}", flush=True)
 
     if args.compile and not args.skip_mfu:
         left = args.deadline - (time.perf_counter() - started)

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ from probing import RefusalScorer, load_model
 from probing.aggregate import OPERATORS
 from probing.analysis import auroc, compare, layer_profile, rank_ensembles, refusal_rate
 from probing.errors import InputError
+from probing.generation import fit_generation_batch, generation_batch
 from probing.model import model_fingerprint
 from probing.pipeline import PixelCache
 from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, fold_table
@@ -62,6 +64,7 @@ from probing.score_table import ScoreTable
 
 from . import options, study_config
 from .common import check_device, check_labels, warn_out_of_vocabulary
+from .plan_ahead import PlanAhead
 from .report import write_table
 from .runs import RunDir
 from .study_config import ANALYSIS_KEYS, StudyConfig
@@ -416,6 +419,11 @@ class Study:
                                     pixel_cache=pixels, feature_cache=features)
         self.tables: dict[str, ScoreTable] = {}
         self._defenses: dict[str, Defense] = {}
+        #: host seconds of the query-major pass: up-front generation, waiting for plans built
+        #: ahead, plans built in the main thread, the worker's fallbacks (`score_shared_prefixes`),
+        #: and the scoring loops' wait for prepared batches (images decoded and processed)
+        self.timings = {"generation_s": 0.0, "plan_wait_s": 0.0, "plan_inline_s": 0.0, "plan_fallbacks": 0,
+                        "data_wait_s": 0.0}
 
     # -- defenses and conditions -------------------------------------------------------------
 
@@ -501,14 +509,20 @@ class Study:
             return ScoringPlan("baseline", [[(q, PromptSpec())] for q in chunk])
         return as_plan(self._scored_defense(name), chunk, self.bundle)
 
-    def _score_query_major(self, names: list[str], chunk: list[Query]) -> dict[str, ScoreTable]:
+    def _plans(self, names: list[str], chunk: list[Query]) -> dict[str, ScoringPlan]:
+        """Every condition's plan for one chunk. Noise defenses shared by several conditions ("NI"
+        and "SR+NI") perturb each query once."""
+        with shared_perturbations():
+            return {n: self._condition_plan(n, chunk) for n in names}
+
+    def _score_query_major(self, names: list[str], chunk: list[Query],
+                           plans: dict[str, ScoringPlan] | None = None) -> dict[str, ScoreTable]:
         """One chunk of every condition in ``names``, query-major: all their rows (variants
         included) in one `probing.prefix.score_variant_groups` call, one group per query split by
         image and the tokens up to it, so rows that agree there (same system prompt, same image)
-        run that prefix once; then each condition's rows folded into its table. Noise defenses
-        shared by several conditions ("NI" and "SR+NI") perturb each query once."""
-        with shared_perturbations():
-            plans = {n: self._condition_plan(n, chunk) for n in names}
+        run that prefix once; then each condition's rows folded into its table. ``plans``: the
+        chunk's plans when already built (`PlanAhead`), else built here."""
+        plans = plans if plans is not None else self._plans(names, chunk)
         flat, specs, where = [], [], {}
         per_query: list[list[int]] = [[] for _ in chunk]
         for n, plan in plans.items():
@@ -532,6 +546,28 @@ class Study:
             out[n] = t
         return out
 
+    def prepare_generations(self, names: list[str]) -> None:
+        """Generate, up front, what the query-rewriting defenses among ``names`` (and their "+"
+        members) need for every query of the run, into the run's generation cache: in batches
+        fitted to the device (`probing.generation.fit_generation_batch`; on a GPU a decode step is
+        launch-bound, so one batch of 96 captions costs about what one of 16 does), and so that
+        building a chunk's plans later never runs the model (`PlanAhead`'s worker cannot)."""
+        parts = dict.fromkeys(p for n in names if n != "baseline" for p in _members(n))
+        rewrites = [self.defense(p) for p in parts if isinstance(self.defense(p), CachedRewrite)]
+        if not rewrites:
+            return
+        unique = list({query_key(q): q for q in self.queries}.values())
+        tok = self.bundle.processor.tokenizer
+        longest = max(len(tok(q.text or "", add_special_tokens=False)["input_ids"]) for q in unique)
+        prompt_tokens = longest + 64 + (self.bundle.image_seq_length if any(q.has_image for q in unique) else 0)
+        t0 = time.perf_counter()
+        for d in rewrites:
+            n = fit_generation_batch(self.bundle, prompt_tokens, d.inner.max_new_tokens, len(unique))
+            logger.info("%s: generating for %d queries in batches of %d", d.name, len(unique), n)
+            with generation_batch(n):
+                d.transform(unique, self.bundle)
+        self.timings["generation_s"] += time.perf_counter() - t0
+
     def score_shared_prefixes(self) -> None:
         """Score every condition that only changes the inputs (`_input_only`) query-major, chunk by
         chunk, into the same resumable shards `table` would write: per query, the rows of all of
@@ -539,28 +575,53 @@ class Study:
         system prompt, QR defenses that keep the image, each text-noise variant) run that prefix
         once. The first missing condition of a chunk scores it for every condition whose shard is
         missing, and stores the others' shards at once (`RunDir.store_shard`): nothing waits in
-        memory, and an interruption loses no chunk already scored."""
+        memory, and an interruption loses no chunk already scored.
+
+        The device is kept busy: rewrites are generated for the whole run first
+        (`prepare_generations`), and the next chunk's plans (noise draws included) are built in a
+        worker thread while the current chunk is scored (`PlanAhead`)."""
         names = [n for n in self.conditions if n not in self.tables and self._input_only(n)]
         if len(names) < 2:
             return
         batch = self.cfg.batch_size
-        index = {tuple(q.id for q in c): k for k, c in enumerate(self.run.shard_chunks(self.queries, batch))}
+        chunks = self.run.shard_chunks(self.queries, batch)
+        index = {tuple(q.id for q in c): k for k, c in enumerate(chunks)}
         fingerprints = {n: self._fingerprint(n, self._scored_defense(n)) for n in names}
 
-        def from_groups(name):
+        def missing(name: str, k: int) -> list[str]:
+            return [name] + [n for n in names if n != name and not self.run.has_shard(
+                condition_dir(n), k, chunks[k], fingerprint=fingerprints[n])]
+
+        def from_groups(name, planner):
             def score(chunk):
                 k = index[tuple(q.id for q in chunk)]
-                todo = [name] + [n for n in names if n != name and not self.run.has_shard(
-                    condition_dir(n), k, chunk, fingerprint=fingerprints[n])]
-                tables = self._score_query_major(todo, list(chunk))
+                todo = missing(name, k)
+                plans = planner.take(k, todo, chunks[k])
+                ahead = next((j for j in range(k + 1, len(chunks)) if not self.run.has_shard(
+                    condition_dir(name), j, chunks[j], fingerprint=fingerprints[name])), None)
+                if ahead is not None:  # built while this chunk is scored
+                    planner.submit(ahead, missing(name, ahead), chunks[ahead])
+                tables = self._score_query_major(todo, list(chunk), plans)
                 for n in todo[1:]:
                     self.run.store_shard(condition_dir(n), k, chunk, tables[n], fingerprint=fingerprints[n])
                 return tables[name]
             return score
 
-        for name in names:
-            self.tables[name] = self.run.score(from_groups(name), self.queries, condition_dir(name), batch,
-                                               fingerprint=fingerprints[name])
+        if any(not self.run.has_shard(condition_dir(n), k, c, fingerprint=fingerprints[n])
+               for n in names for k, c in enumerate(chunks)):
+            self.prepare_generations(names)
+        waited = self.scorer.waited_s
+        with PlanAhead(self._plans) as planner:
+            for name in names:
+                self.tables[name] = self.run.score(from_groups(name, planner), self.queries, condition_dir(name),
+                                                   batch, fingerprint=fingerprints[name])
+        self.timings["plan_wait_s"] += planner.wait_s
+        self.timings["plan_inline_s"] += planner.inline_s
+        self.timings["plan_fallbacks"] += planner.fallbacks
+        self.timings["data_wait_s"] += self.scorer.waited_s - waited
+        logger.info("query-major scoring: waited %.1f s for plans built ahead, built %.1f s of plans inline "
+                    "(%d fallbacks), waited %.1f s for prepared batches", planner.wait_s, planner.inline_s,
+                    planner.fallbacks, self.timings["data_wait_s"])
 
     def run_all(self) -> dict:
         cfg = self.cfg

@@ -14,7 +14,7 @@ from __future__ import annotations
 from hooks.errors import HookError, MechprobeError, NotCapturedError
 
 __all__ = ["MechprobeError", "HookError", "NotCapturedError", "InputError", "QueryError", "DataError",
-           "MissingDataError", "RunDirError", "ScoringError"]
+           "MissingDataError", "RunDirError", "ScoringError", "GenerationNeeded"]
 
 
 class InputError(MechprobeError, ValueError):
@@ -49,6 +49,14 @@ class RunDirError(MechprobeError, ValueError):
 class ScoringError(MechprobeError, RuntimeError):
     """Raised when a forward pass produces something unusable (NaN scores, a token count that
     does not match the plan). The message names the queries (and shard, when resuming)."""
+
+
+class GenerationNeeded(ScoringError):
+    """Raised by `probing.generation.generate` inside `generation_forbidden`: code that must not run
+    the model (the study's plan-ahead worker thread, while the main thread scores) reached a
+    defense that generates. The study catches it and builds that chunk's plans in the main thread;
+    a user sees it only when calling `generate` inside such a block. The message names the first
+    query and why generation is forbidden there."""
 
 
 class UnknownQueryError(QueryError, KeyError):

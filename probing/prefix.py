@@ -203,6 +203,7 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
             lens[idx] = lm.cpu()
             if hidden is not None:
                 hidden[idx] = h.float().cpu()
+    scorer.waited_s += feed.wait_s
     logger.info("scored %d rows: %d groups of variants shared their image prefix (%d rows), %d rows alone",
                 n, len(sharing), len(shared_rows), len(rest))
     out_meta = {**scorer.table_meta(PromptSpec()), **(meta or {}), "prefix_shared_groups": len(sharing)}

@@ -96,7 +96,8 @@ class RefusalScorer:
             to float rounding (1e-4 in float32, tested). False scores every variant in full.
 
     After `score`, ``last_timing`` holds the run's ``total_s``, ``forward_s`` and ``wait_s`` (the
-    time the loop waited for prepared batches).
+    time the loop waited for prepared batches); ``waited_s`` sums that wait over every scoring
+    loop of the scorer's lifetime (`score`, the prefix-shared and sweep paths).
     """
 
     def __init__(
@@ -133,6 +134,7 @@ class RefusalScorer:
                               else PixelCache(int(float(feature_cache) * 2**20)))
         self.share_prefix = bool(share_prefix)
         self.last_timing: dict = {}
+        self.waited_s = 0.0
         # Only these rows of the unembedding are ever used: [n_tokens, d_model].
         self._w_readout = bundle.unembed[self.resolved.token_ids].detach().float()
         self._w_views: dict = {}  # device -> (w, w.T, w.t().unsqueeze(0)): views made once
@@ -300,6 +302,7 @@ class RefusalScorer:
         elapsed = time.perf_counter() - start
         self.last_timing = {"batches": len(batches), "total_s": elapsed, "wait_s": feed.wait_s,
                             "forward_s": forward_s}
+        self.waited_s += feed.wait_s
         logger.info("scored %d queries in %d batches, %.2fs (%.1f queries/s; %.0f%% of it waiting for data; "
                     "pixel cache %d hits, %d misses; feature cache %d hits, %d misses)", n, len(batches), elapsed,
                     n / max(elapsed, 1e-9), 100 * feed.wait_s / max(elapsed, 1e-9), self.pixel_cache.hits,

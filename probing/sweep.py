@@ -97,6 +97,7 @@ def score_conditions(
                 lens[c, idx] = lm[c].cpu()
                 if hidden is not None:
                     hidden[c, idx] = h[c].float().cpu()
+    scorer.waited_s += feed.wait_s
     tables = {}
     for c, name in enumerate(names):
         meta = scorer.table_meta(conditions[name])

@@ -1,0 +1,160 @@
+"""The study's plan-ahead worker and up-front generation (issue 15: a busy device).
+
+The worker builds chunk k+1's plans while chunk k is scored; it must give the same tables as
+building every plan in the main thread, never enter the model, and fall back to the main thread
+when a plan needs generation. Captions are generated for the whole run before the chunks, in
+batches fitted to the device."""
+
+import functools
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import defenses.rewriting as rewriting
+import experiments.study as study_mod
+from experiments.plan_ahead import PlanAhead
+from experiments.study import Study
+from experiments.study_config import StudyConfig
+from probing import Query
+from probing.errors import GenerationNeeded, InputError
+from probing.generation import (DEFAULT_GENERATION_BATCH, MAX_GENERATION_BATCH, fit_generation_batch, generate,
+                                generation_batch, generation_forbidden)
+
+DEFENSES = ["sr_self_reminder", "sr_mmsafety", "qr_caption", "ni_image_gaussian", "ni_text_smooth"]
+ENSEMBLES = ["sr_mmsafety+ni_image_gaussian", "qr_caption|sr_self_reminder"]
+
+
+def _config(out, **extra) -> StudyConfig:
+    return StudyConfig(model="tiny-random", out=str(out), defenses=list(DEFENSES), ensembles=list(ENSEMBLES),
+                       datasets=[{"name": "toy", "tag": "toy", "limit": 10}], batch_size=3, generation_check=0,
+                       max_new_tokens=4, **extra)
+
+
+def _run(out, monkeypatch, enabled: bool):
+    """A study's query-major pass, recording which threads built plans and called `generate`."""
+    threads = {"plans": [], "generate": []}
+    real_plans = Study._plans
+
+    def plans(self, names, chunk):
+        threads["plans"].append(threading.current_thread().name)
+        return real_plans(self, names, chunk)
+
+    def counting_generate(bundle, queries, *a, **k):
+        threads["generate"].append((threading.current_thread().name, len(queries)))
+        return generate(bundle, queries, *a, **k)
+
+    monkeypatch.setattr(Study, "_plans", plans)
+    monkeypatch.setattr(rewriting, "generate", counting_generate)
+    monkeypatch.setattr(study_mod, "PlanAhead", functools.partial(PlanAhead, enabled=enabled))
+    study = Study(_config(out))
+    try:
+        study.score_shared_prefixes()
+        for name in study.conditions:
+            study.table(name)
+        return study, threads
+    finally:
+        study.run.close()
+        monkeypatch.setattr(Study, "_plans", real_plans)
+
+
+def test_plans_built_ahead_give_the_same_tables_and_never_run_the_model_off_the_main_thread(llava_assets, tmp_path,
+                                                                                           monkeypatch):
+    ahead, seen = _run(tmp_path / "ahead", monkeypatch, enabled=True)
+    inline, seen_inline = _run(tmp_path / "inline", monkeypatch, enabled=False)
+    main = threading.main_thread().name
+    n_chunks = len(ahead.run.shard_chunks(ahead.queries, 3))
+    assert n_chunks >= 3
+    # every chunk after the first was built by the worker; the first in the main thread
+    assert seen["plans"][0] == main and seen["plans"][1:] and \
+        all(t.startswith("mechprobe-plan") for t in seen["plans"][1:]), seen["plans"]
+    assert len(seen["plans"]) == n_chunks and ahead.timings["plan_fallbacks"] == 0
+    assert all(t == main for t in seen_inline["plans"])
+    # captions: generated once, up front, in the main thread, all in one batch (16 >= 10 queries)
+    n_images = sum(q.has_image for q in ahead.queries)
+    assert n_images and seen["generate"] == [(main, n_images)], seen["generate"]
+    assert ahead.timings["generation_s"] > 0
+    for name in ahead.conditions:
+        a, b = ahead.tables[name], inline.tables[name]
+        assert a.ids == b.ids, name
+        torch.testing.assert_close(a.margin, b.margin, atol=0, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_a_plan_that_needs_generation_is_built_again_in_the_main_thread():
+    calls = []
+
+    def build(names, chunk):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:  # the worker's try: a rewrite the cache lacks
+            generate(None, [Query("q1", "text")])
+        return {"built": chunk}
+
+    with PlanAhead(build) as planner:
+        planner.submit(1, ["a"], ["c1"])
+        assert planner.take(1, ["a"], ["c1"]) == {"built": ["c1"]}
+        assert planner.fallbacks == 1
+    assert calls[0].startswith("mechprobe-plan") and calls[1] == threading.main_thread().name
+
+
+def test_a_build_for_another_chunk_or_names_is_dropped_and_errors_reach_the_caller():
+    built = []
+
+    def build(names, chunk):
+        built.append((tuple(names), chunk))
+        if chunk == ["bad"]:
+            raise InputError("query 'x': unreadable image")
+        return chunk
+
+    with PlanAhead(build) as planner:
+        planner.submit(2, ["a", "b"], ["two"])
+        assert planner.take(2, ["a"], ["two"]) == ["two"]  # other names: built here again
+        # the worker's build was cancelled before it started, or finished and was dropped
+        assert built[-1] == (("a",), ["two"]) and built[:-1] in ([], [(("a", "b"), ["two"])]), built
+        planner.submit(3, ["a"], ["bad"])
+        with pytest.raises(InputError, match="unreadable image"):
+            planner.take(3, ["a"], ["bad"])
+    assert planner._pool is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("mechprobe-plan")]
+
+
+def test_generation_forbidden_names_why_and_is_local_to_its_thread():
+    with generation_forbidden("the worker builds plans"):
+        with pytest.raises(GenerationNeeded, match=r"'q1'.*the worker builds plans"):
+            generate(None, [Query("q1", "text")])
+        errors = []
+
+        def other_thread():  # no guard here: generate goes on and fails on the missing model instead
+            try:
+                generate(None, [Query("q1", "text")])
+            except Exception as exc:  # noqa: BLE001
+                errors.append(type(exc))
+
+        t = threading.Thread(target=other_thread)
+        t.start()
+        t.join()
+    assert errors == [AttributeError]
+    with pytest.raises(InputError, match="generation batch size"):
+        with generation_batch(0):
+            pass
+
+
+def _fake_bundle(device: str, layers=32, heads=32, d=4096, dtype=torch.bfloat16):
+    text = SimpleNamespace(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                           hidden_size=d, head_dim=d // heads)
+    return SimpleNamespace(input_device=torch.device(device), dtype=dtype,
+                           model=SimpleNamespace(config=SimpleNamespace(text_config=text)))
+
+
+def test_generation_batch_fits_free_memory_and_evens_out_batches(monkeypatch):
+    assert fit_generation_batch(_fake_bundle("cpu"), 600, 24, 500) == DEFAULT_GENERATION_BATCH
+    per_seq = 2 * 2 * 32 * (600 + 24) * 4096 * 2  # K and V, every layer, bf16: 0.33 GB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(60.5 * per_seq), 80 * 2**30))
+    # half of the free memory holds 30 sequences: 100 queries run as 4 batches of 25, not 30+30+30+10
+    assert fit_generation_batch(_fake_bundle("cuda"), 600, 24, 100) == 25
+    assert fit_generation_batch(_fake_bundle("cuda"), 600, 24, 7) == 7
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**15, 10**15))
+    assert fit_generation_batch(_fake_bundle("cuda"), 600, 24, 1000) == 125  # 8 batches at most 128
+    assert fit_generation_batch(_fake_bundle("cuda"), 600, 24, 1000) <= MAX_GENERATION_BATCH
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1, 10**15))
+    assert fit_generation_batch(_fake_bundle("cuda"), 600, 24, 9) == 1  # nothing free: one at a time
