@@ -2,7 +2,8 @@
 
 Building a chunk's plans is host work the device would otherwise wait for: noise injection draws
 K perturbed copies of every image (~50-90 ms a copy of a 1024 px image on one core), SR and QR
-defenses render their text. `PlanAhead` runs that for the next chunk in one background thread
+defenses render their text, and every image of the chunk (the copies included) must go through
+the image processor. `PlanAhead` runs that for the next chunk in one background thread
 while the main thread scores the current one, so the device keeps working.
 
 The worker must not enter the model: the scorer's hooks and the image-feature cache belong to the
@@ -33,7 +34,8 @@ class PlanAhead:
     """``build(names, chunk)`` for the next chunk in one worker thread (see the module docstring).
 
     `submit` starts the next chunk's build (replacing one not taken), `take` returns a chunk's
-    plans: the worker's if it built that chunk for the same names, else built here. Use it as a
+    plans: the worker's if it built that chunk for the same names, else built here. ``discard``
+    is called with a finished build nobody takes (the study unstages its images). Use it as a
     context manager: `close` waits for a running build and stops the thread, also after an error
     or Ctrl-C, so no thread outlives the block. ``enabled=False`` builds everything in `take`.
 
@@ -43,8 +45,9 @@ class PlanAhead:
         fallbacks: builds the worker gave up because they needed generation.
     """
 
-    def __init__(self, build: Callable[[list[str], list], dict], enabled: bool = True):
-        self.build = build
+    def __init__(self, build: Callable[[list[str], list], object], enabled: bool = True,
+                 discard: Callable[[object], None] | None = None):
+        self.build, self.discard = build, discard
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mechprobe-plan") if enabled else None
         self._pending: tuple[Hashable, tuple[str, ...], Future] | None = None
         self.wait_s = self.inline_s = 0.0
@@ -68,9 +71,11 @@ class PlanAhead:
             self._pending = None
             if not future.cancel():
                 try:
-                    future.result()
+                    built = future.result()
                 except Exception:  # noqa: BLE001 -- an unwanted build's error is nobody's concern
-                    pass
+                    return
+                if self.discard is not None:
+                    self.discard(built)
 
     def take(self, key: Hashable, names: list[str], chunk: list) -> dict:
         """``chunk``'s plans for ``names``: the worker's build when it made exactly this one."""

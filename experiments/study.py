@@ -75,6 +75,8 @@ add_arguments = options.study  # the options live in experiments/options.py
 
 SCORE_OPS = tuple(OPERATORS)  # "|", "&", "~": combined from finished tables
 INPUT_CATEGORIES = ("SR", "QR", "NI")  # defenses that only change the model's inputs
+#: at most this many threads process one chunk's images ahead (`Study._chunk_inputs`)
+MAX_PIXEL_THREADS = 8
 #: Loaders whose ids already say where a query came from.
 OWN_PREFIX = {"mossbench": "moss-", "mmsafetybench": "mmsb-"}
 
@@ -515,6 +517,16 @@ class Study:
         with shared_perturbations():
             return {n: self._condition_plan(n, chunk) for n in names}
 
+    def _chunk_inputs(self, names: list[str], chunk: list[Query]) -> tuple[dict[str, ScoringPlan], list]:
+        """A chunk's plans, and its images processed ahead: every row's pixel values (the noise
+        copies included) staged in the scorer's pixel cache (`PixelCache.stage_images`, several
+        threads) so the scoring loop only tokenizes. Returns the plans and the staged images
+        (unstaged once the chunk is scored)."""
+        plans = self._plans(names, chunk)
+        rows = [q for plan in plans.values() for q in expand_variants(chunk, plan)[0]]
+        threads = min(os.cpu_count() or 1, MAX_PIXEL_THREADS)
+        return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=threads)
+
     def _score_query_major(self, names: list[str], chunk: list[Query],
                            plans: dict[str, ScoringPlan] | None = None) -> dict[str, ScoreTable]:
         """One chunk of every condition in ``names``, query-major: all their rows (variants
@@ -596,12 +608,15 @@ class Study:
             def score(chunk):
                 k = index[tuple(q.id for q in chunk)]
                 todo = missing(name, k)
-                plans = planner.take(k, todo, chunks[k])
+                plans, staged = planner.take(k, todo, chunks[k])
                 ahead = next((j for j in range(k + 1, len(chunks)) if not self.run.has_shard(
                     condition_dir(name), j, chunks[j], fingerprint=fingerprints[name])), None)
                 if ahead is not None:  # built while this chunk is scored
                     planner.submit(ahead, missing(name, ahead), chunks[ahead])
-                tables = self._score_query_major(todo, list(chunk), plans)
+                try:
+                    tables = self._score_query_major(todo, list(chunk), plans)
+                finally:
+                    self.scorer.pixel_cache.unstage(staged)
                 for n in todo[1:]:
                     self.run.store_shard(condition_dir(n), k, chunk, tables[n], fingerprint=fingerprints[n])
                 return tables[name]
@@ -611,7 +626,7 @@ class Study:
                for n in names for k, c in enumerate(chunks)):
             self.prepare_generations(names)
         waited = self.scorer.waited_s
-        with PlanAhead(self._plans) as planner:
+        with PlanAhead(self._chunk_inputs, discard=lambda built: self.scorer.pixel_cache.unstage(built[1])) as planner:
             for name in names:
                 self.tables[name] = self.run.score(from_groups(name, planner), self.queries, condition_dir(name),
                                                    batch, fingerprint=fingerprints[name])

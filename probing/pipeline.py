@@ -152,6 +152,12 @@ class PixelCache:
     condition after condition is a repeated scan, which LRU turns into zero hits once the images
     outnumber the budget; "keep" then still serves the first images that fit on every pass.
     Thread-safe. ``max_bytes=0`` disables it (every lookup misses, nothing is stored).
+
+    **Staged images** (`stage_images`, `unstage`): pixel values computed ahead for particular
+    in-memory image *objects* (a study chunk's noise-injected copies, built while the previous
+    chunk is scored), held outside the byte budget until unstaged and found by object identity, so
+    `encode_batch` neither hashes nor processes them again. The entry holds the image itself, so
+    its ``id()`` cannot pass to another object while staged.
     """
 
     POLICIES = ("lru", "keep")
@@ -166,6 +172,7 @@ class PixelCache:
         self.bytes = 0
         self.hits = self.misses = 0
         self._entries: OrderedDict = OrderedDict()
+        self._staged: dict[int, tuple] = {}  # id(image) -> (image, key, value)
         self._lock = threading.Lock()
 
     @property
@@ -204,7 +211,63 @@ class PixelCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._staged.clear()
             self.bytes = 0
+
+    def staged(self, image) -> tuple[tuple, torch.Tensor] | None:
+        """``(key, pixel values)`` staged for this very image object, else None."""
+        with self._lock:
+            entry = self._staged.get(id(image))
+        return entry[1:] if entry is not None and entry[0] is image else None
+
+    def stage_images(self, bundle, queries: Sequence[Query], threads: int = 1) -> list:
+        """Compute ahead what `encode_batch` needs for the images of ``queries`` (``threads`` at
+        once: PIL and torch release the GIL). Image files: processed and stored in the cache (when
+        it has room), so the scoring loop finds them. In-memory images: key and pixel values
+        staged for the object (also when the cache holds them: their key is a hash of every
+        pixel, not computed again). Returns the staged images, for `unstage`."""
+        todo, seen = [], set()
+        for q in queries:
+            if q.has_image and id(q.image) not in seen:
+                seen.add(id(q.image))
+                todo.append(q)
+
+        def one(q: Query):
+            if isinstance(q.image, Image.Image) and self.staged(q.image) is not None:
+                return None
+            try:
+                key, rgb = image_key(q)
+            except OSError:  # unreadable file metadata: load_image raises the error naming the query
+                q.load_image()
+                raise
+            value = self.get(key)
+            if value is None:
+                value = process_image(bundle, rgb if rgb is not None else q.load_image())
+                self.put(key, value)
+            return key, value
+
+        if threads > 1 and len(todo) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="mechprobe-pixels") as pool:
+                done = list(pool.map(one, todo))
+        else:
+            done = [one(q) for q in todo]
+        staged = []
+        with self._lock:
+            for q, result in zip(todo, done):
+                if result is not None and isinstance(q.image, Image.Image):
+                    self._staged[id(q.image)] = (q.image, *result)
+                    staged.append(q.image)
+        return staged
+
+    def unstage(self, images) -> None:
+        """Drop the staged entries of ``images`` (those `stage_images` returned)."""
+        with self._lock:
+            for image in images:
+                entry = self._staged.get(id(image))
+                if entry is not None and entry[0] is image:
+                    del self._staged[id(image)]
 
 
 _MODULE_UIDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -302,6 +365,12 @@ def encode_batch(bundle, prompts: Sequence[str], queries: Sequence[Query], cache
     for q in queries:
         if not q.has_image:
             pixels.append(None)
+            continue
+        staged = cache.staged(q.image) if cache is not None else None
+        if staged is not None:  # computed ahead (`PixelCache.stage_images`)
+            if keys is not None:
+                keys.append(staged[0])
+            pixels.append(staged[1])
             continue
         try:
             key, loaded = image_key(q)

@@ -311,3 +311,42 @@ def test_study_feature_cache_takes_at_most_a_tenth_of_an_accelerator(tiny, monke
     assert features.max_bytes <= 24 * 2**30 // 10 + 2**20
     pixels, _ = study.image_caches(tiny, 10**6)
     assert pixels.max_bytes == study.IMAGE_CACHE_CAP_MB * 2**20 + 2**20
+
+
+def test_staged_images_are_encoded_without_hashing_or_processing_again(tiny, file_queries, mixed_queries, monkeypatch):
+    """`PixelCache.stage_images` (the study's chunk built ahead): `encode_batch` then gives what
+    `encode` gives, bit for bit, without computing an in-memory image's key or pixels again; file
+    images are stored in the cache; a full cache stages beside its budget; `unstage` drops them."""
+    import probing.pipeline as pipeline
+
+    from PIL import Image
+
+    queries = [*mixed_queries, *(Query(f"file-{q.id}", q.text, q.image, q.label) for q in file_queries)]
+    scorer = RefusalScorer(tiny)
+    prompts = scorer.render(queries)
+    want = encode(tiny, prompts, [q.load_image() for q in queries])
+    in_memory = [q for q in queries if isinstance(q.image, Image.Image)]
+    files = [q for q in queries if q.has_image and q not in in_memory]
+    assert in_memory and files
+    for budget in (2**30, 0 + 1):  # room for all, and a cache too small to store anything
+        cache = PixelCache(budget, policy="keep")
+        staged = cache.stage_images(tiny, queries, threads=2)
+        assert [id(i) for i in staged] == [id(q.image) for q in in_memory]
+        calls = []
+        real_key, real_process = pipeline.image_key, pipeline.process_image
+        monkeypatch.setattr(pipeline, "image_key", lambda q: calls.append(q.id) or real_key(q))
+        monkeypatch.setattr(pipeline, "process_image", lambda b, im: calls.append("process") or real_process(b, im))
+        keys: list = []
+        got = encode_batch(tiny, prompts, queries, cache, keys=keys)
+        monkeypatch.setattr(pipeline, "image_key", real_key)
+        monkeypatch.setattr(pipeline, "process_image", real_process)
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+        assert [real_key(q)[0] for q in queries if q.has_image] == keys
+        # in-memory images: nothing computed again; files: keyed by stat, processed only when not stored
+        assert set(calls) - {"process"} == {q.id for q in files}, calls
+        assert calls.count("process") == (0 if budget > 1 else len(files)), calls
+        other = in_memory[0].image.copy()  # equal pixels, another object: never the staged entry
+        assert cache.staged(other) is None and cache.staged(in_memory[0].image) is not None
+        cache.unstage(staged)
+        assert all(cache.staged(i) is None for i in staged)
