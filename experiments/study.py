@@ -354,9 +354,16 @@ IMAGE_CACHE_CAP_MB = 4096
 
 def image_caches(bundle, n_images: int) -> tuple[PixelCache, PixelCache]:
     """The study's pixel and feature caches, sized to hold every image of the run once (up to
-    `IMAGE_CACHE_CAP_MB` each) with the "keep" policy: conditions visit the same images in turn,
-    a repeated scan, so whatever fits is served to every later condition (perturbed images of
-    noise injection, seen once, find it full and are not stored)."""
+    `IMAGE_CACHE_CAP_MB` each).
+
+    Pixels: the "keep" policy. Conditions scored one after another visit the same images in turn,
+    a repeated scan, so whatever fits is served to every later condition; the query-major pass
+    stores only the run's own images there (noise copies are staged beside it, for their chunk).
+
+    Features (filled on the main thread, noise copies included): "lru" when every image of the
+    run fits, so the query-major pass, which uses each chunk's images and copies together, keeps
+    the recent ones, and a later scan of the run's images fits whole; "keep" when capped (LRU
+    would serve a repeated scan nothing)."""
     item = torch.empty((), dtype=bundle.dtype).element_size()
     crop = getattr(bundle.processor.image_processor, "crop_size", None) or {}
     side = (crop.get("height", 336), crop.get("width", 336)) if isinstance(crop, dict) else (336, 336)
@@ -371,7 +378,8 @@ def image_caches(bundle, n_images: int) -> tuple[PixelCache, PixelCache]:
                         what, n_images, size / 2**20, caps[what] / 2**20, int(n_images * caps[what] / size))
     # a little headroom: entries are stored at their exact size, so n_images fit exactly
     return (PixelCache(min(need["pixel"], caps["pixel"]) + 2**20, policy="keep"),
-            PixelCache(min(need["feature"], caps["feature"]) + 2**20, policy="keep"))
+            PixelCache(min(need["feature"], caps["feature"]) + 2**20,
+                       policy="lru" if need["feature"] <= caps["feature"] else "keep"))
 
 
 def device_memory(device) -> int:
@@ -520,12 +528,13 @@ class Study:
     def _chunk_inputs(self, names: list[str], chunk: list[Query]) -> tuple[dict[str, ScoringPlan], list]:
         """A chunk's plans, and its images processed ahead: every row's pixel values (the noise
         copies included) staged in the scorer's pixel cache (`PixelCache.stage_images`, several
-        threads) so the scoring loop only tokenizes. Returns the plans and the staged images
-        (unstaged once the chunk is scored)."""
+        threads) so the scoring loop only tokenizes; only the chunk's own images are stored in the
+        cache for later conditions. Returns the plans and the staged images (unstaged once the
+        chunk is scored)."""
         plans = self._plans(names, chunk)
         rows = [q for plan in plans.values() for q in expand_variants(chunk, plan)[0]]
         threads = min(os.cpu_count() or 1, MAX_PIXEL_THREADS)
-        return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=threads)
+        return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=threads, keep=chunk)
 
     def _score_query_major(self, names: list[str], chunk: list[Query],
                            plans: dict[str, ScoringPlan] | None = None) -> dict[str, ScoreTable]:

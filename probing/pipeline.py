@@ -220,12 +220,14 @@ class PixelCache:
             entry = self._staged.get(id(image))
         return entry[1:] if entry is not None and entry[0] is image else None
 
-    def stage_images(self, bundle, queries: Sequence[Query], threads: int = 1) -> list:
+    def stage_images(self, bundle, queries: Sequence[Query], threads: int = 1, keep: Sequence[Query] = ()) -> list:
         """Compute ahead what `encode_batch` needs for the images of ``queries`` (``threads`` at
-        once: PIL and torch release the GIL). Image files: processed and stored in the cache (when
-        it has room), so the scoring loop finds them. In-memory images: key and pixel values
-        staged for the object (also when the cache holds them: their key is a hash of every
-        pixel, not computed again). Returns the staged images, for `unstage`."""
+        once: PIL and torch release the GIL). In-memory images: key and pixel values staged for
+        the object (their key is a hash of every pixel, not computed again). Images of ``keep``
+        (the run's own images, not transient copies) are also stored in the cache as usual, so a
+        "keep" cache fills with the images later passes need, not with noise copies seen once.
+        Returns the staged images, for `unstage`."""
+        kept = {id(q.image) for q in keep if q.has_image}
         todo, seen = [], set()
         for q in queries:
             if q.has_image and id(q.image) not in seen:
@@ -243,7 +245,8 @@ class PixelCache:
             value = self.get(key)
             if value is None:
                 value = process_image(bundle, rgb if rgb is not None else q.load_image())
-                self.put(key, value)
+                if id(q.image) in kept:
+                    self.put(key, value)
             return key, value
 
         if threads > 1 and len(todo) > 1:

@@ -297,7 +297,7 @@ def test_study_caches_hold_every_image_of_the_run(tiny):
     from experiments.study import image_caches
 
     pixels, features = image_caches(tiny, 10)
-    assert pixels.policy == features.policy == "keep"
+    assert pixels.policy == "keep" and features.policy == "lru"  # every image fits
     per_feature = tiny.image_seq_length * tiny.d_model * 4  # float32
     assert 10 * per_feature <= features.max_bytes < 10 * per_feature + 2 * 2**20
     assert pixels.max_bytes >= 10 * 3 * 336 * 336 * 4
@@ -308,7 +308,7 @@ def test_study_feature_cache_takes_at_most_a_tenth_of_an_accelerator(tiny, monke
 
     monkeypatch.setattr(study, "device_memory", lambda device: 24 * 2**30)  # a 24 GiB card
     _, features = study.image_caches(tiny, 10**6)  # far more images than fit
-    assert features.max_bytes <= 24 * 2**30 // 10 + 2**20
+    assert features.max_bytes <= 24 * 2**30 // 10 + 2**20 and features.policy == "keep"
     pixels, _ = study.image_caches(tiny, 10**6)
     assert pixels.max_bytes == study.IMAGE_CACHE_CAP_MB * 2**20 + 2**20
 
@@ -330,8 +330,9 @@ def test_staged_images_are_encoded_without_hashing_or_processing_again(tiny, fil
     assert in_memory and files
     for budget in (2**30, 0 + 1):  # room for all, and a cache too small to store anything
         cache = PixelCache(budget, policy="keep")
-        staged = cache.stage_images(tiny, queries, threads=2)
+        staged = cache.stage_images(tiny, queries, threads=2, keep=queries)
         assert [id(i) for i in staged] == [id(q.image) for q in in_memory]
+        assert len(cache) == (len(in_memory) + len(files) if budget > 1 else 0)
         calls = []
         real_key, real_process = pipeline.image_key, pipeline.process_image
         monkeypatch.setattr(pipeline, "image_key", lambda q: calls.append(q.id) or real_key(q))
@@ -350,3 +351,7 @@ def test_staged_images_are_encoded_without_hashing_or_processing_again(tiny, fil
         assert cache.staged(other) is None and cache.staged(in_memory[0].image) is not None
         cache.unstage(staged)
         assert all(cache.staged(i) is None for i in staged)
+    # images not to keep (noise copies) are only staged: the cache stays free for the run's own
+    cache = PixelCache(2**30, policy="keep")
+    staged = cache.stage_images(tiny, queries, keep=[])
+    assert len(staged) == len(in_memory) and len(cache) == 0
