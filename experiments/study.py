@@ -526,13 +526,16 @@ class Study:
             return {n: self._condition_plan(n, chunk) for n in names}
 
     def _chunk_inputs(self, names: list[str], chunk: list[Query]) -> tuple[dict[str, ScoringPlan], list]:
-        """A chunk's plans, and its images processed ahead: every row's pixel values (the noise
-        copies included) staged in the scorer's pixel cache (`PixelCache.stage_images`, several
-        threads) so the scoring loop only tokenizes; only the chunk's own images are stored in the
+        """A chunk's plans, and its rows prepared ahead: every row's prompt rendered (remembered by
+        `probing.render.render_prompt`), every row's pixel values (the noise copies included)
+        staged in the scorer's pixel cache (`PixelCache.stage_images`, several threads) so the
+        scoring loop only tokenizes; only the chunk's own images are stored in the
         cache for later conditions. Returns the plans and the staged images (unstaged once the
         chunk is scored)."""
         plans = self._plans(names, chunk)
-        rows = [q for plan in plans.values() for q in expand_variants(chunk, plan)[0]]
+        expanded = [expand_variants(chunk, plan)[:2] for plan in plans.values()]
+        rows = [q for r, _ in expanded for q in r]
+        self.scorer.render(rows, [s for _, specs in expanded for s in specs])  # remembered: the scoring renders them again
         threads = min(os.cpu_count() or 1, MAX_PIXEL_THREADS)
         return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=threads, keep=chunk)
 

@@ -59,3 +59,28 @@ def test_plan_batches_sorts_by_length_and_covers_all():
     batches = plan_batches(lengths, 2)
     assert batches == [[3, 1], [4, 2], [0]]
     assert sorted(i for b in batches for i in b) == list(range(5))
+
+
+def test_remembered_prompts_equal_the_template_and_follow_its_changes(processor):
+    """`render_prompt` remembers prompts per processor (the study renders rows twice): what it
+    returns equals the chat template's own output, for every input it depends on, and a changed
+    template is rendered anew."""
+    import copy
+
+    def direct(proc, q, spec):
+        content = ([{"type": "image"}] if q.has_image else []) + [
+            {"type": "text", "text": "\n".join(s for s in (spec.text_before, q.text, spec.text_after) if s)}]
+        conv = ([{"role": "system", "content": [{"type": "text", "text": spec.system}]}] if spec.system else [])
+        return proc.apply_chat_template(conv + [{"role": "user", "content": content}], add_generation_prompt=True)
+
+    proc = copy.deepcopy(processor)
+    cases = [(Query("a", "Same text"), PromptSpec()), (Query("b", "Same text", noise_image(1)), PromptSpec()),
+             (Query("c", "Same text"), PromptSpec(system_prompt="Be safe.")),
+             (Query("d", "Same text"), PromptSpec(text_after="Refuse harm.")),
+             (Query("e", "Same text"), PromptSpec(default_system="Default."))]
+    first = [render_prompt(proc, q, s) for q, s in cases]
+    assert len(set(first)) == len(cases)  # every dependency changes the prompt
+    assert [render_prompt(proc, q, s) for q, s in cases] == first == [direct(proc, q, s) for q, s in cases]
+    proc.chat_template = "CHANGED " + proc.chat_template
+    changed = render_prompt(proc, *cases[0])
+    assert changed.startswith("CHANGED ") and changed == direct(proc, *cases[0])
