@@ -14,7 +14,12 @@ Every distinct forward happens once per run directory (``<out>/``):
 - a fine-tuned model (``mo_finetune``) is trained once and saved in ``<out>/models/<name>/``; every
   condition of the run (and a resumed run) uses that copy;
 - query-rewriting generations (captions, intentions) are cached per defense and model in
-  ``<out>/generations/``, and so is the generation cross-check.
+  ``<out>/generations/``, and so is the generation cross-check; they are generated for the whole
+  run before the first chunk, in batches fitted to the device's free memory.
+
+Conditions that only change the inputs are scored query-major, chunk by chunk; while one chunk is
+scored, a worker thread prepares the next (`experiments.plan_ahead`: its noise draws, prompts and
+images), so the device does not wait for the host.
 
 Outputs: ``summary.csv|json`` (one row per condition), ``scores/<condition>/`` (ScoreTables, no
 hidden states), ``tables/`` (conditions: every figure with intervals; per_dataset; tradeoff;
