@@ -586,6 +586,7 @@ class Study:
         if not rewrites:
             return
         unique = list({query_key(q): q for q in self.queries}.values())
+        unique.sort(key=lambda q: not q.has_image)  # captions are for image queries: full batches first
         tok = self.bundle.processor.tokenizer
         longest = max(len(tok(q.text or "", add_special_tokens=False)["input_ids"]) for q in unique)
         prompt_tokens = longest + 64 + (self.bundle.image_seq_length if any(q.has_image for q in unique) else 0)
@@ -593,8 +594,11 @@ class Study:
         for d in rewrites:
             n = fit_generation_batch(self.bundle, prompt_tokens, d.inner.max_new_tokens, len(unique))
             logger.info("%s: generating for %d queries in batches of %d", d.name, len(unique), n)
+            # one batch a call: each call stores its generations, so an interruption keeps them
             with generation_batch(n):
-                d.transform(unique, self.bundle)
+                for start in tqdm(range(0, len(unique), n), desc=f"{d.name} (generation)", unit="batch",
+                                  disable=None if len(unique) > n else True):
+                    d.transform(unique[start:start + n], self.bundle)
         self.timings["generation_s"] += time.perf_counter() - t0
 
     def score_shared_prefixes(self) -> None:

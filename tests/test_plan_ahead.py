@@ -158,3 +158,34 @@ def test_generation_batch_fits_free_memory_and_evens_out_batches(monkeypatch):
     assert fit_generation_batch(_fake_bundle("cuda"), 600, 24, 1000) <= MAX_GENERATION_BATCH
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1, 10**15))
     assert fit_generation_batch(_fake_bundle("cuda"), 600, 24, 9) == 1  # nothing free: one at a time
+
+
+def test_generations_made_before_an_interruption_are_kept(llava_assets, tmp_path, monkeypatch):
+    """Up-front generation stores each batch as it finishes: a study interrupted in its second
+    batch keeps the first one's captions, and the resumed study generates only the rest."""
+    monkeypatch.setattr(study_mod, "fit_generation_batch", lambda *a, **k: 2)
+    calls = []
+
+    def counting(bundle, queries, *a, fail_at=None, **k):
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        calls.append([q.id for q in queries])
+        return generate(bundle, queries, *a, **k)
+
+    monkeypatch.setattr(rewriting, "generate", functools.partial(counting, fail_at=1))
+    study = Study(_config(tmp_path / "run"))
+    with pytest.raises(KeyboardInterrupt):
+        study.score_shared_prefixes()
+    study.run.close()
+    assert len(calls) == 1 and len(calls[0]) == 2
+    first = calls[0]
+    calls.clear()
+    monkeypatch.setattr(rewriting, "generate", counting)
+    resumed = Study(_config(tmp_path / "run"))
+    try:
+        resumed.score_shared_prefixes()
+        asked = [i for c in calls for i in c]
+        n_images = sum(q.has_image for q in resumed.queries)
+        assert not set(first) & set(asked) and len(asked) == n_images - 2, (first, calls)
+    finally:
+        resumed.run.close()
