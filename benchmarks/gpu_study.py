@@ -14,7 +14,10 @@ with the baseline, two SR defenses (one with a system prompt), `qr_caption`, `ni
 `ni_text_smooth` and two ensembles (`mo_finetune` left out: its training at 7B alone outlasts a
 device session). Run twice in fresh run directories: once for the wall time, once under
 torch.profiler for the kernel time (the union of all kernel intervals, so overlapping streams
-count once). Busy fraction = kernel time / unprofiled wall time (goal >= 0.90).
+count once). Busy fraction = kernel time / unprofiled wall time (goal >= 0.90). ``--study-runs N``
+times N unprofiled runs first (a fresh process's first is cold); ``--extra-study-batches 32``
+times the study once more at other batch sizes. Each run prints `Study.timings`: the up-front
+generation, the waits for the plan-ahead worker and for prepared batches.
 
 ``--cprofile PATH`` runs the second study under cProfile instead of torch.profiler and prints
 where the host time goes; ``--study-compiled`` then compiles the language model and runs the

@@ -540,7 +540,8 @@ class Study:
         plans = self._plans(names, chunk)
         expanded = [expand_variants(chunk, plan)[:2] for plan in plans.values()]
         rows = [q for r, _ in expanded for q in r]
-        self.scorer.render(rows, [s for _, specs in expanded for s in specs])  # remembered: the scoring renders them again
+        # remembered by render_prompt: the scoring renders these rows again, in the main thread
+        self.scorer.render(rows, [s for _, specs in expanded for s in specs])
         threads = min(os.cpu_count() or 1, MAX_PIXEL_THREADS)
         return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=threads, keep=chunk)
 
@@ -577,10 +578,11 @@ class Study:
 
     def prepare_generations(self, names: list[str]) -> None:
         """Generate, up front, what the query-rewriting defenses among ``names`` (and their "+"
-        members) need for every query of the run, into the run's generation cache: in batches
-        fitted to the device (`probing.generation.fit_generation_batch`; on a GPU a decode step is
-        launch-bound, so one batch of 96 captions costs about what one of 16 does), and so that
-        building a chunk's plans later never runs the model (`PlanAhead`'s worker cannot)."""
+        members) need for every query of the run, into the run's generation cache. In batches fitted
+        to the device (`probing.generation.fit_generation_batch`): on a GPU a decode step is
+        bound by kernel launches, so 128 captions in one batch take one batch's decode steps, not
+        eight. Done first so that building a chunk's plans never runs the model (`PlanAhead`'s
+        worker cannot)."""
         parts = dict.fromkeys(p for n in names if n != "baseline" for p in _members(n))
         rewrites = [self.defense(p) for p in parts if isinstance(self.defense(p), CachedRewrite)]
         if not rewrites:
@@ -611,8 +613,9 @@ class Study:
         memory, and an interruption loses no chunk already scored.
 
         The device is kept busy: rewrites are generated for the whole run first
-        (`prepare_generations`), and the next chunk's plans (noise draws included) are built in a
-        worker thread while the current chunk is scored (`PlanAhead`)."""
+        (`prepare_generations`), and the next chunk is prepared in a worker thread while the
+        current one is scored (`PlanAhead` with `_chunk_inputs`: plans with their noise draws,
+        prompts, images)."""
         names = [n for n in self.conditions if n not in self.tables and self._input_only(n)]
         if len(names) < 2:
             return
