@@ -53,7 +53,7 @@ class PlanAhead:
         self.wait_s = self.inline_s = 0.0
         self.fallbacks = 0
 
-    def _build_without_model(self, names: list[str], chunk: list) -> dict:
+    def _build_without_model(self, names: list[str], chunk: list) -> object:
         with generation_forbidden("the study's plan-ahead worker builds plans while the model scores"):
             return self.build(names, chunk)
 
@@ -77,8 +77,8 @@ class PlanAhead:
                 if self.discard is not None:
                     self.discard(built)
 
-    def take(self, key: Hashable, names: list[str], chunk: list) -> dict:
-        """``chunk``'s plans for ``names``: the worker's build when it made exactly this one."""
+    def take(self, key: Hashable, names: list[str], chunk: list) -> object:
+        """``build(names, chunk)``: the worker's result when it built exactly this one."""
         if self._pending is not None and self._pending[:2] == (key, tuple(names)):
             _, _, future = self._pending
             self._pending = None

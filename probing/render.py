@@ -71,7 +71,7 @@ def user_text(query: Query, spec: PromptSpec) -> str:
 
 
 #: most prompts `render_prompt` remembers per processor (then it starts over)
-RENDER_MEMO_SIZE = 1 << 16
+RENDER_MEMO_SIZE = 1 << 13
 _RENDERED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
