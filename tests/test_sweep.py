@@ -172,3 +172,29 @@ def test_split_by_image_prefix_keeps_rows_that_agree_up_to_the_image():
     img = 9
     ids = [[1, 5, img, 7], [1, 5, img, 8], [1, 6, img, 7], [1, 5, img, 7], [1, 5, 7]]  # r2: another system prompt
     assert sorted(split_by_image_prefix(qs, ids, [[0, 1, 2, 3, 4]], img)) == [[0, 1], [2], [3], [4]]
+
+
+def test_variant_groups_refuse_inputs_beyond_the_context_before_any_forward(tiny, mixed_queries, tmp_path,
+                                                                            monkeypatch):
+    """The prefix path checks every shared row's expanded length (image tokens included) against
+    the model's context, as `prompt_lengths` counts it, and names the query before any forward."""
+    from probing.errors import QueryError
+    from probing.model import ModelBundle
+    from probing.prefix import score_variant_groups
+    from probing.render import prompt_lengths
+
+    rows, specs, groups = _variant_rows(mixed_queries, tmp_path)
+    scorer = RefusalScorer(tiny, batch_size=2)
+    first = rows[groups[0][0]]
+    want = prompt_lengths(tiny, scorer.render([first], [specs[groups[0][0]]]), [1])[0]
+    forwards = []
+    handle = tiny.model.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    try:
+        monkeypatch.setattr(ModelBundle, "max_context", property(lambda self: want - 1))
+        with pytest.raises(QueryError, match=rf"{first.id!r} \({want} tokens\)"):
+            score_variant_groups(scorer, rows, specs, groups)
+        assert not forwards
+        monkeypatch.setattr(ModelBundle, "max_context", property(lambda self: 10**6))
+        score_variant_groups(scorer, rows, specs, groups)
+    finally:
+        handle.remove()
