@@ -17,13 +17,13 @@ import dataclasses
 import os
 import string
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from probing.errors import InputError
+from probing.pipeline import map_threads
 from probing.query import Query
 from probing.render import PromptSpec
 
@@ -94,12 +94,8 @@ class NoiseDefense(Defense):
             if self.applies(q) and (memo is None or key not in memo) and key not in todo:
                 todo[key] = i
         idx = list(todo.values())
-        threads = min(len(idx), os.cpu_count() or 1, MAX_PERTURB_THREADS)
-        if threads > 1:
-            with ThreadPoolExecutor(threads, thread_name_prefix="mechprobe-ni") as pool:
-                fresh = list(pool.map(lambda i: self._copies(queries[i]), idx))
-        else:
-            fresh = [self._copies(queries[i]) for i in idx]
+        fresh = map_threads(lambda i: self._copies(queries[i]), idx, min(os.cpu_count() or 1, MAX_PERTURB_THREADS),
+                            "mechprobe-ni")
         computed = {keys[i]: (queries[i].image, copies) for i, copies in zip(idx, fresh)}
         if memo is not None:
             memo.update(computed)

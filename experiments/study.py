@@ -590,7 +590,7 @@ class Study:
         unique = list({query_key(q): q for q in self.queries}.values())
         unique.sort(key=lambda q: not q.has_image)  # captions are for image queries: full batches first
         tok = self.bundle.processor.tokenizer
-        longest = max(len(tok(q.text or "", add_special_tokens=False)["input_ids"]) for q in unique)
+        longest = max(map(len, tok([q.text or "" for q in unique], add_special_tokens=False)["input_ids"]))
         prompt_tokens = longest + 64 + (self.bundle.image_seq_length if any(q.has_image for q in unique) else 0)
         t0 = time.perf_counter()
         for d in rewrites:
@@ -624,17 +624,20 @@ class Study:
         index = {tuple(q.id for q in c): k for k, c in enumerate(chunks)}
         fingerprints = {n: self._fingerprint(n, self._scored_defense(n)) for n in names}
 
+        # which shards exist, read once (a shard record check hashes every query of its chunk,
+        # in-memory images pixel by pixel), then kept up to date as shards are stored
+        have = {(n, k) for n in names for k, c in enumerate(chunks)
+                if self.run.has_shard(condition_dir(n), k, c, fingerprint=fingerprints[n])}
+
         def missing(name: str, k: int) -> list[str]:
-            return [name] + [n for n in names if n != name and not self.run.has_shard(
-                condition_dir(n), k, chunks[k], fingerprint=fingerprints[n])]
+            return [name] + [n for n in names if n != name and (n, k) not in have]
 
         def from_groups(name, planner):
             def score(chunk):
                 k = index[tuple(q.id for q in chunk)]
                 todo = missing(name, k)
                 plans, staged = planner.take(k, todo, chunks[k])
-                ahead = next((j for j in range(k + 1, len(chunks)) if not self.run.has_shard(
-                    condition_dir(name), j, chunks[j], fingerprint=fingerprints[name])), None)
+                ahead = next((j for j in range(k + 1, len(chunks)) if (name, j) not in have), None)
                 if ahead is not None:  # built while this chunk is scored
                     planner.submit(ahead, missing(name, ahead), chunks[ahead])
                 try:
@@ -643,11 +646,11 @@ class Study:
                     self.scorer.pixel_cache.unstage(staged)
                 for n in todo[1:]:
                     self.run.store_shard(condition_dir(n), k, chunk, tables[n], fingerprint=fingerprints[n])
+                have.update((n, k) for n in todo)  # `name`'s own: stored by `RunDir.score` on return
                 return tables[name]
             return score
 
-        if any(not self.run.has_shard(condition_dir(n), k, c, fingerprint=fingerprints[n])
-               for n in names for k, c in enumerate(chunks)):
+        if len(have) < len(names) * len(chunks):
             self.prepare_generations(names)
         waited = self.scorer.waited_s
         with PlanAhead(self._chunk_inputs, discard=lambda built: self.scorer.pixel_cache.unstage(built[1])) as planner:

@@ -228,39 +228,15 @@ class PixelCache:
         "keep" cache fills with the images later passes need, not with noise copies seen once.
         Returns the staged images, for `unstage`."""
         kept = {id(q.image) for q in keep if q.has_image}
-        todo, seen = [], set()
-        for q in queries:
-            if q.has_image and id(q.image) not in seen:
-                seen.add(id(q.image))
-                todo.append(q)
-
-        def one(q: Query):
-            if isinstance(q.image, Image.Image) and self.staged(q.image) is not None:
-                return None
-            try:
-                key, rgb = image_key(q)
-            except OSError:  # unreadable file metadata: load_image raises the error naming the query
-                q.load_image()
-                raise
-            value = self.get(key)
-            if value is None:
-                value = process_image(bundle, rgb if rgb is not None else q.load_image())
-                if id(q.image) in kept:
-                    self.put(key, value)
-            return key, value
-
-        if threads > 1 and len(todo) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="mechprobe-pixels") as pool:
-                done = list(pool.map(one, todo))
-        else:
-            done = [one(q) for q in todo]
+        todo = list({id(q.image): q for q in queries if q.has_image and not (
+            isinstance(q.image, Image.Image) and self.staged(q.image) is not None)}.values())
+        done = map_threads(lambda q: image_pixels(bundle, q, self, store=id(q.image) in kept), todo, threads,
+                           "mechprobe-pixels")
         staged = []
         with self._lock:
-            for q, result in zip(todo, done):
-                if result is not None and isinstance(q.image, Image.Image):
-                    self._staged[id(q.image)] = (q.image, *result)
+            for q, (key, value) in zip(todo, done):
+                if isinstance(q.image, Image.Image):
+                    self._staged[id(q.image)] = (q.image, key, value)
                     staged.append(q.image)
         return staged
 
@@ -356,6 +332,38 @@ def process_image(bundle, image: Image.Image) -> torch.Tensor:
     return bundle.processor.image_processor([image], return_tensors="pt")["pixel_values"][0].to(bundle.dtype)
 
 
+def image_pixels(bundle, query: Query, cache: PixelCache | None = None, store: bool = True) -> tuple[tuple, torch.Tensor]:
+    """``(image_key, pixel values)`` of a query's image: staged in ``cache`` (`PixelCache.stage_images`),
+    held by it, or processed now (and stored in ``cache`` when ``store``)."""
+    staged = cache.staged(query.image) if cache is not None else None
+    if staged is not None:
+        return staged
+    try:
+        key, loaded = image_key(query)
+    except OSError:  # unreadable file metadata: load_image raises the error naming the query
+        query.load_image()
+        raise
+    value = cache.get(key) if cache is not None else None
+    if value is None:
+        value = process_image(bundle, loaded if loaded is not None else query.load_image())
+        if cache is not None and store:
+            cache.put(key, value)
+    return key, value
+
+
+def map_threads(fn: Callable, items: Sequence, threads: int, name: str) -> list:
+    """``[fn(x) for x in items]``, in up to ``threads`` threads named ``name`` (inline for one);
+    for work that releases the GIL (numpy, PIL, torch)."""
+    items = list(items)
+    threads = min(threads, len(items))
+    if threads <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix=name) as pool:
+        return list(pool.map(fn, items))
+
+
 def encode_batch(bundle, prompts: Sequence[str], queries: Sequence[Query], cache: PixelCache | None = None,
                  device=None, keys: list | None = None) -> dict[str, torch.Tensor]:
     """`probing.render.encode` for ``queries`` (their images loaded here), with each image's pixel
@@ -369,23 +377,8 @@ def encode_batch(bundle, prompts: Sequence[str], queries: Sequence[Query], cache
         if not q.has_image:
             pixels.append(None)
             continue
-        staged = cache.staged(q.image) if cache is not None else None
-        if staged is not None:  # computed ahead (`PixelCache.stage_images`)
-            if keys is not None:
-                keys.append(staged[0])
-            pixels.append(staged[1])
-            continue
-        try:
-            key, loaded = image_key(q)
-        except OSError:  # unreadable file metadata: load_image raises the error naming the query
-            q.load_image()
-            raise
+        key, value = image_pixels(bundle, q, cache)
         if keys is not None:
             keys.append(key)
-        value = cache.get(key) if cache is not None else None
-        if value is None:
-            value = process_image(bundle, loaded if loaded is not None else q.load_image())
-            if cache is not None:
-                cache.put(key, value)
         pixels.append(value)
     return encode_pixels(bundle, list(prompts), pixels, device=device)

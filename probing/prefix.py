@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicLayer
 from .errors import InputError
 from .pipeline import Prefetcher, cached_image_inputs, encode_batch, vision_version
 from .query import Query, QueryError, check_unique_ids, row_meta
-from .render import PromptSpec, check_context, padded_position_ids
+from .render import PromptSpec, check_context, expanded_lengths, padded_position_ids
 from .score_table import ScoreTable
 
 logger = logging.getLogger(__name__)
@@ -169,9 +169,8 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
         if not hasattr(head.image, "convert") and not Path(head.image).is_file():
             raise QueryError(f"query {head.id!r}: image file not found: {head.image}")
     shared_rows = [i for g in sharing for i in groups[g]]
-    # `prompt_lengths` from the ids already tokenized (the same tokenizer call): one image each
-    extra = bundle.image_seq_length - 1
-    check_context(bundle, [queries[i] for i in shared_rows], [len(ids[i]) + extra for i in shared_rows])
+    check_context(bundle, [queries[i] for i in shared_rows],
+                  expanded_lengths(bundle, [ids[i] for i in shared_rows], [1] * len(shared_rows)))
 
     n, n_layers = len(queries), len(scorer.layers)
     margin = torch.empty(n)

@@ -106,7 +106,11 @@ def render_prompt(processor, query: Query, spec: PromptSpec = PromptSpec()) -> s
 
 def prompt_lengths(bundle, prompts: list[str], n_images: list[int]) -> list[int]:
     """Token count of each prompt after image-token expansion (BOS included)."""
-    ids = bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    return expanded_lengths(bundle, bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"], n_images)
+
+
+def expanded_lengths(bundle, ids: list[list[int]], n_images: list[int]) -> list[int]:
+    """`prompt_lengths` from prompts already tokenized (unexpanded ids, BOS included)."""
     extra = bundle.image_seq_length - 1
     return [len(x) + n * extra for x, n in zip(ids, n_images)]
 
