@@ -3,7 +3,9 @@
 On ~30-token inputs the tiny-random trunk takes ~1.8 ms, so the scorer's fixed work shows. This
 splits `RefusalScorer.forward` (hooks held, left-padded read, as `score` runs it) into:
 
-  a        the trunk alone (the floor)
+  a        the trunk alone (the floor): LLaVA's `model.model`, as plain transformers runs it
+  lm       its language model alone: what `scorer.forward` calls for inputs without pixels (the
+           wrapper would only embed the ids), so the floor the scorer's own work adds to
   noop     the trunk with no-op hooks where the scorer hooks (the language model's pre-hook and
            every captured layer): the cost of any hook, PyTorch's slow call path
   hooks    the trunk with the scorer's hooks (decision rows copied per layer)
@@ -50,6 +52,18 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             return trunk(**inputs, use_cache=False)
 
+    def run_lm():
+        with torch.inference_mode():
+            return trunk.language_model(**inputs, use_cache=False)
+
+    class Stored:  # stands in for the trunk (and its language model): returns the stored output
+        def __init__(self, out):
+            self.out = out
+            self.language_model = self
+
+        def __call__(self, **_kw):
+            return self.out
+
     def noop_hooks():
         handles = [bundle.language_model.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True)]
         handles += [bundle.layers[i].register_forward_hook(lambda m, a, o: None) for i in scorer.layers]
@@ -58,15 +72,18 @@ def main(argv=None) -> int:
     for _ in range(3):
         run_trunk()
         scorer.forward(inputs, left_padded=True)
-    times: dict[str, list[float]] = {k: [] for k in ("a", "noop", "hooks", "forward", "readout")}
+    times: dict[str, list[float]] = {k: [] for k in ("a", "lm", "noop", "hooks", "forward", "readout")}
     for _ in range(args.repeats):
         t0 = clock()
         run_trunk()
         times["a"].append(clock() - t0)
+        t0 = clock()
+        run_lm()
+        times["lm"].append(clock() - t0)
         handles = noop_hooks()
         try:
             t0 = clock()
-            run_trunk()
+            run_lm()
             times["noop"].append(clock() - t0)
         finally:
             for h in handles:
@@ -75,14 +92,14 @@ def main(argv=None) -> int:
             reader.left_padded = True
             try:
                 t0 = clock()
-                out = run_trunk()
+                out = run_lm()
                 times["hooks"].append(clock() - t0)
             finally:
                 reader.left_padded = False
             t0 = clock()
             scorer.forward(inputs, left_padded=True)
             times["forward"].append(clock() - t0)
-            real, scorer._trunk = scorer._trunk, (lambda **kw: out)
+            real, scorer._trunk = scorer._trunk, Stored(out)
             try:
                 scorer.forward(inputs, left_padded=True)  # the same readout again: warm
                 t0 = clock()
@@ -96,8 +113,8 @@ def main(argv=None) -> int:
           f"{args.repeats} rounds, torch {torch.__version__}, thread CPU time")
     print("\n| variant | us / call | vs a |")
     print("|---|---|---|")
-    for key, label in (("a", "a: trunk only (floor)"), ("noop", "trunk + no-op hooks"),
-                       ("hooks", "trunk + the scorer's hooks"), ("forward", "b: scorer.forward"),
+    for key, label in (("a", "a: trunk only (floor)"), ("lm", "its language model alone"),
+                       ("noop", "language model + no-op hooks"), ("hooks", "language model + the scorer's hooks"), ("forward", "b: scorer.forward"),
                        ("readout", "readout alone (stored trunk output, warm)")):
         t = statistics.median(times[key])
         print(f"| {label} | {t * 1e6:.1f} | {t / base:.3f}x |")

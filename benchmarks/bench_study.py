@@ -20,7 +20,8 @@ the same work either way).
   text-only and image queries, and prefetch.
 
 Forward-equivalents: query rows through the LLaVA trunk in scoring forwards and every generation
-step, counted by a pre-hook on the trunk (a fine-tuning trains a deep copy, whose copied hook
+step, counted by a pre-hook on its language model (which every forward enters; the scorer calls it
+directly for batches without pixels) (a fine-tuning trains a deep copy, whose copied hook
 counts elsewhere: training is in the fine-tuning columns instead). A prefix-shared pass counts
 its prefix rows and its (short) suffix rows alike, so the row count understates its saving;
 inference tokens (rows x padded length, what the language model's compute grows with) show it.
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     params = {"mo_finetune": {"steps": steps}}
     bundle = load_model("tiny-random", seed=0)
     counter = Counter()
-    handle = bundle.model.model.register_forward_pre_hook(counter.hook, with_kwargs=True)
+    handle = bundle.language_model.register_forward_pre_hook(counter.hook, with_kwargs=True)
     t0 = time.perf_counter()
     with TuneTimer() as tune_naive:
         naive_tables = naive(bundle, queries, params, args.batch_size)
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
 
         def counted_load(*a, **k):  # the study loads its own copy of the same model: count it too
             b = real_load(*a, **k)
-            b.model.model.register_forward_pre_hook(counter2.hook, with_kwargs=True)
+            b.language_model.register_forward_pre_hook(counter2.hook, with_kwargs=True)
             return b
 
         study_mod.load_model = counted_load

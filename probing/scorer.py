@@ -61,6 +61,12 @@ def lens_logits_of(normed: torch.Tensor, w: torch.Tensor, w_bmm: torch.Tensor | 
     return torch.bmm(normed.reshape(1, b * n_layers, d), w_bmm).view(b, n_layers, w.shape[0])
 
 
+# Arguments only LLaVA's wrapper (`LlavaModel`) understands: with none of them, its forward is
+# its language model's on embedded ids.
+_IMAGE_ARGS = frozenset({"pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy",
+                         "mm_encoder_outputs"})
+
+
 def _as_float32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
@@ -178,12 +184,19 @@ class RefusalScorer:
         # Layers may sit on several devices (device_map): gather captures where the norm is.
         reader.device = self._final_norm.weight.device
         reader.left_padded = left_padded
+        trunk = self._trunk
+        if _IMAGE_ARGS.isdisjoint(inputs) and _IMAGE_ARGS.isdisjoint(model_kwargs):
+            # No image to encode (text only, or image features already in ``inputs_embeds``):
+            # LLaVA's wrapper would only embed the ids and call its language model with the same
+            # arguments, so call that directly (the same bits, tested; ~50 us less per forward,
+            # which shows on short inputs). Looked up per call: a merged fine-tune replaces it.
+            trunk = trunk.language_model
         try:
             if reader.active:  # `score` holds the hooks around all its batches: nothing to register
-                out = self._trunk(**inputs, **model_kwargs)
+                out = trunk(**inputs, **model_kwargs)
             else:
                 with reader:  # hooks on every requested layer, removed when the block ends
-                    out = self._trunk(**inputs, **model_kwargs)
+                    out = trunk(**inputs, **model_kwargs)
             # already through the final norm; contiguous as the gathered rows were (same matmul)
             final = reader.select(out.last_hidden_state).contiguous()
         finally:

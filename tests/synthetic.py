@@ -31,3 +31,12 @@ def with_margins(base: ScoreTable, harmful_delta, benign_delta, name="defended",
     d = torch.tensor(delta, dtype=torch.float32)
     return ScoreTable(list(base.ids), list(base.labels), base.margin + d, base.lens_margin + d[:, None],
                       list(base.layers), base.hidden, {"condition": name})
+
+
+def lm_tokens(kwargs: dict) -> int:
+    """Rows x positions one language-model forward received (a pre-hook's kwargs): embedded
+    positions for image rows, token ids for text-only rows (the scorer passes those directly)."""
+    x = kwargs.get("inputs_embeds")
+    if x is None:
+        x = kwargs["input_ids"]
+    return int(x.shape[0] * x.shape[1])

@@ -211,3 +211,29 @@ def test_right_padded_batches_take_the_mask_read(tiny, mixed_queries):
         tok.padding_side = "left"
     torch.testing.assert_close(right.margin, left.margin, atol=ATOL, rtol=0)
     torch.testing.assert_close(right.lens_margin, left.lens_margin, atol=ATOL, rtol=0)
+
+
+def test_inputs_without_pixels_skip_the_llava_wrapper(tiny, mixed_queries):
+    """A batch with no pixels (text only, or cached image features as ``inputs_embeds``) goes to
+    the language model directly: the same bits as through `LlavaModel`, whose forward is not
+    entered; a batch with pixels still goes through it (its vision tower)."""
+    from probing.pipeline import encode_batch
+
+    scorer = RefusalScorer(tiny, batch_size=4, keep_hidden=True)
+    text = [q for q in mixed_queries if not q.has_image][:3]
+    images = [q for q in mixed_queries if q.has_image][:2]
+    wrapper_calls = []
+    handle = tiny.model.model.register_forward_pre_hook(lambda m, a: wrapper_calls.append(1))
+    try:
+        for queries, wrapped in ((text, 0), (images, 1)):
+            inputs = encode_batch(tiny, scorer.render(queries), queries, None)
+            wrapper_calls.clear()
+            margin, lens, hidden = scorer.forward(inputs)
+            assert len(wrapper_calls) == wrapped, queries
+            # the reference: LLaVA's own trunk, its final hidden state at the last position
+            with torch.inference_mode():
+                final = tiny.model.model(**inputs, use_cache=False).last_hidden_state[:, -1]
+            want = scorer.resolved.margin(final.float() @ scorer._w_readout.T)
+            assert torch.equal(margin, want), (margin - want).abs().max()
+    finally:
+        handle.remove()

@@ -15,6 +15,8 @@ from probing.analysis import refusal_rate
 from probing.errors import InputError
 from probing.plan import combine_tables
 
+from .synthetic import lm_tokens
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_MOSS = SHARED / "mossbench"
 SHARED_MMSB = SHARED / "mm-safetybench"
@@ -277,7 +279,7 @@ def test_input_conditions_are_scored_query_major_and_equal_independent_scoring(l
     study = Study(cfg)
     tokens = []
     handle = study.bundle.model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: tokens.append(int(k["inputs_embeds"].shape[0] * k["inputs_embeds"].shape[1])),
+        lambda m, a, k: tokens.append(lm_tokens(k)),
         with_kwargs=True)
     try:
         study.score_shared_prefixes()

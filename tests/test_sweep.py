@@ -6,6 +6,8 @@ import torch
 from probing import PromptSpec, Query, RefusalScorer
 from probing.sweep import plan_prefixes, score_conditions
 
+from .synthetic import lm_tokens
+
 CONDITIONS = {
     "baseline": PromptSpec(),
     "remind": PromptSpec(text_after="Remember to be responsible."),
@@ -127,7 +129,7 @@ def test_text_smoothing_shares_the_image_prefix(tiny, mixed_queries):
     d = ni_text_smooth(k=4, rate=0.2, seed=3)
     tokens = []
     handle = tiny.model.model.language_model.register_forward_pre_hook(
-        lambda m, a, k: tokens.append(int(k["attention_mask"].shape[0] * k["inputs_embeds"].shape[1])),
+        lambda m, a, k: tokens.append(lm_tokens(k)),
         with_kwargs=True)
     try:
         shared = RefusalScorer(tiny, batch_size=4).score(mixed_queries, defense=d)
