@@ -59,7 +59,7 @@ from probing.analysis import auroc, compare, layer_profile, rank_ensembles, refu
 from probing.errors import InputError
 from probing.generation import fit_generation_batch, generation_batch
 from probing.model import model_fingerprint
-from probing.pipeline import PixelCache
+from probing.pipeline import PixelCache, pixel_threads
 from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, fold_table
 from probing.prefix import score_variant_groups
 from probing.query import Query
@@ -81,7 +81,6 @@ add_arguments = options.study  # the options live in experiments/options.py
 SCORE_OPS = tuple(OPERATORS)  # "|", "&", "~": combined from finished tables
 INPUT_CATEGORIES = ("SR", "QR", "NI")  # defenses that only change the model's inputs
 #: at most this many threads process one chunk's images ahead (`Study._chunk_inputs`)
-MAX_PIXEL_THREADS = 8
 #: Loaders whose ids already say where a query came from.
 OWN_PREFIX = {"mossbench": "moss-", "mmsafetybench": "mmsb-"}
 
@@ -542,8 +541,7 @@ class Study:
         rows = [q for r, _ in expanded for q in r]
         # remembered by render_prompt: the scoring renders these rows again, in the main thread
         self.scorer.render(rows, [s for _, specs in expanded for s in specs])
-        threads = min(os.cpu_count() or 1, MAX_PIXEL_THREADS)
-        return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=threads, keep=chunk)
+        return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=pixel_threads(), keep=chunk)
 
     def _score_query_major(self, names: list[str], chunk: list[Query],
                            plans: dict[str, ScoringPlan] | None = None) -> dict[str, ScoreTable]:
@@ -597,7 +595,7 @@ class Study:
             n = fit_generation_batch(self.bundle, prompt_tokens, d.inner.max_new_tokens, len(unique))
             logger.info("%s: generating for %d queries in batches of %d", d.name, len(unique), n)
             # one batch a call: each call stores its generations, so an interruption keeps them
-            with generation_batch(n):
+            with generation_batch(n, pixel_cache=self.scorer.pixel_cache):  # the scoring reuses these pixels
                 for start in tqdm(range(0, len(unique), n), desc=f"{d.name} (generation)", unit="batch",
                                   disable=None if len(unique) > n else True):
                     d.transform(unique[start:start + n], self.bundle)

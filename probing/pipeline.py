@@ -351,6 +351,19 @@ def image_pixels(bundle, query: Query, cache: PixelCache | None = None, store: b
     return key, value
 
 
+#: the most threads that process images at once (`pixel_threads`)
+MAX_PIXEL_THREADS = 8
+
+
+def pixel_threads() -> int:
+    """Threads for processing a batch's images at once: the machine's cores, at most
+    `MAX_PIXEL_THREADS` (PIL's resize and the normalisation release the GIL; more threads than
+    that only contend for memory bandwidth)."""
+    import os
+
+    return min(os.cpu_count() or 1, MAX_PIXEL_THREADS)
+
+
 def map_threads(fn: Callable, items: Sequence, threads: int, name: str) -> list:
     """``[fn(x) for x in items]``, in up to ``threads`` threads named ``name`` (inline for one);
     for work that releases the GIL (numpy, PIL, torch)."""

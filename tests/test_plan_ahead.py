@@ -189,3 +189,29 @@ def test_generations_made_before_an_interruption_are_kept(llava_assets, tmp_path
         assert not set(first) & set(asked) and len(asked) == n_images - 2, (first, calls)
     finally:
         resumed.run.close()
+
+
+def test_generation_pixels_are_the_processors_and_go_to_the_pixel_cache(tiny, mixed_queries):
+    """`generate` processes a batch's images in threads, from `generation_batch`'s pixel cache when
+    one is given: the same answers as the processor's own call on the same prompts and images,
+    and the cache then holds the images (the study's scoring finds them there)."""
+    from probing import PromptSpec
+    from probing.pipeline import PixelCache
+    from probing.render import render_prompt
+
+    qs = [q for q in mixed_queries if q.has_image][:3] + [q for q in mixed_queries if not q.has_image][:1]
+    prompts = [render_prompt(tiny.processor, q, PromptSpec()) for q in qs]
+    ref = tiny.processor(text=prompts, images=[q.load_image() for q in qs if q.has_image], padding=True,
+                         return_tensors="pt")
+    ref["pixel_values"] = ref["pixel_values"].to(tiny.dtype)
+    with torch.inference_mode():
+        ids = tiny.model.generate(**ref, max_new_tokens=4, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+    want = [t.strip() for t in tiny.tokenizer.batch_decode(ids[:, ref["input_ids"].shape[1]:], skip_special_tokens=True)]
+    assert generate(tiny, qs, 4, batch_size=4) == want
+    cache = PixelCache(2**30, policy="keep")
+    with generation_batch(4, pixel_cache=cache):
+        assert generate(tiny, qs, 4) == want
+    assert cache.misses == 3 and len(cache) == 3
+    with generation_batch(4, pixel_cache=cache):
+        assert generate(tiny, qs, 4) == want
+    assert cache.hits == 3 and cache.misses == 3
