@@ -136,7 +136,7 @@ class UtilizationSampler:
     def __init__(self, period: float = 0.05):
         import threading
 
-        self.period, self.samples = period, []
+        self.period, self.samples, self.times = period, [], []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -144,8 +144,14 @@ class UtilizationSampler:
         while not self._stop.wait(self.period):
             try:
                 self.samples.append(torch.cuda.utilization())
+                self.times.append(time.perf_counter())
             except Exception:  # noqa: BLE001 -- no NVML here: no second measure
                 return
+
+    def mean_within(self, spans: list[tuple[float, float]], inside: bool = True) -> float | None:
+        """Mean utilization of the samples taken inside (or outside) the ``(start, end)`` spans."""
+        got = [u for t, u in zip(self.times, self.samples) if any(a <= t <= b for a, b in spans) == inside]
+        return statistics.fmean(got) / 100 if got else None
 
     def __enter__(self):
         self._thread.start()
@@ -178,6 +184,17 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
 
     real_load = study_mod.load_model
     study_mod.load_model = lambda *a, **k: bundle  # the study scores the model built here
+    real_prepare = study_mod.Study.prepare_generations
+    spans: list[tuple[float, float]] = []
+
+    def timed_prepare(self, names):  # when the up-front generation ran, to split NVML's samples
+        t0 = time.perf_counter()
+        try:
+            return real_prepare(self, names)
+        finally:
+            spans.append((t0, time.perf_counter()))
+
+    study_mod.Study.prepare_generations = timed_prepare
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = StudyConfig(model="tiny-random", out=str(Path(tmp) / "study"), defenses=list(STUDY_DEFENSES),
@@ -212,18 +229,51 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
                 if py_prof is not None:
                     py_prof.dump_stats(cprofile)
                 kernels = kernel_seconds(prof) if prof is not None and device.startswith("cuda") else None
-                return (wall, kernels, len(study.queries), sampler.mean if sampler is not None else None,
-                        dict(study.timings))
+                timings = dict(study.timings)
+                if sampler is not None and sampler.samples:
+                    timings["nvml_generation"] = sampler.mean_within(spans)
+                    timings["nvml_scoring"] = sampler.mean_within(spans, inside=False)
+                return (wall, kernels, len(study.queries), sampler.mean if sampler is not None else None, timings)
             finally:
                 study.run.close()
     finally:
         study_mod.load_model = real_load
+        study_mod.Study.prepare_generations = real_prepare
 
 
 def fmt_timings(t: dict) -> str:
-    return (f"generation {t['generation_s']:.1f} s, waited for plans {t['plan_wait_s']:.1f} s, plans inline "
+    def busy(key):
+        return "n/a" if t.get(key) is None else f"{t[key]:.2f}"
+
+    return (f"generation {t['generation_s']:.1f} s (NVML busy {busy('nvml_generation')}; scoring "
+            f"{busy('nvml_scoring')}), waited for plans {t['plan_wait_s']:.1f} s, plans inline "
             f"{t['plan_inline_s']:.1f} s, fallbacks {t['plan_fallbacks']}, waited for prepared batches "
             f"{t['data_wait_s']:.1f} s")
+
+
+def check_late_copies(bundle, n: int = 24, batch: int = 8) -> float:
+    """`score` copies each batch's results to the host one batch late (`probing.pipeline.HostResults`,
+    non-blocking on CUDA): the largest |difference| from the same run with every copy made at
+    once (the same batches and kernels, so it must be 0)."""
+    import probing.pipeline as pipeline
+    from probing import RefusalScorer
+    from probing.datasets import toy
+
+    queries = toy.requests("test")[:n]
+    scorer = RefusalScorer(bundle, batch_size=batch, progress=False, pixel_cache=0, feature_cache=0)
+    late = scorer.score(queries)
+    real_add = pipeline.HostResults.add
+
+    def at_once(self, *a):
+        real_add(self, *a)
+        self.flush()
+
+    pipeline.HostResults.add = at_once
+    try:
+        now = scorer.score(queries)
+    finally:
+        pipeline.HostResults.add = real_add
+    return max(float((late.margin - now.margin).abs().max()), float((late.lens_margin - now.lens_margin).abs().max()))
 
 
 def print_mfu_table(rows: list[dict]) -> None:
@@ -292,6 +342,10 @@ def main(argv=None) -> int:
     save()
     print_mfu_table(rows)
 
+    late = check_late_copies(bundle)
+    result["late_copies_max_diff"] = late
+    print(f"results copied to the host one batch late vs at once: max |difference| {late:.1e} (must be 0)",
+          flush=True)
     datasets = study_datasets(args.queries, args.mmsb_root)
     for run in range(args.study_runs):
         wall, _, n, nvml, timings = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)

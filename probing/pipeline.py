@@ -1,6 +1,6 @@
 """The scorer's data pipeline: batches prepared ahead of the forward, pixel values computed once.
 
-Two pieces, both used by `RefusalScorer.score`:
+Three pieces, all used by `RefusalScorer.score`:
 
 `Prefetcher`
     runs ``fn(item)`` for a list of items in one background thread, at most ``depth`` results
@@ -9,6 +9,10 @@ Two pieces, both used by `RefusalScorer.score`:
     worker is raised in the consumer when it reaches that item (with the worker's traceback);
     `close` (also run by ``with``) stops and joins the worker, so no thread outlives the block,
     also after an error or Ctrl-C in the consumer. ``depth=0`` runs everything inline.
+
+`HostResults`
+    each batch's results copied to the host one batch late, so the host never waits for the
+    device between batches (on CUDA; elsewhere at once).
 
 `PixelCache`
     processed ``pixel_values`` per image, a bounded LRU by bytes, so that the same image scored
@@ -68,10 +72,14 @@ class Prefetcher:
         wait_s: seconds the consumer spent waiting for results (inline: computing them).
     """
 
-    def __init__(self, fn: Callable, items: Iterable, depth: int = 2, name: str = "mechprobe-prefetch"):
+    def __init__(self, fn: Callable, items: Iterable, depth: int = 2, name: str = "mechprobe-prefetch",
+                 eager: bool = False):
         if depth < 0:
             raise InputError(f"prefetch depth must be >= 0, got {depth}")
         self.fn, self.items, self.depth, self.name = fn, list(items), depth, name
+        #: a worker even for a single item: the caller enters the block, does other work, then
+        #: iterates (one item alone is otherwise computed inline when it is asked for)
+        self.eager = eager
         self.wait_s = 0.0
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
@@ -110,7 +118,7 @@ class Prefetcher:
     # -- the consumer ------------------------------------------------------------------------
 
     def __enter__(self) -> "Prefetcher":
-        if self.depth > 0 and len(self.items) > 1:
+        if self.depth > 0 and (len(self.items) > 1 or (self.eager and self.items)):
             self._queue = queue.Queue(maxsize=self.depth)
             self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
             self._thread.start()
@@ -141,6 +149,44 @@ class Prefetcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class HostResults:
+    """A scoring loop's results, written into its host tensors (``margin [N]``, ``lens [N, L]``,
+    ``hidden [N, L, d]`` or None) one batch late, so the host does not wait for the device
+    between batches: on CUDA, `add` queues each batch's copies to the host without waiting
+    (``non_blocking``, into pinned memory) and writes the previous batch's, whose forward has
+    finished by then; while the host prepares and queues the next forward, the device still runs
+    this one. Elsewhere every batch is written at once. `flush` after the last batch."""
+
+    def __init__(self, margin: torch.Tensor, lens: torch.Tensor, hidden: torch.Tensor | None):
+        self.margin, self.lens, self.hidden = margin, lens, hidden
+        self._pending = None
+
+    def add(self, idx: torch.Tensor, margin: torch.Tensor, lens: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        self.flush()
+        hidden = hidden.float() if hidden is not None and self.hidden is not None else None
+        if margin.device.type != "cuda":
+            self._write(idx, margin, lens, hidden)
+            return
+        copies = [None if t is None else t.to("cpu", non_blocking=True) for t in (margin, lens, hidden)]
+        done = torch.cuda.Event()
+        done.record()
+        self._pending = (idx, copies, done)
+
+    def flush(self) -> None:
+        if self._pending is None:
+            return
+        idx, copies, done = self._pending
+        self._pending = None
+        done.synchronize()
+        self._write(idx, *copies)
+
+    def _write(self, idx, margin, lens, hidden) -> None:
+        self.margin[idx] = margin.cpu()
+        self.lens[idx] = lens.cpu()
+        if hidden is not None:
+            self.hidden[idx] = hidden.cpu()
 
 
 class PixelCache:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
 from .errors import InputError
-from .pipeline import Prefetcher, cached_image_inputs, encode_batch, vision_version
+from .pipeline import HostResults, Prefetcher, cached_image_inputs, encode_batch, vision_version
 from .query import Query, QueryError, check_unique_ids, row_meta
 from .render import PromptSpec, check_context, expanded_lengths, padded_position_ids
 from .score_table import ScoreTable
@@ -177,12 +177,6 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
     lens = torch.empty(n, n_layers)
     hidden = torch.empty(n, n_layers, bundle.d_model) if scorer.keep_hidden and n_layers else None
     rest = sorted(set(range(n)) - set(shared_rows))
-    if rest:  # rows of groups that do not share: the scorer's own path
-        table = scorer.score([queries[i] for i in rest], prompt=[specs[i] for i in rest], desc=desc)
-        idx = torch.tensor(rest)
-        margin[idx], lens[idx] = table.margin, table.lens_margin
-        if hidden is not None:
-            hidden[idx] = table.hidden
     order = sorted(sharing, key=lambda g: (-shared[g], g))
     batches = group_batches(order, [len(groups[g]) for g in order], scorer.batch_size)
     disable = (not scorer.progress) if scorer.progress is not None else (None if len(batches) > 1 else True)
@@ -193,16 +187,20 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
                                  [ids[i] for i in heads], [shared[g] for g in batch],
                                  [[ids[i][shared[g]:] for i in groups[g]] for g in batch])
 
-    with Prefetcher(prepare, batches, depth=scorer.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
-            scorer.holding_hooks():
+    # The prefix batches are prepared from the start (eager), while the other rows are scored.
+    with Prefetcher(prepare, batches, depth=scorer.prefetch, name=f"mechprobe-prefetch[{desc}]",
+                    eager=bool(rest)) as feed, scorer.holding_hooks():
+        if rest:  # rows of groups that do not share: the scorer's own path
+            table = scorer.score([queries[i] for i in rest], prompt=[specs[i] for i in rest], desc=desc)
+            idx = torch.tensor(rest)
+            margin[idx], lens[idx] = table.margin, table.lens_margin
+            if hidden is not None:
+                hidden[idx] = table.hidden
+        results = HostResults(margin, lens, hidden)
         for batch, prepared in tqdm(zip(batches, feed), total=len(batches), desc=f"{desc} (shared prefix)",
                                     unit="batch", disable=disable):
-            m, lm, h = score_prefixed(scorer, prepared)
-            idx = torch.tensor([i for g in batch for i in groups[g]])
-            margin[idx] = m.cpu()
-            lens[idx] = lm.cpu()
-            if hidden is not None:
-                hidden[idx] = h.float().cpu()
+            results.add(torch.tensor([i for g in batch for i in groups[g]]), *score_prefixed(scorer, prepared))
+        results.flush()
     scorer.waited_s += feed.wait_s
     logger.info("scored %d rows: %d groups of variants shared their image prefix (%d rows), %d rows alone",
                 n, len(sharing), len(shared_rows), len(rest))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from hooks.capture import DecisionCapture
 
 from .model import ModelBundle
-from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, PixelCache, Prefetcher,
+from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, HostResults, PixelCache, Prefetcher,
                        cached_image_inputs, encode_batch, vision_version)
 from .plan import as_plan, run_plan
 from .query import Query, QueryError, check_unique_ids, row_meta  # noqa: F401 (row_meta: re-exported)
@@ -296,6 +296,7 @@ class RefusalScorer:
 
         start = time.perf_counter()
         forward_s = 0.0
+        results = HostResults(margin, lens, hidden)
         with Prefetcher(prepare, batches, depth=self.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
                 self.holding_hooks():
             for rows, (cpu_inputs, keys, left_padded) in tqdm(zip(batches, feed), total=len(batches), desc=desc,
@@ -305,13 +306,9 @@ class RefusalScorer:
                 if keys:
                     with torch.inference_mode():
                         inputs = cached_image_inputs(self.bundle.model, inputs, keys, self.feature_cache, version)
-                m, lm, h = self.forward(inputs, left_padded=left_padded)
-                idx = torch.tensor(rows)
-                margin[idx] = m.cpu()
-                lens[idx] = lm.cpu()
-                if hidden is not None:
-                    hidden[idx] = h.float().cpu()
+                results.add(torch.tensor(rows), *self.forward(inputs, left_padded=left_padded))
                 forward_s += time.perf_counter() - t0
+            results.flush()
         elapsed = time.perf_counter() - start
         self.last_timing = {"batches": len(batches), "total_s": elapsed, "wait_s": feed.wait_s,
                             "forward_s": forward_s}

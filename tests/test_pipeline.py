@@ -85,6 +85,43 @@ def test_prefetcher_joins_when_the_consumer_stops_early():
     assert len(calls) <= 2 + 2 + 2  # bounded: consumed + queue depth + the one in flight
 
 
+def test_an_eager_prefetcher_prepares_a_single_item_while_the_caller_works():
+    """``eager``: one item is computed in the worker from the moment the block is entered (the
+    prefix-shared batches of a study chunk are prepared while its other rows are scored); without
+    it a single item is computed inline when asked for."""
+    import threading
+
+    where, started = [], threading.Event()
+
+    def fn(x):
+        where.append(threading.current_thread().name)
+        started.set()
+        return x + 1
+
+    with Prefetcher(fn, [1], depth=2, eager=True, name="mechprobe-prefetch[eager]") as feed:
+        assert started.wait(5)  # computed before anything is asked
+        assert list(feed) == [2]
+    with Prefetcher(fn, [1], depth=2) as feed:
+        assert list(feed) == [2]
+    assert where == ["mechprobe-prefetch[eager]", threading.current_thread().name]
+    assert not prefetch_threads()
+
+
+def test_host_results_are_written_in_place_after_flush():
+    """`HostResults` (the scoring loops' copies to the host): every batch's rows land at their
+    indices, hidden states as float32; on the CPU at once, the last one at the latest by `flush`."""
+    from probing.pipeline import HostResults
+
+    margin, lens, hidden = torch.zeros(5), torch.zeros(5, 2), torch.zeros(5, 2, 3)
+    out = HostResults(margin, lens, hidden)
+    out.add(torch.tensor([4, 0]), torch.tensor([1.0, 2.0]), torch.ones(2, 2), torch.ones(2, 2, 3, dtype=torch.bfloat16))
+    out.add(torch.tensor([2]), torch.tensor([3.0]), torch.full((1, 2), 2.0), torch.full((1, 2, 3), 2.0))
+    out.flush()
+    assert margin.tolist() == [2.0, 0.0, 3.0, 0.0, 1.0]
+    assert lens[[0, 2, 4], 0].tolist() == [1.0, 2.0, 1.0] and hidden.dtype == torch.float32
+    assert hidden[2].eq(2).all() and hidden[1].eq(0).all()
+
+
 # -- encoding with cached pixels -----------------------------------------------------------------
 
 def test_encode_batch_equals_encode(tiny, file_queries):
