@@ -129,6 +129,95 @@ def kernel_seconds(prof) -> float:
     return total / 1e9
 
 
+#: host-side ranges marked in the profiled study (`annotated`): what the host was doing in each
+#: device gap
+ANNOTATED = [("experiments.study", "Study", "prepare_generations"), ("experiments.study", "Study", "_score_query_major"),
+             ("experiments.study", "Study", "_chunk_inputs"), ("experiments.runs", "RunDir", "store_shard"),
+             ("experiments.runs", "RunDir", "_load_shard"), ("experiments.plan_ahead", "PlanAhead", "take"),
+             ("probing.scorer", "RefusalScorer", "score"), ("probing.scorer", "RefusalScorer", "forward"),
+             ("probing.pipeline", "Prefetcher", "_get"), ("probing.pipeline", "HostResults", "flush"),
+             ("probing.prefix", None, "score_prefixed"), ("probing.prefix", None, "_tokens"),
+             ("probing.scorer", None, "prompt_lengths"), ("probing.plan", None, "fold_table")]
+
+
+@contextlib.contextmanager
+def annotated():
+    """`torch.profiler.record_function` ranges around the study's host steps (`ANNOTATED`), for
+    `gap_report`; undone on exit."""
+    import functools
+    import importlib
+    import inspect
+
+    undo = []
+    try:
+        for module_name, cls_name, attr in ANNOTATED:
+            module = importlib.import_module(module_name)
+            owner = getattr(module, cls_name) if cls_name else module
+            real = getattr(owner, attr)
+            label = f"{cls_name or module_name.rsplit('.', 1)[-1]}.{attr}"
+
+            def wrap(fn, label=label):
+                @functools.wraps(fn)
+                def marked(*a, **k):
+                    with torch.profiler.record_function(label):
+                        return fn(*a, **k)
+                return marked
+
+            static = cls_name is not None and isinstance(inspect.getattr_static(owner, attr), staticmethod)
+            setattr(owner, attr, staticmethod(wrap(real)) if static else wrap(real))
+            undo.append((owner, attr, staticmethod(real) if static else real))
+            if cls_name is None:  # also where it was imported by name
+                for other in ("probing.prefix", "probing.scorer", "experiments.study", "probing.plan"):
+                    m = importlib.import_module(other)
+                    if getattr(m, attr, None) is real:
+                        setattr(m, attr, getattr(owner, attr))
+                        undo.append((m, attr, real))
+        yield
+    finally:
+        for owner, attr, real in reversed(undo):
+            setattr(owner, attr, real)
+
+
+def gap_report(prof, min_gap_ms: float = 0.5, top: int = 14) -> list[str]:
+    """Device idle time between kernels, by gap size and by the innermost `annotated` range the
+    host was in at the gap's middle."""
+    from torch.autograd import DeviceType
+
+    events = list(prof.profiler.kineto_results.events())
+    spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.device_type() == DeviceType.CUDA)
+    labels = {f"{c or m.rsplit('.', 1)[-1]}.{a}" for m, c, a in ANNOTATED}
+    marks = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events
+                   if e.device_type() == DeviceType.CPU and e.name() in labels)
+    merged = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    by_size = {"<0.5 ms": [0, 0.0], "0.5-5 ms": [0, 0.0], "5-50 ms": [0, 0.0], ">=50 ms": [0, 0.0]}
+    by_label: dict[str, list] = {}
+    for (_, end), (start, _) in zip(merged, merged[1:]):
+        gap = (start - end) / 1e6
+        key = "<0.5 ms" if gap < 0.5 else "0.5-5 ms" if gap < 5 else "5-50 ms" if gap < 50 else ">=50 ms"
+        by_size[key][0] += 1
+        by_size[key][1] += gap / 1e3
+        if gap < min_gap_ms:
+            continue
+        mid = (start + end) / 2
+        inside = [m for m in marks if m[0] <= mid <= m[1]]
+        label = " > ".join(n for _, _, n in sorted(inside)) or "(none)"
+        entry = by_label.setdefault(label, [0, 0.0])
+        entry[0] += 1
+        entry[1] += gap / 1e3
+    lines = ["device gaps by size: " + "; ".join(f"{k}: {n} gaps, {s:.2f} s" for k, (n, s) in by_size.items())]
+    if merged:
+        lines.append(f"first kernel to last: {(merged[-1][1] - merged[0][0]) / 1e9:.1f} s")
+    lines.append(f"gaps >= {min_gap_ms} ms by what the host was in (outermost > innermost):")
+    for label, (n, sec) in sorted(by_label.items(), key=lambda kv: -kv[1][1])[:top]:
+        lines.append(f"  {sec:6.2f} s in {n:4d} gaps: {label}")
+    return lines
+
+
 class UtilizationSampler:
     """NVML's GPU utilization (the share of its sample window in which a kernel ran) read every
     `period` seconds in a thread; the mean over a run is a second, profiler-free busy fraction."""
@@ -219,6 +308,8 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
                     if py_prof is not None:
                         py_prof.enable()
                         stack.callback(py_prof.disable)
+                    if profiled:
+                        stack.enter_context(annotated())
                     _sync(device)
                     t0 = time.perf_counter()
                     study.score_shared_prefixes()
@@ -229,6 +320,12 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
                 if py_prof is not None:
                     py_prof.dump_stats(cprofile)
                 kernels = kernel_seconds(prof) if prof is not None and device.startswith("cuda") else None
+                if prof is not None:
+                    try:
+                        for line in gap_report(prof):
+                            print(line, flush=True)
+                    except Exception as exc:  # noqa: BLE001 -- a diagnostic; the measurements stand
+                        print(f"gap report failed: {type(exc).__name__}: {exc}", flush=True)
                 timings = dict(study.timings)
                 if sampler is not None and sampler.samples:
                     timings["nvml_generation"] = sampler.mean_within(spans)
