@@ -116,8 +116,9 @@ def kernel_seconds(prof) -> float:
     the raw kineto events: building the profiler's FunctionEvent tree for a whole study takes minutes."""
     from torch.autograd import DeviceType
 
+    marks = annotation_labels()  # record_function ranges are mirrored on the device timeline: not kernels
     spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in prof.profiler.kineto_results.events()
-                   if e.device_type() == DeviceType.CUDA)
+                   if e.device_type() == DeviceType.CUDA and e.name() not in marks)
     total, end = 0, None
     for a, b in spans:
         if end is None or a > end:
@@ -137,7 +138,12 @@ ANNOTATED = [("experiments.study", "Study", "prepare_generations"), ("experiment
              ("probing.scorer", "RefusalScorer", "score"), ("probing.scorer", "RefusalScorer", "forward"),
              ("probing.pipeline", "Prefetcher", "_get"), ("probing.pipeline", "HostResults", "flush"),
              ("probing.prefix", None, "score_prefixed"), ("probing.prefix", None, "_tokens"),
-             ("probing.scorer", None, "prompt_lengths"), ("probing.plan", None, "fold_table")]
+             ("probing.scorer", None, "prompt_lengths"), ("probing.plan", None, "fold_table"),
+             ("experiments.shard_writer", "ShardWriter", "flush")]
+
+
+def annotation_labels() -> set[str]:
+    return {f"{c or m.rsplit('.', 1)[-1]}.{a}" for m, c, a in ANNOTATED}
 
 
 @contextlib.contextmanager
@@ -184,8 +190,9 @@ def gap_report(prof, min_gap_ms: float = 0.5, top: int = 14) -> list[str]:
     from torch.autograd import DeviceType
 
     events = list(prof.profiler.kineto_results.events())
-    spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events if e.device_type() == DeviceType.CUDA)
-    labels = {f"{c or m.rsplit('.', 1)[-1]}.{a}" for m, c, a in ANNOTATED}
+    labels = annotation_labels()
+    spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+                   if e.device_type() == DeviceType.CUDA and e.name() not in labels)
     marks = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events
                    if e.device_type() == DeviceType.CPU and e.name() in labels)
     merged = []
@@ -345,7 +352,7 @@ def fmt_timings(t: dict) -> str:
     return (f"generation {t['generation_s']:.1f} s (NVML busy {busy('nvml_generation')}; scoring "
             f"{busy('nvml_scoring')}), waited for plans {t['plan_wait_s']:.1f} s, plans inline "
             f"{t['plan_inline_s']:.1f} s, fallbacks {t['plan_fallbacks']}, waited for prepared batches "
-            f"{t['data_wait_s']:.1f} s")
+            f"{t['data_wait_s']:.1f} s, waited for the shard writer {t.get('store_wait_s', 0.0):.1f} s")
 
 
 def check_late_copies(bundle, n: int = 24, batch: int = 8) -> float:

@@ -38,6 +38,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
+from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,12 +66,13 @@ from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, 
 from probing.prefix import score_variant_groups
 from probing.query import Query
 from probing.readout import get_readout
-from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec
+from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, tokenizer_lock
 from probing.score_table import ScoreTable
 
 from . import options, study_config
 from .common import check_device, check_labels, warn_out_of_vocabulary
 from .plan_ahead import PlanAhead
+from .shard_writer import ShardWriter
 from .report import write_table
 from .runs import RunDir
 from .study_config import ANALYSIS_KEYS, StudyConfig
@@ -339,6 +342,28 @@ class CachedRewrite(_Wrapper):
 
 # --- the study ---------------------------------------------------------------------------------
 
+class FoldedTables(Mapping):
+    """A chunk's tables by condition, each folded from the chunk's scored rows when first asked
+    for: the study folds the scored condition's at once and the others' in its shard writer.
+    Each table is folded once (a condition is asked for by one thread)."""
+
+    def __init__(self, fold: Callable[[str], ScoreTable], names: list[str]):
+        self._fold, self._names, self._done = fold, list(names), {}
+
+    def __getitem__(self, name: str) -> ScoreTable:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._done:
+            self._done[name] = self._fold(name)
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def split_top(expression: str) -> tuple[str | None, list[str]]:
     """The outermost operator of an ensemble expression and its parts, as `get_defense` parses it
     (score-level operators bind looser than '+')."""
@@ -435,9 +460,10 @@ class Study:
         self._defenses: dict[str, Defense] = {}
         #: host seconds of the query-major pass: up-front generation, waiting for plans built
         #: ahead, plans built in the main thread, the worker's fallbacks (`score_shared_prefixes`),
-        #: and the scoring loops' wait for prepared batches (images decoded and processed)
+        #: the scoring loops' wait for prepared batches (images decoded and processed), and the
+        #: wait for the shard writer (`experiments.shard_writer`) after each condition
         self.timings = {"generation_s": 0.0, "plan_wait_s": 0.0, "plan_inline_s": 0.0, "plan_fallbacks": 0,
-                        "data_wait_s": 0.0}
+                        "data_wait_s": 0.0, "store_wait_s": 0.0}
 
     # -- defenses and conditions -------------------------------------------------------------
 
@@ -549,7 +575,8 @@ class Study:
         included) in one `probing.prefix.score_variant_groups` call, one group per query split by
         image and the tokens up to it, so rows that agree there (same system prompt, same image)
         run that prefix once; then each condition's rows folded into its table. ``plans``: the
-        chunk's plans when already built (`PlanAhead`), else built here."""
+        chunk's plans when already built (`PlanAhead`), else built here. Each condition's table is
+        folded when first asked for (`FoldedTables`)."""
         plans = plans if plans is not None else self._plans(names, chunk)
         flat, specs, where = [], [], {}
         per_query: list[list[int]] = [[] for _ in chunk]
@@ -563,16 +590,18 @@ class Study:
             flat += [dataclasses.replace(q, id=f"{n}\0{q.id}") for q in rows]
             specs += specs_n
         table = score_variant_groups(self.scorer, flat, specs, per_query, split=True, desc="query-major")
-        out = {}
-        for n, (offset, local) in where.items():
+
+        def fold(n: str) -> ScoreTable:
+            offset, local = where[n]
             # this condition's rows, in its own order: `local` indexes them as they are
             mine = table.select([flat[offset + r].id for rows in local for r in rows])
             record = {"condition": n, **plans[n].record}
             t = fold_table(mine, chunk, local, plans[n].aggregate, record)
             if n == "baseline":  # as `scorer.score` records an undefended run
                 t.row_meta = [{k: v for k, v in r.items() if k != "variants"} for r in t.row_meta]
-            out[n] = t
-        return out
+            return t
+
+        return FoldedTables(fold, list(where))
 
     def prepare_generations(self, names: list[str]) -> None:
         """Generate, up front, what the query-rewriting defenses among ``names`` (and their "+"
@@ -588,7 +617,8 @@ class Study:
         unique = list({query_key(q): q for q in self.queries}.values())
         unique.sort(key=lambda q: not q.has_image)  # captions are for image queries: full batches first
         tok = self.bundle.processor.tokenizer
-        longest = max(map(len, tok([q.text or "" for q in unique], add_special_tokens=False)["input_ids"]))
+        with tokenizer_lock(tok):
+            longest = max(map(len, tok([q.text or "" for q in unique], add_special_tokens=False)["input_ids"]))
         prompt_tokens = longest + 64 + (self.bundle.image_seq_length if any(q.has_image for q in unique) else 0)
         t0 = time.perf_counter()
         for d in rewrites:
@@ -630,7 +660,7 @@ class Study:
         def missing(name: str, k: int) -> list[str]:
             return [name] + [n for n in names if n != name and (n, k) not in have]
 
-        def from_groups(name, planner):
+        def from_groups(name, planner, writer):
             def score(chunk):
                 k = index[tuple(q.id for q in chunk)]
                 todo = missing(name, k)
@@ -642,8 +672,12 @@ class Study:
                     tables = self._score_query_major(todo, list(chunk), plans)
                 finally:
                     self.scorer.pixel_cache.unstage(staged)
-                for n in todo[1:]:
-                    self.run.store_shard(condition_dir(n), k, chunk, tables[n], fingerprint=fingerprints[n])
+
+                def store(k=k, chunk=chunk, tables=tables, others=todo[1:]):
+                    for n in others:
+                        self.run.store_shard(condition_dir(n), k, chunk, tables[n], fingerprint=fingerprints[n])
+
+                writer.submit(store)  # folded and stored while the next chunk is scored
                 have.update((n, k) for n in todo)  # `name`'s own: stored by `RunDir.score` on return
                 return tables[name]
             return score
@@ -651,10 +685,13 @@ class Study:
         if len(have) < len(names) * len(chunks):
             self.prepare_generations(names)
         waited = self.scorer.waited_s
-        with PlanAhead(self._chunk_inputs, discard=lambda built: self.scorer.pixel_cache.unstage(built[1])) as planner:
+        with PlanAhead(self._chunk_inputs, discard=lambda built: self.scorer.pixel_cache.unstage(built[1])) as planner, \
+                ShardWriter() as writer:
             for name in names:
-                self.tables[name] = self.run.score(from_groups(name, planner), self.queries, condition_dir(name),
-                                                   batch, fingerprint=fingerprints[name])
+                self.tables[name] = self.run.score(from_groups(name, planner, writer), self.queries,
+                                                   condition_dir(name), batch, fingerprint=fingerprints[name])
+                writer.flush()  # the next condition's `RunDir.score` reads the shards stored for it
+        self.timings["store_wait_s"] += writer.wait_s
         self.timings["plan_wait_s"] += planner.wait_s
         self.timings["plan_inline_s"] += planner.inline_s
         self.timings["plan_fallbacks"] += planner.fallbacks

@@ -28,7 +28,7 @@ from transformers.cache_utils import DynamicLayer
 from .errors import InputError
 from .pipeline import HostResults, Prefetcher, cached_image_inputs, encode_batch, vision_version
 from .query import Query, QueryError, check_unique_ids, row_meta
-from .render import PromptSpec, check_context, expanded_lengths, padded_position_ids
+from .render import PromptSpec, check_context, expanded_lengths, padded_position_ids, token_ids
 from .score_table import ScoreTable
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def split_by_image_prefix(queries: Sequence[Query], ids: Sequence[list[int]], gr
 def _tokens(scorer, queries: Sequence[Query], specs: Sequence[PromptSpec]) -> tuple[list[str], list[list[int]]]:
     """Every row's prompt and its (unexpanded) token ids."""
     prompts = scorer.render(queries, list(specs))
-    return prompts, scorer.bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    return prompts, token_ids(scorer.bundle, prompts)
 
 
 def _shared_lengths(queries: Sequence[Query], ids: Sequence[list[int]], groups: Sequence[Sequence[int]],

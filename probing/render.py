@@ -13,6 +13,7 @@ LLaVA repository's ``conv_llava_v1`` conversation, which puts a default system p
 
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -104,9 +105,32 @@ def render_prompt(processor, query: Query, spec: PromptSpec = PromptSpec()) -> s
     return prompt
 
 
+_TOKENIZER_LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer) -> threading.Lock:
+    """The lock every tokenization by ``tokenizer`` (or a processor over it) holds. A fast
+    tokenizer keeps its padding and truncation settings as state that each call with other
+    settings changes, so two threads tokenizing at once (the scoring's prefetch workers, the
+    main thread's length checks) can fail with "Already borrowed"; the calls are short."""
+    with _LOCKS_GUARD:
+        lock = _TOKENIZER_LOCKS.get(tokenizer)
+        if lock is None:
+            lock = _TOKENIZER_LOCKS[tokenizer] = threading.Lock()
+        return lock
+
+
+def token_ids(bundle, prompts: list[str]) -> list[list[int]]:
+    """Each prompt's token ids, unexpanded (one image token per image), BOS included."""
+    tok = bundle.tokenizer
+    with tokenizer_lock(tok):
+        return tok(prompts, add_special_tokens=True)["input_ids"]
+
+
 def prompt_lengths(bundle, prompts: list[str], n_images: list[int]) -> list[int]:
     """Token count of each prompt after image-token expansion (BOS included)."""
-    return expanded_lengths(bundle, bundle.tokenizer(prompts, add_special_tokens=True)["input_ids"], n_images)
+    return expanded_lengths(bundle, token_ids(bundle, prompts), n_images)
 
 
 def expanded_lengths(bundle, ids: list[list[int]], n_images: list[int]) -> list[int]:
@@ -146,9 +170,8 @@ def encode(bundle, prompts: list[str], images: list, device=None) -> dict[str, t
     image, pixel_values ``[n_images, 3, H, W]`` in prompt order.
     """
     flat = [im for im in images if im is not None]
-    inputs = bundle.processor(
-        text=prompts, images=flat or None, padding=True, return_tensors="pt"
-    )
+    with tokenizer_lock(bundle.tokenizer):
+        inputs = bundle.processor(text=prompts, images=flat or None, padding=True, return_tensors="pt")
     out = {
         "input_ids": inputs["input_ids"],
         "attention_mask": inputs["attention_mask"],
@@ -175,7 +198,8 @@ def encode_pixels(bundle, prompts: list[str], pixels: list, device=None) -> dict
         raise InputError(f"encode_pixels: {n_tokens} image tokens in the prompts for {len(flat)} images")
     expanded = token * bundle.image_seq_length
     text = [p.replace(token, expanded) for p in prompts]
-    inputs = bundle.tokenizer(text, padding=True, return_tensors="pt")
+    with tokenizer_lock(bundle.tokenizer):
+        inputs = bundle.tokenizer(text, padding=True, return_tensors="pt")
     out = {
         "input_ids": inputs["input_ids"],
         "attention_mask": inputs["attention_mask"],

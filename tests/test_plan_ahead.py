@@ -215,3 +215,42 @@ def test_generation_pixels_are_the_processors_and_go_to_the_pixel_cache(tiny, mi
     with generation_batch(4, pixel_cache=cache):
         assert generate(tiny, qs, 4) == want
     assert cache.hits == 3 and cache.misses == 3
+
+
+def test_the_shard_writer_runs_in_order_waits_on_exit_and_raises_store_errors(caplog):
+    """`ShardWriter`: stores run in submission order off the main thread; leaving the block waits
+    for all of them, also when it ends by Ctrl-C (nothing is lost); a store's error reaches the
+    main thread at `flush`, or is logged when the block is already ending by another exception."""
+    import time
+
+    from experiments.shard_writer import ShardWriter
+
+    done, threads = [], set()
+
+    def store(i, delay=0.0):
+        time.sleep(delay)
+        threads.add(threading.current_thread().name)
+        done.append(i)
+
+    with pytest.raises(KeyboardInterrupt):
+        with ShardWriter() as writer:
+            writer.submit(lambda: store(0, 0.05))
+            writer.submit(lambda: store(1))
+            raise KeyboardInterrupt
+    assert done == [0, 1] and threads == {n for n in threads if n.startswith("mechprobe-shards")}
+    assert not [t for t in threading.enumerate() if t.name.startswith("mechprobe-shards")]
+
+    def broken():
+        raise OSError("disk full")
+
+    with ShardWriter() as writer:
+        writer.submit(broken)
+        with pytest.raises(OSError, match="disk full"):
+            writer.flush()
+        writer.submit(lambda: store(2))
+    assert done[-1] == 2
+    with pytest.raises(ValueError, match="the real error"):
+        with ShardWriter() as writer:
+            writer.submit(broken)
+            raise ValueError("the real error")
+    assert "a shard store failed" in caplog.text

@@ -84,3 +84,24 @@ def test_remembered_prompts_equal_the_template_and_follow_its_changes(processor)
     proc.chat_template = "CHANGED " + proc.chat_template
     changed = render_prompt(proc, *cases[0])
     assert changed.startswith("CHANGED ") and changed == direct(proc, *cases[0])
+
+
+def test_tokenization_holds_the_tokenizers_lock(tiny):
+    """`encode`, `encode_pixels` and `token_ids` tokenize under `tokenizer_lock` (a fast tokenizer's
+    padding state is shared: the study tokenizes in prefetch workers and the main thread at once),
+    so a call waits while another thread holds the lock."""
+    import threading
+
+    from probing.render import encode_pixels, token_ids, tokenizer_lock
+
+    prompts = [render_prompt(tiny.processor, Query("a", "Hello there"), PromptSpec())]
+    assert tokenizer_lock(tiny.tokenizer) is tokenizer_lock(tiny.processor.tokenizer)
+    for call in (lambda: encode(tiny, prompts, [None]), lambda: encode_pixels(tiny, prompts, [None]),
+                 lambda: token_ids(tiny, prompts)):
+        done = threading.Event()
+        with tokenizer_lock(tiny.tokenizer):
+            worker = threading.Thread(target=lambda: (call(), done.set()))
+            worker.start()
+            assert not done.wait(0.2)  # blocked on the lock
+        worker.join(5)
+        assert done.is_set()

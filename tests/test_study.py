@@ -379,7 +379,8 @@ def test_query_major_chunks_are_stored_at_once_and_not_recomputed_after_an_inter
     first.run.close()
     import threading  # the plan-ahead worker and its pools are joined, and nothing stays staged
 
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("mechprobe-plan", "mechprobe-pixels"))]
+    assert not [t.name for t in threading.enumerate()
+                if t.name.startswith(("mechprobe-plan", "mechprobe-pixels", "mechprobe-shards"))]
     assert not first.scorer.pixel_cache._staged
     calls.clear()
     monkeypatch.setattr(Study, "_score_query_major", counting)
