@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .render import PromptSpec, render_prompt
+from .render import PromptSpec, render_prompt, tokenizer_lock
 
 logger = logging.getLogger(__name__)
 IGNORE = -100
@@ -32,10 +32,16 @@ def encode_example(processor, example) -> dict:
     prompt = render_prompt(processor, example.query, PromptSpec(system_prompt=example.system))
     image = example.query.load_image()
     images = [image] if image is not None else None
-    full = processor(text=[f"{prompt} {example.target}{processor.tokenizer.eos_token}"], images=images,
-                     return_tensors="pt")
-    n_prompt = processor(text=[prompt], images=images, return_tensors="pt")["input_ids"].shape[1]
-    ids = full["input_ids"][0]
+    with tokenizer_lock(processor.tokenizer):
+        full = processor(text=[f"{prompt} {example.target}{processor.tokenizer.eos_token}"], images=images,
+                         return_tensors="pt")
+        ids = full["input_ids"][0]
+        # The prompt's length as the processor alone would tokenize it (its image token expanded as
+        # in ``full``), without processing the image a second time: half of the encoding's time.
+        if image is not None:
+            per_image = int((ids == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum())
+            prompt = prompt.replace(processor.image_token, processor.image_token * per_image)
+        n_prompt = len(processor.tokenizer(prompt)["input_ids"])
     labels = ids.clone()
     labels[:n_prompt] = IGNORE
     return {"input_ids": ids, "labels": labels,

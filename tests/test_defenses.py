@@ -373,3 +373,25 @@ def test_lora_copy_shares_the_frozen_weights():
     assert shared["model.multi_modal_projector.linear_1.weight"].data_ptr() == w.data_ptr()  # no copy
     assert [p.requires_grad for p in toy.model.parameters()] == flags  # the original's flags untouched
     assert all(torch.equal(p, before[n]) for n, p in toy.model.named_parameters())  # nor its values
+
+
+def test_fine_tuning_examples_mask_exactly_the_prompt(tiny):
+    """`encode_example` labels only the answer: the prompt's length comes from the tokenizer on the
+    prompt with its image token expanded as in the full example (the image is processed once),
+    and equals the processor's own count for the prompt alone (the former second processor call)."""
+    from defenses.finetune import safety_examples
+    from probing import PromptSpec, render_prompt
+    from probing.training import IGNORE, encode_example
+
+    examples = safety_examples(0)[:16]
+    assert {e.query.has_image for e in examples} == {True, False}
+    for e in examples:
+        got = encode_example(tiny.processor, e)
+        prompt = render_prompt(tiny.processor, e.query, PromptSpec(system_prompt=e.system))
+        image = e.query.load_image()
+        want = tiny.processor(text=[prompt], images=[image] if image is not None else None,
+                              return_tensors="pt")["input_ids"].shape[1]
+        n_masked = int((got["labels"] == IGNORE).sum())
+        assert n_masked == want, e.query.id
+        assert (got["labels"][want:] == got["input_ids"][want:]).all()
+        assert (got["pixel_values"] is not None) == e.query.has_image
