@@ -66,7 +66,7 @@ from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, 
 from probing.prefix import score_variant_groups
 from probing.query import Query
 from probing.readout import get_readout
-from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, tokenizer_lock
+from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, token_ids, tokenizer_lock
 from probing.score_table import ScoreTable
 
 from . import options, study_config
@@ -556,17 +556,18 @@ class Study:
             return {n: self._condition_plan(n, chunk) for n in names}
 
     def _chunk_inputs(self, names: list[str], chunk: list[Query]) -> tuple[dict[str, ScoringPlan], list]:
-        """A chunk's plans, and its rows prepared ahead: every row's prompt rendered (remembered by
-        `probing.render.render_prompt`), every row's pixel values (the noise copies included)
-        staged in the scorer's pixel cache (`PixelCache.stage_images`, several threads) so the
-        scoring loop only tokenizes; only the chunk's own images are stored in the
-        cache for later conditions. Returns the plans and the staged images (unstaged once the
-        chunk is scored)."""
+        """A chunk's plans, and its rows prepared ahead: every row's prompt rendered and tokenized
+        (remembered by `probing.render.render_prompt` and `token_ids`), every row's pixel values
+        (the noise copies included) staged in the scorer's pixel cache (`PixelCache.stage_images`,
+        several threads), so the main thread only groups and batches them; only the chunk's own
+        images are stored in the cache for later conditions. Returns the plans and the staged
+        images (unstaged once the chunk is scored)."""
         plans = self._plans(names, chunk)
         expanded = [expand_variants(chunk, plan)[:2] for plan in plans.values()]
         rows = [q for r, _ in expanded for q in r]
-        # remembered by render_prompt: the scoring renders these rows again, in the main thread
-        self.scorer.render(rows, [s for _, specs in expanded for s in specs])
+        # remembered by render_prompt and token_ids: the scoring renders and tokenizes these rows
+        # again, in the main thread
+        token_ids(self.bundle, self.scorer.render(rows, [s for _, specs in expanded for s in specs]))
         return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=pixel_threads(), keep=chunk)
 
     def _score_query_major(self, names: list[str], chunk: list[Query],

@@ -121,11 +121,33 @@ def tokenizer_lock(tokenizer) -> threading.Lock:
         return lock
 
 
+_TOKENIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def token_ids(bundle, prompts: list[str]) -> list[list[int]]:
-    """Each prompt's token ids, unexpanded (one image token per image), BOS included."""
+    """Each prompt's token ids, unexpanded (one image token per image), BOS included; the lists are
+    shared, do not change them.
+
+    Remembered per tokenizer, keyed by the prompt and the vocabulary's size (an added token
+    tokenizes anew), at most `RENDER_MEMO_SIZE` prompts: the study tokenizes a chunk's rows in its
+    plan-ahead worker, and the main thread's grouping and length checks find them there."""
     tok = bundle.tokenizer
-    with tokenizer_lock(tok):
-        return tok(prompts, add_special_tokens=True)["input_ids"]
+    try:
+        memo = _TOKENIZED.setdefault(tok, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
+        memo = None
+    size = len(tok)
+    todo = list(dict.fromkeys(prompts)) if memo is None else [
+        p for p in dict.fromkeys(prompts) if (size, p) not in memo]
+    new = {}
+    if todo:
+        with tokenizer_lock(tok):
+            new = dict(zip(todo, tok(todo, add_special_tokens=True)["input_ids"]))
+        if memo is not None:
+            if len(memo) + len(new) > RENDER_MEMO_SIZE:
+                memo.clear()
+            memo.update(((size, p), ids) for p, ids in new.items())
+    return [new[p] if p in new else memo[(size, p)] for p in prompts]
 
 
 def prompt_lengths(bundle, prompts: list[str], n_images: list[int]) -> list[int]:

@@ -105,3 +105,28 @@ def test_tokenization_holds_the_tokenizers_lock(tiny):
             assert not done.wait(0.2)  # blocked on the lock
         worker.join(5)
         assert done.is_set()
+
+
+def test_token_ids_are_the_tokenizers_and_remembered(tiny):
+    """`token_ids` equals the tokenizer's own call (BOS included, image token unexpanded) and
+    tokenizes each distinct prompt once."""
+    from probing.render import token_ids
+
+    prompts = [render_prompt(tiny.processor, Query(f"q{i}", f"Request number {i}", image=noise_image(0) if i % 2 else None),
+                             PromptSpec()) for i in range(4)]
+    prompts.append(prompts[0])  # a repeat within one call
+    want = tiny.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    calls = []
+    real = type(tiny.tokenizer).__call__
+
+    def counting(self, text, *a, **k):
+        calls.append(list(text))
+        return real(self, text, *a, **k)
+
+    type(tiny.tokenizer).__call__ = counting
+    try:
+        assert token_ids(tiny, prompts) == want
+        assert token_ids(tiny, prompts[1:3]) == want[1:3]
+        assert calls == [prompts[:4]]  # once, each distinct prompt once
+    finally:
+        type(tiny.tokenizer).__call__ = real
