@@ -171,7 +171,7 @@ class HostResults:
             return
         copies = [None if t is None else t.to("cpu", non_blocking=True) for t in (margin, lens, hidden)]
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(margin.device))  # where the copies were queued (device_map)
         self._pending = (idx, copies, done)
 
     def flush(self) -> None:

@@ -89,8 +89,10 @@ def render_prompt(processor, query: Query, spec: PromptSpec = PromptSpec()) -> s
         memo = _RENDERED.setdefault(processor, {})
     except TypeError:  # a processor that cannot be weakly referenced: no memo
         memo = None
-    if memo is not None and key in memo:
-        return memo[key]
+    # one lookup: another thread may clear a full memo between a membership test and a read
+    got = memo.get(key) if memo is not None else None
+    if got is not None:
+        return got
     content = [{"type": "image"}] if query.has_image else []
     content.append({"type": "text", "text": text})
     conversation = []
@@ -137,17 +139,18 @@ def token_ids(bundle, prompts: list[str]) -> list[list[int]]:
     except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
         memo = None
     size = len(tok)
-    todo = list(dict.fromkeys(prompts)) if memo is None else [
-        p for p in dict.fromkeys(prompts) if (size, p) not in memo]
-    new = {}
+    # this call's own lookups: another thread may clear a full memo while this one runs
+    found = {p: memo.get((size, p)) if memo is not None else None for p in prompts}
+    todo = [p for p, ids in found.items() if ids is None]
     if todo:
         with tokenizer_lock(tok):
             new = dict(zip(todo, tok(todo, add_special_tokens=True)["input_ids"]))
+        found.update(new)
         if memo is not None:
             if len(memo) + len(new) > RENDER_MEMO_SIZE:
                 memo.clear()
             memo.update(((size, p), ids) for p, ids in new.items())
-    return [new[p] if p in new else memo[(size, p)] for p in prompts]
+    return [found[p] for p in prompts]
 
 
 def prompt_lengths(bundle, prompts: list[str], n_images: list[int]) -> list[int]:
