@@ -39,9 +39,9 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from typing import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -72,9 +72,9 @@ from probing.score_table import ScoreTable
 from . import options, study_config
 from .common import check_device, check_labels, warn_out_of_vocabulary
 from .plan_ahead import PlanAhead
-from .shard_writer import ShardWriter
 from .report import write_table
 from .runs import RunDir
+from .shard_writer import ShardWriter
 from .study_config import ANALYSIS_KEYS, StudyConfig
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,6 @@ add_arguments = options.study  # the options live in experiments/options.py
 
 SCORE_OPS = tuple(OPERATORS)  # "|", "&", "~": combined from finished tables
 INPUT_CATEGORIES = ("SR", "QR", "NI")  # defenses that only change the model's inputs
-#: at most this many threads process one chunk's images ahead (`Study._chunk_inputs`)
 #: Loaders whose ids already say where a query came from.
 OWN_PREFIX = {"mossbench": "moss-", "mmsafetybench": "mmsb-"}
 
