@@ -17,7 +17,12 @@ torch.profiler for the kernel time (the union of all kernel intervals, so overla
 count once). Busy fraction = kernel time / unprofiled wall time (goal >= 0.90). ``--study-runs N``
 times N unprofiled runs first (a fresh process's first is cold); ``--extra-study-batches 32``
 times the study once more at other batch sizes. Each run prints `Study.timings`: the up-front
-generation, the waits for the plan-ahead worker and for prepared batches.
+generation, the waits for the plan-ahead worker, for prepared batches and for the shard writer,
+and NVML's busy share during the generation and during the scoring. The profiled run also marks
+the study's host steps (`annotated`: `record_function` ranges, patched in for that run only) and
+prints the device's idle gaps by length and by the step the host was in (`gap_report`). Before
+the study, `check_late_copies` compares `score`'s results copied to the host one batch late
+with copies made at once (must be 0).
 
 ``--cprofile PATH`` runs the second study under cProfile instead of torch.profiler and prints
 where the host time goes; ``--study-compiled`` then compiles the language model and runs the
