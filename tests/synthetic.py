@@ -1,4 +1,4 @@
-"""Synthetic ScoreTables with planted effects (no model needed)."""
+"""Synthetic ScoreTables with planted effects (no model needed), and small helpers the tests share."""
 
 import numpy as np
 import torch
