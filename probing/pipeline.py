@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -405,8 +406,6 @@ def pixel_threads() -> int:
     """Threads for processing a batch's images at once: the machine's cores, at most
     `MAX_PIXEL_THREADS` (PIL's resize and the normalisation release the GIL; more threads than
     that only contend for memory bandwidth)."""
-    import os
-
     return min(os.cpu_count() or 1, MAX_PIXEL_THREADS)
 
 

@@ -76,6 +76,24 @@ RENDER_MEMO_SIZE = 1 << 13
 _RENDERED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _memo_of(registry: "weakref.WeakKeyDictionary", owner) -> dict | None:
+    """``owner``'s memo in ``registry`` (it lives as long as the owner), or None for an owner that
+    cannot be weakly referenced (no memo)."""
+    try:
+        return registry.setdefault(owner, {})
+    except TypeError:
+        return None
+
+
+def _remember(memo: dict | None, entries: dict) -> None:
+    """Store ``entries``; a memo that would pass `RENDER_MEMO_SIZE` starts over."""
+    if memo is None:
+        return
+    if len(memo) + len(entries) > RENDER_MEMO_SIZE:
+        memo.clear()
+    memo.update(entries)
+
+
 def render_prompt(processor, query: Query, spec: PromptSpec = PromptSpec()) -> str:
     """The prompt string for one query, through the processor's own chat template.
 
@@ -85,10 +103,7 @@ def render_prompt(processor, query: Query, spec: PromptSpec = PromptSpec()) -> s
     plan-ahead worker."""
     text = user_text(query, spec)
     key = (getattr(processor, "chat_template", None), query.has_image, text, spec.system)
-    try:
-        memo = _RENDERED.setdefault(processor, {})
-    except TypeError:  # a processor that cannot be weakly referenced: no memo
-        memo = None
+    memo = _memo_of(_RENDERED, processor)
     # one lookup: another thread may clear a full memo between a membership test and a read
     got = memo.get(key) if memo is not None else None
     if got is not None:
@@ -100,10 +115,7 @@ def render_prompt(processor, query: Query, spec: PromptSpec = PromptSpec()) -> s
         conversation.append({"role": "system", "content": [{"type": "text", "text": spec.system}]})
     conversation.append({"role": "user", "content": content})
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    if memo is not None:
-        if len(memo) >= RENDER_MEMO_SIZE:
-            memo.clear()
-        memo[key] = prompt
+    _remember(memo, {key: prompt})
     return prompt
 
 
@@ -134,10 +146,7 @@ def token_ids(bundle, prompts: list[str]) -> list[list[int]]:
     tokenizes anew), at most `RENDER_MEMO_SIZE` prompts: the study tokenizes a chunk's rows in its
     plan-ahead worker, and the main thread's grouping and length checks find them there."""
     tok = bundle.tokenizer
-    try:
-        memo = _TOKENIZED.setdefault(tok, {})
-    except TypeError:  # a tokenizer that cannot be weakly referenced: no memo
-        memo = None
+    memo = _memo_of(_TOKENIZED, tok)
     size = len(tok)
     # this call's own lookups: another thread may clear a full memo while this one runs
     found = {p: memo.get((size, p)) if memo is not None else None for p in prompts}
@@ -146,10 +155,7 @@ def token_ids(bundle, prompts: list[str]) -> list[list[int]]:
         with tokenizer_lock(tok):
             new = dict(zip(todo, tok(todo, add_special_tokens=True)["input_ids"]))
         found.update(new)
-        if memo is not None:
-            if len(memo) + len(new) > RENDER_MEMO_SIZE:
-                memo.clear()
-            memo.update(((size, p), ids) for p, ids in new.items())
+        _remember(memo, {(size, p): ids for p, ids in new.items()})
     return [found[p] for p in prompts]
 
 
