@@ -189,17 +189,21 @@ def annotated():
             setattr(owner, attr, real)
 
 
-def gap_report(prof, min_gap_ms: float = 0.5, top: int = 14) -> list[str]:
-    """Device idle time between kernels, by gap size and by the innermost `annotated` range the
-    host was in at the gap's middle."""
+def gap_report(prof, min_gap_ms: float = 0.5, top: int = 12) -> list[str]:
+    """Device idle time between kernels, by gap size, and by the `annotated` ranges the main thread
+    was in at each gap's middle (outermost > innermost), for the gaps of ``min_gap_ms`` and more
+    and, separately, for the shorter ones (kernel-launch gaps inside forwards)."""
     from torch.autograd import DeviceType
 
     events = list(prof.profiler.kineto_results.events())
     labels = annotation_labels()
     spans = sorted((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
                    if e.device_type() == DeviceType.CUDA and e.name() not in labels)
-    marks = sorted((e.start_ns(), e.start_ns() + e.duration_ns(), e.name()) for e in events
-                   if e.device_type() == DeviceType.CPU and e.name() in labels)
+    marks = [e for e in events if e.device_type() == DeviceType.CPU and e.name() in labels]
+    main = next((e.start_thread_id() for e in marks if e.name() == "Study._score_query_major"), None)
+    # the main thread's ranges nest: sweep their boundaries in time order with a stack
+    bounds = sorted([(e.start_ns(), 1, e.name()) for e in marks if e.start_thread_id() == main]
+                    + [(e.start_ns() + e.duration_ns(), 0, e.name()) for e in marks if e.start_thread_id() == main])
     merged = []
     for a, b in spans:
         if merged and a <= merged[-1][1]:
@@ -207,27 +211,77 @@ def gap_report(prof, min_gap_ms: float = 0.5, top: int = 14) -> list[str]:
         else:
             merged.append([a, b])
     by_size = {"<0.5 ms": [0, 0.0], "0.5-5 ms": [0, 0.0], "5-50 ms": [0, 0.0], ">=50 ms": [0, 0.0]}
-    by_label: dict[str, list] = {}
-    for (_, end), (start, _) in zip(merged, merged[1:]):
+    big: dict[str, list] = {}
+    small: dict[str, list] = {}
+    stack: list[str] = []
+    k = 0
+    for (_, end), (start, _) in zip(merged, merged[1:]):  # gaps come in time order: advance the sweep
         gap = (start - end) / 1e6
         key = "<0.5 ms" if gap < 0.5 else "0.5-5 ms" if gap < 5 else "5-50 ms" if gap < 50 else ">=50 ms"
         by_size[key][0] += 1
         by_size[key][1] += gap / 1e3
-        if gap < min_gap_ms:
-            continue
         mid = (start + end) / 2
-        inside = [m for m in marks if m[0] <= mid <= m[1]]
-        label = " > ".join(n for _, _, n in sorted(inside)) or "(none)"
-        entry = by_label.setdefault(label, [0, 0.0])
+        while k < len(bounds) and bounds[k][0] <= mid:
+            _, opening, name = bounds[k]
+            if opening:
+                stack.append(name)
+            elif name in stack:
+                del stack[len(stack) - 1 - stack[::-1].index(name)]
+            k += 1
+        entry = (big if gap >= min_gap_ms else small).setdefault(" > ".join(stack) or "(none)", [0, 0.0])
         entry[0] += 1
         entry[1] += gap / 1e3
     lines = ["device gaps by size: " + "; ".join(f"{k}: {n} gaps, {s:.2f} s" for k, (n, s) in by_size.items())]
     if merged:
         lines.append(f"first kernel to last: {(merged[-1][1] - merged[0][0]) / 1e9:.1f} s")
-    lines.append(f"gaps >= {min_gap_ms} ms by what the host was in (outermost > innermost):")
-    for label, (n, sec) in sorted(by_label.items(), key=lambda kv: -kv[1][1])[:top]:
-        lines.append(f"  {sec:6.2f} s in {n:4d} gaps: {label}")
+    for title, table in ((f"gaps >= {min_gap_ms} ms", big), (f"gaps < {min_gap_ms} ms", small)):
+        lines.append(f"{title} by what the main thread was in (outermost > innermost):")
+        for label, (n, sec) in sorted(table.items(), key=lambda kv: -kv[1][1])[:top]:
+            lines.append(f"  {sec:6.2f} s in {n:6d} gaps: {label}")
     return lines
+
+
+@contextlib.contextmanager
+def counting_syncs():
+    """Count the synchronizing CUDA calls made in the block (`torch.cuda.set_sync_debug_mode`
+    "warn": a blocking copy, ``.item()``, a ``bool`` of a device tensor ...), by where they were
+    made: the innermost frame of this project and the innermost frame outside torch. Yields a
+    Counter filled as the block runs. Each such call makes the host wait until the device has run
+    everything queued, so the device then idles until the host has queued new work."""
+    import collections
+    import traceback
+    import warnings
+
+    root = str(Path(__file__).resolve().parents[1]) + os.sep
+    counts: collections.Counter = collections.Counter()
+
+    def where(stack) -> str:
+        ours = [f for f in stack if f.filename.startswith(root) and os.sep + "benchmarks" + os.sep not in f.filename]
+        outside = [f for f in stack if os.sep + "torch" + os.sep not in f.filename and "warnings" not in f.filename]
+        parts = []
+        for f in (ours[-1] if ours else None, outside[-1] if outside else None):
+            if f is not None:
+                text = f"{f.filename.replace(root, '').split('site-packages' + os.sep)[-1]}:{f.lineno} {f.name}"
+                if text not in parts:
+                    parts.append(text)
+        return " | ".join(parts) or "(unknown)"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        real_show = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                counts[where(traceback.extract_stack()[:-1])] += 1
+            else:
+                real_show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counts
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 class UtilizationSampler:
@@ -276,10 +330,11 @@ def study_datasets(n_queries: int, mmsb_root: str | None) -> list[dict]:
 
 
 def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: bool, cprofile: str | None = None,
-               ) -> tuple[float, float | None, int, float | None, dict]:
+               syncs: dict | None = None) -> tuple[float, float | None, int, float | None, dict]:
     """Wall seconds of one study's scoring, its device-busy seconds (profiled runs), its query count,
     NVML's mean utilization (unprofiled runs on a GPU) and the study's host timings (up-front
-    generation, waiting for plans built ahead, plans built in the main thread)."""
+    generation, waiting for plans built ahead, plans built in the main thread). ``syncs``: a dict
+    that receives the run's synchronizing CUDA calls by site (`counting_syncs`)."""
     import experiments.study as study_mod
     from experiments.study_config import StudyConfig
 
@@ -322,6 +377,8 @@ def study_once(bundle, datasets: list[dict], batch: int, device: str, profiled: 
                         stack.callback(py_prof.disable)
                     if profiled:
                         stack.enter_context(annotated())
+                    if syncs is not None:
+                        stack.callback(lambda counts: syncs.update(counts), stack.enter_context(counting_syncs()))
                     _sync(device)
                     t0 = time.perf_counter()
                     study.score_shared_prefixes()
@@ -423,6 +480,9 @@ def main(argv=None) -> int:
     p.add_argument("--study-compiled", action="store_true",
                    help="then compile the language model (as `load_model(compile=True)` does) and run the study "
                         "twice more: the first includes compilation, the second is warm")
+    p.add_argument("--sync-report", action="store_true",
+                   help="after the timed runs, run the study once more counting its synchronizing CUDA calls by "
+                        "site (torch.cuda.set_sync_debug_mode)")
     p.add_argument("--cprofile", default=None, help="run the study a second time under cProfile (not the "
                    "torch profiler), dump the stats here and print where the host time goes")
     args = p.parse_args(argv)
@@ -464,6 +524,15 @@ def main(argv=None) -> int:
         print(f"\nstudy run {run + 1}: {n} queries ({', '.join(d['tag'] for d in datasets)}), {len(STUDY_DEFENSES)} "
               f"defenses, {len(STUDY_ENSEMBLES)} ensembles, batch {args.study_batch}: wall {wall:.1f} s, NVML mean "
               f"utilization {'n/a' if nvml is None else f'{nvml:.2f}'}; host: {fmt_timings(timings)}", flush=True)
+    if args.sync_report and args.device.startswith("cuda"):
+        sites: dict = {}
+        w, _, _, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=False, syncs=sites)
+        result["syncs"] = dict(sorted(sites.items(), key=lambda kv: -kv[1]))
+        save()
+        print(f"\nsynchronizing CUDA calls in one study run ({w:.1f} s wall under the sync debug mode): "
+              f"{sum(sites.values())} at {len(sites)} sites", flush=True)
+        for site, n in sorted(sites.items(), key=lambda kv: -kv[1])[:24]:
+            print(f"  {n:6d}  {site}", flush=True)
     if args.study_compiled:
         bundle.language_model.compile()
         for label in ("compiled, first (compiles)", "compiled, warm"):

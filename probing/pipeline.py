@@ -152,6 +152,24 @@ class Prefetcher:
         self.close()
 
 
+def pinned(tensors: dict, device) -> dict:
+    """``tensors`` (CPU) in page-locked memory when they are bound for a CUDA ``device``, else as
+    they are. Called in the prefetch worker: from pinned memory `to_device` copies without the
+    host waiting (from pageable memory the driver may first wait for the device)."""
+    if torch.device(device).type != "cuda":
+        return tensors
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+            for k, v in tensors.items()}
+
+
+def to_device(tensors: dict, device) -> dict:
+    """``tensors`` moved to ``device`` without waiting for it. A blocking copy to a CUDA device
+    waits until everything queued there has run (a stream sync), so each batch's inputs would
+    drain the device before its forward is even queued; a non-blocking one is queued behind the
+    work already there, in order, on the same stream."""
+    return {k: v.to(device, non_blocking=True) for k, v in tensors.items()}
+
+
 class HostResults:
     """A scoring loop's results, written into its host tensors (``margin [N]``, ``lens [N, L]``,
     ``hidden [N, L, d]`` or None) one batch late, so the host does not wait for the device
@@ -343,7 +361,10 @@ def embed_with_features(model, input_ids: torch.Tensor, features: torch.Tensor) 
 def cached_image_inputs(model, inputs: dict, keys: list, cache: PixelCache, version) -> dict:
     """``inputs`` with ``pixel_values`` replaced by ``inputs_embeds`` whose image positions hold
     features from ``cache`` (one entry per image key and `vision_version`); the images it lacks
-    go through the vision tower together, as the trunk would run them, and are stored."""
+    go through the vision tower together, as the trunk would run them, and are stored.
+
+    ``pixel_values`` may still be on the host (the other inputs on the model's device): only the
+    missing images' pixels are then copied over (`to_device`), the rest never leave the host."""
     if "pixel_values" not in inputs or not cache.enabled:
         return inputs
     pixel_values = inputs["pixel_values"]
@@ -352,7 +373,13 @@ def cached_image_inputs(model, inputs: dict, keys: list, cache: PixelCache, vers
     found = [cache.get((key, version)) for key in keys]
     missing = [i for i, f in enumerate(found) if f is None]
     if missing:
-        fresh = image_features(model, pixel_values[missing] if len(missing) < len(keys) else pixel_values)
+        device = inputs["input_ids"].device
+        todo = pixel_values if len(missing) == len(keys) else pixel_values[missing]
+        if todo.device != device:
+            if todo is not pixel_values:  # the selection is a new (pageable) tensor
+                todo = pinned({"p": todo}, device)["p"]
+            todo = todo.to(device, non_blocking=True)
+        fresh = image_features(model, todo)
         for i, f in zip(missing, fresh):
             found[i] = f.clone()  # its own storage, so the cache's byte count is what it holds
             cache.put((keys[i], version), found[i])

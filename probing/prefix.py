@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
 from .errors import InputError
-from .pipeline import HostResults, Prefetcher, cached_image_inputs, encode_batch, vision_version
+from .pipeline import HostResults, Prefetcher, cached_image_inputs, encode_batch, pinned, to_device, vision_version
 from .query import Query, QueryError, check_unique_ids, row_meta
 from .render import PromptSpec, check_context, expanded_lengths, padded_position_ids, token_ids
 from .score_table import ScoreTable
@@ -259,9 +259,13 @@ def prepare_prefixed(scorer, heads, head_prompts, head_ids, shared, suffixes) ->
         prefix_rows.append(real[:n_exp])
     prefix_ids, prefix_mask = _pad_left(prefix_rows, pad)
     suffix_ids, suffix_mask = _pad_left([torch.tensor(x) for group in suffixes for x in group], pad)
-    return {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "pixel_values": full.get("pixel_values"),
-            "keys": keys, "suffix_ids": suffix_ids, "suffix_mask": suffix_mask,
-            "counts": [len(x) for x in suffixes]}
+    counts = [len(x) for x in suffixes]
+    tensors = {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "suffix_ids": suffix_ids,
+               "suffix_mask": suffix_mask, "counts_t": torch.tensor(counts)}
+    if full.get("pixel_values") is not None:
+        tensors["pixel_values"] = full["pixel_values"]
+    # pinned for a CUDA device: `score_prefixed` copies them without waiting for the device
+    return {**pinned(tensors, bundle.input_device), "keys": keys, "counts": counts}
 
 
 def _pad_left(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,24 +286,29 @@ def score_prefixed(scorer, batch: dict):
     prefix. Returns ``margin [rows]``, ``lens [rows, L]``, ``hidden [rows, L, d]`` or None."""
     bundle = scorer.bundle
     device = bundle.input_device
-    prefix_mask = batch["prefix_mask"].to(device)
-    kwargs = {"input_ids": batch["prefix_ids"].to(device), "attention_mask": prefix_mask,
+    # copies queued without waiting (a blocking one would first drain the device)
+    moved = to_device({k: batch[k] for k in ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "counts_t")},
+                      device)
+    prefix_mask = moved["prefix_mask"]
+    kwargs = {"input_ids": moved["prefix_ids"], "attention_mask": prefix_mask,
               "position_ids": padded_position_ids(prefix_mask)}
-    if batch["pixel_values"] is not None:
-        kwargs["pixel_values"] = batch["pixel_values"].to(device)
+    pixel_values = batch.get("pixel_values")
+    if pixel_values is not None:
+        kwargs["pixel_values"] = pixel_values  # on the host: only images the feature cache lacks are copied
         if batch["keys"] is not None:  # each image through the vision tower once per run
             kwargs = cached_image_inputs(bundle.model, kwargs, batch["keys"], scorer.feature_cache,
                                          vision_version(bundle.model))
+        else:
+            kwargs["pixel_values"] = pixel_values.to(device, non_blocking=True)
     cache = bundle.model.model(**kwargs, use_cache=True).cache
     counts = batch["counts"]
-    repeats = counts[0] if len(set(counts)) == 1 else torch.tensor(counts, device=device)
+    repeats = counts[0] if len(set(counts)) == 1 else moved["counts_t"]
     rows = sum(counts)
     cache.layers = [SharedPrefixLayer(layer.keys, layer.values, repeats, rows) for layer in cache.layers]
 
-    suffix_mask = batch["suffix_mask"].to(device)
+    suffix_mask = moved["suffix_mask"]
     prefix_rep = prefix_mask.repeat_interleave(repeats, 0, output_size=rows)
     mask = torch.cat([prefix_rep, suffix_mask], 1)
     position_ids = prefix_rep.sum(-1, keepdim=True) + padded_position_ids(suffix_mask)
-    return scorer.forward({"input_ids": batch["suffix_ids"].to(device), "attention_mask": mask,
-                           "position_ids": position_ids},
+    return scorer.forward({"input_ids": moved["suffix_ids"], "attention_mask": mask, "position_ids": position_ids},
                           cache=cache, left_padded=True)  # suffixes padded left

@@ -24,7 +24,7 @@ from hooks.capture import DecisionCapture
 
 from .model import ModelBundle
 from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, HostResults, PixelCache, Prefetcher,
-                       cached_image_inputs, encode_batch, vision_version)
+                       cached_image_inputs, encode_batch, pinned, to_device, vision_version)
 from .plan import as_plan, run_plan
 from .query import Query, QueryError, check_unique_ids, row_meta  # noqa: F401 (row_meta: re-exported)
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
@@ -292,7 +292,8 @@ class RefusalScorer:
             want = [lengths[i] for i in rows]
             if got != want:
                 raise ScoringError(f"token count mismatch for queries {ids}: processor gave {got}, expected {want}")
-            return inputs, keys, bool(mask[:, -1].all())  # left-padded: the forward's fast read
+            # pinned for a CUDA device, so the main thread's copy does not wait for the device
+            return pinned(inputs, device), keys, bool(mask[:, -1].all())  # left-padded: the forward's fast read
 
         start = time.perf_counter()
         forward_s = 0.0
@@ -302,10 +303,13 @@ class RefusalScorer:
             for rows, (cpu_inputs, keys, left_padded) in tqdm(zip(batches, feed), total=len(batches), desc=desc,
                                                                unit="batch", disable=disable):
                 t0 = time.perf_counter()
-                inputs = {k: v.to(device) for k, v in cpu_inputs.items()}
-                if keys:
+                if keys:  # pixels stay on the host: only images the feature cache lacks are copied
+                    inputs = to_device({k: v for k, v in cpu_inputs.items() if k != "pixel_values"}, device)
+                    inputs["pixel_values"] = cpu_inputs["pixel_values"]
                     with torch.inference_mode():
                         inputs = cached_image_inputs(self.bundle.model, inputs, keys, self.feature_cache, version)
+                else:
+                    inputs = to_device(cpu_inputs, device)
                 results.add(torch.tensor(rows), *self.forward(inputs, left_padded=left_padded))
                 forward_s += time.perf_counter() - t0
             results.flush()

@@ -285,6 +285,34 @@ def test_feature_cache_runs_each_image_through_the_vision_tower_once(tiny, mixed
     assert sum(calls) == n_images + 3 * n_images  # cached scorer once; each uncached reference scorer
 
 
+def test_feature_cache_runs_only_the_missing_images_from_host_pixels(tiny, mixed_queries):
+    """`cached_image_inputs` with the pixels still on the host (as `score` hands them over): the
+    vision tower sees exactly the images the cache lacks, and the embeddings are the trunk's own
+    (the same as with every feature computed afresh)."""
+    from probing.pipeline import cached_image_inputs, image_features, vision_version
+
+    images = [q for q in mixed_queries if q.has_image][:3]
+    assert len(images) == 3
+    scorer = RefusalScorer(tiny, batch_size=4)
+    cpu = encode_batch(tiny, scorer.render(images), images, None, device="cpu")
+    keys = [("test", q.id) for q in images]
+    version = vision_version(tiny.model)
+    with torch.inference_mode():
+        fresh = image_features(tiny.model, cpu["pixel_values"])
+        cache = PixelCache(2**26)
+        cache.put((keys[1], version), fresh[1].clone())
+        seen = []
+        handle = tiny.model.model.vision_tower.register_forward_hook(lambda m, a, o: seen.append(a[0].clone()))
+        try:
+            got = cached_image_inputs(tiny.model, dict(cpu), keys, cache, version)
+        finally:
+            handle.remove()
+        want = cached_image_inputs(tiny.model, dict(cpu), keys, PixelCache(2**26), version)
+    assert len(seen) == 1 and torch.equal(seen[0], cpu["pixel_values"][[0, 2]].to(seen[0].dtype))
+    assert "pixel_values" not in got and torch.equal(got["inputs_embeds"], want["inputs_embeds"])
+    assert cache.get((keys[0], version)) is not None and cache.get((keys[2], version)) is not None
+
+
 def test_feature_cache_is_not_reused_after_the_vision_weights_change(tiny, mixed_queries):
     scorer = RefusalScorer(tiny, batch_size=4, layers=None)
     before = scorer.score(mixed_queries)
