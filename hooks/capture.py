@@ -36,6 +36,11 @@ class _MaskTracker:
 
     def hook(self, _module, args, kwargs):
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.dtype == torch.bool:
+            # a ready boolean causal mask ([batch, 1, queries, keys], as the scorer passes for
+            # padded batches): its last query sees every key that is real, so that row is the
+            # 2-D padding mask
+            mask = mask[:, 0, -1]
         self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         self._index = {}
 

@@ -25,6 +25,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
+from hooks.points import language_model
+
+from .attention_mask import model_attention_mask
 from .errors import InputError
 from .pipeline import HostResults, Prefetcher, cached_image_inputs, encode_batch, pinned, to_device, vision_version
 from .query import Query, QueryError, check_unique_ids, row_meta
@@ -262,10 +265,11 @@ def prepare_prefixed(scorer, heads, head_prompts, head_ids, shared, suffixes) ->
     counts = [len(x) for x in suffixes]
     tensors = {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "suffix_ids": suffix_ids,
                "suffix_mask": suffix_mask, "counts_t": torch.tensor(counts)}
+    padded = not bool(prefix_mask.all())  # read here, on the host (`attention_mask`)
     if full.get("pixel_values") is not None:
         tensors["pixel_values"] = full["pixel_values"]
     # pinned for a CUDA device: `score_prefixed` copies them without waiting for the device
-    return {**pinned(tensors, bundle.input_device), "keys": keys, "counts": counts}
+    return {**pinned(tensors, bundle.input_device), "keys": keys, "counts": counts, "padded": padded}
 
 
 def _pad_left(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +294,8 @@ def score_prefixed(scorer, batch: dict):
     moved = to_device({k: batch[k] for k in ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "counts_t")},
                       device)
     prefix_mask = moved["prefix_mask"]
-    kwargs = {"input_ids": moved["prefix_ids"], "attention_mask": prefix_mask,
+    kwargs = {"input_ids": moved["prefix_ids"],
+              "attention_mask": model_attention_mask(language_model(bundle.model), prefix_mask, batch["padded"]),
               "position_ids": padded_position_ids(prefix_mask)}
     pixel_values = batch.get("pixel_values")
     if pixel_values is not None:

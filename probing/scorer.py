@@ -21,6 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hooks.capture import DecisionCapture
+from hooks.points import language_model
+
+from .attention_mask import model_attention_mask
 
 from .model import ModelBundle
 from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, HostResults, PixelCache, Prefetcher,
@@ -292,16 +295,17 @@ class RefusalScorer:
             want = [lengths[i] for i in rows]
             if got != want:
                 raise ScoringError(f"token count mismatch for queries {ids}: processor gave {got}, expected {want}")
-            # pinned for a CUDA device, so the main thread's copy does not wait for the device
-            return pinned(inputs, device), keys, bool(mask[:, -1].all())  # left-padded: the forward's fast read
+            # pinned for a CUDA device, so the main thread's copy does not wait for the device;
+            # left-padded: the forward's fast read; padded: the ready 4-D mask (`attention_mask`)
+            return pinned(inputs, device), keys, bool(mask[:, -1].all()), not bool(mask.all())
 
         start = time.perf_counter()
         forward_s = 0.0
         results = HostResults(margin, lens, hidden)
         with Prefetcher(prepare, batches, depth=self.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
                 self.holding_hooks():
-            for rows, (cpu_inputs, keys, left_padded) in tqdm(zip(batches, feed), total=len(batches), desc=desc,
-                                                               unit="batch", disable=disable):
+            for rows, (cpu_inputs, keys, left_padded, padded) in tqdm(zip(batches, feed), total=len(batches),
+                                                                       desc=desc, unit="batch", disable=disable):
                 t0 = time.perf_counter()
                 if keys:  # pixels stay on the host: only images the feature cache lacks are copied
                     inputs = to_device({k: v for k, v in cpu_inputs.items() if k != "pixel_values"}, device)
@@ -310,6 +314,8 @@ class RefusalScorer:
                         inputs = cached_image_inputs(self.bundle.model, inputs, keys, self.feature_cache, version)
                 else:
                     inputs = to_device(cpu_inputs, device)
+                inputs["attention_mask"] = model_attention_mask(language_model(self.bundle.model),
+                                                                inputs["attention_mask"], padded)
                 results.add(torch.tensor(rows), *self.forward(inputs, left_padded=left_padded))
                 forward_s += time.perf_counter() - t0
             results.flush()
