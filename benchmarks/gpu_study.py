@@ -144,7 +144,12 @@ ANNOTATED = [("experiments.study", "Study", "prepare_generations"), ("experiment
              ("probing.pipeline", "Prefetcher", "_get"), ("probing.pipeline", "HostResults", "flush"),
              ("probing.prefix", None, "score_prefixed"), ("probing.prefix", None, "_tokens"),
              ("probing.scorer", None, "prompt_lengths"), ("probing.plan", None, "fold_table"),
-             ("experiments.shard_writer", "ShardWriter", "flush")]
+             ("experiments.shard_writer", "ShardWriter", "flush"), ("probing.pipeline", None, "to_device"),
+             ("probing.pipeline", None, "cached_image_inputs"), ("probing.pipeline", None, "image_features"),
+             ("probing.pipeline", "HostResults", "add"), ("probing.generation", None, "map_threads"),
+             ("probing.generation", None, "encode_pixels"),
+             ("transformers.generation.utils", "GenerationMixin", "generate"),
+             ("transformers.models.llava.modeling_llava", "LlavaModel", "forward")]
 
 
 def annotation_labels() -> set[str]:
@@ -178,7 +183,8 @@ def annotated():
             setattr(owner, attr, staticmethod(wrap(real)) if static else wrap(real))
             undo.append((owner, attr, staticmethod(real) if static else real))
             if cls_name is None:  # also where it was imported by name
-                for other in ("probing.prefix", "probing.scorer", "experiments.study", "probing.plan"):
+                for other in ("probing.prefix", "probing.scorer", "experiments.study", "probing.plan",
+                              "probing.pipeline", "probing.generation"):
                     m = importlib.import_module(other)
                     if getattr(m, attr, None) is real:
                         setattr(m, attr, getattr(owner, attr))
