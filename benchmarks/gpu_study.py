@@ -20,8 +20,10 @@ times the study once more at other batch sizes. Each run prints `Study.timings`:
 generation, the waits for the plan-ahead worker, for prepared batches and for the shard writer,
 and NVML's busy share during the generation and during the scoring. The profiled run also marks
 the study's host steps (`annotated`: `record_function` ranges, patched in for that run only) and
-prints the device's idle gaps by length and by the step the host was in (`gap_report`). Before
-the study, `check_late_copies` compares `score`'s results copied to the host one batch late
+prints the device's idle gaps by length and by the step the host was in (`gap_report`).
+``--sync-report`` runs the study once more under `torch.cuda.set_sync_debug_mode("warn")` and
+prints its synchronizing CUDA calls by site (`counting_syncs`: each makes the host wait until
+the device is idle). Before the study, `check_late_copies` compares `score`'s results copied to the host one batch late
 with copies made at once (must be 0).
 
 ``--cprofile PATH`` runs the second study under cProfile instead of torch.profiler and prints

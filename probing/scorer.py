@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from hooks.capture import DecisionCapture
-from hooks.points import language_model
 
 from .attention_mask import model_attention_mask
 
@@ -314,8 +313,9 @@ class RefusalScorer:
                         inputs = cached_image_inputs(self.bundle.model, inputs, keys, self.feature_cache, version)
                 else:
                     inputs = to_device(cpu_inputs, device)
-                inputs["attention_mask"] = model_attention_mask(language_model(self.bundle.model),
-                                                                inputs["attention_mask"], padded)
+                if padded:  # the ready 4-D mask: transformers would read the 2-D one on the host
+                    inputs["attention_mask"] = model_attention_mask(self._trunk.language_model,
+                                                                    inputs["attention_mask"], padded)
                 results.add(torch.tensor(rows), *self.forward(inputs, left_padded=left_padded))
                 forward_s += time.perf_counter() - t0
             results.flush()
