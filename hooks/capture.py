@@ -262,7 +262,8 @@ class EditContext:
     Attributes:
         name, layer, kind: the hook point.
         index: absolute positions edited, ``[batch, k]`` (None: all positions).
-        attention_mask: the language model's 2-D mask for this forward (None if not given).
+        attention_mask: the language model's 2-D mask for this forward (None if not given; boolean,
+            read from its last row, when the forward was given a ready 4-D causal mask).
     """
 
     name: str

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from hooks.capture import DecisionCapture
 
 from .attention_mask import model_attention_mask
-
 from .model import ModelBundle
 from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, HostResults, PixelCache, Prefetcher,
                        cached_image_inputs, encode_batch, pinned, to_device, vision_version)
