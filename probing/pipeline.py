@@ -376,8 +376,8 @@ def cached_image_inputs(model, inputs: dict, keys: list, cache: PixelCache, vers
         device = inputs["input_ids"].device
         todo = pixel_values if len(missing) == len(keys) else pixel_values[missing]
         if todo.device != device:
-            if todo is not pixel_values:  # the selection is a new (pageable) tensor
-                todo = pinned({"p": todo}, device)["p"]
+            if todo is not pixel_values and device.type == "cuda":  # the selection is new, pageable memory
+                todo = todo.pin_memory()
             todo = todo.to(device, non_blocking=True)
         fresh = image_features(model, todo)
         for i, f in zip(missing, fresh):
@@ -386,6 +386,19 @@ def cached_image_inputs(model, inputs: dict, keys: list, cache: PixelCache, vers
     out = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids")}
     out["inputs_embeds"] = embed_with_features(model, inputs["input_ids"], torch.stack(found))
     return out
+
+
+def device_inputs(model, inputs: dict, device, keys: list | None, cache: PixelCache, version) -> dict:
+    """A batch's model inputs (host tensors, `pinned` by the prefetch worker) on ``device``, queued
+    without the host waiting for the device (`to_device`). With image ``keys`` and an enabled
+    feature ``cache`` the pixel values stay on the host: `cached_image_inputs` copies only those of
+    the images the cache lacks and hands the trunk ``inputs_embeds``."""
+    pixels = inputs.get("pixel_values") if keys and cache.enabled else None
+    if pixels is None:
+        return to_device(inputs, device)
+    out = to_device({k: v for k, v in inputs.items() if k != "pixel_values"}, device)
+    with torch.inference_mode():
+        return cached_image_inputs(model, {**out, "pixel_values": pixels}, keys, cache, version)
 
 
 def image_key(query: Query) -> tuple[tuple, Image.Image | None]:

@@ -29,7 +29,7 @@ from hooks.points import language_model
 
 from .attention_mask import model_attention_mask
 from .errors import InputError
-from .pipeline import HostResults, Prefetcher, cached_image_inputs, encode_batch, pinned, to_device, vision_version
+from .pipeline import HostResults, Prefetcher, device_inputs, encode_batch, pinned, to_device, vision_version
 from .query import Query, QueryError, check_unique_ids, row_meta
 from .render import PromptSpec, check_context, expanded_lengths, padded_position_ids, token_ids
 from .score_table import ScoreTable
@@ -263,13 +263,15 @@ def prepare_prefixed(scorer, heads, head_prompts, head_ids, shared, suffixes) ->
     prefix_ids, prefix_mask = _pad_left(prefix_rows, pad)
     suffix_ids, suffix_mask = _pad_left([torch.tensor(x) for group in suffixes for x in group], pad)
     counts = [len(x) for x in suffixes]
-    tensors = {"prefix_ids": prefix_ids, "prefix_mask": prefix_mask, "suffix_ids": suffix_ids,
-               "suffix_mask": suffix_mask, "counts_t": torch.tensor(counts)}
-    padded = not bool(prefix_mask.all())  # read here, on the host (`attention_mask`)
+    prefix = {"input_ids": prefix_ids, "attention_mask": prefix_mask}
     if full.get("pixel_values") is not None:
-        tensors["pixel_values"] = full["pixel_values"]
-    # pinned for a CUDA device: `score_prefixed` copies them without waiting for the device
-    return {**pinned(tensors, bundle.input_device), "keys": keys, "counts": counts, "padded": padded}
+        prefix["pixel_values"] = full["pixel_values"]
+    suffix = {"suffix_ids": suffix_ids, "suffix_mask": suffix_mask, "counts": torch.tensor(counts)}
+    # pinned for a CUDA device: `score_prefixed` copies them without waiting for the device; the
+    # padding is read here, on the host (`probing.attention_mask`)
+    device = bundle.input_device
+    return {"prefix": pinned(prefix, device), "suffix": pinned(suffix, device), "keys": keys, "counts": counts,
+            "padded": not bool(prefix_mask.all())}
 
 
 def _pad_left(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,29 +293,21 @@ def score_prefixed(scorer, batch: dict):
     bundle = scorer.bundle
     device = bundle.input_device
     # copies queued without waiting (a blocking one would first drain the device)
-    moved = to_device({k: batch[k] for k in ("prefix_ids", "prefix_mask", "suffix_ids", "suffix_mask", "counts_t")},
-                      device)
-    prefix_mask = moved["prefix_mask"]
-    kwargs = {"input_ids": moved["prefix_ids"],
-              "attention_mask": model_attention_mask(language_model(bundle.model), prefix_mask, batch["padded"]),
-              "position_ids": padded_position_ids(prefix_mask)}
-    pixel_values = batch.get("pixel_values")
-    if pixel_values is not None:
-        kwargs["pixel_values"] = pixel_values  # on the host: only images the feature cache lacks are copied
-        if batch["keys"] is not None:  # each image through the vision tower once per run
-            kwargs = cached_image_inputs(bundle.model, kwargs, batch["keys"], scorer.feature_cache,
-                                         vision_version(bundle.model))
-        else:
-            kwargs["pixel_values"] = pixel_values.to(device, non_blocking=True)
+    kwargs = device_inputs(bundle.model, batch["prefix"], device, batch["keys"], scorer.feature_cache,
+                           vision_version(bundle.model) if batch["keys"] else None)
+    suffix = to_device(batch["suffix"], device)
+    prefix_mask = kwargs["attention_mask"]
+    kwargs["position_ids"] = padded_position_ids(prefix_mask)
+    kwargs["attention_mask"] = model_attention_mask(language_model(bundle.model), prefix_mask, batch["padded"])
     cache = bundle.model.model(**kwargs, use_cache=True).cache
     counts = batch["counts"]
-    repeats = counts[0] if len(set(counts)) == 1 else moved["counts_t"]
+    repeats = counts[0] if len(set(counts)) == 1 else suffix["counts"]
     rows = sum(counts)
     cache.layers = [SharedPrefixLayer(layer.keys, layer.values, repeats, rows) for layer in cache.layers]
 
-    suffix_mask = moved["suffix_mask"]
+    suffix_mask = suffix["suffix_mask"]
     prefix_rep = prefix_mask.repeat_interleave(repeats, 0, output_size=rows)
     mask = torch.cat([prefix_rep, suffix_mask], 1)
     position_ids = prefix_rep.sum(-1, keepdim=True) + padded_position_ids(suffix_mask)
-    return scorer.forward({"input_ids": moved["suffix_ids"], "attention_mask": mask, "position_ids": position_ids},
+    return scorer.forward({"input_ids": suffix["suffix_ids"], "attention_mask": mask, "position_ids": position_ids},
                           cache=cache, left_padded=True)  # suffixes padded left

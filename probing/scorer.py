@@ -25,7 +25,7 @@ from hooks.capture import DecisionCapture
 from .attention_mask import model_attention_mask
 from .model import ModelBundle
 from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, HostResults, PixelCache, Prefetcher,
-                       cached_image_inputs, encode_batch, pinned, to_device, vision_version)
+                       device_inputs, encode_batch, pinned, vision_version)
 from .plan import as_plan, run_plan
 from .query import Query, QueryError, check_unique_ids, row_meta  # noqa: F401 (row_meta: re-exported)
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
@@ -305,16 +305,9 @@ class RefusalScorer:
             for rows, (cpu_inputs, keys, left_padded, padded) in tqdm(zip(batches, feed), total=len(batches),
                                                                        desc=desc, unit="batch", disable=disable):
                 t0 = time.perf_counter()
-                if keys:  # pixels stay on the host: only images the feature cache lacks are copied
-                    inputs = to_device({k: v for k, v in cpu_inputs.items() if k != "pixel_values"}, device)
-                    inputs["pixel_values"] = cpu_inputs["pixel_values"]
-                    with torch.inference_mode():
-                        inputs = cached_image_inputs(self.bundle.model, inputs, keys, self.feature_cache, version)
-                else:
-                    inputs = to_device(cpu_inputs, device)
-                if padded:  # the ready 4-D mask: transformers would read the 2-D one on the host
-                    inputs["attention_mask"] = model_attention_mask(self._trunk.language_model,
-                                                                    inputs["attention_mask"], padded)
+                inputs = device_inputs(self.bundle.model, cpu_inputs, device, keys, self.feature_cache, version)
+                inputs["attention_mask"] = model_attention_mask(self._trunk.language_model, inputs["attention_mask"],
+                                                                padded)
                 results.add(torch.tensor(rows), *self.forward(inputs, left_padded=left_padded))
                 forward_s += time.perf_counter() - t0
             results.flush()
