@@ -149,7 +149,7 @@ ANNOTATED = [("experiments.study", "Study", "prepare_generations"), ("experiment
              ("experiments.shard_writer", "ShardWriter", "flush"), ("probing.pipeline", None, "to_device"),
              ("probing.pipeline", None, "cached_image_inputs"), ("probing.pipeline", None, "image_features"),
              ("probing.pipeline", "HostResults", "add"), ("probing.generation", None, "map_threads"),
-             ("probing.generation", None, "encode_pixels"),
+             ("probing.generation", None, "encode_pixels"), ("probing.generation", None, "greedy_decode"),
              ("transformers.generation.utils", "GenerationMixin", "generate"),
              ("transformers.models.llava.modeling_llava", "LlavaModel", "forward")]
 
@@ -450,6 +450,55 @@ def check_late_copies(bundle, n: int = 24, batch: int = 8) -> float:
     return max(float((late.margin - now.margin).abs().max()), float((late.lens_margin - now.lens_margin).abs().max()))
 
 
+def check_decode(bundle, n: int = 64, new_tokens: int = 32, device: str = "cuda") -> dict:
+    """`probing.decode.greedy_decode` on ``n`` image queries in one batch: its CUDA-graph replay
+    against the same steps run eagerly (the same kernels: the tokens must be equal) and against
+    transformers' `generate` (default dynamic cache; the static cache's attention reads the padded
+    cache, so bf16 sums may round differently), with the warm wall time of each."""
+    from bench_scorer import make_queries
+
+    from probing import PromptSpec
+    from probing.decode import graph_obstacle, greedy_decode
+    from probing.pipeline import process_image
+    from probing.render import encode_pixels, render_prompt
+
+    queries = make_queries(n)
+    prompts = [render_prompt(bundle.processor, q, PromptSpec()) for q in queries]
+    inputs = encode_pixels(bundle, prompts, [process_image(bundle, q.load_image()) for q in queries])
+    pad = bundle.tokenizer.pad_token_id
+    plain = {k: v for k, v in inputs.items() if k != "position_ids"}
+    seq = inputs["input_ids"].shape[1]
+    runs = {
+        "generate": lambda: bundle.model.generate(**plain, max_new_tokens=new_tokens, do_sample=False,
+                                                  pad_token_id=pad)[:, seq:].cpu(),
+        "eager": lambda: greedy_decode(bundle.model, inputs, new_tokens, pad).tokens,
+        "graphed": lambda: greedy_decode(bundle.model, inputs, new_tokens, pad, graphs=True),
+    }
+    out: dict = {"queries": n, "new_tokens": new_tokens, "obstacle": graph_obstacle(bundle.model)}
+    tokens = {}
+    with torch.inference_mode():
+        for name, fn in runs.items():
+            times = []
+            for _ in range(2):  # the first is warm-up
+                _sync(device)
+                t0 = time.perf_counter()
+                got = fn()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            if name == "graphed":
+                out["graphed"] = got.graphed
+                got = got.tokens
+            tokens[name] = got
+            out[f"{name}_s"] = times[-1]
+    g, e, ref = tokens["graphed"], tokens["eager"], tokens["generate"]
+    width = min(g.shape[1], ref.shape[1])
+    out["graphed_equals_eager"] = bool(torch.equal(g, e))
+    out["rows_equal_to_generate"] = float((g[:, :width] == ref[:, :width]).all(1).float().mean())
+    out["tokens_equal_to_generate"] = float((g[:, :width] == ref[:, :width]).float().mean())
+    out["first_token_equal_to_generate"] = float((g[:, 0] == ref[:, 0]).float().mean())
+    return out
+
+
 def print_mfu_table(rows: list[dict]) -> None:
     print("\n| attention | compiled | batch | s / batch | queries/s | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|---|")
@@ -491,6 +540,12 @@ def main(argv=None) -> int:
     p.add_argument("--sync-report", action="store_true",
                    help="after the timed runs, run the study once more counting its synchronizing CUDA calls by "
                         "site (torch.cuda.set_sync_debug_mode)")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="after the profiled run, time the study once more with this GIL switch interval "
+                        "(seconds; sys.setswitchinterval, restored after)")
+    p.add_argument("--decode-check", action="store_true",
+                   help="first compare greedy decoding under a CUDA graph with the same steps eager and with "
+                        "transformers' generate (tokens and warm wall time)")
     p.add_argument("--cprofile", default=None, help="run the study a second time under cProfile (not the "
                    "torch profiler), dump the stats here and print where the host time goes")
     args = p.parse_args(argv)
@@ -519,6 +574,15 @@ def main(argv=None) -> int:
     save()
     print_mfu_table(rows)
 
+    if args.decode_check and args.device.startswith("cuda"):
+        d = check_decode(bundle, device=args.device)
+        result["decode"] = d
+        save()
+        print(f"\ndecode, {d['queries']} image queries x {d['new_tokens']} tokens in one batch: generate "
+              f"{d['generate_s']:.2f} s, static cache eager {d['eager_s']:.2f} s, CUDA graph {d['graphed_s']:.2f} s "
+              f"(graphed: {d['graphed']}, obstacle: {d['obstacle']}); graph == eager: {d['graphed_equals_eager']}; "
+              f"vs generate: rows equal {d['rows_equal_to_generate']:.2f}, tokens {d['tokens_equal_to_generate']:.2f}, "
+              f"first token {d['first_token_equal_to_generate']:.2f}", flush=True)
     late = check_late_copies(bundle)
     result["late_copies_max_diff"] = late
     print(f"results copied to the host one batch late vs at once: max |difference| {late:.1e} (must be 0)",
@@ -569,6 +633,18 @@ def main(argv=None) -> int:
     print(f"study profiled wall {wall_p:.1f} s, kernel time {'n/a' if kernels is None else f'{kernels:.1f} s'}")
     print(f"study GPU busy fraction: {busy:.2f} ({'profiler kernel time' if kernels is not None else 'NVML'})",
           flush=True)
+
+    if args.switch_interval:
+        default_interval = sys.getswitchinterval()
+        sys.setswitchinterval(args.switch_interval)
+        try:
+            w, _, _, u, t = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
+        finally:
+            sys.setswitchinterval(default_interval)
+        result["study_switch_interval"] = {"interval_s": args.switch_interval, "wall_s": w, "nvml_busy": u, **t}
+        save()
+        print(f"study with a {args.switch_interval * 1e3:.2f} ms GIL switch interval: wall {w:.1f} s, NVML mean "
+              f"utilization {'n/a' if u is None else f'{u:.2f}'}; host: {fmt_timings(t)}", flush=True)
 
     for extra in [int(b) for b in args.extra_study_batches.split(",") if b]:
         if args.deadline - (time.perf_counter() - started) < 1.5 * wall + 20:

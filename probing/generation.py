@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .decode import graph_obstacle, greedy_decode
 from .errors import GenerationNeeded, InputError
 from .pipeline import PixelCache, image_pixels, map_threads, pixel_threads, process_image
 from .query import Query
@@ -100,7 +101,11 @@ def generate(bundle, queries: Sequence[Query], max_new_tokens: int = 32, batch_s
              prompt: PromptSpec = PromptSpec()) -> list[str]:
     """Greedy answers to ``queries`` (batched, left-padded), special tokens stripped, in input order.
 
-    ``batch_size``: None takes `generation_batch`'s, else `DEFAULT_GENERATION_BATCH`."""
+    ``batch_size``: None takes `generation_batch`'s, else `DEFAULT_GENERATION_BATCH`.
+
+    On a CUDA device, a model without hooks decodes through `probing.decode.greedy_decode`, each
+    step one replayed CUDA graph; otherwise (CPU, hooks, a compiled or split model) through
+    transformers' `generate`."""
     why = _FORBIDDEN.get()
     if why is not None and queries:
         raise GenerationNeeded(f"generation was asked for {len(queries)} queries (first {queries[0].id!r}) "
@@ -110,6 +115,7 @@ def generate(bundle, queries: Sequence[Query], max_new_tokens: int = 32, batch_s
     tok = bundle.processor.tokenizer
     out: list[str] = []
     queries = list(queries)
+    graphable = torch.device(bundle.input_device).type == "cuda" and graph_obstacle(bundle.model) is None
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
         prompts = [render_prompt(bundle.processor, q, prompt) for q in chunk]
@@ -117,8 +123,12 @@ def generate(bundle, queries: Sequence[Query], max_new_tokens: int = 32, batch_s
         # ~2.4 s in one thread); the same pixel values as the processor's own call (tested).
         pixels = map_threads(lambda q: _pixels(bundle, q, cache), chunk, pixel_threads(), "mechprobe-generation-pixels")
         inputs = encode_pixels(bundle, prompts, pixels)
-        inputs.pop("position_ids")  # generate derives them from the mask
-        ids = bundle.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=tok.pad_token_id)
-        out += [t.strip() for t in tok.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)]
+        if graphable:
+            new = greedy_decode(bundle.model, inputs, max_new_tokens, tok.pad_token_id, graphs=True).tokens
+        else:
+            inputs.pop("position_ids")  # generate derives them from the mask
+            ids = bundle.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=tok.pad_token_id)
+            new = ids[:, inputs["input_ids"].shape[1]:]
+        out += [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
     return out

@@ -1,0 +1,105 @@
+"""Greedy decoding with a static cache (`probing.decode`): the same tokens as transformers'
+`generate`, with and without an end-of-sequence token, and the reasons a model is not graphed.
+
+The CUDA-graph replay itself needs a GPU (benchmarks/gpu_study.py checks it there against the
+same loop run eagerly and against `generate`); here the eager step it captures is checked."""
+
+import pytest
+import torch
+
+import probing.generation as generation_mod
+from probing import PromptSpec
+from probing.decode import graph_obstacle, greedy_decode
+from probing.pipeline import process_image
+from probing.render import encode_pixels, render_prompt
+
+
+def _inputs(bundle, queries):
+    prompts = [render_prompt(bundle.processor, q, PromptSpec()) for q in queries]
+    pixels = [process_image(bundle, q.load_image()) if q.has_image else None for q in queries]
+    return encode_pixels(bundle, prompts, pixels)
+
+
+def _generate(bundle, inputs, n, **kwargs):
+    plain = {k: v for k, v in inputs.items() if k != "position_ids"}
+    ids = bundle.model.generate(**plain, max_new_tokens=n, do_sample=False,
+                                pad_token_id=bundle.tokenizer.pad_token_id, **kwargs)
+    return ids[:, inputs["input_ids"].shape[1]:]
+
+
+@pytest.mark.parametrize("cache", [None, "static"])
+def test_same_tokens_as_generate(tiny, mixed_queries, cache):
+    """Left-padded rows with and without images, against `generate` with transformers' default
+    (dynamic) cache and with its static cache."""
+    inputs = _inputs(tiny, mixed_queries[:6])
+    assert not inputs["attention_mask"].all(), "the batch should be padded"
+    with torch.inference_mode():
+        want = _generate(tiny, inputs, 10, **({"cache_implementation": cache} if cache else {}))
+    got = greedy_decode(tiny.model, inputs, 10, tiny.tokenizer.pad_token_id)
+    assert not got.graphed
+    assert got.tokens.shape == want.shape
+    assert torch.equal(got.tokens, want), f"first differing row: {(got.tokens != want).any(1).nonzero()[0].item()}"
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_rows_that_end_are_padded_as_generate_pads_them(tiny, mixed_queries, check_every):
+    """An end token that some rows produce mid-way (taken from an unrestricted run): those rows
+    continue with pad, and decoding stops once every row has ended (seen every ``check_every``
+    steps, so extra columns are pad only)."""
+    inputs = _inputs(tiny, mixed_queries[:4])
+    pad = tiny.tokenizer.pad_token_id
+    free = greedy_decode(tiny.model, inputs, 12, pad, eos_token_id=[]).tokens
+    eos = int(free[0, 3])
+    with torch.inference_mode():
+        want = _generate(tiny, inputs, 12, eos_token_id=eos)
+    got = greedy_decode(tiny.model, inputs, 12, pad, eos_token_id=eos, check_every=check_every).tokens
+    assert (want[0, 4:] == pad).all(), "row 0 should have ended at its end token"
+    width = want.shape[1]
+    assert torch.equal(got[:, :width], want)
+    assert (got[:, width:] == pad).all()
+    if (want == eos).any(1).all():  # every row ended: no more than check_every - 1 columns past generate's
+        assert got.shape[1] < width + check_every
+
+
+def test_one_new_token_is_the_prefill_argmax(tiny, mixed_queries):
+    inputs = _inputs(tiny, mixed_queries[:3])
+    with torch.inference_mode():
+        want = _generate(tiny, inputs, 1)
+    assert torch.equal(greedy_decode(tiny.model, inputs, 1, tiny.tokenizer.pad_token_id).tokens, want)
+
+
+def test_graph_obstacles_are_named(tiny, mixed_queries):
+    """Hooks and compiled modules are named before the device: a hook's Python would run only at
+    capture. transformers' inactive output-capturing hooks (installed by a first forward) do not count."""
+    with torch.inference_mode():
+        tiny.model(**_inputs(tiny, [mixed_queries[1]]))
+    assert any(m._forward_hooks for m in tiny.model.modules()), "transformers installed no hooks"
+    assert "cpu" in graph_obstacle(tiny.model)
+    layer = tiny.layers[1]
+    handle = layer.register_forward_hook(lambda *a: None)
+    try:
+        assert "layers.1" in graph_obstacle(tiny.model) and "hooks" in graph_obstacle(tiny.model)
+    finally:
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *a: None)
+    try:
+        assert "global" in graph_obstacle(tiny.model)
+    finally:
+        handle.remove()
+    lm = tiny.language_model
+    lm.compile()  # lazy: nothing compiles until it is called
+    try:
+        assert "compiled" in graph_obstacle(tiny.model)
+    finally:
+        lm._compiled_call_impl = None
+    assert "cpu" in graph_obstacle(tiny.model)
+
+
+def test_generate_decodes_through_transformers_on_the_cpu(tiny, mixed_queries, monkeypatch):
+    """The graph path is for CUDA devices only; on the CPU `generate` is transformers' own."""
+    def refuse(*a, **k):
+        raise AssertionError("greedy_decode called on the CPU")
+
+    monkeypatch.setattr(generation_mod, "greedy_decode", refuse)
+    texts = generation_mod.generate(tiny, mixed_queries[:2], max_new_tokens=3)
+    assert len(texts) == 2
