@@ -12,9 +12,9 @@ from hooks import capture, hook_name
 from hooks.capture import DecisionCapture
 from probing import PromptSpec, Query, RefusalScorer
 from probing.errors import ScoringError
-from probing.pipeline import PixelCache, Prefetcher, encode_batch, image_key
+from probing.pipeline import PixelCache, Prefetcher, encode_batch, image_key, process_image
 from probing.query import QueryError
-from probing.render import encode
+from probing.render import encode, render_prompt
 
 from .conftest import noise_image
 
@@ -135,6 +135,29 @@ def test_encode_batch_equals_encode(tiny, file_queries):
         for k in want:
             assert torch.equal(got[k], want[k]), k
     assert cache.hits == cache.misses == sum(q.has_image for q in file_queries)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_encode_pixels_expands_remembered_ids_as_the_processor_tokenizes(tiny, mixed_queries, side):
+    """`encode_pixels` expands each prompt's unexpanded ids instead of tokenizing 576 image tokens:
+    the same ids and mask as the processor's call, for text-only and image rows of different
+    lengths, with a system prompt, on either padding side."""
+    from probing.render import encode_pixels
+
+    specs = [PromptSpec(), PromptSpec(system_prompt="You are a careful assistant.", text_after="Answer briefly.")]
+    prompts = [render_prompt(tiny.processor, q, specs[i % 2]) for i, q in enumerate(mixed_queries)]
+    images = [q.load_image() for q in mixed_queries]
+    pixels = [process_image(tiny, im) if im is not None else None for im in images]
+    before = tiny.tokenizer.padding_side
+    tiny.tokenizer.padding_side = side
+    try:
+        want = encode(tiny, prompts, images)
+        got = encode_pixels(tiny, prompts, pixels)
+    finally:
+        tiny.tokenizer.padding_side = before
+    assert not want["attention_mask"].all()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
 
 
 def test_cache_keys_cannot_be_reused_wrongly(tmp_path):

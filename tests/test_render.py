@@ -94,10 +94,13 @@ def test_tokenization_holds_the_tokenizers_lock(tiny):
 
     from probing.render import encode_pixels, token_ids, tokenizer_lock
 
-    prompts = [render_prompt(tiny.processor, Query("a", "Hello there"), PromptSpec())]
+    def prompts(text):  # a new prompt each: token_ids remembers what it tokenized
+        return [render_prompt(tiny.processor, Query("a", text), PromptSpec())]
+
     assert tokenizer_lock(tiny.tokenizer) is tokenizer_lock(tiny.processor.tokenizer)
-    for call in (lambda: encode(tiny, prompts, [None]), lambda: encode_pixels(tiny, prompts, [None]),
-                 lambda: token_ids(tiny, prompts)):
+    for call in (lambda: encode(tiny, prompts("Hello there"), [None]),
+                 lambda: encode_pixels(tiny, prompts("Hello there, lock"), [None]),
+                 lambda: token_ids(tiny, prompts("Hello there, locked"))):
         done = threading.Event()
         with tokenizer_lock(tiny.tokenizer):
             worker = threading.Thread(target=lambda: (call(), done.set()))
