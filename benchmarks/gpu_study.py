@@ -513,6 +513,52 @@ def check_decode(bundle, n: int = 64, new_tokens: int = 32, device: str = "cuda"
     return out
 
 
+def check_vision(bundle, sizes=(1, 7, 16), repeats: int = 5) -> list[dict]:
+    """`probing.pipeline.image_features` replayed from CUDA graphs against the eager vision tower
+    (``MECHPROBE_CUDA_GRAPHS=0``) on random pixels: bitwise equality, max |difference|, whether
+    each way repeats itself, and the median seconds per call."""
+    import probing.pipeline as pipeline
+    from probing.cuda_graphs import ENV
+
+    rows = []
+    gen = torch.Generator(device=bundle.input_device).manual_seed(0)
+    for n in sizes:
+        x = torch.randn(n, 3, 336, 336, generator=gen, device=bundle.input_device).to(bundle.dtype)
+        got = {}
+        for mode in ("0", "1"):
+            os.environ[ENV] = mode
+            outs, times = [], []
+            with torch.inference_mode():
+                for _ in range(repeats + 1):
+                    _sync("cuda")
+                    t0 = time.perf_counter()
+                    outs.append(torch.stack(pipeline.image_features(bundle.model, x)))
+                    _sync("cuda")
+                    times.append(time.perf_counter() - t0)
+            got[mode] = (outs, statistics.median(times[1:]))
+        os.environ[ENV] = "1"
+        eager, graph = got["0"][0], got["1"][0]
+        rows.append({"model": bundle.name, "dtype": str(bundle.dtype), "images": n,
+                     "equal": bool(torch.equal(eager[-1], graph[-1])),
+                     "max_abs_diff": float((eager[-1].float() - graph[-1].float()).abs().max()),
+                     "eager_repeats": all(torch.equal(eager[0], o) for o in eager),
+                     "graph_repeats": all(torch.equal(graph[0], o) for o in graph),
+                     "eager_s": got["0"][1], "graph_s": got["1"][1]})
+        r = rows[-1]
+        print(f"vision tower ({r['model']}, {r['dtype']}), {n} images: eager {r['eager_s'] * 1e3:.1f} ms, graph "
+              f"{r['graph_s'] * 1e3:.1f} ms; equal {r['equal']} (max |diff| {r['max_abs_diff']:.1e}); repeats: "
+              f"eager {r['eager_repeats']}, graph {r['graph_repeats']}", flush=True)
+    return rows
+
+
+def graph_counts(bundle) -> str:
+    import probing.pipeline as pipeline
+
+    g = pipeline._VISION_GRAPHS.get(bundle.model)
+    return "no vision graphs" if g is None else (f"vision tower: {len(g._graphs)} graphs, {g.replays} replays, "
+                                                 f"{g.eager_calls} eager calls")
+
+
 def print_decode(d: dict) -> None:
     print(f"\ndecode ({d['model']}, {d['dtype']}), {d['queries']} image queries x {d['new_tokens']} tokens in one "
           f"batch: generate {d['generate_s']:.2f} s, generate static {d['generate_static_s']:.2f} s, eager "
@@ -569,6 +615,9 @@ def main(argv=None) -> int:
     p.add_argument("--switch-interval", type=float, default=None,
                    help="after the profiled run, time the study once more with this GIL switch interval "
                         "(seconds; sys.setswitchinterval, restored after)")
+    p.add_argument("--ab-graphs", action="store_true",
+                   help="after the timed runs, time the study without CUDA graphs (MECHPROBE_CUDA_GRAPHS=0), "
+                        "then with them again")
     p.add_argument("--decode-check", action="store_true",
                    help="first compare greedy decoding under a CUDA graph with the same steps eager and with "
                         "transformers' generate (tokens and warm wall time)")
@@ -608,6 +657,7 @@ def main(argv=None) -> int:
         # float32 (no TF32) at 4 layers: rounding too small to flip an argmax, so any difference is a bug
         small = load_bench_model(args.model, args.device, "float32", 4)
         d = check_decode(small, n=32, new_tokens=24, device=args.device)
+        result["vision"] = check_vision(small) + check_vision(bundle)
         del small
         torch.cuda.empty_cache()
         result["decode"].append(d)
@@ -626,6 +676,25 @@ def main(argv=None) -> int:
         print(f"\nstudy run {run + 1}: {n} queries ({', '.join(d['tag'] for d in datasets)}), {len(STUDY_DEFENSES)} "
               f"defenses, {len(STUDY_ENSEMBLES)} ensembles, batch {args.study_batch}: wall {wall:.1f} s, NVML mean "
               f"utilization {'n/a' if nvml is None else f'{nvml:.2f}'}; host: {fmt_timings(timings)}", flush=True)
+    if args.device.startswith("cuda"):
+        print(graph_counts(bundle), flush=True)
+    if args.ab_graphs and args.device.startswith("cuda"):
+        from probing.cuda_graphs import ENV
+
+        os.environ[ENV] = "0"
+        try:
+            w, _, _, u, t = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
+        finally:
+            os.environ[ENV] = "1"
+        result["study_without_graphs"] = {"wall_s": w, "nvml_busy": u, **t}
+        save()
+        print(f"study without CUDA graphs ({ENV}=0): wall {w:.1f} s, NVML mean utilization "
+              f"{'n/a' if u is None else f'{u:.2f}'}; host: {fmt_timings(t)}", flush=True)
+        w, _, _, u, t = study_once(bundle, datasets, args.study_batch, args.device, profiled=False)
+        result["study_with_graphs_again"] = {"wall_s": w, "nvml_busy": u, **t}
+        save()
+        print(f"study with CUDA graphs again: wall {w:.1f} s, NVML mean utilization "
+              f"{'n/a' if u is None else f'{u:.2f}'}; host: {fmt_timings(t)}; {graph_counts(bundle)}", flush=True)
     if args.sync_report and args.device.startswith("cuda"):
         sites: dict = {}
         w, _, _, _, _ = study_once(bundle, datasets, args.study_batch, args.device, profiled=False, syncs=sites)

@@ -26,7 +26,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .cuda_graphs import graph_obstacle, record, warm_up
+
 log = logging.getLogger(__name__)
+
+__all__ = ["Decoded", "graph_obstacle", "greedy_decode"]
 
 
 @dataclass
@@ -41,32 +45,6 @@ class Decoded:
 
     tokens: torch.Tensor
     graphed: bool
-
-
-def graph_obstacle(model: nn.Module) -> str | None:
-    """Why ``model``'s decode steps cannot be captured as a CUDA graph, or None when they can.
-
-    A graph replays kernels only: a hook's Python would run once, at capture (transformers' own
-    output-capturing hooks are inactive in a decode step and do not count). A compiled module
-    would compile during capture. Weights on several devices need more than one stream."""
-    glob = nn.modules.module
-    if glob._global_forward_hooks or glob._global_forward_pre_hooks:
-        return "global module hooks are registered"
-    for name, module in model.named_modules():
-        if any(_runs_python(h) for h in (*module._forward_hooks.values(), *module._forward_pre_hooks.values())):
-            return f"module {name or type(model).__name__!r} has forward hooks"
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            return f"module {name or type(model).__name__!r} is compiled"
-    devices = {p.device for p in model.parameters()}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
-        return f"the weights are on {', '.join(sorted(str(d) for d in devices))}, not on one CUDA device"
-    return None
-
-
-def _runs_python(hook) -> bool:
-    """False for transformers' own output-capturing hooks (installed on first forward): they return
-    at once unless a forward asked for hidden states or attentions, which a decode step does not."""
-    return getattr(hook, "__module__", None) != "transformers.utils.output_capturing"
 
 
 def _eos_ids(model: nn.Module, eos_token_id: int | Iterable[int] | None) -> list[int]:
@@ -136,20 +114,12 @@ def greedy_decode(model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tok
     run, graphed = step, False
     done = 1
     if graphs:
-        # Warm up on a side stream (the first decode step, for real), then capture the same step.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream(device).wait_stream(side)
+        warm_up(step, device)  # the first decode step, for real
         done = 2
-        graph = torch.cuda.CUDAGraph()
         try:
-            # thread_local: the study's worker threads may pin host memory meanwhile, which is safe
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                step()
+            graph, _ = record(step)
             run, graphed = graph.replay, True
-        except Exception as exc:  # noqa: BLE001 - any capture failure leaves the eager step usable
+        except Exception as exc:  # noqa: BLE001 - a failed capture leaves the eager step usable
             log.warning("decode steps run without a CUDA graph: capturing failed (%s: %s)", type(exc).__name__, exc)
     while done < max_new_tokens:
         if done % check_every == 0 and bool(finished.all()):

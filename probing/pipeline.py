@@ -54,6 +54,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from .cuda_graphs import ShapeGraphs, graph_obstacle
 from .errors import InputError, ScoringError
 from .query import Query, max_image_pixels
 from .render import encode, encode_pixels
@@ -342,11 +343,49 @@ def vision_version(model) -> tuple:
 def image_features(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """One ``[image_seq_length, d_model]`` tensor per image (views of one batch output): what the
     LLaVA trunk scatters into the image token positions (vision tower, feature layer, projector),
-    as its own forward computes it."""
+    as its own forward computes it.
+
+    On a CUDA device without gradients, replayed from a CUDA graph recorded for the batch's shape
+    (`probing.cuda_graphs.ShapeGraphs`): the vision tower's ~400 small kernels were launch-bound
+    there (docs/performance.md §2b). Eager when its modules have hooks, are compiled, or
+    ``MECHPROBE_CUDA_GRAPHS=0``."""
+    if pixel_values.is_cuda and not torch.is_grad_enabled():
+        graphs = _vision_graphs(model)
+        if graphs is not None:
+            return list(graphs(pixel_values))
+    return list(_features(model, pixel_values))
+
+
+def _features(model, pixel_values: torch.Tensor):
     cfg = model.config
     out = model.model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
                                          vision_feature_select_strategy=cfg.vision_feature_select_strategy)
-    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+_VISION_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, ShapeGraphs]" = weakref.WeakKeyDictionary()
+
+
+def _vision_graphs(model) -> ShapeGraphs | None:
+    """The model's vision-tower graphs, or None when its vision modules cannot be graphed now."""
+    mods = (model.model.vision_tower, model.model.multi_modal_projector)
+    if graph_obstacle(mods) is not None:
+        return None
+    graphs = _VISION_GRAPHS.get(model)
+    if graphs is None:
+        ref = weakref.ref(model)  # the graphs must not keep the model alive
+
+        def run(x):
+            out = _features(ref(), x)
+            return out if isinstance(out, torch.Tensor) else torch.stack(list(out))
+
+        def weights():  # where the weights are: a replaced parameter must not be read from its old place
+            inner = ref().model
+            return tuple(p.data_ptr() for m in (inner.vision_tower, inner.multi_modal_projector)
+                         for p in m.parameters())
+
+        graphs = _VISION_GRAPHS[model] = ShapeGraphs(run, weights, name="vision tower")
+    return graphs
 
 
 def embed_with_features(model, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
