@@ -26,6 +26,13 @@ prints its synchronizing CUDA calls by site (`counting_syncs`: each makes the ho
 the device is idle). Before the study, `check_late_copies` compares `score`'s results copied to the host one batch late
 with copies made at once (must be 0).
 
+``--decode-check`` first compares, on the 7B model in bf16 and on a 4-layer one in float32,
+greedy decoding replayed from a CUDA graph (`probing.decode`) with the same steps run eagerly and
+with transformers' `generate` (static and dynamic cache; tokens, determinism, time), and the vision
+tower replayed from graphs with the eager one (`check_vision`: bits and time). ``--ab-graphs`` times
+the study once more with ``MECHPROBE_CUDA_GRAPHS=0``, then with graphs again; ``--switch-interval S``
+once more with that GIL switch interval.
+
 ``--cprofile PATH`` runs the second study under cProfile instead of torch.profiler and prints
 where the host time goes; ``--study-compiled`` then compiles the language model and runs the
 study twice more (the first run includes compilation). Results of the H200 runs: docs/
@@ -615,12 +622,10 @@ def main(argv=None) -> int:
     p.add_argument("--switch-interval", type=float, default=None,
                    help="after the profiled run, time the study once more with this GIL switch interval "
                         "(seconds; sys.setswitchinterval, restored after)")
-    p.add_argument("--ab-graphs", action="store_true",
-                   help="after the timed runs, time the study without CUDA graphs (MECHPROBE_CUDA_GRAPHS=0), "
-                        "then with them again")
-    p.add_argument("--decode-check", action="store_true",
-                   help="first compare greedy decoding under a CUDA graph with the same steps eager and with "
-                        "transformers' generate (tokens and warm wall time)")
+    p.add_argument("--ab-graphs", action="store_true", help="then time the study with MECHPROBE_CUDA_GRAPHS=0, "
+                   "and with graphs again")
+    p.add_argument("--decode-check", action="store_true", help="first check decoding and the vision tower "
+                   "replayed from CUDA graphs against eager runs and transformers' generate (see above)")
     p.add_argument("--cprofile", default=None, help="run the study a second time under cProfile (not the "
                    "torch profiler), dump the stats here and print where the host time goes")
     args = p.parse_args(argv)
