@@ -30,7 +30,20 @@ from .cuda_graphs import graph_obstacle, record, warm_up
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Decoded", "graph_obstacle", "greedy_decode"]
+__all__ = ["Decoded", "graph_obstacle", "greedy_decode", "greedy_obstacle"]
+
+#: generation-config fields that make transformers' greedy `generate` change the logits or the
+#: search, with the values that leave it plain (temperature, top_k, ... act only when sampling)
+_NEUTRAL = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None, []), "suppress_tokens": (None, []), "begin_suppress_tokens": (None, []),
+    "sequence_bias": (None, {}), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "exponential_decay_length_penalty": (None,), "watermarking_config": (None,),
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "guidance_scale": (None, 1, 1.0),
+    "num_beams": (None, 1), "num_return_sequences": (None, 1), "renormalize_logits": (None, False),
+    "remove_invalid_values": (None, False),
+}
 
 
 @dataclass
@@ -45,6 +58,17 @@ class Decoded:
 
     tokens: torch.Tensor
     graphed: bool
+
+
+def greedy_obstacle(generation_config) -> str | None:
+    """Why `greedy_decode` would not give what transformers' ``generate(do_sample=False)`` gives
+    under ``generation_config`` (a field that adds a logits processor or another search), or None.
+    A checkpoint may ship, say, a repetition penalty; then `generate` is left to transformers."""
+    for field, neutral in _NEUTRAL.items():
+        value = getattr(generation_config, field, None)
+        if value not in neutral:
+            return f"the generation config sets {field}={value!r}"
+    return None
 
 
 def _eos_ids(model: nn.Module, eos_token_id: int | Iterable[int] | None) -> list[int]:

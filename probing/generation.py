@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .decode import graph_obstacle, greedy_decode
+from .decode import graph_obstacle, greedy_decode, greedy_obstacle
 from .errors import GenerationNeeded, InputError
 from .pipeline import PixelCache, image_pixels, map_threads, pixel_threads, process_image
 from .query import Query
@@ -104,8 +104,9 @@ def generate(bundle, queries: Sequence[Query], max_new_tokens: int = 32, batch_s
     ``batch_size``: None takes `generation_batch`'s, else `DEFAULT_GENERATION_BATCH`.
 
     On a CUDA device, a model without hooks decodes through `probing.decode.greedy_decode`, each
-    step one replayed CUDA graph; otherwise (CPU, hooks, a compiled or split model) through
-    transformers' `generate`."""
+    step one replayed CUDA graph; otherwise (CPU, hooks, a compiled or split model, a generation
+    config that adds logits processors such as a repetition penalty) through transformers'
+    `generate`."""
     why = _FORBIDDEN.get()
     if why is not None and queries:
         raise GenerationNeeded(f"generation was asked for {len(queries)} queries (first {queries[0].id!r}) "
@@ -115,7 +116,8 @@ def generate(bundle, queries: Sequence[Query], max_new_tokens: int = 32, batch_s
     tok = bundle.processor.tokenizer
     out: list[str] = []
     queries = list(queries)
-    graphable = torch.device(bundle.input_device).type == "cuda" and graph_obstacle(bundle.model) is None
+    graphable = (torch.device(bundle.input_device).type == "cuda" and graph_obstacle(bundle.model) is None
+                 and greedy_obstacle(bundle.model.generation_config) is None)
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
         prompts = [render_prompt(bundle.processor, q, prompt) for q in chunk]

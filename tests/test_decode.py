@@ -4,6 +4,8 @@
 The CUDA-graph replay itself needs a GPU (benchmarks/gpu_study.py checks it there against the
 same loop run eagerly and against `generate`); here the eager step it captures is checked."""
 
+import copy
+
 import pytest
 import torch
 
@@ -76,3 +78,17 @@ def test_generate_decodes_through_transformers_on_the_cpu(tiny, mixed_queries, m
     monkeypatch.setattr(generation_mod, "greedy_decode", refuse)
     texts = generation_mod.generate(tiny, mixed_queries[:2], max_new_tokens=3)
     assert len(texts) == 2
+
+
+def test_a_generation_config_beyond_plain_greedy_is_left_to_transformers(tiny):
+    """A checkpoint's repetition penalty (or any field that adds a logits processor) would make
+    `greedy_decode` differ from `generate`: it is named, and `generate` keeps transformers'."""
+    from probing.decode import greedy_obstacle
+
+    config = tiny.model.generation_config
+    assert greedy_obstacle(config) is None, "the LLaVA config is plain greedy"
+    for field, value in [("repetition_penalty", 1.2), ("no_repeat_ngram_size", 3), ("min_new_tokens", 2),
+                         ("suppress_tokens", [5]), ("num_beams", 2)]:
+        changed = copy.deepcopy(config)
+        setattr(changed, field, value)
+        assert field in greedy_obstacle(changed)
