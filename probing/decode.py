@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .cuda_graphs import graph_obstacle, record, warm_up
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ def greedy_decode(model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tok
 
     ids, mask2 = inputs["input_ids"], inputs["attention_mask"]
     batch, seq = ids.shape
+    if not bool(mask2[:, -1].all()):  # one device read per batch
+        raise InputError("greedy_decode needs left padding: some rows end in padding (set the tokenizer's "
+                         "padding_side to 'left')")
     device = ids.device
     position_ids = inputs.get("position_ids")
     if position_ids is None:

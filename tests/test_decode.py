@@ -12,6 +12,7 @@ import torch
 import probing.generation as generation_mod
 from probing import PromptSpec
 from probing.decode import greedy_decode
+from probing.errors import InputError
 from probing.pipeline import process_image
 from probing.render import encode_pixels, render_prompt
 
@@ -92,3 +93,11 @@ def test_a_generation_config_beyond_plain_greedy_is_left_to_transformers(tiny):
         changed = copy.deepcopy(config)
         setattr(changed, field, value)
         assert field in greedy_obstacle(changed)
+
+
+def test_right_padding_is_refused(tiny, mixed_queries):
+    inputs = _inputs(tiny, mixed_queries[:3])
+    flipped = {k: v.flip(-1) for k, v in inputs.items() if k != "pixel_values"}
+    flipped["pixel_values"] = inputs["pixel_values"]
+    with pytest.raises(InputError, match="left padding"):
+        greedy_decode(tiny.model, flipped, 2, tiny.tokenizer.pad_token_id)
