@@ -141,7 +141,7 @@ def greedy_decode(model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tok
 
     run, graphed = step, False
     done = 1
-    if graphs:
+    if graphs and max_new_tokens > 2:  # (with two tokens the warm-up step would be the only one)
         warm_up(step, device)  # the first decode step, for real
         done = 2
         try:
