@@ -562,7 +562,7 @@ def graph_counts(bundle) -> str:
     import probing.pipeline as pipeline
 
     g = pipeline._VISION_GRAPHS.get(bundle.model)
-    return "no vision graphs" if g is None else (f"vision tower: {len(g._graphs)} graphs, {g.replays} replays, "
+    return "no vision graphs" if g is None else (f"vision tower: {len(g)} graphs, {g.replays} replays, "
                                                  f"{g.eager_calls} eager calls")
 
 

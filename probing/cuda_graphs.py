@@ -105,6 +105,10 @@ class ShapeGraphs:
         self.replays = 0
         self.eager_calls = 0
 
+    def __len__(self) -> int:
+        """Graphs recorded (for the current weights)."""
+        return len(self._graphs)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = self.weights_key()
         if key != self._key:  # other weights: recorded pointers would be stale

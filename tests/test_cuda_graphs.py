@@ -89,7 +89,7 @@ def test_shape_graphs_record_once_per_shape_and_copy_outputs_out(fake_cuda):
     assert torch.equal(first, a * 2), "an earlier result was rewritten by a later replay"
     assert torch.equal(graphs(b), b * 2) and len(fake_cuda) == 2
     assert torch.equal(graphs(torch.ones(5)), torch.ones(5) * 2)  # past max_graphs: eager
-    assert len(fake_cuda) == 2 and graphs.eager_calls == 1 and graphs.replays == 3
+    assert len(fake_cuda) == 2 and len(graphs) == 2 and graphs.eager_calls == 1 and graphs.replays == 3
     where["key"] = 2  # the weights moved: recorded again
     weight.fill_(3.0)
     assert torch.equal(graphs(a), a * 3) and len(fake_cuda) == 3
