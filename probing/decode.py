@@ -28,6 +28,7 @@ from torch import nn
 
 from .cuda_graphs import graph_obstacle, record, warm_up
 from .errors import InputError
+from .render import padded_position_ids
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def greedy_decode(model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tok
     device = ids.device
     position_ids = inputs.get("position_ids")
     if position_ids is None:
-        position_ids = (mask2.long().cumsum(-1) - 1).clamp(min=0)
+        position_ids = padded_position_ids(mask2)
     cache = StaticCache(config=model.config, max_cache_len=seq + max_new_tokens)
     eos = torch.tensor(_eos_ids(model, eos_token_id), dtype=torch.long, device=device)
 

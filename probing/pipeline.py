@@ -329,13 +329,17 @@ def _uid(module) -> int:
         return _MODULE_UIDS[module]
 
 
+def vision_modules(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """What computes a LLaVA model's image features: its vision tower and its projector."""
+    return model.model.vision_tower, model.model.multi_modal_projector
+
+
 def vision_version(model) -> tuple:
     """What identifies the image features a LLaVA model computes: its vision tower and projector
     (as objects: a fine-tuned deep copy is another one) and the in-place version counters of their
     parameters (an optimizer step or a load_state_dict bumps them), so features cached before a
     weight change are never served after it."""
-    inner = model.model
-    mods = (inner.vision_tower, inner.multi_modal_projector)
+    mods = vision_modules(model)
     return (tuple(_uid(m) for m in mods),
             sum(p._version for m in mods for p in m.parameters()))
 
@@ -368,8 +372,7 @@ _VISION_GRAPHS: "weakref.WeakKeyDictionary[torch.nn.Module, ShapeGraphs]" = weak
 
 def _vision_graphs(model) -> ShapeGraphs | None:
     """The model's vision-tower graphs, or None when its vision modules cannot be graphed now."""
-    mods = (model.model.vision_tower, model.model.multi_modal_projector)
-    if graph_obstacle(mods) is not None:
+    if graph_obstacle(vision_modules(model)) is not None:
         return None
     graphs = _VISION_GRAPHS.get(model)
     if graphs is None:
@@ -380,9 +383,7 @@ def _vision_graphs(model) -> ShapeGraphs | None:
             return out if isinstance(out, torch.Tensor) else torch.stack(list(out))
 
         def weights():  # where the weights are: a replaced parameter must not be read from its old place
-            inner = ref().model
-            return tuple(p.data_ptr() for m in (inner.vision_tower, inner.multi_modal_projector)
-                         for p in m.parameters())
+            return tuple(p.data_ptr() for m in vision_modules(ref()) for p in m.parameters())
 
         graphs = _VISION_GRAPHS[model] = ShapeGraphs(run, weights, name="vision tower")
     return graphs

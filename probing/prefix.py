@@ -31,7 +31,7 @@ from .attention_mask import model_attention_mask
 from .errors import InputError
 from .pipeline import HostResults, Prefetcher, device_inputs, encode_batch, pinned, to_device, vision_version
 from .query import Query, QueryError, check_unique_ids, row_meta
-from .render import PromptSpec, check_context, expanded_lengths, padded_position_ids, token_ids
+from .render import PromptSpec, check_context, expanded_lengths, pad_rows, padded_position_ids, token_ids
 from .score_table import ScoreTable
 
 logger = logging.getLogger(__name__)
@@ -260,8 +260,8 @@ def prepare_prefixed(scorer, heads, head_prompts, head_ids, shared, suffixes) ->
         real = full["input_ids"][r][full["attention_mask"][r].bool()]
         n_exp = shared[r] + extra * head_ids[r][: shared[r]].count(image_id)
         prefix_rows.append(real[:n_exp])
-    prefix_ids, prefix_mask = _pad_left(prefix_rows, pad)
-    suffix_ids, suffix_mask = _pad_left([torch.tensor(x) for group in suffixes for x in group], pad)
+    prefix_ids, prefix_mask = pad_rows(prefix_rows, pad)
+    suffix_ids, suffix_mask = pad_rows([x for group in suffixes for x in group], pad)
     counts = [len(x) for x in suffixes]
     prefix = {"input_ids": prefix_ids, "attention_mask": prefix_mask}
     if full.get("pixel_values") is not None:
@@ -272,17 +272,6 @@ def prepare_prefixed(scorer, heads, head_prompts, head_ids, shared, suffixes) ->
     device = bundle.input_device
     return {"prefix": pinned(prefix, device), "suffix": pinned(suffix, device), "keys": keys, "counts": counts,
             "padded": not bool(prefix_mask.all())}
-
-
-def _pad_left(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token rows as one left-padded ``[rows, longest]`` batch and its mask."""
-    width = max(len(x) for x in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, x in enumerate(rows):
-        ids[r, width - len(x):] = x
-        mask[r, width - len(x):] = 1
-    return ids, mask
 
 
 @torch.inference_mode()

@@ -194,6 +194,19 @@ def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pad_rows(rows: list, pad: int, left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows (lists or 1-D tensors) as one padded ``[rows, longest]`` batch and its 0/1 mask,
+    padded on the left (else the right)."""
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, x in enumerate(rows):
+        cols = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[r, cols] = torch.as_tensor(x)
+        mask[r, cols] = 1
+    return ids, mask
+
+
 def encode(bundle, prompts: list[str], images: list, device=None) -> dict[str, torch.Tensor]:
     """Left-padded model inputs for prompts; ``images`` holds one entry (None or PIL) per prompt.
 
@@ -237,13 +250,7 @@ def encode_pixels(bundle, prompts: list[str], pixels: list, device=None) -> dict
         if image_id in ids:
             ids = [x for i in ids for x in ((i,) * n_image if i == image_id else (i,))]
         rows.append(ids)
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, ids in enumerate(rows):
-        cols = slice(width - len(ids), width) if tok.padding_side == "left" else slice(0, len(ids))
-        input_ids[r, cols] = torch.tensor(ids)
-        attention_mask[r, cols] = 1
+    input_ids, attention_mask = pad_rows(rows, tok.pad_token_id, left=tok.padding_side == "left")
     out = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
