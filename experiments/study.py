@@ -63,10 +63,11 @@ from probing.generation import fit_generation_batch, generation_batch
 from probing.model import model_fingerprint
 from probing.pipeline import PixelCache, pixel_threads
 from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, fold_table
-from probing.prefix import score_variant_groups
+from probing.prefix import (VariantGroups, plan_variant_groups, prepare_first, score_planned_groups,
+                            score_variant_groups)
 from probing.query import Query
 from probing.readout import get_readout
-from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, token_ids, tokenizer_lock
+from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, tokenizer_lock
 from probing.score_table import ScoreTable
 
 from . import options, study_config
@@ -363,6 +364,49 @@ class FoldedTables(Mapping):
         return len(self._names)
 
 
+@dataclasses.dataclass
+class QueryMajorRows:
+    """Every row of one chunk's conditions in one list (`query_major_rows`): ``queries[i]`` under
+    ``specs[i]``, its id prefixed by its condition's name; ``per_query[q]``: the rows of chunk
+    query q (all conditions); ``where[name]``: the condition's first row and its rows per query,
+    counted from there."""
+
+    queries: list[Query]
+    specs: list[PromptSpec]
+    per_query: list[list[int]]
+    where: dict[str, tuple[int, list[list[int]]]]
+
+
+def query_major_rows(chunk: list[Query], plans: dict[str, ScoringPlan], bundle) -> QueryMajorRows:
+    """The rows of every condition's plan for ``chunk``, condition after condition, grouped per
+    query for `probing.prefix.score_variant_groups`. Refuses a plan that changes more than the
+    inputs of ``bundle`` (another model, or an activation edit, cannot share its forwards)."""
+    flat, specs, where = [], [], {}
+    per_query: list[list[int]] = [[] for _ in chunk]
+    for n, plan in plans.items():
+        if plan.edits or plan.members or plan.parts or (plan.bundle is not None and plan.bundle is not bundle):
+            raise InputError(f"condition {n!r} does not only change the inputs; it cannot be scored query-major")
+        rows, specs_n, local = expand_variants(chunk, plan)
+        for i, group in enumerate(local):
+            per_query[i] += [len(flat) + r for r in group]
+        where[n] = (len(flat), local)
+        flat += [dataclasses.replace(q, id=f"{n}\0{q.id}") for q in rows]
+        specs += specs_n
+    return QueryMajorRows(flat, specs, per_query, where)
+
+
+@dataclasses.dataclass
+class ChunkInputs:
+    """One chunk's query-major work prepared ahead (`Study._chunk_inputs`): the conditions'
+    plans, their rows, the rows planned for scoring (first batches encoded), and the images staged
+    in the pixel cache for it (unstaged when the chunk is done)."""
+
+    plans: dict[str, ScoringPlan]
+    rows: QueryMajorRows
+    grouped: VariantGroups
+    staged: list
+
+
 def split_top(expression: str) -> tuple[str | None, list[str]]:
     """The outermost operator of an ensemble expression and its parts, as `get_defense` parses it
     (score-level operators bind looser than '+')."""
@@ -554,42 +598,44 @@ class Study:
         with shared_perturbations():
             return {n: self._condition_plan(n, chunk) for n in names}
 
-    def _chunk_inputs(self, names: list[str], chunk: list[Query]) -> tuple[dict[str, ScoringPlan], list]:
-        """A chunk's plans, and its rows prepared ahead: every row's prompt rendered and tokenized
-        (remembered by `probing.render.render_prompt` and `token_ids`), every row's pixel values
-        (the noise copies included) staged in the scorer's pixel cache (`PixelCache.stage_images`,
-        several threads), so the main thread only groups and batches them; only the chunk's own
-        images are stored in the cache for later conditions. Returns the plans and the staged
-        images (unstaged once the chunk is scored)."""
+    def _chunk_inputs(self, names: list[str], chunk: list[Query]) -> ChunkInputs:
+        """Everything of one chunk that `_score_query_major` needs before its first forward, built
+        by `PlanAhead`'s worker while the previous chunk is scored: every condition's plan (noise
+        draws, prompts), all their rows in one query-major list, every row's pixel values (the
+        noise copies included) staged in the scorer's pixel cache (`PixelCache.stage_images`,
+        several threads; only the chunk's own images are stored for later conditions), the rows
+        checked, tokenized, grouped and batched (`probing.prefix.plan_variant_groups`), and the
+        first batches encoded (`probing.prefix.prepare_first`): at the chunk boundary the main
+        thread only launches the forwards. The staged images are unstaged once the chunk is
+        scored (or its build discarded)."""
         plans = self._plans(names, chunk)
-        expanded = [expand_variants(chunk, plan)[:2] for plan in plans.values()]
-        rows = [q for r, _ in expanded for q in r]
-        # remembered by render_prompt and token_ids: the scoring renders and tokenizes these rows
-        # again, in the main thread
-        token_ids(self.bundle, self.scorer.render(rows, [s for _, specs in expanded for s in specs]))
-        return plans, self.scorer.pixel_cache.stage_images(self.bundle, rows, threads=pixel_threads(), keep=chunk)
+        rows = query_major_rows(chunk, plans, self.bundle)
+        staged = self.scorer.pixel_cache.stage_images(self.bundle, rows.queries, threads=pixel_threads(), keep=chunk)
+        try:
+            grouped = plan_variant_groups(self.scorer, rows.queries, rows.specs, rows.per_query, split=True)
+            return ChunkInputs(plans, rows, prepare_first(self.scorer, grouped), staged)
+        except BaseException:
+            self.scorer.pixel_cache.unstage(staged)
+            raise
 
     def _score_query_major(self, names: list[str], chunk: list[Query],
-                           plans: dict[str, ScoringPlan] | None = None) -> dict[str, ScoreTable]:
+                           prepared: ChunkInputs | None = None) -> dict[str, ScoreTable]:
         """One chunk of every condition in ``names``, query-major: all their rows (variants
-        included) in one `probing.prefix.score_variant_groups` call, one group per query split by
-        image and the tokens up to it, so rows that agree there (same system prompt, same image)
-        run that prefix once; then each condition's rows folded into its table. ``plans``: the
-        chunk's plans when already built (`PlanAhead`), else built here. Each condition's table is
-        folded when first asked for (`FoldedTables`)."""
-        plans = plans if plans is not None else self._plans(names, chunk)
-        flat, specs, where = [], [], {}
-        per_query: list[list[int]] = [[] for _ in chunk]
-        for n, plan in plans.items():
-            if plan.edits or plan.members or plan.parts or (plan.bundle is not None and plan.bundle is not self.bundle):
-                raise InputError(f"condition {n!r} does not only change the inputs; it cannot be scored query-major")
-            rows, specs_n, local = expand_variants(chunk, plan)
-            for i, group in enumerate(local):
-                per_query[i] += [len(flat) + r for r in group]
-            where[n] = (len(flat), local)
-            flat += [dataclasses.replace(q, id=f"{n}\0{q.id}") for q in rows]
-            specs += specs_n
-        table = score_variant_groups(self.scorer, flat, specs, per_query, split=True, desc="query-major")
+        included) in one prefix-shared call (`probing.prefix.score_variant_groups`), one group per
+        query split by image and the tokens up to it, so rows that agree there (same system
+        prompt, same image) run that prefix once; then each condition's rows folded into its
+        table. ``prepared``: the chunk's inputs when already built (`_chunk_inputs`, by
+        `PlanAhead`), else planned here. Each condition's table is folded when first asked for
+        (`FoldedTables`)."""
+        if prepared is not None:
+            plans, rows = prepared.plans, prepared.rows
+            table = score_planned_groups(self.scorer, prepared.grouped, desc="query-major")
+        else:
+            plans = self._plans(names, chunk)
+            rows = query_major_rows(chunk, plans, self.bundle)
+            table = score_variant_groups(self.scorer, rows.queries, rows.specs, rows.per_query, split=True,
+                                         desc="query-major")
+        flat, where = rows.queries, rows.where
 
         def fold(n: str) -> ScoreTable:
             offset, local = where[n]
@@ -643,7 +689,7 @@ class Study:
         The device is kept busy: rewrites are generated for the whole run first
         (`prepare_generations`), and the next chunk is prepared in a worker thread while the
         current one is scored (`PlanAhead` with `_chunk_inputs`: plans with their noise draws,
-        prompts, images)."""
+        prompts, images, the rows grouped and batched, the first batches encoded)."""
         names = [n for n in self.conditions if n not in self.tables and self._input_only(n)]
         if len(names) < 2:
             return
@@ -664,14 +710,14 @@ class Study:
             def score(chunk):
                 k = index[tuple(q.id for q in chunk)]
                 todo = missing(name, k)
-                plans, staged = planner.take(k, todo, chunks[k])
+                prepared = planner.take(k, todo, chunks[k])
                 ahead = next((j for j in range(k + 1, len(chunks)) if (name, j) not in have), None)
                 if ahead is not None:  # built while this chunk is scored
                     planner.submit(ahead, missing(name, ahead), chunks[ahead])
                 try:
-                    tables = self._score_query_major(todo, list(chunk), plans)
+                    tables = self._score_query_major(todo, list(chunk), prepared)
                 finally:
-                    self.scorer.pixel_cache.unstage(staged)
+                    self.scorer.pixel_cache.unstage(prepared.staged)
 
                 def store(k=k, chunk=chunk, tables=tables, others=todo[1:]):
                     for n in others:
@@ -685,7 +731,8 @@ class Study:
         if len(have) < len(names) * len(chunks):
             self.prepare_generations(names)
         waited = self.scorer.waited_s
-        with PlanAhead(self._chunk_inputs, discard=lambda built: self.scorer.pixel_cache.unstage(built[1])) as planner, \
+        unstage = self.scorer.pixel_cache.unstage
+        with PlanAhead(self._chunk_inputs, discard=lambda built: unstage(built.staged)) as planner, \
                 ShardWriter() as writer:
             for name in names:
                 self.tables[name] = self.run.score(from_groups(name, planner, writer), self.queries,

@@ -9,6 +9,8 @@ Three pieces, all used by `RefusalScorer.score`:
     worker is raised in the consumer when it reaches that item (with the worker's traceback);
     `close` (also run by ``with``) stops and joins the worker, so no thread outlives the block,
     also after an error or Ctrl-C in the consumer. ``depth=0`` runs everything inline.
+    ``first``: the first item's result, already computed (the study's plan-ahead worker prepares
+    a chunk's first batches while the previous chunk is scored): yielded without computing it.
 
 `HostResults`
     each batch's results copied to the host one batch late, so the host never waits for the
@@ -67,6 +69,10 @@ DEFAULT_PIXEL_CACHE_MB = 1024
 DEFAULT_FEATURE_CACHE_MB = 1024
 
 
+#: `Prefetcher`'s ``first`` when no result is ready
+NOT_READY = object()
+
+
 class Prefetcher:
     """``fn(item)`` for each item, computed ahead in a background thread (see the module docstring).
 
@@ -75,10 +81,13 @@ class Prefetcher:
     """
 
     def __init__(self, fn: Callable, items: Iterable, depth: int = 2, name: str = "mechprobe-prefetch",
-                 eager: bool = False):
+                 eager: bool = False, first=NOT_READY):
         if depth < 0:
             raise InputError(f"prefetch depth must be >= 0, got {depth}")
         self.fn, self.items, self.depth, self.name = fn, list(items), depth, name
+        #: results computed before the block (``first``), then the items still to compute
+        self._ready = [] if first is NOT_READY or not self.items else [first]
+        self._todo = self.items[len(self._ready):]
         #: a worker even for a single item: the caller enters the block, does other work, then
         #: iterates (one item alone is otherwise computed inline when it is asked for)
         self.eager = eager
@@ -90,7 +99,7 @@ class Prefetcher:
     # -- the worker --------------------------------------------------------------------------
 
     def _work(self) -> None:
-        for item in self.items:
+        for item in self._todo:
             if self._stop.is_set():
                 return
             try:
@@ -120,21 +129,22 @@ class Prefetcher:
     # -- the consumer ------------------------------------------------------------------------
 
     def __enter__(self) -> "Prefetcher":
-        if self.depth > 0 and (len(self.items) > 1 or (self.eager and self.items)):
+        if self.depth > 0 and self._todo and (len(self.items) > 1 or self.eager):
             self._queue = queue.Queue(maxsize=self.depth)
             self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
             self._thread.start()
         return self
 
     def __iter__(self) -> Iterator:
+        yield from self._ready
         if self._thread is None:  # inline: depth 0, a single item, or not entered
-            for item in self.items:
+            for item in self._todo:
                 start = time.perf_counter()
                 value = self.fn(item)
                 self.wait_s += time.perf_counter() - start
                 yield value
             return
-        for _ in self.items:
+        for _ in self._todo:
             start = time.perf_counter()
             ok, value = self._get()
             self.wait_s += time.perf_counter() - start

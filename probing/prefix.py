@@ -16,8 +16,10 @@ The scorer is used through its attributes only (this module sits below `probing.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -29,7 +31,7 @@ from hooks.points import language_model
 
 from .attention_mask import model_attention_mask
 from .errors import InputError
-from .pipeline import HostResults, Prefetcher, device_inputs, encode_batch, pinned, to_device, vision_version
+from .pipeline import NOT_READY, HostResults, Prefetcher, device_inputs, encode_batch, pinned, to_device, vision_version
 from .query import Query, QueryError, check_unique_ids, row_meta
 from .render import PromptSpec, check_context, expanded_lengths, pad_rows, padded_position_ids, token_ids
 from .score_table import ScoreTable
@@ -142,6 +144,81 @@ def variant_prefixes(scorer, queries: Sequence[Query], specs: Sequence[PromptSpe
     return prompts, ids, _shared_lengths(queries, ids, groups, scorer.bundle.image_token_id)
 
 
+@dataclass
+class VariantGroups:
+    """A `score_variant_groups` call worked out before any forward (`plan_variant_groups`): the
+    rows, their prompts and unexpanded token ids, the groups (split by image prefix if asked),
+    each group's shared prefix length (None: it does not share), the groups that share cut into
+    ``batches``, the rows that do not share (``rest``) as a planned `RefusalScorer.score` call
+    (``rest_plan``, None when every row shares), and ``first``: ``batches[0]`` prepared ahead
+    (`prepare_first`), or `NOT_READY`."""
+
+    queries: list[Query]
+    specs: list[PromptSpec]
+    prompts: list[str]
+    ids: list[list[int]]
+    groups: list[list[int]]
+    shared: list[int | None]
+    sharing: list[int]
+    batches: list[list[int]]
+    rest: list[int]
+    rest_plan: object | None
+    first: object = field(default=NOT_READY, repr=False)
+
+
+def plan_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[PromptSpec],
+                        groups: Sequence[Sequence[int]], *, split: bool = False) -> VariantGroups:
+    """The host work of `score_variant_groups` before any forward: the rows checked (every
+    failure named before any compute), tokenized, grouped and batched. Touches no model, so it
+    may run in another thread (the study's plan-ahead worker, which then calls `prepare_first`)."""
+    queries, specs = list(queries), list(specs)
+    if not queries:
+        raise InputError("score_variant_groups: no queries given")
+    if len(specs) != len(queries):
+        raise InputError(f"score_variant_groups: {len(specs)} prompt specs for {len(queries)} queries")
+    check_unique_ids(queries)
+    if sorted(i for g in groups for i in g) != list(range(len(queries))):
+        raise InputError(f"score_variant_groups: the groups must hold each of the {len(queries)} rows exactly once")
+    prompts, ids = _tokens(scorer, queries, specs)
+    image_id = scorer.bundle.image_token_id
+    groups = split_by_image_prefix(queries, ids, groups, image_id) if split else [list(g) for g in groups]
+    shared = _shared_lengths(queries, ids, groups, image_id)
+    sharing = [g for g, n in enumerate(shared) if n is not None]
+    for g in sharing:  # fail before any compute: a missing image, an input beyond the context
+        head = queries[groups[g][0]]
+        if not hasattr(head.image, "convert") and not Path(head.image).is_file():
+            raise QueryError(f"query {head.id!r}: image file not found: {head.image}")
+    shared_rows = [i for g in sharing for i in groups[g]]
+    if shared_rows:
+        check_context(scorer.bundle, [queries[i] for i in shared_rows],
+                      expanded_lengths(scorer.bundle, [ids[i] for i in shared_rows], [1] * len(shared_rows)))
+    rest = sorted(set(range(len(queries))) - set(shared_rows))
+    order = sorted(sharing, key=lambda g: (-shared[g], g))
+    batches = group_batches(order, [len(groups[g]) for g in order], scorer.batch_size)
+    rest_plan = scorer.plan_score([queries[i] for i in rest], [specs[i] for i in rest]) if rest else None
+    return VariantGroups(queries, specs, prompts, ids, groups, shared, sharing, batches, rest, rest_plan)
+
+
+def _prepare_groups(scorer, plan: VariantGroups, batch: list[int]) -> dict:
+    """One batch of sharing groups, prepared on the host (`prepare_prefixed`)."""
+    groups, shared, ids = plan.groups, plan.shared, plan.ids
+    heads = [groups[g][0] for g in batch]
+    return prepare_prefixed(scorer, [plan.queries[i] for i in heads], [plan.prompts[i] for i in heads],
+                            [ids[i] for i in heads], [shared[g] for g in batch],
+                            [[ids[i][shared[g]:] for i in groups[g]] for g in batch])
+
+
+def prepare_first(scorer, plan: VariantGroups) -> VariantGroups:
+    """``plan`` with the first batch of each of its parts prepared now (the first prefix-shared
+    batch, the first batch of the other rows): where the planning runs ahead, the call's first
+    forwards then wait for no encoding."""
+    if plan.batches:
+        plan.first = _prepare_groups(scorer, plan, plan.batches[0])
+    if plan.rest_plan is not None:
+        scorer.prepare_first(plan.rest_plan)
+    return plan
+
+
 def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[PromptSpec],
                          groups: Sequence[Sequence[int]], *, split: bool = False, meta: dict | None = None,
                          desc: str = "variants") -> ScoreTable:
@@ -154,52 +231,33 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
     float32), groups that do not share are scored by `RefusalScorer.score` itself. ``split``:
     split each group by image and the tokens up to it first (`split_by_image_prefix`), so a group
     may hold rows of many conditions of one query (`experiments.study` passes them so).
+    `plan_variant_groups` + `score_planned_groups`, for a caller that plans ahead.
     """
-    queries, specs = list(queries), list(specs)
-    if not queries:
-        raise InputError("score_variant_groups: no queries given")
-    if len(specs) != len(queries):
-        raise InputError(f"score_variant_groups: {len(specs)} prompt specs for {len(queries)} queries")
-    check_unique_ids(queries)
-    if sorted(i for g in groups for i in g) != list(range(len(queries))):
-        raise InputError(f"score_variant_groups: the groups must hold each of the {len(queries)} rows exactly once")
-    prompts, ids = _tokens(scorer, queries, specs)
-    image_id = scorer.bundle.image_token_id
-    if split:
-        groups = split_by_image_prefix(queries, ids, groups, image_id)
-    shared = _shared_lengths(queries, ids, groups, image_id)
-    sharing = [g for g, n in enumerate(shared) if n is not None]
-    if not sharing:
-        return scorer.score(queries, prompt=specs, meta=meta, desc=desc)
-    bundle = scorer.bundle
-    for g in sharing:  # fail before any compute: a missing image, an input beyond the context
-        head = queries[groups[g][0]]
-        if not hasattr(head.image, "convert") and not Path(head.image).is_file():
-            raise QueryError(f"query {head.id!r}: image file not found: {head.image}")
-    shared_rows = [i for g in sharing for i in groups[g]]
-    check_context(bundle, [queries[i] for i in shared_rows],
-                  expanded_lengths(bundle, [ids[i] for i in shared_rows], [1] * len(shared_rows)))
+    return score_planned_groups(scorer, plan_variant_groups(scorer, queries, specs, groups, split=split),
+                                meta=meta, desc=desc)
 
+
+def score_planned_groups(scorer, plan: VariantGroups, *, meta: dict | None = None,
+                         desc: str = "variants") -> ScoreTable:
+    """`score_variant_groups` for a call planned by `plan_variant_groups` (possibly in another
+    thread, its first batches possibly prepared there by `prepare_first`)."""
+    if not plan.sharing:
+        return scorer.score_planned(plan.rest_plan, meta=meta, desc=desc)
+    queries, groups, rest, batches = plan.queries, plan.groups, plan.rest, plan.batches
+    bundle = scorer.bundle
     n, n_layers = len(queries), len(scorer.layers)
     margin = torch.empty(n)
     lens = torch.empty(n, n_layers)
     hidden = torch.empty(n, n_layers, bundle.d_model) if scorer.keep_hidden and n_layers else None
-    rest = sorted(set(range(n)) - set(shared_rows))
-    order = sorted(sharing, key=lambda g: (-shared[g], g))
-    batches = group_batches(order, [len(groups[g]) for g in order], scorer.batch_size)
     disable = (not scorer.progress) if scorer.progress is not None else (None if len(batches) > 1 else True)
-
-    def prepare(batch):
-        heads = [groups[g][0] for g in batch]
-        return prepare_prefixed(scorer, [queries[i] for i in heads], [prompts[i] for i in heads],
-                                 [ids[i] for i in heads], [shared[g] for g in batch],
-                                 [[ids[i][shared[g]:] for i in groups[g]] for g in batch])
+    first, plan.first = plan.first, NOT_READY  # a planned call's prepared batch is used once
 
     # The prefix batches are prepared from the start (eager), while the other rows are scored.
-    with Prefetcher(prepare, batches, depth=scorer.prefetch, name=f"mechprobe-prefetch[{desc}]",
-                    eager=bool(rest)) as feed, scorer.holding_hooks():
+    with Prefetcher(functools.partial(_prepare_groups, scorer, plan), batches, depth=scorer.prefetch,
+                    name=f"mechprobe-prefetch[{desc}]", eager=bool(rest), first=first) as feed, \
+            scorer.holding_hooks():
         if rest:  # rows of groups that do not share: the scorer's own path
-            table = scorer.score([queries[i] for i in rest], prompt=[specs[i] for i in rest], desc=desc)
+            table = scorer.score_planned(plan.rest_plan, desc=desc)
             idx = torch.tensor(rest)
             margin[idx], lens[idx] = table.margin, table.lens_margin
             if hidden is not None:
@@ -210,9 +268,10 @@ def score_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Promp
             results.add(torch.tensor([i for g in batch for i in groups[g]]), *score_prefixed(scorer, prepared))
         results.flush()
     scorer.waited_s += feed.wait_s
+    shared_rows = n - len(rest)
     logger.info("scored %d rows: %d groups of variants shared their image prefix (%d rows), %d rows alone",
-                n, len(sharing), len(shared_rows), len(rest))
-    out_meta = {**scorer.table_meta(PromptSpec()), **(meta or {}), "prefix_shared_groups": len(sharing)}
+                n, len(plan.sharing), shared_rows, len(rest))
+    out_meta = {**scorer.table_meta(PromptSpec()), **(meta or {}), "prefix_shared_groups": len(plan.sharing)}
     return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(scorer.layers),
                       hidden, out_meta, [row_meta(q) for q in queries])
 

@@ -12,8 +12,10 @@ so nothing of size ``[batch, seq, vocab]`` or ``[layers, batch, seq, d_model]`` 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -24,8 +26,8 @@ from hooks.capture import DecisionCapture
 
 from .attention_mask import model_attention_mask
 from .model import ModelBundle
-from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, HostResults, PixelCache, Prefetcher,
-                       device_inputs, encode_batch, pinned, vision_version)
+from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, NOT_READY, HostResults, PixelCache,
+                       Prefetcher, device_inputs, encode_batch, pinned, vision_version)
 from .plan import as_plan, run_plan
 from .query import Query, QueryError, check_unique_ids, row_meta  # noqa: F401 (row_meta: re-exported)
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
@@ -34,6 +36,24 @@ from .errors import InputError, MechprobeError, ScoringError
 from .score_table import ScoreTable
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PlannedScore:
+    """One `RefusalScorer.score` call worked out before any forward (`RefusalScorer.plan_score`).
+
+    ``prompt`` as given (one spec or one per query); ``prompts``, ``lengths``: each query's
+    rendered prompt and its length in tokens (images expanded); ``batches``: row indices per
+    batch, in scoring order; ``use_features``: whether the feature cache serves its images;
+    ``first``: ``batches[0]`` prepared ahead (`RefusalScorer.prepare_first`), or `NOT_READY`."""
+
+    queries: list[Query]
+    prompt: "PromptSpec | Sequence[PromptSpec]"
+    prompts: list[str]
+    lengths: list[int]
+    batches: list[list[int]]
+    use_features: bool
+    first: object = field(default=NOT_READY, repr=False)
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
@@ -251,6 +271,14 @@ class RefusalScorer:
             queries = list(queries)
             return run_plan(self, queries, as_plan(defense, queries, self.bundle), prompt=prompt, meta=meta,
                             desc=desc)
+        return self.score_planned(self.plan_score(queries, prompt), meta=meta, desc=desc)
+
+    def plan_score(self, queries: Iterable[Query], prompt: PromptSpec | Sequence[PromptSpec] = PromptSpec()
+                   ) -> PlannedScore:
+        """The host work of `score` before any forward: queries checked (unique ids, image files,
+        the context window), prompts rendered, lengths counted, batches planned. Touches no model,
+        so it may run in another thread (the study's plan-ahead worker); `prepare_first` then
+        encodes the first batch there too, and `score_planned` scores it."""
         queries = list(queries)
         if not queries:
             raise InputError("score: no queries given")
@@ -262,8 +290,43 @@ class RefusalScorer:
         prompts = self.render(queries, prompt)
         lengths = prompt_lengths(self.bundle, prompts, [int(q.has_image) for q in queries])
         check_context(self.bundle, queries, lengths)
-        batches = plan_batches(lengths, self.batch_size)
+        return PlannedScore(queries, prompt, prompts, lengths, plan_batches(lengths, self.batch_size),
+                            self.feature_cache.enabled and any(q.has_image for q in queries))
 
+    def prepare_batch(self, planned: PlannedScore, rows: list[int]) -> tuple:
+        """Batch ``rows`` of a planned call as CPU tensors: images loaded, pixels processed (or
+        cached), text tokenized; runs in the prefetch worker while the previous batch is in the
+        model. Returns the inputs (pinned for a CUDA device), each image's feature-cache key (or
+        None), whether every row ends on a real token, and whether any row is padded."""
+        queries, lengths = planned.queries, planned.lengths
+        ids = [queries[i].id for i in rows]
+        keys = [] if planned.use_features else None
+        try:
+            inputs = encode_batch(self.bundle, [planned.prompts[i] for i in rows], [queries[i] for i in rows],
+                                  self.pixel_cache, device="cpu", keys=keys)
+        except MechprobeError:  # QueryError and friends already name the query
+            raise
+        except Exception as exc:
+            raise ScoringError(f"preparing queries {ids}: {type(exc).__name__}: {exc}") from exc
+        mask = inputs["attention_mask"]
+        got = mask.sum(-1).tolist()  # CPU tensors: no device sync
+        want = [lengths[i] for i in rows]
+        if got != want:
+            raise ScoringError(f"token count mismatch for queries {ids}: processor gave {got}, expected {want}")
+        # pinned for a CUDA device, so the main thread's copy does not wait for the device;
+        # left-padded: the forward's fast read; padded: the ready 4-D mask (`attention_mask`)
+        return pinned(inputs, self.bundle.input_device), keys, bool(mask[:, -1].all()), not bool(mask.all())
+
+    def prepare_first(self, planned: PlannedScore) -> PlannedScore:
+        """``planned`` with its first batch prepared now (`prepare_batch`): called where the
+        planning runs ahead, so the call's first forward does not wait for its encoding."""
+        planned.first = self.prepare_batch(planned, planned.batches[0])
+        return planned
+
+    def score_planned(self, planned: PlannedScore, *, meta: dict | None = None, desc: str = "scoring") -> ScoreTable:
+        """`score` for a call planned by `plan_score` (possibly in another thread, its first
+        batch possibly prepared there)."""
+        queries, batches = planned.queries, planned.batches
         n, n_layers = len(queries), len(self.layers)
         margin = torch.empty(n)
         lens = torch.empty(n, n_layers)
@@ -271,37 +334,15 @@ class RefusalScorer:
         # tqdm's disable=None hides the bar when stderr is not a terminal.
         disable = (not self.progress) if self.progress is not None else (None if len(batches) > 1 else True)
         device = self.bundle.input_device
-
-        use_features = self.feature_cache.enabled and any(q.has_image for q in queries)
-        version = vision_version(self.bundle.model) if use_features else None
-
-        def prepare(rows: list[int]) -> tuple[dict[str, torch.Tensor], list | None]:
-            """Batch ``rows`` as CPU tensors: images loaded, pixels processed (or cached), text
-            tokenized; runs in the prefetch worker while the previous batch is in the model.
-            Also each image's cache key (for the feature cache), or None."""
-            ids = [queries[i].id for i in rows]
-            keys = [] if use_features else None
-            try:
-                inputs = encode_batch(self.bundle, [prompts[i] for i in rows], [queries[i] for i in rows],
-                                      self.pixel_cache, device="cpu", keys=keys)
-            except MechprobeError:  # QueryError and friends already name the query
-                raise
-            except Exception as exc:
-                raise ScoringError(f"preparing queries {ids}: {type(exc).__name__}: {exc}") from exc
-            mask = inputs["attention_mask"]
-            got = mask.sum(-1).tolist()  # CPU tensors: no device sync
-            want = [lengths[i] for i in rows]
-            if got != want:
-                raise ScoringError(f"token count mismatch for queries {ids}: processor gave {got}, expected {want}")
-            # pinned for a CUDA device, so the main thread's copy does not wait for the device;
-            # left-padded: the forward's fast read; padded: the ready 4-D mask (`attention_mask`)
-            return pinned(inputs, device), keys, bool(mask[:, -1].all()), not bool(mask.all())
+        # read here, in the main thread: the vision weights may have changed since the planning
+        version = vision_version(self.bundle.model) if planned.use_features else None
+        first, planned.first = planned.first, NOT_READY  # a planned call's prepared batch is used once
 
         start = time.perf_counter()
         forward_s = 0.0
         results = HostResults(margin, lens, hidden)
-        with Prefetcher(prepare, batches, depth=self.prefetch, name=f"mechprobe-prefetch[{desc}]") as feed, \
-                self.holding_hooks():
+        with Prefetcher(functools.partial(self.prepare_batch, planned), batches, depth=self.prefetch,
+                        name=f"mechprobe-prefetch[{desc}]", first=first) as feed, self.holding_hooks():
             for rows, (cpu_inputs, keys, left_padded, padded) in tqdm(zip(batches, feed), total=len(batches),
                                                                        desc=desc, unit="batch", disable=disable):
                 t0 = time.perf_counter()
@@ -319,7 +360,7 @@ class RefusalScorer:
                     "pixel cache %d hits, %d misses; feature cache %d hits, %d misses)", n, len(batches), elapsed,
                     n / max(elapsed, 1e-9), 100 * feed.wait_s / max(elapsed, 1e-9), self.pixel_cache.hits,
                     self.pixel_cache.misses, self.feature_cache.hits, self.feature_cache.misses)
-        shown = prompt if isinstance(prompt, PromptSpec) else PromptSpec()
+        shown = planned.prompt if isinstance(planned.prompt, PromptSpec) else PromptSpec()
         return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
                           list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})},
                           [row_meta(q) for q in queries])

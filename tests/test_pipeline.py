@@ -54,6 +54,33 @@ def test_prefetcher_keeps_order_and_joins():
         assert list(feed) == [1, 2, 3, 4, 5]
 
 
+def test_prefetcher_yields_a_ready_first_result_without_computing_it():
+    """``first``: item 0's result computed ahead (the study's plan-ahead worker): yielded as it
+    is, never computed again; the others computed as usual (in the worker when there are several,
+    inline for a lone item)."""
+    import threading
+
+    seen = []
+
+    def fn(x):
+        seen.append((x, threading.current_thread().name))
+        return x * 10
+
+    with Prefetcher(fn, [1, 2, 3], depth=2, first="ready", name="mechprobe-prefetch[first]") as feed:
+        assert list(feed) == ["ready", 20, 30]
+    assert seen == [(2, "mechprobe-prefetch[first]"), (3, "mechprobe-prefetch[first]")]
+    seen.clear()
+    for depth, eager in ((2, True), (2, False), (0, False)):
+        with Prefetcher(fn, [1], depth=depth, eager=eager, first="ready") as feed:
+            assert not prefetch_threads()  # nothing left to compute: no worker
+            assert list(feed) == ["ready"]
+    with Prefetcher(fn, [1, 2], depth=0, first="ready") as feed:
+        assert list(feed) == ["ready", 20]
+    with Prefetcher(fn, [], depth=2, first="ready") as feed:  # no items: nothing to yield
+        assert list(feed) == []
+    assert seen == [(2, threading.current_thread().name)] and not prefetch_threads()
+
+
 def test_prefetcher_raises_in_the_consumer_and_stops():
     def fn(x):
         if x == 3:

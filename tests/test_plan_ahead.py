@@ -14,6 +14,8 @@ import torch
 
 import defenses.rewriting as rewriting
 import experiments.study as study_mod
+import probing.prefix as prefix_mod
+import probing.scorer as scorer_mod
 from experiments.plan_ahead import PlanAhead
 from experiments.study import Study
 from experiments.study_config import StudyConfig
@@ -34,12 +36,31 @@ def _config(out, **extra) -> StudyConfig:
 
 def _run(out, monkeypatch, enabled: bool):
     """A study's query-major pass, recording which threads built plans and called `generate`."""
-    threads = {"plans": [], "generate": []}
-    real_plans = Study._plans
+    threads = {"plans": [], "generate": [], "encoded": []}
+    real_plans, real_score = Study._plans, Study._score_query_major
+    scoring = threading.Event()
 
     def plans(self, names, chunk):
         threads["plans"].append(threading.current_thread().name)
         return real_plans(self, names, chunk)
+
+    def score_query_major(self, *a, **k):
+        scoring.set()
+        try:
+            return real_score(self, *a, **k)
+        finally:
+            scoring.clear()
+
+    def encoding(real):
+        def encode_batch(*a, **k):
+            # which thread encodes a batch, and whether a chunk is being scored meanwhile
+            threads["encoded"].append((threading.current_thread().name, scoring.is_set()))
+            return real(*a, **k)
+        return encode_batch
+
+    for mod in (prefix_mod, scorer_mod):
+        monkeypatch.setattr(mod, "encode_batch", encoding(mod.encode_batch))
+    monkeypatch.setattr(Study, "_score_query_major", score_query_major)
 
     def counting_generate(bundle, queries, *a, **k):
         threads["generate"].append((threading.current_thread().name, len(queries)))
@@ -56,7 +77,7 @@ def _run(out, monkeypatch, enabled: bool):
         return study, threads
     finally:
         study.run.close()
-        monkeypatch.setattr(Study, "_plans", real_plans)
+        monkeypatch.undo()
 
 
 def test_plans_built_ahead_give_the_same_tables_and_never_run_the_model_off_the_main_thread(llava_assets, tmp_path,
@@ -71,6 +92,13 @@ def test_plans_built_ahead_give_the_same_tables_and_never_run_the_model_off_the_
         all(t.startswith("mechprobe-plan") for t in seen["plans"][1:]), seen["plans"]
     assert len(seen["plans"]) == n_chunks and ahead.timings["plan_fallbacks"] == 0
     assert all(t == main for t in seen_inline["plans"])
+    # the worker also encoded each chunk's first batches: while a chunk is scored the main thread
+    # encodes nothing (later batches come from the prefetch workers); it encodes only the first
+    # chunk's first batches, before it is scored. Without the worker it encodes every chunk's.
+    assert (main, True) not in seen["encoded"], seen["encoded"]
+    assert {t for t, _ in seen["encoded"]} == {main, "mechprobe-plan_0", "mechprobe-prefetch[query-major]"}
+    mains = [t for t, _ in seen["encoded"]].count(main)
+    assert 0 < mains < [t for t, _ in seen_inline["encoded"]].count(main)
     # captions: generated once, up front, in the main thread, all in one batch (16 >= 10 queries)
     n_images = sum(q.has_image for q in ahead.queries)
     assert n_images and seen["generate"] == [(main, n_images)], seen["generate"]

@@ -356,11 +356,11 @@ def test_query_major_chunks_are_stored_at_once_and_not_recomputed_after_an_inter
     real = Study._score_query_major
     calls: list[tuple[int, tuple[str, ...]]] = []
 
-    def counting(self, names, chunk, plans=None, fail_at=None):
+    def counting(self, names, chunk, prepared=None, fail_at=None):
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt
         calls.append((len(chunk), tuple(names)))
-        return real(self, names, chunk, plans)
+        return real(self, names, chunk, prepared)
 
     monkeypatch.setattr(Study, "_score_query_major", counting)
     whole = Study(config(tmp_path / "whole"))
@@ -372,7 +372,8 @@ def test_query_major_chunks_are_stored_at_once_and_not_recomputed_after_an_inter
         whole.run.close()
 
     calls.clear()
-    monkeypatch.setattr(Study, "_score_query_major", lambda self, names, chunk, plans=None: counting(self, names, chunk, plans, fail_at=2))
+    monkeypatch.setattr(Study, "_score_query_major",
+                        lambda self, names, chunk, prepared=None: counting(self, names, chunk, prepared, fail_at=2))
     first = Study(config(tmp_path / "cut"))
     with pytest.raises(KeyboardInterrupt):
         first.score_shared_prefixes()

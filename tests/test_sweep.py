@@ -121,6 +121,49 @@ def test_variant_groups_equal_independent_passes(tiny, mixed_queries, tmp_path):
     assert (got.margin[groups[0]][0] - got.margin[groups[0]][1]).abs() > 1e-4  # variants really differ
 
 
+def test_variant_groups_planned_in_another_thread_score_the_same_and_encode_nothing_first(tiny, mixed_queries,
+                                                                                           tmp_path, monkeypatch):
+    """`plan_variant_groups` + `prepare_first` in a worker thread (as the study's plan-ahead
+    worker runs them), then `score_planned_groups`: the same bits as `score_variant_groups`, and
+    the scoring encodes neither part's first batch again (its first forwards wait for no host
+    encoding). A planned call's prepared batches are used once: scoring it again encodes them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import probing.prefix as prefix_mod
+    import probing.scorer as scorer_mod
+
+    rows, specs, groups = _variant_rows(mixed_queries, tmp_path)
+    scorer = RefusalScorer(tiny, batch_size=2, keep_hidden=True)
+    whole = prefix_mod.score_variant_groups(scorer, rows, specs, groups)
+
+    def plan():
+        planned = prefix_mod.plan_variant_groups(scorer, rows, specs, groups)
+        return prefix_mod.prepare_first(scorer, planned)
+
+    with ThreadPoolExecutor(1) as pool:
+        planned = pool.submit(plan).result()
+    assert planned.rest and len(planned.batches) >= 2 and len(planned.rest_plan.batches) >= 2
+
+    encoded = []
+    for mod in (prefix_mod, scorer_mod):
+        real = mod.encode_batch
+        monkeypatch.setattr(mod, "encode_batch", lambda *a, real=real, mod=mod, **k: (
+            encoded.append((mod.__name__, len(a[1]))), real(*a, **k))[1])
+    got = prefix_mod.score_planned_groups(scorer, planned)
+    # only the batches after the first of each part: prefix batches from the second on, the
+    # other rows' batches from the second on
+    want = sorted([("probing.prefix", len(b)) for b in planned.batches[1:]] +
+                  [("probing.scorer", len(b)) for b in planned.rest_plan.batches[1:]])
+    assert sorted(encoded) == want, encoded
+    assert got.ids == whole.ids
+    for a, b in ((got.margin, whole.margin), (got.lens_margin, whole.lens_margin), (got.hidden, whole.hidden)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    encoded.clear()
+    again = prefix_mod.score_planned_groups(scorer, planned)
+    assert len(encoded) == len(planned.batches) + len(planned.rest_plan.batches)
+    torch.testing.assert_close(again.margin, whole.margin, atol=0, rtol=0)
+
+
 def test_text_smoothing_shares_the_image_prefix(tiny, mixed_queries):
     """`ni_text_smooth` through `score` (its K variants share each image query's prefix) equals
     scoring every variant in full, and sends far fewer tokens through the trunk."""
