@@ -152,8 +152,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from hooks.errors import MechprobeError
 
+    from .interrupts import check, remembered
+
     try:
-        return args.func(args)
+        with remembered():  # a Ctrl-C swallowed by a finalizer is raised again (`interrupts`)
+            code = args.func(args)
+            check()
+            return code
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130

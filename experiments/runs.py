@@ -47,6 +47,7 @@ from probing.errors import RunDirError, ScoringError
 from probing.query import Query
 from probing.score_table import ScoreTable, file_digests
 
+from .interrupts import check as check_interrupted
 from .report import write_table
 
 logger = logging.getLogger(__name__)
@@ -335,6 +336,7 @@ class RunDir:
             expect = self._expect(condition, fingerprint, chunk)
             table, record = self._load_shard(shard, expect)
             if table is None:
+                check_interrupted()  # a Ctrl-C a finalizer swallowed stops the run here
                 table = score_fn(chunk)
                 record = self._store(shard, table, expect)
             parts.append(table)

@@ -2,6 +2,7 @@
 
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from experiments.cli import main
 from probing.errors import DataError
+from probing.score_table import ScoreTable
 
 FAST = ["--n-boot", "20", "--batch-size", "2"]
 
@@ -172,3 +174,64 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
     assert err.strip().splitlines()[-1].split("\r")[-1] == "interrupted: rerun the same command to resume"
     assert "Traceback" not in err
     assert not (out / ".lock").exists()  # the lock was released
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_is_raised_again_at_the_next_shard(tmp_path, monkeypatch):
+    """Python only reports ("Exception ignored") a KeyboardInterrupt raised inside a finalizer
+    (tqdm's ``__del__`` once let a run go on and exit 0 in CI). Under the CLI's SIGINT handler
+    (`experiments.interrupts.remembered`) the interrupt is remembered, silenced there, and raised
+    again before the next shard is scored; outside it nothing changes."""
+    import signal
+
+    from experiments import interrupts
+    from experiments.runs import RunDir
+    from probing import Query
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(u.exc_type))
+
+    class Finalized:
+        def __del__(self):  # as if SIGINT arrived while a finalizer ran: the handler raises here
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+
+    queries = [Query(f"q{i}", f"text {i}") for i in range(4)]
+    scored = []
+
+    def score(chunk):
+        scored.append([q.id for q in chunk])
+        if len(scored) == 1:
+            Finalized()  # swallowed: the first chunk still returns its table
+        return ScoreTable([q.id for q in chunk], [None] * len(chunk), torch.zeros(len(chunk)),
+                          torch.zeros(len(chunk), 0), [], None, {}, [{} for _ in chunk])
+
+    with interrupts.remembered():
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        with RunDir(tmp_path / "run", {"test": 1}) as run:
+            with pytest.raises(KeyboardInterrupt):
+                run.score(score, queries, "baseline", 2)
+    assert scored == [["q0", "q1"]]  # the second shard was never started
+    assert reported == []  # the swallowed report was silenced (no traceback on stderr)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    interrupts.check()  # cleared once the block ends
+
+    # outside the CLI's block a finalizer's KeyboardInterrupt is reported as Python always did
+    class Interrupted:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    Interrupted()
+    assert reported == [KeyboardInterrupt]
+    interrupts.check()
+
+
+def test_an_ignored_sigint_stays_ignored():
+    import signal
+
+    from experiments import interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts.remembered():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
