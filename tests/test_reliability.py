@@ -204,14 +204,20 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_is_raised_again_at_the_next_shard(tmp
         return ScoreTable([q.id for q in chunk], [None] * len(chunk), torch.zeros(len(chunk)),
                           torch.zeros(len(chunk), 0), [], None, {}, [{} for _ in chunk])
 
-    with interrupts.remembered():
-        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-        with RunDir(tmp_path / "run", {"test": 1}) as run:
-            with pytest.raises(KeyboardInterrupt):
-                run.score(score, queries, "baseline", 2)
+    # Python's own handler, as in a terminal (pytest itself may run with SIGINT ignored: a job
+    # started in the background by a non-interactive shell)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with interrupts.remembered():
+            assert signal.getsignal(signal.SIGINT) is interrupts._on_sigint
+            with RunDir(tmp_path / "run", {"test": 1}) as run:
+                with pytest.raises(KeyboardInterrupt):
+                    run.score(score, queries, "baseline", 2)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert scored == [["q0", "q1"]]  # the second shard was never started
     assert reported == []  # the swallowed report was silenced (no traceback on stderr)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     interrupts.check()  # cleared once the block ends
 
     # outside the CLI's block a finalizer's KeyboardInterrupt is reported as Python always did
