@@ -63,8 +63,7 @@ from probing.generation import fit_generation_batch, generation_batch
 from probing.model import model_fingerprint
 from probing.pipeline import PixelCache, pixel_threads
 from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, fold_table
-from probing.prefix import (VariantGroups, plan_variant_groups, prepare_first, score_planned_groups,
-                            score_variant_groups)
+from probing.prefix import VariantGroups, plan_variant_groups, prepare_first, score_planned_groups
 from probing.query import Query
 from probing.readout import get_readout
 from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, tokenizer_lock
@@ -379,7 +378,7 @@ class QueryMajorRows:
 
 def query_major_rows(chunk: list[Query], plans: dict[str, ScoringPlan], bundle) -> QueryMajorRows:
     """The rows of every condition's plan for ``chunk``, condition after condition, grouped per
-    query for `probing.prefix.score_variant_groups`. Refuses a plan that changes more than the
+    query for `probing.prefix.plan_variant_groups`. Refuses a plan that changes more than the
     inputs of ``bundle`` (another model, or an activation edit, cannot share its forwards)."""
     flat, specs, where = [], [], {}
     per_query: list[list[int]] = [[] for _ in chunk]
@@ -618,24 +617,15 @@ class Study:
             self.scorer.pixel_cache.unstage(staged)
             raise
 
-    def _score_query_major(self, names: list[str], chunk: list[Query],
-                           prepared: ChunkInputs | None = None) -> dict[str, ScoreTable]:
-        """One chunk of every condition in ``names``, query-major: all their rows (variants
-        included) in one prefix-shared call (`probing.prefix.score_variant_groups`), one group per
-        query split by image and the tokens up to it, so rows that agree there (same system
-        prompt, same image) run that prefix once; then each condition's rows folded into its
-        table. ``prepared``: the chunk's inputs when already built (`_chunk_inputs`, by
-        `PlanAhead`), else planned here. Each condition's table is folded when first asked for
-        (`FoldedTables`)."""
-        if prepared is not None:
-            plans, rows = prepared.plans, prepared.rows
-            table = score_planned_groups(self.scorer, prepared.grouped, desc="query-major")
-        else:
-            plans = self._plans(names, chunk)
-            rows = query_major_rows(chunk, plans, self.bundle)
-            table = score_variant_groups(self.scorer, rows.queries, rows.specs, rows.per_query, split=True,
-                                         desc="query-major")
-        flat, where = rows.queries, rows.where
+    def _score_query_major(self, chunk: list[Query], prepared: ChunkInputs) -> dict[str, ScoreTable]:
+        """One chunk of every condition ``prepared`` holds (`_chunk_inputs`), query-major: all
+        their rows (variants included) in one prefix-shared call
+        (`probing.prefix.score_planned_groups`), one group per query split by image and the tokens
+        up to it, so rows that agree there (same system prompt, same image) run that prefix once;
+        then each condition's rows folded into its table. Each condition's table is folded when
+        first asked for (`FoldedTables`)."""
+        plans, flat, where = prepared.plans, prepared.rows.queries, prepared.rows.where
+        table = score_planned_groups(self.scorer, prepared.grouped, desc="query-major")
 
         def fold(n: str) -> ScoreTable:
             offset, local = where[n]
@@ -715,7 +705,7 @@ class Study:
                 if ahead is not None:  # built while this chunk is scored
                     planner.submit(ahead, missing(name, ahead), chunks[ahead])
                 try:
-                    tables = self._score_query_major(todo, list(chunk), prepared)
+                    tables = self._score_query_major(list(chunk), prepared)
                 finally:
                     self.scorer.pixel_cache.unstage(prepared.staged)
 

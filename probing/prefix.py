@@ -268,9 +268,8 @@ def score_planned_groups(scorer, plan: VariantGroups, *, meta: dict | None = Non
             results.add(torch.tensor([i for g in batch for i in groups[g]]), *score_prefixed(scorer, prepared))
         results.flush()
     scorer.waited_s += feed.wait_s
-    shared_rows = n - len(rest)
     logger.info("scored %d rows: %d groups of variants shared their image prefix (%d rows), %d rows alone",
-                n, len(plan.sharing), shared_rows, len(rest))
+                n, len(plan.sharing), n - len(rest), len(rest))
     out_meta = {**scorer.table_meta(PromptSpec()), **(meta or {}), "prefix_shared_groups": len(plan.sharing)}
     return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(scorer.layers),
                       hidden, out_meta, [row_meta(q) for q in queries])

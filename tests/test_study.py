@@ -356,11 +356,11 @@ def test_query_major_chunks_are_stored_at_once_and_not_recomputed_after_an_inter
     real = Study._score_query_major
     calls: list[tuple[int, tuple[str, ...]]] = []
 
-    def counting(self, names, chunk, prepared=None, fail_at=None):
+    def counting(self, chunk, prepared, fail_at=None):
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt
-        calls.append((len(chunk), tuple(names)))
-        return real(self, names, chunk, prepared)
+        calls.append((len(chunk), tuple(prepared.plans)))  # the conditions scored with this chunk
+        return real(self, chunk, prepared)
 
     monkeypatch.setattr(Study, "_score_query_major", counting)
     whole = Study(config(tmp_path / "whole"))
@@ -373,7 +373,7 @@ def test_query_major_chunks_are_stored_at_once_and_not_recomputed_after_an_inter
 
     calls.clear()
     monkeypatch.setattr(Study, "_score_query_major",
-                        lambda self, names, chunk, prepared=None: counting(self, names, chunk, prepared, fail_at=2))
+                        lambda self, chunk, prepared: counting(self, chunk, prepared, fail_at=2))
     first = Study(config(tmp_path / "cut"))
     with pytest.raises(KeyboardInterrupt):
         first.score_shared_prefixes()
