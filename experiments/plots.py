@@ -243,14 +243,22 @@ def plot_mechanism_map(rows: list[dict], path: str | os.PathLike) -> Path:
 def plot_tradeoff_points(points: list[dict], path: str | os.PathLike, *, title: str = "") -> Path:
     """Safety (refusal on harmful) against helpfulness (compliance on benign): measured points
     filled, predicted ensembles hollow, the Pareto front of the measured points (solid) and of all
-    points, predictions included (dashed)."""
+    points, predictions included (dashed). A superseded prediction (a run pair's, see
+    `experiments.study.tradeoff_points`) is grey, with an arrow to its measurement."""
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     colours = {"baseline": "black", "single": "#34495e", "+": "#d35400", "|": "#8e44ad", "&": "#16a085",
                "~": "#2c3e50"}
+    runs = {p["name"]: p for p in points if p["measured"]}
     for p in points:
         c, m = colours.get(p["kind"], "#34495e"), KIND_MARKERS.get(p["kind"], "o")
         if p["measured"]:
             ax.scatter(p["helpfulness"], p["safety"], marker=m, color=c, s=70, zorder=3)
+        elif p.get("superseded"):
+            ax.scatter(p["helpfulness"], p["safety"], marker=m, facecolors="none", edgecolors="grey", s=50, zorder=2)
+            run = runs.get(p["name"])
+            if run is not None:
+                ax.annotate("", (run["helpfulness"], run["safety"]), (p["helpfulness"], p["safety"]),
+                            arrowprops=dict(arrowstyle="->", color="grey"))
         else:
             ax.scatter(p["helpfulness"], p["safety"], marker=m, facecolors="none", edgecolors=c, s=70, zorder=2)
         ax.annotate(p["name"] + ("" if p["measured"] else " (pred.)"), (p["helpfulness"], p["safety"]), fontsize=6.5,
@@ -268,6 +276,9 @@ def plot_tradeoff_points(points: list[dict], path: str | os.PathLike, *, title: 
                 Line2D([], [], ls="", marker="o", markerfacecolor="none", color="#555", label="predicted (hollow)"),
                 Line2D([], [], color="green", ls="-", label="Pareto front, measured"),
                 Line2D([], [], color="green", ls="--", label="Pareto front, with predictions")]
+    if any(p.get("superseded") for p in points):
+        handles.append(Line2D([], [], ls="", marker="o", markerfacecolor="none", color="grey",
+                              label="run pair's prediction -> measurement"))
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlabel("helpfulness: compliance on benign")
     ax.set_ylabel("safety: refusal on harmful")

@@ -202,7 +202,8 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
     shown = {n: tables[n] for n in study.conditions[1:]}
     plots.plot_defense_distributions(base, shown, labels, out / "distributions.png")
     plots.plot_mechanism_map(summary, out / "mechanism_map.png")
-    best = max(trade["points"], key=lambda p: p["utility"]) if trade["points"] else None
+    ranked = [p for p in trade["points"] if not p.get("superseded")]  # a run pair's own measurement ranks
+    best = max(ranked, key=lambda p: p["utility"]) if ranked else None
     plots.plot_tradeoff_points(trade["points"], out / "tradeoff.png",
                                title="Safety / helpfulness trade-off" + (
                                    f" (best at weight {cfg.weight}: {best['name']}, "
@@ -258,10 +259,13 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
         ("Safety / helpfulness trade-off", [
             ("text", f"Measured points (baseline, single defenses, the ensembles that were run) are filled; "
                      f"predicted pairs (logit additivity for `+`, max / min / mean P(refuse) for `|` / `&` / `~`, "
-                     f"from the single runs) are hollow. Utility = {cfg.weight} x safety + "
-                     f"{1 - cfg.weight:.2f} x helpfulness (`tables/tradeoff.csv`)."),
+                     f"from the single runs) are hollow. A `+` ensemble that was run also shows what its singles "
+                     f"predicted (superseded: an arrow leads to its measurement; in neither Pareto front). "
+                     f"Utility = {cfg.weight} x safety + {1 - cfg.weight:.2f} x helpfulness "
+                     f"(`tables/tradeoff.csv`)."),
             ("table", sorted(trade["points"], key=lambda p: -p["utility"]),
-             ["name", "kind", "measured", "safety", "helpfulness", "utility", "pareto_measured", "pareto_all"]),
+             ["name", "kind", "measured", "superseded", "safety", "helpfulness", "utility", "pareto_measured",
+              "pareto_all"]),
             ("image", "tradeoff.png", "safety vs helpfulness with the Pareto front")]),
     ]
     layer_blocks = []

@@ -793,15 +793,7 @@ class Study:
                 measured[f"{a}{op}{b}"] = (e, self.tables[e])
         cands = rank_ensembles(base, singles, ops=ops, weight=cfg.weight,
                                measured={k: t for k, (_, t) in measured.items()})
-        rows = []
-        for c in cands:
-            run_name = measured.get(c.name, (None,))[0]
-            rows.append({"name": c.name, "kind": c.kind, "measured_run": run_name,
-                         "predicted": c.kind not in ("baseline", "single"),
-                         "safety": c.safety, "helpfulness": c.helpfulness, "utility": c.utility,
-                         "pareto": c.pareto, "measured_safety": c.measured_safety,
-                         "measured_helpfulness": c.measured_helpfulness, "safety_error": c.safety_error,
-                         "helpfulness_error": c.helpfulness_error, "margin_rmse": c.margin_rmse})
+        rows = tradeoff_rows(cands, {k: e for k, (e, _) in measured.items()})
         covered = {r["measured_run"] for r in rows}
         from probing.analysis import safety_helpfulness
 
@@ -909,25 +901,43 @@ def per_dataset_rows(tables: dict[str, ScoreTable]) -> list[dict]:
     return rows
 
 
+def tradeoff_rows(cands: list, runs: dict[str, str]) -> list[dict]:
+    """`tables/tradeoff.csv`'s rows from `probing.analysis.rank_ensembles`'s candidates; ``runs``
+    maps a pair's canonical name ("a+b") to the ensemble's name in the study."""
+    return [{"name": c.name, "kind": c.kind, "measured_run": runs.get(c.name),
+             "predicted": c.kind not in ("baseline", "single"),
+             "safety": c.safety, "helpfulness": c.helpfulness, "utility": c.utility,
+             "pareto": c.pareto, "measured_safety": c.measured_safety,
+             "measured_helpfulness": c.measured_helpfulness,
+             "predicted_safety": c.predicted_safety, "predicted_helpfulness": c.predicted_helpfulness,
+             "safety_error": c.safety_error, "helpfulness_error": c.helpfulness_error, "margin_rmse": c.margin_rmse}
+            for c in cands]
+
+
 def tradeoff_points(rows: list[dict], weight: float) -> list[dict]:
-    """Plot points: measured (baseline, singles, run ensembles) and predicted pairs, with the
-    Pareto front of the measured points and of all points."""
+    """Plot points from `Study.tradeoff`'s rows, each condition once: every run (baseline, singles,
+    run ensembles) as a measured point; every pair that was not run as a predicted point; and a run
+    "+" pair's prediction as a predicted point marked ``superseded`` (what the singles predicted,
+    shown beside its measurement, left out of both Pareto fronts). A run score-level pair ("|",
+    "&", "~") gets no predicted point: the study combines it from its members' tables, the very
+    computation its prediction is. Pareto fronts: of the measured points, and of all points that
+    are not superseded."""
     from probing.analysis import pareto_mask
 
     pts = []
     for r in rows:
-        if not r["predicted"] and r["kind"] in ("baseline", "single"):
-            pts.append({"name": r["name"], "kind": r["kind"], "measured": True,
-                        "safety": r["safety"], "helpfulness": r["helpfulness"]})
-        if r.get("measured_safety") is not None:
+        measured = r.get("measured_safety") is not None
+        if measured:
             pts.append({"name": r["measured_run"] or r["name"], "kind": r["kind"], "measured": True,
-                        "safety": r["measured_safety"], "helpfulness": r["measured_helpfulness"]})
-        if r["predicted"]:
-            pts.append({"name": r["name"], "kind": r["kind"], "measured": False,
-                        "safety": r["safety"], "helpfulness": r["helpfulness"]})
+                        "superseded": False, "safety": r["measured_safety"], "helpfulness": r["measured_helpfulness"]})
+        if r["predicted"] and not (measured and r["kind"] in SCORE_OPS):
+            pts.append({"name": r["name"], "kind": r["kind"], "measured": False, "superseded": measured,
+                        "safety": r["predicted_safety"], "helpfulness": r["predicted_helpfulness"]})
     for group in ("measured", "all"):
-        sel = [p for p in pts if p["measured"] or group == "all"]
+        sel = [p for p in pts if p["measured"] or (group == "all" and not p["superseded"])]
         mask = pareto_mask(np.array([[p["safety"], p["helpfulness"]] for p in sel])) if sel else []
+        for p in pts:
+            p.setdefault(f"pareto_{group}", None)
         for p, m in zip(sel, mask):
             p[f"pareto_{group}"] = bool(m)
     for p in pts:

@@ -118,3 +118,45 @@ def test_plots_are_written(runs, tmp_path):
     assert p.stat().st_size > 10_000
     profs = [layer_profile(base, t, "lens", n_boot=20) for t in singles.values()]
     assert plot_layer_profiles(profs, tmp_path / "layers.png").stat().st_size > 10_000
+
+
+def test_study_tradeoff_points_show_each_condition_once(runs, tmp_path):
+    """The study report's trade-off points (`experiments.study.tradeoff_points`): every run once,
+    filled, at its measurement; a run "+" pair's prediction beside it, at the prediction, marked
+    superseded and left out of both fronts; a run "|" pair without a predicted twin (it is its own
+    exact combination); a pair not run as a prediction. Fronts checked by brute force."""
+    from experiments.plots import plot_tradeoff_points
+    from experiments.study import tradeoff_points, tradeoff_rows
+
+    base, singles = runs
+    predicted_plus = predict(base, singles, "+")
+    measured = {"shift+disc": with_margins(predicted_plus, -2.0, -2.0, "m"),  # far from its prediction
+                "shift|disc": combine(base, singles, "|")}
+    cands = rank_ensembles(base, singles, ops=("+", "|", "&"), weight=0.3, measured=measured)
+    points = tradeoff_points(tradeoff_rows(cands, {k: k for k in measured}), 0.3)
+
+    runs_ = [p for p in points if p["measured"]]
+    assert sorted(p["name"] for p in runs_) == sorted(["baseline", "shift", "disc", "shift+disc", "shift|disc"])
+    at = {p["name"]: (p["safety"], p["helpfulness"]) for p in runs_}
+    for name, table in {"baseline": base, **singles, **measured}.items():
+        assert at[name] == safety_helpfulness(table)
+    guesses = {p["name"]: p for p in points if not p["measured"]}
+    assert set(guesses) == {"shift+disc", "shift&disc"}
+    plus = guesses["shift+disc"]
+    assert plus["superseded"] and (plus["safety"], plus["helpfulness"]) == safety_helpfulness(predicted_plus)
+    assert (plus["safety"], plus["helpfulness"]) != at["shift+disc"]  # the planted prediction error shows
+    assert plus["pareto_measured"] is None and plus["pareto_all"] is None
+    both = guesses["shift&disc"]
+    assert not both["superseded"]
+    assert (both["safety"], both["helpfulness"]) == safety_helpfulness(combine(base, singles, "&"))
+
+    def front(sel):
+        return {id(p) for p in sel if not any(q["safety"] >= p["safety"] and q["helpfulness"] >= p["helpfulness"]
+                                              and (q["safety"], q["helpfulness"]) != (p["safety"], p["helpfulness"])
+                                              for q in sel)}
+
+    for group, sel in (("measured", runs_), ("all", [p for p in points if not p["superseded"]])):
+        assert {id(p) for p in sel if p[f"pareto_{group}"]} == front(sel)
+    for p in points:
+        assert p["utility"] == pytest.approx(0.3 * p["safety"] + 0.7 * p["helpfulness"])
+    assert plot_tradeoff_points(points, tmp_path / "tradeoff.png").stat().st_size > 10_000
