@@ -99,8 +99,6 @@ def plot_tradeoff(candidates: list[Candidate], path: str | os.PathLike) -> Path:
             label = kind if kind in ("baseline", "single") else f"a{kind}b ({source})"
             ax.scatter([x.helpfulness for x in pts], [x.safety for x in pts], marker=m, facecolors=face,
                        edgecolors=c, s=60, label=label)
-            for x in pts:
-                ax.annotate(x.name, (x.helpfulness, x.safety), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for x in candidates:
         pred_s, pred_h = getattr(x, "predicted_safety", None), getattr(x, "predicted_helpfulness", None)
         if x.measured_safety is not None and pred_s is not None and x.kind == "+":
@@ -115,6 +113,11 @@ def plot_tradeoff(candidates: list[Candidate], path: str | os.PathLike) -> Path:
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("Safety / helpfulness trade-off (grey: prediction -> measurement)")
+    # labelled: runs and exact combinations, and predictions on the front; one label per place
+    shown = [{"name": x.name, "safety": x.safety, "helpfulness": x.helpfulness} for x in candidates
+             if getattr(x, "source", "measured") != "predicted" or x.pareto]
+    place_labels(ax, [(g[0]["helpfulness"], g[0]["safety"], names_label([p["name"] for p in g]))
+                      for g in coincident(shown)], fontsize=7)
     return _save(fig, path)
 
 
@@ -240,11 +243,29 @@ def plot_mechanism_map(rows: list[dict], path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def coincident(points: list[dict], digits: int = 9) -> list[list[dict]]:
+    """``points`` grouped by where they sit (safety, helpfulness), in first-seen order: on a small
+    benchmark many pairs predict the very same rates, and one label serves them all."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        groups.setdefault((round(p["safety"], digits), round(p["helpfulness"], digits)), []).append(p)
+    return list(groups.values())
+
+
+def names_label(names: list[str], shown: int = 3) -> str:
+    """"a, b, c +4 more": a point's label when several conditions share it."""
+    return ", ".join(names[:shown]) + (f" +{len(names) - shown} more" if len(names) > shown else "")
+
+
 def plot_tradeoff_points(points: list[dict], path: str | os.PathLike, *, title: str = "") -> Path:
     """Safety (refusal on harmful) against helpfulness (compliance on benign): measured points
     filled, predicted ensembles hollow, the Pareto front of the measured points (solid) and of all
     points, predictions included (dashed). A superseded prediction (a run pair's, see
-    `experiments.study.tradeoff_points`) is grey, with an arrow to its measurement."""
+    `experiments.study.tradeoff_points`) is grey, with an arrow to its measurement.
+
+    Read at a glance with many pairs: every measured point is labelled, points at the same place
+    share one label (`coincident`), and a predicted point is labelled only on the front with
+    predictions, where it would change a choice; the rest are in ``tables/tradeoff.csv``."""
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     colours = {"baseline": "black", "single": "#34495e", "+": "#d35400", "|": "#8e44ad", "&": "#16a085",
                "~": "#2c3e50"}
@@ -260,9 +281,20 @@ def plot_tradeoff_points(points: list[dict], path: str | os.PathLike, *, title: 
                 ax.annotate("", (run["helpfulness"], run["safety"]), (p["helpfulness"], p["safety"]),
                             arrowprops=dict(arrowstyle="->", color="grey"))
         else:
-            ax.scatter(p["helpfulness"], p["safety"], marker=m, facecolors="none", edgecolors=c, s=70, zorder=2)
-        ax.annotate(p["name"] + ("" if p["measured"] else " (pred.)"), (p["helpfulness"], p["safety"]), fontsize=6.5,
-                    xytext=(4, 3), textcoords="offset points")
+            ax.scatter(p["helpfulness"], p["safety"], marker=m, facecolors="none", edgecolors=c, s=40, zorder=2,
+                       alpha=0.6 if not p.get("pareto_all") else 1.0)
+    labels = []
+    for group in coincident([p for p in points if not p.get("superseded")]):
+        measured = [p["name"] for p in group if p["measured"]]
+        predicted = [p["name"] for p in group if not p["measured"] and p.get("pareto_all")]
+        if not measured and not predicted:
+            continue
+        if measured:
+            text = names_label(measured) + (f" (+{len(predicted)} pred.)" if predicted else "")
+        else:
+            text = (f"{predicted[0]} (pred.)" if len(predicted) == 1
+                    else f"{len(predicted)} predicted pairs: {names_label(predicted, 1)}")
+        labels.append((group[0]["helpfulness"], group[0]["safety"], text))
     for group, style in (("measured", "-"), ("all", "--")):
         front = sorted((p for p in points if p.get(f"pareto_{group}")), key=lambda p: p["helpfulness"])
         if front:
@@ -285,7 +317,41 @@ def plot_tradeoff_points(points: list[dict], path: str | os.PathLike, *, title: 
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title or "Safety / helpfulness trade-off", fontsize=9)
+    place_labels(ax, labels)
     return _save(fig, path)
+
+
+def place_labels(ax, labels: list[tuple[float, float, str]], fontsize: float = 6.5, tries: int = 16) -> None:
+    """Annotate each ``(x, y, text)`` beside its point without covering a label placed before it
+    or leaving the axes: a label that would is moved a line at a time (down in the upper half,
+    up in the lower), with a thin leader line back to its point; if no place is free it stays
+    beside its point. Labels right of x = 0.6 run leftwards, clear of a legend on the right."""
+    from matplotlib.text import Text
+
+    renderer = ax.figure.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+
+    def note(x, y, text, step, right):
+        return ax.annotate(text, (x, y), xytext=(-4 if right else 4, 3 + 9 * step), textcoords="offset points",
+                           fontsize=fontsize, ha="right" if right else "left",
+                           arrowprops=dict(arrowstyle="-", color="#999", lw=0.5) if step else None)
+
+    placed = []
+    for x, y, text in sorted(labels, key=lambda t: (-t[1], t[0])):
+        right, away = x > 0.6, (-1 if y > 0.5 else 1)
+        for k in range(tries):
+            label = note(x, y, text, away * k, right)
+            label.update_positions(renderer)  # where the offset puts it (else computed at draw time)
+            box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in placed):
+                break
+            label.remove()
+        else:  # nowhere free: beside the point after all
+            label = note(x, y, text, 0, right)
+            label.update_positions(renderer)
+            box = Text.get_window_extent(label, renderer)
+        placed.append(box)
 
 
 def plot_layer_grid(profiles: list[LayerProfile], labels: dict[str, str], path: str | os.PathLike) -> Path:

@@ -263,9 +263,11 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
                      f"predicted (superseded: an arrow leads to its measurement; in neither Pareto front). "
                      f"Utility = {cfg.weight} x safety + {1 - cfg.weight:.2f} x helpfulness "
                      f"(`tables/tradeoff.csv`)."),
-            ("table", sorted(trade["points"], key=lambda p: -p["utility"]),
+            ("table", sorted((p for p in trade["points"] if p["measured"] or p["superseded"]),
+                             key=lambda p: -p["utility"]),
              ["name", "kind", "measured", "superseded", "safety", "helpfulness", "utility", "pareto_measured",
               "pareto_all"]),
+            *predicted_pair_blocks(trade["points"]),
             ("image", "tradeoff.png", "safety vs helpfulness with the Pareto front")]),
     ]
     layer_blocks = []
@@ -303,6 +305,34 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
 
 SHIFT_LABELS = ("safety shift", "both")
 DISCRIMINATION_LABELS = ("harmfulness discrimination", "both")
+
+
+#: most rows of the report's table of predicted pairs (all of them are in tables/tradeoff.csv)
+PREDICTED_ROWS = 10
+
+
+def predicted_pair_blocks(points: list[dict]) -> list[tuple]:
+    """The report's view of the pairs that were not run: those on the Pareto front with
+    predictions, the ones worth running, pairs predicting the same rates in one row, best utility
+    first, at most `PREDICTED_ROWS` rows. A demo with 13 defenses predicts ~160 pairs; listing
+    them all would bury the measured points."""
+    from .plots import coincident, names_label
+
+    predicted = [p for p in points if not p["measured"] and not p["superseded"]]
+    if not predicted:
+        return []
+    front = [p for p in predicted if p.get("pareto_all")]
+    rows = [{"pairs": names_label([p["name"] for p in g], 6), "n": len(g), "safety": g[0]["safety"],
+             "helpfulness": g[0]["helpfulness"], "utility": g[0]["utility"]} for g in coincident(front)]
+    rows.sort(key=lambda r: -r["utility"])
+    head = (f"{len(predicted)} pairs were not run; their predictions are hollow in the figure and all listed in "
+            f"`tables/tradeoff.csv`. ")
+    if not rows:
+        return [("text", head + "None of them reaches the Pareto front with predictions.")]
+    text = head + (f"{len(front)} of them reach the Pareto front with predictions (pairs that predict the same "
+                   f"rates share a row" + (f"; the best {PREDICTED_ROWS} rows shown" if len(rows) > PREDICTED_ROWS
+                                           else "") + "): candidates to run.")
+    return [("text", text), ("table", rows[:PREDICTED_ROWS], ["pairs", "n", "safety", "helpfulness", "utility"])]
 
 
 def paper_comparison(summary: list[dict], trade: dict) -> list[dict]:

@@ -160,3 +160,58 @@ def test_study_tradeoff_points_show_each_condition_once(runs, tmp_path):
     for p in points:
         assert p["utility"] == pytest.approx(0.3 * p["safety"] + 0.7 * p["helpfulness"])
     assert plot_tradeoff_points(points, tmp_path / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_trade_off_labels_do_not_cover_each_other(tmp_path):
+    """`place_labels`: labels of crowded points (a row of points at one safety, as on the toy,
+    where many defenses refuse every harmful query) end up apart and inside the axes, each tied to
+    its point; read back from the drawn figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Annotation
+
+    from experiments.plots import place_labels
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    spots = [(0.60 + 0.03 * i, 1.0, f"defense_number_{i}, another_name") for i in range(8)]
+    spots += [(0.9, 0.45 + 0.02 * i, f"low_{i}") for i in range(4)]
+    place_labels(ax, spots)
+    fig.canvas.draw()
+    notes = [a for a in ax.texts if isinstance(a, Annotation)]
+    assert sorted(a.get_text() for a in notes) == sorted(t for _, _, t in spots)
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(a, renderer) for a in notes]
+    frame = ax.get_window_extent(renderer)
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1, notes[i].get_text()
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (notes[i].get_text(), "overlaps another label")
+    for a, (x, y, _) in zip(sorted(notes, key=lambda n: n.get_text()), sorted(spots, key=lambda t: t[2])):
+        assert a.xy == (x, y)  # each label still points at its own point
+    plt.close(fig)
+
+
+def test_report_lists_runs_once_and_groups_predicted_pairs():
+    """The study report's trade-off section: runs (and superseded predictions) in one table; the
+    pairs not run, only those on the front with predictions, same rates in one row, best first."""
+    from experiments.report import PREDICTED_ROWS, predicted_pair_blocks
+
+    def point(name, s, h, measured=False, superseded=False, front=False):
+        return {"name": name, "kind": "+", "measured": measured, "superseded": superseded, "safety": s,
+                "helpfulness": h, "utility": 0.5 * s + 0.5 * h, "pareto_all": front}
+
+    points = [point("a", 1.0, 0.9, measured=True, front=True)]
+    points += [point(f"p{i}", 1.0, 0.9, front=True) for i in range(9)]  # nine pairs, the same prediction
+    points += [point("q", 0.8, 1.0, front=True), point("r", 0.2, 0.2), point("s", 1.0, 0.9, superseded=True)]
+    blocks = predicted_pair_blocks(points)
+    assert blocks[0][0] == "text" and blocks[0][1].startswith("11 pairs were not run") and "10 of them" in blocks[0][1]
+    rows = blocks[1][1]
+    assert [r["n"] for r in rows] == [9, 1] and rows[0]["pairs"].endswith("+3 more") and rows[1]["pairs"] == "q"
+    assert rows[0]["utility"] >= rows[1]["utility"]
+    many = [point(f"x{i}", 1.0 - i / 100, 0.5 + i / 100, front=True) for i in range(PREDICTED_ROWS + 5)]
+    assert len(predicted_pair_blocks(many)[1][1]) == PREDICTED_ROWS
+    assert "None of them" in predicted_pair_blocks([point("r", 0.2, 0.2)])[0][1]
+    assert predicted_pair_blocks([point("a", 1.0, 0.9, measured=True)]) == []
