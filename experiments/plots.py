@@ -224,7 +224,6 @@ def plot_mechanism_map(rows: list[dict], path: str | os.PathLike) -> Path:
         colour = LABEL_COLOURS.get(r["label"], "#34495e")
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=KIND_MARKERS.get(r["kind"], "o"), color=colour, ms=8,
                     ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.9)
-        ax.annotate(r["condition"], (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_xlabel("safety shift: mean change of P(refuse), classes balanced")
@@ -238,8 +237,9 @@ def plot_mechanism_map(rows: list[dict], path: str | os.PathLike) -> Path:
     handles += [Line2D([], [], ls="", marker=KIND_MARKERS.get(k, "o"), color="#555", label=f"kind: {k}")
                 for k in kinds_seen]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="label / kind")
-    ax.set_title("Mechanism map: " + ", ".join(f"{r['condition']} = {r['label']}" for r in pts[:4])
-                 + (" ..." if len(pts) > 4 else ""), fontsize=8)
+    ax.set_title("Mechanism map: safety shift (right) and harmfulness discrimination (up) against the baseline",
+                 fontsize=8)
+    place_labels(ax, [(r["mean_shift"], r["distance_change"], r["condition"]) for r in pts], fontsize=7)
     return _save(fig, path)
 
 
@@ -325,11 +325,13 @@ def place_labels(ax, labels: list[tuple[float, float, str]], fontsize: float = 6
     """Annotate each ``(x, y, text)`` beside its point without covering a label placed before it
     or leaving the axes: a label that would is moved a line at a time (down in the upper half,
     up in the lower), with a thin leader line back to its point; if no place is free it stays
-    beside its point. Labels right of x = 0.6 run leftwards, clear of a legend on the right."""
+    beside its point. Labels in the right 40% of the axes run leftwards, clear of a legend on the
+    right. Call it after everything else is drawn: it reads the axes' final limits."""
     from matplotlib.text import Text
 
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
+    to_axes = ax.transAxes.inverted()
 
     def note(x, y, text, step, right):
         return ax.annotate(text, (x, y), xytext=(-4 if right else 4, 3 + 9 * step), textcoords="offset points",
@@ -338,7 +340,8 @@ def place_labels(ax, labels: list[tuple[float, float, str]], fontsize: float = 6
 
     placed = []
     for x, y, text in sorted(labels, key=lambda t: (-t[1], t[0])):
-        right, away = x > 0.6, (-1 if y > 0.5 else 1)
+        fx, fy = to_axes.transform(ax.transData.transform((x, y)))
+        right, away = fx > 0.6, (-1 if fy > 0.5 else 1)
         for k in range(tries):
             label = note(x, y, text, away * k, right)
             label.update_positions(renderer)  # where the offset puts it (else computed at draw time)
