@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from probing.analysis import Candidate, LayerProfile  # noqa: E402
@@ -76,6 +77,7 @@ def plot_layer_profiles(profiles: list[LayerProfile], path: str | os.PathLike) -
             ax.axhline(0, color="grey", lw=1)
         ax.set_title(title)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     axes[0].legend(fontsize=8)
     fig.suptitle("Where in depth each defense acts", y=1.04)
     return _save(fig, path)
@@ -376,8 +378,9 @@ def plot_layer_grid(profiles: list[LayerProfile], labels: dict[str, str], path: 
         ax_s.axhline(0, color="grey", lw=0.8)
         ax_a.set_title(f"{p.name} — {labels.get(p.name, '')} ({p.score})", fontsize=9)
         ax_s.set_title(f"{p.name}: shift decomposition per layer", fontsize=9)
-        ax_a.set_xlabel("layer", fontsize=8)
-        ax_s.set_xlabel("layer", fontsize=8)
+        for ax in (ax_a, ax_s):
+            ax.set_xlabel("layer", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     fig.tight_layout()
     handles = [h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]]
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4, fontsize=8)
