@@ -293,7 +293,8 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
             ("text", "Long et al. (2025) found on LLaVA-1.5: system reminders (SR) and model optimisation (MO) "
                      "work by a safety shift; query rewriting (QR) by harmfulness discrimination; SR+MO is the "
                      "safest ensemble; QR|SR gives the best safety/helpfulness trade-off. What the toy shows, "
-                     "finding by finding ('not run' where the condition is not in this study):"),
+                     "finding by finding ('not run' where the condition is not in this study; 'tied' where "
+                     "other conditions are as safe):"),
             ("table", paper_comparison(summary, trade), ["finding", "paper", "toy", "agrees"])]))
     sections.append(("Files", [("text", "\n".join([
         "- `summary.csv|json`: the table above as numbers, interval bounds in `_lo` / `_hi` columns",
@@ -353,9 +354,14 @@ def paper_comparison(summary: list[dict], trade: dict) -> list[dict]:
     srmo = next((n for n in by if "+" in n and "sr_" in n and "mo_" in n), None)
     if srmo:
         top = max(r["refusal_harmful"] for r in singles)
+        mine = by[srmo]["refusal_harmful"]
+        # "the safest" is not shown when others refuse as much: say how many share the top
+        tied = sum(r["refusal_harmful"] >= top for n, r in by.items() if n not in ("baseline", srmo))
         rows.append({"finding": "SR+MO is the safest", "paper": srmo,
-                     "toy": f"{srmo}: harmful refusal {by[srmo]['refusal_harmful']:.2f} (highest: {top:.2f})",
-                     "agrees": "yes" if by[srmo]["refusal_harmful"] >= top else "no"})
+                     "toy": f"{srmo}: harmful refusal {mine:.2f} (highest: {top:.2f}"
+                            + (f", reached by {tied} other condition{'s' * (tied != 1)} too" if mine >= top and tied
+                               else "") + ")",
+                     "agrees": ("yes" if not tied else "tied") if mine >= top else "no"})
     else:
         rows.append({"finding": "SR+MO is the safest", "paper": "sr+mo", "toy": "not run", "agrees": None})
     qrsr = next((n for n in by if "|" in n and "sr_" in n and "qr_" in n), None)

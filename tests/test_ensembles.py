@@ -215,3 +215,22 @@ def test_report_lists_runs_once_and_groups_predicted_pairs():
     assert len(predicted_pair_blocks(many)[1][1]) == PREDICTED_ROWS
     assert "None of them" in predicted_pair_blocks([point("r", 0.2, 0.2)])[0][1]
     assert predicted_pair_blocks([point("a", 1.0, 0.9, measured=True)]) == []
+
+
+def test_paper_comparison_says_when_sr_mo_only_ties_for_safest():
+    """"SR+MO is the safest" is shown only when no other condition refuses as much harmful."""
+    from experiments.report import paper_comparison
+
+    def rows(srmo, others):
+        out = [{"condition": "baseline", "label": "baseline", "refusal_harmful": 0.5},
+               {"condition": "sr_a+mo_b", "label": "both", "refusal_harmful": srmo}]
+        return out + [{"condition": f"sr_{i}", "label": "safety shift", "refusal_harmful": r}
+                      for i, r in enumerate(others)]
+
+    def verdict(summary):
+        return next(r for r in paper_comparison(summary, {"points": []}) if r["finding"] == "SR+MO is the safest")
+
+    assert verdict(rows(1.0, [0.9, 0.8]))["agrees"] == "yes"
+    tied = verdict(rows(1.0, [1.0, 1.0, 0.8]))
+    assert tied["agrees"] == "tied" and "reached by 2 other conditions too" in tied["toy"]
+    assert verdict(rows(0.9, [1.0]))["agrees"] == "no"
