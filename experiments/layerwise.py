@@ -39,7 +39,8 @@ def run(args) -> dict:
     sections = []
     for sc in scores:
         plot_layer_profiles(profiles[sc], s.run.path / f"layers_{sc}.png")
-        first = ", ".join(f"{p.name}: {p.first_layer()}" for p in profiles[sc])
+        first = ", ".join(f"{p.name}: {'none' if p.first_layer() is None else p.first_layer()}"
+                          for p in profiles[sc])
         sections.append((f"Score: {sc}", f"First layer with a separation change of at least 0.5 SD: {first}\n\n"
                                           f"![per-layer curves ({sc})](layers_{sc}.png)"))
     s.report("Layerwise decomposition", sections)
