@@ -10,7 +10,8 @@ at every size: full fine-tuning of the toy wore off its following of safety inst
 SR+MO ensemble became less safe than SR alone; docs/toy.md), and at 7B full fine-tuning does not
 fit one 80 GB GPU (docs/performance.md §8). ``lora=False`` fine-tunes fully (vision tower frozen);
 ``lora="auto"`` uses LoRA only above 1e9 language-model parameters, counted from the config on
-the meta device. A LoRA copy shares the original's frozen weights instead of copying them.
+the meta device. A LoRA copy shares the original's frozen weights instead of copying them
+(`merge_adapters`, which the study runs before saving it, copies the adapted ones first).
 ``mo_checkpoint(path)`` uses an already safety-tuned checkpoint.
 """
 
@@ -162,6 +163,28 @@ class FineTune(Defense):
         for p in model.parameters():
             p.requires_grad_(False)
         return ModelBundle(model, bundle.processor, f"{bundle.name}+mo_finetune", bundle.source_dir)
+
+
+def merge_adapters(tuned) -> None:
+    """Merge a `FineTune` LoRA copy's adapters into its language model, in place, so that it
+    saves and loads as a plain model; the original model is left as it was.
+
+    The copy's frozen weights share the original's storage (`FineTune._tune`), and peft's
+    ``merge_and_unload`` adds each adapter's delta to its base weight in place, which would tune
+    the original too: every condition scored on it afterwards would be scored on the fine-tuned
+    weights. So each adapted layer gets its own copy of its base weight first (the q and v
+    projections only: the memory of those two matrices per layer). A model without adapters is
+    left alone."""
+    lm = tuned.model.model.language_model
+    if not hasattr(lm, "merge_and_unload"):
+        return
+    for module in lm.modules():
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(module, "lora_A"):
+            base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+            if getattr(base, "bias", None) is not None:
+                base.bias = torch.nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+    tuned.model.model.language_model = lm.merge_and_unload()
 
 
 @dataclass

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from defenses import Compose, register
 from defenses.base import Defense
-from defenses.finetune import FineTune
+from defenses.finetune import FineTune, merge_adapters
 from defenses.noise import shared_perturbations
 from defenses.prompts import sr_custom
 from defenses import registry
@@ -260,9 +260,7 @@ class SavedModel(_Wrapper):
             tuned.name = f"{bundle.name}+{self.name}"
             return tuned
         tuned = self.inner.model(bundle)
-        lm = tuned.model.model.language_model
-        if hasattr(lm, "merge_and_unload"):  # LoRA adapters merged, so the copy loads as a plain model
-            tuned.model.model.language_model = lm.merge_and_unload()
+        merge_adapters(tuned)  # LoRA adapters merged (the study's model untouched): it loads as a plain model
         tmp = self.folder.with_name(self.folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tuned.model.save_pretrained(tmp)

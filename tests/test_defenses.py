@@ -375,6 +375,34 @@ def test_lora_copy_shares_the_frozen_weights():
     assert all(torch.equal(p, before[n]) for n, p in toy.model.named_parameters())  # nor its values
 
 
+def test_merging_the_adapters_leaves_the_original_untouched():
+    """`merge_adapters` (what the study does before saving a tuned model): the merged copy computes
+    what the adapters computed, and the original's weights, which the copy shared, keep their
+    values. peft's own merge would add the deltas to them in place."""
+    from defenses import mo_finetune
+    from defenses.finetune import merge_adapters
+    from probing import load_model
+    from probing.datasets import toy as data
+    from probing.render import encode, render_prompt
+
+    toy = load_model("toy")
+    before = {n: p.detach().clone() for n, p in toy.model.named_parameters()}
+    tuned = mo_finetune(steps=3, batch_size=2, lora=True).model(toy)
+    queries = data.requests("test")[:6]
+    inputs = encode(toy, [render_prompt(toy.processor, q) for q in queries], [q.load_image() for q in queries])
+    with torch.no_grad():
+        adapted = tuned.model(**inputs).logits[:, -1]
+        merge_adapters(tuned)
+        merged = tuned.model(**inputs).logits[:, -1]
+        original = toy.model(**inputs).logits[:, -1]
+    assert not hasattr(tuned.model.model.language_model, "merge_and_unload")  # a plain model now
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=0)
+    changed = [n for n, p in toy.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == [], f"merging the adapters changed the original model: {changed[:4]}"
+    assert (original - merged).abs().max() > 1e-3  # the tuning did something the original lacks
+    merge_adapters(toy)  # no adapters: nothing to do
+
+
 def test_fine_tuning_examples_mask_exactly_the_prompt(tiny):
     """`encode_example` labels only the answer: the prompt's length comes from the tokenizer on the
     prompt with its image token expanded as in the full example (the image is processed once),

@@ -201,23 +201,31 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
 
     out = tmp_path / "mo"
     cfg = tmp_path / "mo.toml"
-    cfg.write_text(f'model = "tiny-random"\nout = "{out}"\ndefenses = ["mo_finetune"]\n'
+    cfg.write_text(f'model = "tiny-random"\nout = "{out}"\ndefenses = ["mo_finetune", "act_steer"]\n'
                    'ensembles = ["sr_self_reminder+mo_finetune"]\nn_boot = 20\ngeneration_check = 0\n'
                    'batch_size = 8\nlayer_scores = []\nprompt_format = "llava_v1"\n'
-                   '[defense_params.mo_finetune]\nsteps = 2\nbatch_size = 2\n[[datasets]]\nname = "toy"\nlimit = 8\n')
+                   '[defense_params.mo_finetune]\nsteps = 2\nbatch_size = 2\nlr = 0.05\n'
+                   '[[datasets]]\nname = "toy"\nlimit = 8\n')
     real, calls = FineTune._tune, []
     monkeypatch.setattr(FineTune, "_tune", lambda self, bundle: calls.append(1) or real(self, bundle))
     assert main(["study", "--config", str(cfg)]) == 0
     assert len(calls) == 1  # one training for mo_finetune and sr_self_reminder+mo_finetune
     assert (out / "models" / "mo_finetune" / "model.safetensors").is_file()
     first = ScoreTable.load(out / "scores" / "sr_self_reminder+mo_finetune")
+    steered = ScoreTable.load(out / "scores" / "act_steer")
     assert "prompt format: `llava_v1`" in (out / "report.md").read_text()
     import shutil
 
     shutil.rmtree(out / "shards" / "sr_self_reminder+mo_finetune")
+    shutil.rmtree(out / "shards" / "act_steer")
     assert main(["study", "--config", str(cfg)]) == 0
     assert len(calls) == 1  # the resumed run loaded the saved model
     assert torch.equal(ScoreTable.load(out / "scores" / "sr_self_reminder+mo_finetune").margin, first.margin)
+    # act_steer runs on the study's own model after mo_finetune: scored again where no tuning ran
+    # in the process, it is the same (saving the tuned model once merged its adapters into the
+    # weights it shares with the study's model, so the fresh run scored act_steer on tuned weights)
+    torch.testing.assert_close(ScoreTable.load(out / "scores" / "act_steer").margin, steered.margin,
+                               atol=1e-5, rtol=0)
 
 
 def test_score_table_to_pandas():
