@@ -415,6 +415,10 @@ def split_top(expression: str) -> tuple[str | None, list[str]]:
     return None, [expression]
 
 
+#: how the study keeps its own model while a tuned copy of it is saved (`Study._fingerprint`):
+#: 2 = untouched (`defenses.finetune.merge_adapters`); runs made before tuned it in place
+OWN_MODEL_REVISION = 2
+
 #: most MiB each of the study's pixel and image-feature caches may hold (features live on the
 #: model's device, where they also get at most a tenth of its memory: LLaVA-1.5-7B in bf16 needs
 #: 4.7 MB an image, so 4096 MiB hold ~870 images)
@@ -527,8 +531,26 @@ class Study:
             self._defenses[name] = d
         return self._defenses[name]
 
+    def _tunes_a_copy(self) -> bool:
+        """Whether a condition of the study runs on a model tuned from the study's own (`SavedModel`)."""
+        parts = {p for n in self.conditions if n != "baseline" for p in _members(n)}
+        return any(p in REGISTRY and not registry.needs_baseline(REGISTRY[p]) and isinstance(self.defense(p), SavedModel)
+                   for p in parts)
+
+    def _on_own_model_after_tuning(self, name: str) -> bool:
+        """A condition scored on the study's own model in a study that also tunes a copy of it."""
+        if name == "baseline" or not self._tunes_a_copy():  # the baseline is always scored first
+            return False
+        return not any(p in REGISTRY and not registry.needs_baseline(REGISTRY[p])
+                       and isinstance(self.defense(p), SavedModel) for p in _members(name))
+
     def _fingerprint(self, name: str, defense) -> dict:
         fp = {"defense": defense.describe() if defense is not None else None}
+        if self._on_own_model_after_tuning(name):
+            # Before revision 2, saving the tuned copy merged its adapters into the weights it shares
+            # with the study's model, so a condition scored after it ran on tuned weights: shards
+            # and answers from then lack this key and are recomputed (`merge_adapters`).
+            fp["own_model"] = OWN_MODEL_REVISION
         if name == "baseline" and self.needs_hidden:  # activation defenses need its hidden states:
             fp["hidden"] = True                       # shards scored without them are recomputed
         if any(registry.needs_baseline(REGISTRY[p]) for p in _members(name) if p in REGISTRY):
@@ -834,6 +856,8 @@ class Study:
         sample = spread_sample(self.queries, cfg.generation_check)
         file = self.run.path / "generations" / "baseline_check.json"
         key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format}
+        if self._tunes_a_copy():  # answered after the tuning: see `_fingerprint`
+            key["own_model"] = OWN_MODEL_REVISION
         cache = json.loads(file.read_text()) if file.is_file() else {}
         texts = cache.get("texts", {}) if cache.get("key") == key else {}
         todo = [q for q in sample if q.id not in texts]

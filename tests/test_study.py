@@ -206,8 +206,11 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
                    'batch_size = 8\nlayer_scores = []\nprompt_format = "llava_v1"\n'
                    '[defense_params.mo_finetune]\nsteps = 2\nbatch_size = 2\nlr = 0.05\n'
                    '[[datasets]]\nname = "toy"\nlimit = 8\n')
+    from experiments import study as study_mod
+
     real, calls = FineTune._tune, []
     monkeypatch.setattr(FineTune, "_tune", lambda self, bundle: calls.append(1) or real(self, bundle))
+    monkeypatch.setattr(study_mod, "OWN_MODEL_REVISION", 1)  # the first run stands for an older one
     assert main(["study", "--config", str(cfg)]) == 0
     assert len(calls) == 1  # one training for mo_finetune and sr_self_reminder+mo_finetune
     assert (out / "models" / "mo_finetune" / "model.safetensors").is_file()
@@ -216,8 +219,14 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
     assert "prompt format: `llava_v1`" in (out / "report.md").read_text()
     import shutil
 
+    def records(condition):
+        return [json.loads(f.read_text()) for f in sorted((out / "shards" / condition).glob("*/shard.json"))]
+
+    assert {r["condition_fingerprint"].get("own_model") for r in records("act_steer")} == {1}
+    assert {r["condition_fingerprint"].get("own_model") for r in records("mo_finetune")} == {None}
+    tuned_shards = records("mo_finetune")
     shutil.rmtree(out / "shards" / "sr_self_reminder+mo_finetune")
-    shutil.rmtree(out / "shards" / "act_steer")
+    monkeypatch.setattr(study_mod, "OWN_MODEL_REVISION", 2)
     assert main(["study", "--config", str(cfg)]) == 0
     assert len(calls) == 1  # the resumed run loaded the saved model
     assert torch.equal(ScoreTable.load(out / "scores" / "sr_self_reminder+mo_finetune").margin, first.margin)
@@ -226,6 +235,10 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
     # weights it shares with the study's model, so the fresh run scored act_steer on tuned weights)
     torch.testing.assert_close(ScoreTable.load(out / "scores" / "act_steer").margin, steered.margin,
                                atol=1e-5, rtol=0)
+    # ... and it was scored again because its shards came from an older revision (which tuned the
+    # study's model in place); the tuned model's own shards were kept
+    assert {r["condition_fingerprint"].get("own_model") for r in records("act_steer")} == {2}
+    assert records("mo_finetune") == tuned_shards
 
 
 def test_score_table_to_pandas():
