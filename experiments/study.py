@@ -277,7 +277,15 @@ def _image_digest(image) -> str:
     if image is None:
         return "none"
     if isinstance(image, (str, os.PathLike)):
-        return f"path:{os.fspath(image)}"
+        # as the shard records identify an image file: a file rewritten under the same path gets
+        # a new key, so its cached caption is not reused (a missing file: the path alone; loading
+        # it then raises the error that names the query)
+        path = Path(image).resolve()
+        try:
+            st = path.stat()
+        except OSError:
+            return f"path:{path}"
+        return f"path:{path}:{st.st_size}:{st.st_mtime_ns}"
     return "pil:" + hashlib.sha1(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
 
 
@@ -855,18 +863,20 @@ class Study:
             return None
         sample = spread_sample(self.queries, cfg.generation_check)
         file = self.run.path / "generations" / "baseline_check.json"
-        key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format}
+        key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format, "texts_by": "query_key"}
         if self._tunes_a_copy():  # answered after the tuning: see `_fingerprint`
             key["own_model"] = OWN_MODEL_REVISION
         cache = json.loads(file.read_text()) if file.is_file() else {}
         texts = cache.get("texts", {}) if cache.get("key") == key else {}
-        todo = [q for q in sample if q.id not in texts]
+        keys = {q.id: query_key(q) for q in sample}  # id, text and image: an edited query is answered again
+        todo = [q for q in sample if keys[q.id] not in texts]
         if todo:
             answers = generate(self.bundle, todo, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                                prompt=format_spec(cfg.prompt_format))
-            texts.update({q.id: a for q, a in zip(todo, answers)})
+            texts.update({keys[q.id]: a for q, a in zip(todo, answers)})
             file.parent.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps({"key": key, "texts": texts}, indent=1))
+        texts = {q.id: texts[keys[q.id]] for q in sample}
         table = self.tables["baseline"].select([q.id for q in sample])
         margin = table.margin.numpy().astype(float)
         refused = np.array([judge(texts[q.id]) for q in sample])

@@ -414,3 +414,43 @@ def test_query_major_chunks_are_stored_at_once_and_not_recomputed_after_an_inter
             torch.testing.assert_close(table.margin, whole.tables[name].margin, atol=1e-6, rtol=0, msg=name)
     finally:
         resumed.run.close()
+
+
+def test_cached_generations_follow_the_image_file(tmp_path):
+    """A caption cached for a query is reused only while its image is the same: an image file
+    rewritten under the same path (or an in-memory image with other pixels) is captioned again."""
+    import os
+
+    from PIL import Image
+
+    from defenses.base import Defense
+    from experiments.study import CachedRewrite
+    from probing.render import PromptSpec
+
+    class Counting(Defense):
+        def __init__(self):
+            self.name, self.category, self.params, self.aggregate, self.edit_positions = "qr_x", "QR", {}, "mean", None
+            self.calls = 0
+
+        def transform(self, queries, bundle):
+            self.calls += len(queries)
+            return [[(Query(q.id, f"caption {self.calls}", q.image, q.label, {}), PromptSpec())] for q in queries]
+
+    class Bundle:
+        name = "m"
+
+    picture = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), "white").save(picture)
+    inner = Counting()
+    cached = CachedRewrite(inner=inner, folder=tmp_path / "generations")
+    q = Query("q1", "what is it?", str(picture), "benign")
+    first = cached.transform([q], Bundle())[0][0][0].text
+    assert cached.transform([q], Bundle())[0][0][0].text == first and inner.calls == 1  # reused
+    Image.new("RGB", (8, 8), "black").save(picture)
+    st = picture.stat()
+    os.utime(picture, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write, whatever the clock
+    assert cached.transform([q], Bundle())[0][0][0].text != first and inner.calls == 2
+    memory = Query("q2", "what is it?", Image.new("RGB", (8, 8), "white"), "benign")
+    cached.transform([memory], Bundle())
+    cached.transform([Query("q2", "what is it?", Image.new("RGB", (8, 8), "red"), "benign")], Bundle())
+    assert inner.calls == 4
