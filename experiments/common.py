@@ -14,6 +14,7 @@ from pathlib import Path
 from probing import RefusalScorer, load_model
 from probing.errors import DataError, InputError
 from probing.query import Query
+from .kept import kept
 from .options import ANALYSIS_OPTIONS, add_common  # noqa: F401  (add_common: old import path)
 from .report import write_report
 from .runs import RunDir
@@ -179,6 +180,7 @@ class Session:
             self.run.close()
             raise
         self._baseline = None
+        self._defenses: dict = {}
 
     def close(self) -> None:
         """Release the run directory's lock."""
@@ -199,10 +201,24 @@ class Session:
         return self._baseline
 
     def defense(self, name: str):
-        """A defense by name or expression; activation-level ones read the baseline run."""
-        from defenses import get_defense
+        """A defense by name or expression, built once per session (a composite reuses its members'
+        instances); activation-level ones read the baseline run. A fine-tune is trained once and
+        saved in the run directory, a rewrite's generations cached there (`experiments.kept`), so
+        an ensemble and a resumed run reuse them."""
+        from defenses import Both, Compose, Either, Mean, get_defense
 
-        return get_defense(name, baseline=self.baseline if _needs_baseline(name) else None)
+        name = name.strip()
+        if name not in self._defenses:
+            score_op = next((op for op in ("|", "&", "~") if op in name), None)  # binds looser than "+"
+            if score_op is not None:
+                d = {"|": Either, "&": Both, "~": Mean}[score_op](*(self.defense(p) for p in name.split(score_op)))
+            elif "+" in name:
+                d = Compose(members=[self.defense(p) for p in name.split("+")])
+            else:
+                d = get_defense(name, baseline=self.baseline if _needs_baseline(name) else None)
+                d = kept(d, self.run.path, name, self.bundle.name, device=self.args.device, dtype=self.args.dtype)
+            self._defenses[name] = d
+        return self._defenses[name]
 
     def report(self, title: str, sections: list[tuple[str, str]]) -> Path:
         return write_report(self.run.path / "report.md", title, sections,

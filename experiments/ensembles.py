@@ -3,8 +3,10 @@
     mechprobe ensembles --defenses sr_self_reminder,qr_caption,mo_finetune --weight 0.5
 
 Each pair is derived from the single runs (a logit-additivity prediction for "+"; the exact max
-p_refuse for "|") and measured by running it; the ranking uses the measured values, with the
-derived ones and their errors beside (tables/ensembles.csv: source, safety, helpfulness, utility,
+p_refuse for "|") and measured: "+" by running the composite (the members' own instances: a
+fine-tune is trained once per run and saved, captions cached, `experiments.kept`), "|" by
+combining the members' finished tables (what scoring it would give, without a forward). The
+ranking uses the measured values, with the derived ones and their errors beside (tables/ensembles.csv: source, safety, helpfulness, utility,
 the Pareto flag, predicted_* and the errors); tradeoff.png shows the front.
 """
 
@@ -27,7 +29,8 @@ add_arguments = options.ensembles  # the options live in experiments/options.py
 
 
 def run(args) -> dict:
-    from defenses import Compose, Either
+    from probing.aggregate import OPERATORS
+    from probing.plan import combine_tables
 
     s = Session(args, "ensembles")
     names = [n for n in args.defenses.split(",") if n]
@@ -41,8 +44,13 @@ def run(args) -> dict:
     measured = {}
     for a, b in tqdm(list(itertools.combinations(names, 2)), desc="pairs", unit="pair"):
         for op in ops:
-            ens = Compose(members=[s.defense(a), s.defense(b)]) if op == "+" else Either(s.defense(a), s.defense(b))
-            measured[f"{a}{op}{b}"] = s.score(f"{a}{op}{b}".replace("|", "_or_"), ens)
+            name = f"{a}{op}{b}"
+            if op == "+":  # a composite: scored, with the members' own instances (a fine-tune trained once)
+                measured[name] = s.score(name, s.defense(name))
+            else:  # score-level: combined from the members' finished tables, exactly, never scored again
+                measured[name] = combine_tables([singles[a], singles[b]], OPERATORS[op],
+                                                {"condition": name, "defense": name, "op": op, "members": [a, b],
+                                                 "scored": False})
     cands = rank_ensembles(s.baseline, singles, ops=tuple(ops), weight=args.weight, measured=measured)
     rows = []
     for c in cands:

@@ -59,7 +59,8 @@ LOCK = ".lock"
 SHARD_RECORD = "shard.json"
 #: What mechprobe itself writes at the top of a run directory (a run whose config.json was lost is
 #: recognised by holding shards/ and nothing but these).
-_OWN_NAMES = {"config.json", "shards", "tables", "scores", "report.md", LOCK, "summary.csv", "summary.json"}
+_OWN_NAMES = {"config.json", "shards", "tables", "scores", "report.md", "report.html", "models", "generations", LOCK,
+              "summary.csv", "summary.json"}
 _OPEN: "weakref.WeakSet[RunDir]" = weakref.WeakSet()
 
 

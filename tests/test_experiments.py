@@ -103,6 +103,44 @@ def test_ensembles(tmp_path):
     assert (out / "tradeoff.png").is_file()
 
 
+def test_ensembles_make_each_product_once(tmp_path, monkeypatch):
+    """`mechprobe ensembles` with a fine-tune and a captioning defense: the fine-tune is trained
+    once for its single run and its pairs (and not again when the run resumes), each query is
+    captioned once per model (the base model's captions, and the tuned model's inside "qr+mo"),
+    and "|" pairs are combined from the singles' tables, never scored."""
+    import functools
+
+    from defenses import mo_finetune
+    from defenses import rewriting
+    from defenses.finetune import FineTune
+    from defenses.registry import REGISTRY
+
+    monkeypatch.setitem(REGISTRY, "mo_finetune", functools.partial(mo_finetune, steps=2, batch_size=2))
+    tuned, asked = [], []
+    real_tune, real_generate = FineTune._tune, rewriting.generate
+    monkeypatch.setattr(FineTune, "_tune", lambda self, bundle: tuned.append(1) or real_tune(self, bundle))
+    monkeypatch.setattr(rewriting, "generate", lambda bundle, qs, *a, **k: asked.extend((bundle.name, q.id) for q in qs)
+                        or real_generate(bundle, qs, *a, **k))
+    out = tmp_path / "ens"
+    args = ["ensembles", "--defenses", "qr_caption_no_image,mo_finetune,sr_self_reminder", "--limit", "12",
+            "--out", str(out), *FAST]
+    assert main(args) == 0
+    assert len(tuned) == 1 and len(asked) == len(set(asked)) > 0
+    assert {m for m, _ in asked} == {"toy", "toy+mo_finetune"}
+    assert not [d.name for d in (out / "shards").iterdir() if "_or_" in d.name]
+    rows = {r["name"]: r for r in json.loads((out / "tables" / "ensembles.json").read_text())}
+    assert len([n for n in rows if "|" in n]) == 3 and all(rows[n]["margin_rmse"] == 0 for n in rows if "|" in n)
+    assert (out / "models" / "mo_finetune" / "mechprobe.json").is_file()
+    before = json.loads((out / "tables" / "ensembles.json").read_text())
+    import shutil
+
+    shutil.rmtree(out / "shards" / "qr_caption_no_image+mo_finetune")
+    assert main(args) == 0  # resumed: the saved model and the cached captions serve the re-scored pair
+    assert len(tuned) == 1 and len(asked) == len(set(asked))
+    after = json.loads((out / "tables" / "ensembles.json").read_text())
+    assert [r["safety"] for r in after] == [r["safety"] for r in before]
+
+
 def test_modality(tmp_path):
     out = tmp_path / "mod"
     assert main(["modality", "--out", str(out), *FAST]) == 0

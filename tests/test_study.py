@@ -424,7 +424,7 @@ def test_cached_generations_follow_the_image_file(tmp_path):
     from PIL import Image
 
     from defenses.base import Defense
-    from experiments.study import CachedRewrite
+    from experiments.kept import CachedRewrite
     from probing.render import PromptSpec
 
     class Counting(Defense):
