@@ -367,10 +367,11 @@ def paper_comparison(summary: list[dict], trade: dict) -> list[dict]:
     qrsr = next((n for n in by if "|" in n and "sr_" in n and "qr_" in n), None)
     measured = [p for p in trade.get("points", []) if p.get("measured")]
     if qrsr and measured:
-        best = max(measured, key=lambda p: p["utility"])
+        top = max(p["utility"] for p in measured)
+        best = list(dict.fromkeys(p["name"] for p in measured if p["utility"] >= top - 1e-12))
         rows.append({"finding": "QR|SR gives the best trade-off", "paper": qrsr,
-                     "toy": f"best measured utility: {best['name']}",
-                     "agrees": "yes" if best["name"] == qrsr else "no"})
+                     "toy": f"best measured utility ({top:.3f}): {', '.join(best)}",
+                     "agrees": ("no" if qrsr not in best else "yes" if len(best) == 1 else "tied")})
     else:
         rows.append({"finding": "QR|SR gives the best trade-off", "paper": "qr|sr", "toy": "not run", "agrees": None})
     return rows

@@ -234,3 +234,16 @@ def test_paper_comparison_says_when_sr_mo_only_ties_for_safest():
     tied = verdict(rows(1.0, [1.0, 1.0, 0.8]))
     assert tied["agrees"] == "tied" and "reached by 2 other conditions too" in tied["toy"]
     assert verdict(rows(0.9, [1.0]))["agrees"] == "no"
+
+    def best(points):
+        summary = rows(1.0, [0.9]) + [{"condition": "qr_a|sr_b", "label": "both", "refusal_harmful": 1.0}]
+        return next(r for r in paper_comparison(summary, {"points": points})
+                    if r["finding"] == "QR|SR gives the best trade-off")
+
+    def point(name, utility):
+        return {"name": name, "measured": True, "utility": utility}
+
+    assert best([point("qr_a|sr_b", 0.9), point("sr_a", 0.8)])["agrees"] == "yes"
+    tie = best([point("qr_a", 0.9), point("qr_a|sr_b", 0.9), point("sr_a", 0.8)])
+    assert tie["agrees"] == "tied" and "qr_a, qr_a|sr_b" in tie["toy"]
+    assert best([point("qr_a", 0.9), point("qr_a|sr_b", 0.8)])["agrees"] == "no"
