@@ -326,13 +326,17 @@ def predicted_pair_blocks(points: list[dict]) -> list[tuple]:
     rows = [{"pairs": names_label([p["name"] for p in g], 6), "n": len(g), "safety": g[0]["safety"],
              "helpfulness": g[0]["helpfulness"], "utility": g[0]["utility"]} for g in coincident(front)]
     rows.sort(key=lambda r: -r["utility"])
-    head = (f"{len(predicted)} pairs were not run; their predictions are hollow in the figure and all listed in "
+    one = len(predicted) == 1
+    head = (f"{len(predicted)} pair{'' if one else 's'} {'was' if one else 'were'} not run; "
+            f"{'its prediction is' if one else 'their predictions are'} hollow in the figure and listed in "
             f"`tables/tradeoff.csv`. ")
     if not rows:
-        return [("text", head + "None of them reaches the Pareto front with predictions.")]
-    text = head + (f"{len(front)} of them reach the Pareto front with predictions (pairs that predict the same "
-                   f"rates share a row" + (f"; the best {PREDICTED_ROWS} rows shown" if len(rows) > PREDICTED_ROWS
-                                           else "") + "): candidates to run.")
+        return [("text", head + f"{'It does not reach' if one else 'None of them reaches'} the Pareto front with "
+                               "predictions.")]
+    text = head + (f"{len(front)} of them reach{'es' if len(front) == 1 else ''} the Pareto front with predictions "
+                   "(pairs that predict the same rates share a row"
+                   + (f"; the best {PREDICTED_ROWS} rows shown" if len(rows) > PREDICTED_ROWS else "")
+                   + "): candidates to run.")
     return [("text", text), ("table", rows[:PREDICTED_ROWS], ["pairs", "n", "safety", "helpfulness", "utility"])]
 
 

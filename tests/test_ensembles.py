@@ -207,13 +207,16 @@ def test_report_lists_runs_once_and_groups_predicted_pairs():
     points += [point(f"p{i}", 1.0, 0.9, front=True) for i in range(9)]  # nine pairs, the same prediction
     points += [point("q", 0.8, 1.0, front=True), point("r", 0.2, 0.2), point("s", 1.0, 0.9, superseded=True)]
     blocks = predicted_pair_blocks(points)
-    assert blocks[0][0] == "text" and blocks[0][1].startswith("11 pairs were not run") and "10 of them" in blocks[0][1]
+    assert blocks[0][0] == "text" and blocks[0][1].startswith("11 pairs were not run") and "10 of them reach " in blocks[0][1]
     rows = blocks[1][1]
     assert [r["n"] for r in rows] == [9, 1] and rows[0]["pairs"].endswith("+3 more") and rows[1]["pairs"] == "q"
     assert rows[0]["utility"] >= rows[1]["utility"]
     many = [point(f"x{i}", 1.0 - i / 100, 0.5 + i / 100, front=True) for i in range(PREDICTED_ROWS + 5)]
     assert len(predicted_pair_blocks(many)[1][1]) == PREDICTED_ROWS
-    assert "None of them" in predicted_pair_blocks([point("r", 0.2, 0.2)])[0][1]
+    alone = predicted_pair_blocks([point("r", 0.2, 0.2)])[0][1]
+    assert alone.startswith("1 pair was not run; its prediction is") and "It does not reach" in alone
+    assert "None of them" in predicted_pair_blocks([point("r", 0.2, 0.2), point("t", 0.1, 0.1)])[0][1]
+    assert "1 of them reaches " in predicted_pair_blocks([point("q", 0.8, 1.0, front=True), point("r", 0.2, 0.2)])[0][1]
     assert predicted_pair_blocks([point("a", 1.0, 0.9, measured=True)]) == []
 
 
