@@ -202,12 +202,8 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
     shown = {n: tables[n] for n in study.conditions[1:]}
     plots.plot_defense_distributions(base, shown, labels, out / "distributions.png")
     plots.plot_mechanism_map(summary, out / "mechanism_map.png")
-    ranked = [p for p in trade["points"] if not p.get("superseded")]  # a run pair's own measurement ranks
-    best = max(ranked, key=lambda p: p["utility"]) if ranked else None
     plots.plot_tradeoff_points(trade["points"], out / "tradeoff.png",
-                               title="Safety / helpfulness trade-off" + (
-                                   f" (best at weight {cfg.weight}: {best['name']}, "
-                                   f"{'measured' if best['measured'] else 'predicted'})" if best else ""))
+                               title="Safety / helpfulness trade-off" + best_title(trade["points"], cfg.weight))
     layer_pngs = []
     for score, profs in profiles.items():
         if profs:
@@ -306,6 +302,19 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
 
 SHIFT_LABELS = ("safety shift", "both")
 DISCRIMINATION_LABELS = ("harmfulness discrimination", "both")
+
+
+def best_title(points: list[dict], weight: float) -> str:
+    """" (best at weight w: name, measured)" for the trade-off figure, with how many others tie
+    (measured points first among the tied); a run pair's superseded prediction does not rank."""
+    ranked = [p for p in points if not p.get("superseded")]
+    if not ranked:
+        return ""
+    top = max(p["utility"] for p in ranked)
+    tied = sorted((p for p in ranked if p["utility"] >= top - 1e-12), key=lambda p: not p["measured"])
+    best, more = tied[0], len(tied) - 1
+    return (f" (best at weight {weight}: {best['name']}, {'measured' if best['measured'] else 'predicted'}"
+            + (f"; {more} more tied" if more else "") + ")")
 
 
 #: most rows of the report's table of predicted pairs (all of them are in tables/tradeoff.csv)

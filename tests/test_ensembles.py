@@ -250,3 +250,15 @@ def test_paper_comparison_says_when_sr_mo_only_ties_for_safest():
     tie = best([point("qr_a", 0.9), point("qr_a|sr_b", 0.9), point("sr_a", 0.8)])
     assert tie["agrees"] == "tied" and "qr_a, qr_a|sr_b" in tie["toy"]
     assert best([point("qr_a", 0.9), point("qr_a|sr_b", 0.8)])["agrees"] == "no"
+
+
+def test_trade_off_title_says_when_the_best_is_tied():
+    from experiments.report import best_title
+
+    def point(name, u, measured=True, superseded=False):
+        return {"name": name, "utility": u, "measured": measured, "superseded": superseded}
+
+    assert best_title([point("a", 0.9), point("b", 0.8)], 0.5) == " (best at weight 0.5: a, measured)"
+    tied = best_title([point("p", 0.9, measured=False), point("a", 0.9), point("s", 0.95, False, True)], 0.5)
+    assert tied == " (best at weight 0.5: a, measured; 1 more tied)"
+    assert best_title([], 0.5) == ""
