@@ -114,9 +114,17 @@ class CachedRewrite(_Wrapper):
     def _file(self, bundle) -> Path:
         return self.folder / f"{safe_name(self.name)}@{safe_name(bundle.name)}.json"
 
-    def transform(self, queries, bundle):
+    def _cache(self, bundle) -> tuple[Path, dict]:
         file = self._file(bundle)
-        cache = self._mem.setdefault(file, json.loads(file.read_text()) if file.is_file() else {})
+        return file, self._mem.setdefault(file, json.loads(file.read_text()) if file.is_file() else {})
+
+    def todo(self, queries, bundle) -> list[Query]:
+        """The queries `transform` would generate for: those without cached generations."""
+        _, cache = self._cache(bundle)
+        return [q for q in queries if query_key(q) not in cache]
+
+    def transform(self, queries, bundle):
+        file, cache = self._cache(bundle)
         keys = [query_key(q) for q in queries]
         if len(set(keys)) != len(keys):
             return self.inner.transform(queries, bundle)

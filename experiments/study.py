@@ -385,12 +385,13 @@ class Study:
                                     pixel_cache=pixels, feature_cache=features)
         self.tables: dict[str, ScoreTable] = {}
         self._defenses: dict[str, Defense] = {}
-        #: host seconds of the query-major pass: up-front generation, waiting for plans built
-        #: ahead, plans built in the main thread, the worker's fallbacks (`score_shared_prefixes`),
-        #: the scoring loops' wait for prepared batches (images decoded and processed), and the
-        #: wait for the shard writer (`experiments.shard_writer`) after each condition
-        self.timings = {"generation_s": 0.0, "plan_wait_s": 0.0, "plan_inline_s": 0.0, "plan_fallbacks": 0,
-                        "data_wait_s": 0.0, "store_wait_s": 0.0}
+        #: host seconds of the query-major pass: up-front generation (and its wait for the next
+        #: batch's images, processed ahead), waiting for plans built ahead, plans built in the main
+        #: thread, the worker's fallbacks (`score_shared_prefixes`), the scoring loops' wait for
+        #: prepared batches (images decoded and processed), and the wait for the shard writer
+        #: (`experiments.shard_writer`) after each condition
+        self.timings = {"generation_s": 0.0, "generation_image_wait_s": 0.0, "plan_wait_s": 0.0,
+                        "plan_inline_s": 0.0, "plan_fallbacks": 0, "data_wait_s": 0.0, "store_wait_s": 0.0}
 
     # -- defenses and conditions -------------------------------------------------------------
 
@@ -556,15 +557,32 @@ class Study:
             longest = max(map(len, tok([q.text or "" for q in unique], add_special_tokens=False)["input_ids"]))
         prompt_tokens = longest + 64 + (self.bundle.image_seq_length if any(q.has_image for q in unique) else 0)
         t0 = time.perf_counter()
-        for d in rewrites:
+        jobs = []  # (defense, batch size, queries): one batch a call, each call stores its generations,
+        for d in rewrites:  # so an interruption keeps them
             n = fit_generation_batch(self.bundle, prompt_tokens, d.inner.max_new_tokens, len(unique))
             logger.info("%s: generating for %d queries in batches of %d", d.name, len(unique), n)
-            # one batch a call: each call stores its generations, so an interruption keeps them
-            with generation_batch(n, pixel_cache=self.scorer.pixel_cache):  # the scoring reuses these pixels
-                for start in tqdm(range(0, len(unique), n), desc=f"{d.name} (generation)", unit="batch",
-                                  disable=None if len(unique) > n else True):
-                    d.transform(unique[start:start + n], self.bundle)
+            jobs += [(d, n, unique[start:start + n]) for start in range(0, len(unique), n)]
+        cache = self.scorer.pixel_cache  # the scoring reuses these pixels
+
+        def stage(_names, batch):  # the images a batch will generate for, processed (PixelCache.stage_images)
+            return cache.stage_images(self.bundle, batch, threads=pixel_threads(), keep=batch)
+
+        # The next batch's images are processed in a worker while this batch generates (on a GPU
+        # the host only waits for the decode steps), so the device does not wait for them.
+        with PlanAhead(stage, discard=cache.unstage) as ahead:
+            for i, (d, n, batch) in enumerate(tqdm(jobs, desc="generation", unit="batch",
+                                                   disable=None if len(jobs) > 1 else True)):
+                staged = ahead.take(i, [d.name], [q for q in d.todo(batch, self.bundle) if q.has_image])
+                if i + 1 < len(jobs):
+                    nd, _, nb = jobs[i + 1]
+                    ahead.submit(i + 1, [nd.name], [q for q in nd.todo(nb, self.bundle) if q.has_image])
+                try:
+                    with generation_batch(n, pixel_cache=cache):
+                        d.transform(batch, self.bundle)
+                finally:
+                    cache.unstage(staged)
         self.timings["generation_s"] += time.perf_counter() - t0
+        self.timings["generation_image_wait_s"] += ahead.wait_s
 
     def score_shared_prefixes(self) -> None:
         """Score every condition that only changes the inputs (`_input_only`) query-major, chunk by

@@ -219,6 +219,49 @@ def test_generations_made_before_an_interruption_are_kept(llava_assets, tmp_path
         resumed.run.close()
 
 
+def test_the_next_generation_batch_has_its_images_ready(llava_assets, tmp_path, monkeypatch):
+    """Up-front generation in several batches: each batch's images are processed before its
+    `generate` call (the next batch's while this one generates), so `generate` itself processes
+    none, and the captions are those of generating without it. Nothing stays staged."""
+    import probing.pipeline as pipeline
+
+    monkeypatch.setattr(study_mod, "fit_generation_batch", lambda *a, **k: 2)
+    inside, processed_inside, calls = threading.Event(), [], []
+    real_process, real_generate = pipeline.process_image, rewriting.generate
+
+    def process(*a, **k):
+        name = threading.current_thread().name  # generate's own: the main thread or its pixel threads
+        if inside.is_set() and (name == "MainThread" or name.startswith("mechprobe-generation-pixels")):
+            processed_inside.append(len(calls))
+        return real_process(*a, **k)
+
+    def generating(bundle, queries, *a, **k):
+        calls.append([q.id for q in queries])
+        inside.set()
+        try:
+            return real_generate(bundle, queries, *a, **k)
+        finally:
+            inside.clear()
+
+    monkeypatch.setattr(pipeline, "process_image", process)
+    monkeypatch.setattr(rewriting, "generate", generating)
+    study = Study(_config(tmp_path / "run"))
+    try:
+        study.prepare_generations(["qr_caption"])
+        assert len(calls) >= 3 and processed_inside == [], processed_inside
+        assert not study.scorer.pixel_cache._staged
+        qr = study.defense("qr_caption")
+        images = [q for q in study.queries if q.has_image]
+        assert qr.todo(images, study.bundle) == []
+        got = [v[0][0].text for v in qr.transform(images, study.bundle)]
+        monkeypatch.setattr(pipeline, "process_image", real_process)
+        want = [v[0][0].text for start in range(0, len(images), 2)
+                for v in qr.inner.transform(images[start:start + 2], study.bundle)]  # no cache, no staging
+        assert got == want
+    finally:
+        study.run.close()
+
+
 def test_generation_pixels_are_the_processors_and_go_to_the_pixel_cache(tiny, mixed_queries):
     """`generate` processes a batch's images in threads, from `generation_batch`'s pixel cache when
     one is given: the same answers as the processor's own call on the same prompts and images,
