@@ -338,6 +338,14 @@ def image_caches(bundle, n_images: int) -> tuple[PixelCache, PixelCache]:
                        policy="lru" if need["feature"] <= caps["feature"] else "keep"))
 
 
+def images_ahead(bundle) -> bool:
+    """Whether up-front generation processes the next batch's images while a batch generates: on
+    an accelerator, where the host only waits for the decode steps. On the CPU the worker would
+    compete with the decode for the same cores (2 cores: the generation took ~20% longer,
+    benchmarks/generation_ahead.py), so each batch's images are processed just before it."""
+    return torch.device(bundle.input_device).type != "cpu"
+
+
 def device_memory(device) -> int:
     """Total memory of a CUDA device in bytes; for the CPU (or anything else) a number large
     enough not to cap (host memory is bounded by `IMAGE_CACHE_CAP_MB` alone)."""
@@ -569,7 +577,7 @@ class Study:
 
         # The next batch's images are processed in a worker while this batch generates (on a GPU
         # the host only waits for the decode steps), so the device does not wait for them.
-        with PlanAhead(stage, discard=cache.unstage) as ahead:
+        with PlanAhead(stage, discard=cache.unstage, enabled=images_ahead(self.bundle)) as ahead:
             for i, (d, n, batch) in enumerate(tqdm(jobs, desc="generation", unit="batch",
                                                    disable=None if len(jobs) > 1 else True)):
                 staged = ahead.take(i, [d.name], [q for q in d.todo(batch, self.bundle) if q.has_image])

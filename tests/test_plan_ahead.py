@@ -219,12 +219,15 @@ def test_generations_made_before_an_interruption_are_kept(llava_assets, tmp_path
         resumed.run.close()
 
 
-def test_the_next_generation_batch_has_its_images_ready(llava_assets, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_next_generation_batch_has_its_images_ready(llava_assets, tmp_path, monkeypatch, ahead):
     """Up-front generation in several batches: each batch's images are processed before its
-    `generate` call (the next batch's while this one generates), so `generate` itself processes
-    none, and the captions are those of generating without it. Nothing stays staged."""
+    `generate` call (on an accelerator, the next batch's while this one generates: ``ahead``),
+    so `generate` itself processes none, and the captions are those of generating without it.
+    Nothing stays staged."""
     import probing.pipeline as pipeline
 
+    monkeypatch.setattr(study_mod, "images_ahead", lambda bundle: ahead)
     monkeypatch.setattr(study_mod, "fit_generation_batch", lambda *a, **k: 2)
     inside, processed_inside, calls = threading.Event(), [], []
     real_process, real_generate = pipeline.process_image, rewriting.generate
@@ -245,10 +248,16 @@ def test_the_next_generation_batch_has_its_images_ready(llava_assets, tmp_path, 
 
     monkeypatch.setattr(pipeline, "process_image", process)
     monkeypatch.setattr(rewriting, "generate", generating)
+    built_by = []
+    real_stage = pipeline.PixelCache.stage_images
+    monkeypatch.setattr(pipeline.PixelCache, "stage_images", lambda self, *a, **k: built_by.append(
+        threading.current_thread().name) or real_stage(self, *a, **k))
     study = Study(_config(tmp_path / "run"))
     try:
         study.prepare_generations(["qr_caption"])
         assert len(calls) >= 3 and processed_inside == [], processed_inside
+        # the first batch in the main thread; the others in the worker when ahead
+        assert built_by[0] == "MainThread" and all(n.startswith("mechprobe-plan") == ahead for n in built_by[1:])
         assert not study.scorer.pixel_cache._staged
         qr = study.defense("qr_caption")
         images = [q for q in study.queries if q.has_image]
