@@ -14,25 +14,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 from pathlib import Path
+
+from checkout_timing import Marks, add_checkout_arguments, use_checkout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=str(Path(__file__).resolve().parents[1]),
-                   help="the checkout whose code is timed (default: this one)")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--queries", type=int, default=32, help="toy queries (the MM-SafetyBench subset comes on top)")
-    p.add_argument("--mmsb", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mm-safetybench"))
+    add_checkout_arguments(p, runs=3, queries=32)
     args = p.parse_args(argv)
-    root = str(Path(args.root).resolve())
-    # the timed checkout's modules first, this script's helpers (gpu_study, bench_scorer) after them
-    sys.path[:0] = [root, str(Path(__file__).resolve().parent)]
-    os.environ.setdefault("MECHPROBE_LLAVA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "llava-1.5-7b-hf"))
+    root = use_checkout(args.root)
 
     import torch
 
@@ -42,18 +35,8 @@ def main(argv=None) -> int:
     import probing.scorer as scorer_mod
     from bench_scorer import load_bench_model
 
-    if not study_mod.__file__.startswith(root):
-        raise SystemExit(f"imported {study_mod.__file__}, not the code under {root}")
-    events: list[tuple[str, float]] = []
-
-    def marked(owner, name: str, tag: str):
-        real = getattr(owner, name)
-
-        def wrapper(*a, **k):
-            events.append((tag, time.perf_counter()))
-            return real(*a, **k)
-        setattr(owner, name, wrapper)
-
+    events = Marks()
+    marked = events.mark
     marked(study_mod.Study, "_score_query_major", "chunk")
     marked(scorer_mod, "device_inputs", "device")
     marked(prefix_mod, "device_inputs", "device")

@@ -18,29 +18,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from checkout_timing import Marks, add_checkout_arguments, use_checkout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=str(Path(__file__).resolve().parents[1]),
-                   help="the checkout whose code is timed (default: this one)")
-    p.add_argument("--runs", type=int, default=2)
+    add_checkout_arguments(p, runs=2, queries=16)
     p.add_argument("--batch", type=int, default=16, help="generation batch size")
-    p.add_argument("--queries", type=int, default=16, help="toy queries (the MM-SafetyBench subset comes on top)")
     p.add_argument("--ahead", choices=("auto", "on", "off"), default="on",
                    help="process the next batch's images while one generates: auto = as the study decides "
                         "(on accelerators only); on/off force it (code before 9c4974c has no such choice)")
-    p.add_argument("--mmsb", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mm-safetybench"))
     args = p.parse_args(argv)
-    root = str(Path(args.root).resolve())
-    sys.path[:0] = [root, str(Path(__file__).resolve().parent)]
-    os.environ.setdefault("MECHPROBE_LLAVA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "llava-1.5-7b-hf"))
+    root = use_checkout(args.root)
 
     import torch
 
@@ -50,22 +45,8 @@ def main(argv=None) -> int:
     from bench_scorer import load_bench_model
     from experiments.study_config import StudyConfig
 
-    if not study_mod.__file__.startswith(root):
-        raise SystemExit(f"imported {study_mod.__file__}, not the code under {root}")
-    marks: list[tuple[str, float]] = []
-
-    def marked(owner, name: str, tag: str, after: str | None = None):
-        real = getattr(owner, name)
-
-        def wrapper(*a, **k):
-            marks.append((tag, time.perf_counter()))
-            try:
-                return real(*a, **k)
-            finally:
-                if after:
-                    marks.append((after, time.perf_counter()))
-        setattr(owner, name, wrapper)
-
+    marks = Marks()
+    marked = marks.mark
     marked(generation_mod, "generate", "start", after="end")
     marked(generation_mod, "encode_pixels", "model")
     import defenses.rewriting as rewriting  # it imported `generate` by name
