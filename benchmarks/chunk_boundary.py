@@ -16,7 +16,7 @@ import argparse
 import os
 from pathlib import Path
 
-from checkout_timing import Marks, add_checkout_arguments, use_checkout
+from checkout_timing import Marks, add_checkout_arguments, gap_cells, use_checkout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -53,9 +53,7 @@ def main(argv=None) -> int:
         for i, (tag, t) in enumerate(events):
             if tag == "chunk":
                 gaps.append(next(t2 for tag2, t2 in events[i + 1:] if tag2 == "device") - t)
-        rest = gaps[1:] or gaps
-        print(f"| {run} | {wall:.1f} | {', '.join(f'{g * 1e3:.1f}' for g in gaps)} | "
-              f"{sum(rest) / len(rest) * 1e3:.1f} |")
+        print(f"| {run} | {wall:.1f} | {gap_cells(gaps, 1)} |")
     return 0
 
 

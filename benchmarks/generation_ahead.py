@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from checkout_timing import Marks, add_checkout_arguments, use_checkout
+from checkout_timing import Marks, add_checkout_arguments, gap_cells, use_checkout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,9 +84,7 @@ def main(argv=None) -> int:
             elif tag == "model" and last_end is not None:
                 gaps.append(t - last_end)
                 last_end = None
-        rest = gaps[1:] or gaps
-        print(f"| {run} | {len(gaps)} | {wall:.1f} | {', '.join(f'{g * 1e3:.0f}' for g in gaps)} | "
-              f"{sum(rest) / len(rest) * 1e3:.0f} |")
+        print(f"| {run} | {len(gaps)} | {wall:.1f} | {gap_cells(gaps, 0)} |")
     return 0
 
 
