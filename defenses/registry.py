@@ -103,11 +103,14 @@ def check_names(expression: str) -> None:
             raise InputError(unknown_name_message(part))
 
 
-def get_defense(name: str, *, baseline=None, **params) -> Defense:
+def get_defense(name: str, *, baseline=None, member: Callable[[str], Defense] | None = None,
+                **params) -> Defense:
     """A defense by name, or an ensemble expression: "a+b" (apply both), "a|b" (refuse if either),
     "a&b" (both must refuse), "a~b" (mean p_refuse). ``params`` go to a single defense's factory;
     ensemble members take their defaults. Score-level operators bind looser than "+".
-    ``baseline``: the baseline ScoreTable (``keep_hidden=True``) for activation defenses."""
+    ``baseline``: the baseline ScoreTable (``keep_hidden=True``) for activation defenses.
+    ``member``: builds each single defense of an expression instead (a caller that keeps one
+    instance per name, so an ensemble shares its members' trained model or cached generations)."""
     if not isinstance(name, str):
         raise InputError(f"a defense name must be a string, got {type(name).__name__}")
     name = name.strip()
@@ -116,11 +119,13 @@ def get_defense(name: str, *, baseline=None, **params) -> Defense:
             if params:
                 raise InputError(f"parameters cannot be passed to an ensemble expression ({name!r}); "
                                  "build the members with get_defense and combine them")
-            return combine(*(get_defense(part, baseline=baseline) for part in name.split(op)))
+            return combine(*(get_defense(part, baseline=baseline, member=member) for part in name.split(op)))
     if "+" in name:
         if params:
             raise InputError(f"parameters cannot be passed to an ensemble expression ({name!r})")
-        return Compose(members=[get_defense(part, baseline=baseline) for part in name.split("+")])
+        return Compose(members=[get_defense(part, baseline=baseline, member=member) for part in name.split("+")])
+    if member is not None and not params:
+        return member(name)
     if name not in REGISTRY:
         raise InputError(unknown_name_message(name))
     factory = REGISTRY[name]

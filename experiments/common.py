@@ -201,23 +201,21 @@ class Session:
         return self._baseline
 
     def defense(self, name: str):
-        """A defense by name or expression, built once per session (a composite reuses its members'
-        instances); activation-level ones read the baseline run. A fine-tune is trained once and
-        saved in the run directory, a rewrite's generations cached there (`experiments.kept`), so
-        an ensemble and a resumed run reuse them."""
-        from defenses import Both, Compose, Either, Mean, get_defense
+        """A defense by name or expression; each single defense is built once per session and
+        shared by the expressions that name it (activation-level ones read the baseline run). A
+        fine-tune is trained once and saved in the run directory, a rewrite's generations cached
+        there (`experiments.kept`), so an ensemble and a resumed run reuse them."""
+        from defenses import get_defense
 
-        name = name.strip()
+        return get_defense(name, member=self._single)
+
+    def _single(self, name: str):
         if name not in self._defenses:
-            score_op = next((op for op in ("|", "&", "~") if op in name), None)  # binds looser than "+"
-            if score_op is not None:
-                d = {"|": Either, "&": Both, "~": Mean}[score_op](*(self.defense(p) for p in name.split(score_op)))
-            elif "+" in name:
-                d = Compose(members=[self.defense(p) for p in name.split("+")])
-            else:
-                d = get_defense(name, baseline=self.baseline if _needs_baseline(name) else None)
-                d = kept(d, self.run.path, name, self.bundle.name, device=self.args.device, dtype=self.args.dtype)
-            self._defenses[name] = d
+            from defenses import get_defense
+
+            d = get_defense(name, baseline=self.baseline if _needs_baseline(name) else None)
+            self._defenses[name] = kept(d, self.run.path, name, self.bundle.name, device=self.args.device,
+                                        dtype=self.args.dtype)
         return self._defenses[name]
 
     def report(self, title: str, sections: list[tuple[str, str]]) -> Path:

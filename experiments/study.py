@@ -419,18 +419,18 @@ class Study:
             self._defenses[name] = d
         return self._defenses[name]
 
+    def _tuned_copy(self, part: str) -> bool:
+        """Whether the single defense ``part`` runs on a model tuned from the study's own (`SavedModel`)."""
+        return part in REGISTRY and not registry.needs_baseline(REGISTRY[part]) and \
+            isinstance(self.defense(part), SavedModel)
+
     def _tunes_a_copy(self) -> bool:
-        """Whether a condition of the study runs on a model tuned from the study's own (`SavedModel`)."""
-        parts = {p for n in self.conditions if n != "baseline" for p in _members(n)}
-        return any(p in REGISTRY and not registry.needs_baseline(REGISTRY[p]) and isinstance(self.defense(p), SavedModel)
-                   for p in parts)
+        return any(self._tuned_copy(p) for n in self.conditions if n != "baseline" for p in _members(n))
 
     def _on_own_model_after_tuning(self, name: str) -> bool:
-        """A condition scored on the study's own model in a study that also tunes a copy of it."""
-        if name == "baseline" or not self._tunes_a_copy():  # the baseline is always scored first
-            return False
-        return not any(p in REGISTRY and not registry.needs_baseline(REGISTRY[p])
-                       and isinstance(self.defense(p), SavedModel) for p in _members(name))
+        """A condition scored on the study's own model in a study that also tunes a copy of it
+        (the baseline is always scored first)."""
+        return name != "baseline" and self._tunes_a_copy() and not any(self._tuned_copy(p) for p in _members(name))
 
     def _fingerprint(self, name: str, defense) -> dict:
         fp = {"defense": defense.describe() if defense is not None else None}
@@ -577,13 +577,14 @@ class Study:
 
         # The next batch's images are processed in a worker while this batch generates (on a GPU
         # the host only waits for the decode steps), so the device does not wait for them.
+        # each batch's image queries without cached generations (the batches of a defense are disjoint)
+        images = [[q for q in d.todo(batch, self.bundle) if q.has_image] for d, _, batch in jobs]
         with PlanAhead(stage, discard=cache.unstage, enabled=images_ahead(self.bundle)) as ahead:
             for i, (d, n, batch) in enumerate(tqdm(jobs, desc="generation", unit="batch",
                                                    disable=None if len(jobs) > 1 else True)):
-                staged = ahead.take(i, [d.name], [q for q in d.todo(batch, self.bundle) if q.has_image])
+                staged = ahead.take(i, [d.name], images[i])
                 if i + 1 < len(jobs):
-                    nd, _, nb = jobs[i + 1]
-                    ahead.submit(i + 1, [nd.name], [q for q in nd.todo(nb, self.bundle) if q.has_image])
+                    ahead.submit(i + 1, [jobs[i + 1][0].name], images[i + 1])
                 try:
                     with generation_batch(n, pixel_cache=cache):
                         d.transform(batch, self.bundle)

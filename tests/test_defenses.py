@@ -423,3 +423,24 @@ def test_fine_tuning_examples_mask_exactly_the_prompt(tiny):
         assert n_masked == want, e.query.id
         assert (got["labels"][want:] == got["input_ids"][want:]).all()
         assert (got["pixel_values"] is not None) == e.query.has_image
+
+
+def test_get_defense_builds_an_expressions_members_with_the_callers_builder():
+    """``member``: every single name of an expression comes from the caller (one instance per
+    name there), with the registry's grammar: score-level operators bind looser than "+"."""
+    from defenses import Compose, get_defense
+    from defenses.composite import ScoreLevel
+
+    built = {}
+
+    def member(name):
+        return built.setdefault(name, get_defense(name))
+
+    d = get_defense("sr_self_reminder+qr_caption|sr_self_reminder", member=member)
+    assert isinstance(d, ScoreLevel) and d.op == "|" and set(built) == {"sr_self_reminder", "qr_caption"}
+    left, right = d.members
+    assert isinstance(left, Compose) and left.members == [built["sr_self_reminder"], built["qr_caption"]]
+    assert right is built["sr_self_reminder"] and left.members[0] is right  # one instance per name
+    assert get_defense("sr_self_reminder", member=lambda n: "mine") == "mine"
+    tuned = get_defense("ni_text_smooth", member=member, rate=0.2)  # parameters: built here, as without member
+    assert tuned.params["rate"] == 0.2 and "ni_text_smooth" not in built
