@@ -198,7 +198,8 @@ class Checkpoint(Defense):
         if "bundle" not in self._cache:
             from probing.model import load_model
 
-            self._cache["bundle"] = load_model(self.path, device=bundle.input_device, dtype=bundle.dtype)
+            self._cache["bundle"] = load_model(self.path, device=bundle.input_device, dtype=bundle.dtype,
+                                               image_aspect_ratio=bundle.image_aspect_ratio)
         return self._cache["bundle"]
 
 

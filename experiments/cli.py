@@ -64,7 +64,8 @@ def cmd_score(args) -> int:
     device_map = args.device_map
     if device_map and device_map.startswith("{"):
         device_map = json.loads(device_map)
-    bundle = load_model(args.model, device=device, dtype=args.dtype, device_map=device_map)
+    bundle = load_model(args.model, device=device, dtype=args.dtype, device_map=device_map,
+                        image_aspect_ratio=args.image_aspect_ratio)
     queries = load_jsonl(args.queries)
     from .common import warn_out_of_vocabulary
 
@@ -126,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--queries", required=True, help="JSONL file")
     score.add_argument("--out", required=True, help="output directory for the ScoreTable")
     score.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
+    score.add_argument("--image-aspect-ratio", default="pad", choices=list(options.IMAGE_ASPECT_RATIOS),
+                       help=options.ASPECT_HELP)
     score.add_argument("--layers", default="all", help="'all', 'none' or comma-separated indices")
     score.add_argument("--keep-hidden", action="store_true", help="store decision-position residuals")
     score.add_argument("--system-prompt", default=None)

@@ -142,7 +142,8 @@ def run_fingerprint(args, name: str, keep_hidden: bool) -> dict:
     from probing.readout import get_readout
 
     readout = get_readout(args.readout)
-    return {"experiment": name, **model_fingerprint(args.model, dtype=args.dtype, device=args.device),
+    return {"experiment": name, **model_fingerprint(args.model, dtype=args.dtype, device=args.device,
+                                                    image_aspect_ratio=args.image_aspect_ratio),
             "readout": {"name": readout.name, "question": readout.question,
                         "refusal_words": list(readout.refusal_words), "comply_words": list(readout.comply_words)},
             "keep_hidden": keep_hidden}
@@ -173,7 +174,8 @@ class Session:
         self.run = RunDir(args.out, config_of(args, name), overwrite=args.overwrite, ignore=ANALYSIS_OPTIONS,
                           fingerprint=fingerprint)
         try:
-            self.bundle = load_model(args.model, device=args.device, dtype=args.dtype)
+            self.bundle = load_model(args.model, device=args.device, dtype=args.dtype,
+                                     image_aspect_ratio=args.image_aspect_ratio)
             self.scorer = RefusalScorer(self.bundle, args.readout, keep_hidden=keep_hidden,
                                         batch_size=args.batch_size, progress=False)
         except BaseException:

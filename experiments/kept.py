@@ -66,7 +66,8 @@ class SavedModel(_Wrapper):
         stamp = self.folder / "mechprobe.json"
         if stamp.is_file() and json.loads(stamp.read_text()) == record:
             logger.info("%s: loading the model saved in %s", self.name, self.folder)
-            tuned = load_model(self.folder, device=self.device, dtype=self.dtype)
+            tuned = load_model(self.folder, device=self.device, dtype=self.dtype,
+                               image_aspect_ratio=bundle.image_aspect_ratio)
             tuned.name = f"{bundle.name}+{self.name}"
             return tuned
         tuned = self.inner.model(bundle)

@@ -13,6 +13,11 @@ DEFENSE_NAMES = ("sr_self_reminder, sr_adashield_s, sr_mmsafety, sr_custom, qr_c
                  "mo_checkpoint, act_steer, act_conditional_steer, act_ablate; ensembles 'a+b', 'a|b', 'a&b', 'a~b'")
 MODEL_HELP = ("'toy' (default: the embedded trained toy), 'tiny-random' (random weights: pipeline checks only), "
               "or a llava-hf LLaVA-1.5 checkpoint dir / hub id")
+#: `probing.images.IMAGE_ASPECT_RATIOS`, repeated here because this module imports no torch
+IMAGE_ASPECT_RATIOS = ("pad", "crop")
+ASPECT_HELP = ("pad (default): each image padded to a square with its mean colour, as LLaVA-1.5 was trained and "
+               "evaluated; crop: the llava-hf processor as shipped, whose centre crop cuts off the sides of wide "
+               "images (most of MM-SafetyBench's typography) and the top and bottom of tall ones")
 # Options that change only the analysis or where results go, never a score (not part of a run's identity).
 ANALYSIS_OPTIONS = ("n_boot", "seed", "out", "defenses", "weight", "ops", "scores", "folds", "overwrite", "verbose",
                     "func", "command")
@@ -48,6 +53,7 @@ def add_common(p: argparse.ArgumentParser, name: str, defenses: str | None = DEF
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--image-aspect-ratio", default="pad", choices=list(IMAGE_ASPECT_RATIOS), help=ASPECT_HELP)
     p.add_argument("--readout", default="first_token", choices=["first_token", "yes_no"])
     p.add_argument("--batch-size", type=positive_int, default=16, help="queries per forward and per shard")
     p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples")
@@ -115,6 +121,7 @@ def study(p):
     p.add_argument("--compile", action="store_true", default=None,
                    help="compile the language model (torch.compile): faster forwards on a GPU after a one-off "
                         "compilation; margins agree to ~1e-6, not bit for bit (docs/performance.md §2)")
+    p.add_argument("--image-aspect-ratio", default=None, choices=list(IMAGE_ASPECT_RATIOS), help=ASPECT_HELP)
     p.add_argument("--readout", default=None, choices=["first_token", "yes_no"])
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples (default 1000)")

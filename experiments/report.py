@@ -221,6 +221,10 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
         f"- model: `{cfg.model}`" + (" (random weights: these numbers exercise the pipeline only)"
                                       if cfg.model == "tiny-random" else ""),
         f"- prompt format: {fmt_text}",
+        "- images: " + ("padded to a square with their mean colour before resizing, as LLaVA-1.5 was trained "
+                        "and evaluated (`image_aspect_ratio = \"pad\"`)" if cfg.image_aspect_ratio == "pad" else
+                        "centre-cropped to a square by the llava-hf processor as shipped (`image_aspect_ratio = "
+                        "\"crop\"`): the sides of wide images and the top and bottom of tall ones are not seen"),
         f"- readout: `{cfg.readout}`; intervals: 95% paired, class-stratified bootstrap ({cfg.n_boot} resamples)",
         f"- conditions: {len(study.conditions) - 1} defenses and ensembles against the baseline, "
         f"{len(study.queries)} queries",

@@ -375,7 +375,8 @@ class Study:
             any(s != "lens" for s in cfg.layer_scores)
         readout = get_readout(cfg.readout)
         # What identifies every condition's scores (see experiments/runs.py); checked without loading the model.
-        fingerprint = {"experiment": "study", **model_fingerprint(cfg.model, dtype=cfg.dtype, device=cfg.device),
+        fingerprint = {"experiment": "study", **model_fingerprint(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                                                     image_aspect_ratio=cfg.image_aspect_ratio),
                        "readout": {"name": readout.name, "question": readout.question,
                                    "refusal_words": list(readout.refusal_words),
                                    "comply_words": list(readout.comply_words)},
@@ -383,7 +384,8 @@ class Study:
         self.run = RunDir(cfg.out, {"experiment": "study", **cfg.as_dict(), "prompt_wordings": self.wordings},
                           overwrite=cfg.overwrite, ignore=(*ANALYSIS_KEYS, "prompts"), fingerprint=fingerprint)
         try:
-            self.bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile)
+            self.bundle = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, compile=cfg.compile,
+                                     image_aspect_ratio=cfg.image_aspect_ratio)
         except BaseException:
             self.run.close()
             raise

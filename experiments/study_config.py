@@ -39,6 +39,7 @@ DEFAULTS = {
     "device": "cpu",
     "dtype": None,
     "compile": False,
+    "image_aspect_ratio": "pad",
     "readout": "first_token",
     "batch_size": 16,
     "keep_hidden": False,
@@ -102,6 +103,7 @@ class StudyConfig:
     device: str = "cpu"
     dtype: str | None = None
     compile: bool = False
+    image_aspect_ratio: str = "pad"
     readout: str = "first_token"
     batch_size: int = 16
     keep_hidden: bool = False
@@ -194,6 +196,8 @@ def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyC
         raise InputError(f"{source}: several datasets are tagged {dup}; give each a distinct 'tag'")
     if values["prompt_format"] not in ("hf", "llava_v1"):
         raise InputError(f"{source}: prompt_format must be 'hf' or 'llava_v1', got {values['prompt_format']!r}")
+    if values["image_aspect_ratio"] not in ("pad", "crop"):
+        raise InputError(f"{source}: image_aspect_ratio must be 'pad' or 'crop', got {values['image_aspect_ratio']!r}")
     if values["prompts"] is not None:
         values["prompts"] = str(Path(values["prompts"]).expanduser().resolve())
     if not isinstance(values["defense_params"], dict) or not all(isinstance(v, dict)
@@ -214,7 +218,7 @@ def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyC
 
 # Flags of `mechprobe study` -> config keys (flags left at None keep the file's value).
 FLAG_KEYS = ("model", "out", "defenses", "ensembles", "prompt_format", "prompts", "device", "dtype", "compile",
-             "readout", "batch_size", "n_boot", "seed", "weight", "generation_check", "max_new_tokens")
+             "image_aspect_ratio", "readout", "batch_size", "n_boot", "seed", "weight", "generation_check", "max_new_tokens")
 
 
 def from_args(args) -> StudyConfig:

@@ -24,6 +24,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 from .errors import InputError, MissingDataError
+from .images import DEFAULT_IMAGE_ASPECT_RATIO, check_image_aspect_ratio, set_image_aspect_ratio
+from .images import image_aspect_ratio as processor_aspect_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,11 @@ class ModelBundle:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def image_aspect_ratio(self) -> str:
+        """How non-square images are made square: "pad" (LLaVA-1.5's own) or "crop" (`probing.images`)."""
+        return processor_aspect_ratio(self.processor)
 
     @property
     def d_model(self) -> int:
@@ -356,12 +363,14 @@ def default_dtype(name_or_path, device="cpu") -> torch.dtype:
 
 
 def model_fingerprint(name_or_path: str | os.PathLike = "tiny-random", *, dtype=None, device="cpu", seed: int = 0,
-                      n_layers: int | None = None) -> dict:
+                      n_layers: int | None = None, image_aspect_ratio: str = DEFAULT_IMAGE_ASPECT_RATIO) -> dict:
     """What identifies a model's scores, computed without loading its weights (and validating the name,
     see `resolve_model`): the name (a directory as an absolute path), a hash of its config, the dtype,
-    and its weight files (content hash up to `HASH_WEIGHTS_BELOW`, else name and size)."""
+    how images are made square, and its weight files (content hash up to `HASH_WEIGHTS_BELOW`, else
+    name and size)."""
     kind, where = resolve_model(name_or_path)
-    out = {"model": str(name_or_path), "dtype": str(_dtype(dtype, default_dtype(name_or_path, device))).split(".")[-1]}
+    out = {"model": str(name_or_path), "dtype": str(_dtype(dtype, default_dtype(name_or_path, device))).split(".")[-1],
+           "image_aspect_ratio": check_image_aspect_ratio(image_aspect_ratio)}
     if kind == "tiny-random":
         cfg = tiny_random_config(where, n_layers=n_layers)
         out.update(seed=seed, config_sha256=hashlib.sha256(cfg.to_json_string().encode()).hexdigest(),
@@ -428,6 +437,7 @@ def load_model(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     compile: bool = False,
+    image_aspect_ratio: str = DEFAULT_IMAGE_ASPECT_RATIO,
 ) -> ModelBundle:
     """Load a LLaVA-1.5 model and its processor.
 
@@ -451,8 +461,12 @@ def load_model(
             on long runs only. Fused kernels round
             differently: margins agree with the eager model to ~1e-6 in float32, not bit for bit.
             A deep copy (``mo_finetune``'s model) runs uncompiled. Not with ``device_map``.
+        image_aspect_ratio: ``"pad"`` (default: LLaVA-1.5's own preprocessing, each image padded
+            to a square with its mean colour, so nothing is cut off) or ``"crop"`` (the llava-hf
+            processor as shipped: shortest edge resized, centre cropped), `probing.images`.
     """
     name = str(name_or_path)
+    check_image_aspect_ratio(image_aspect_ratio)
     if compile and device_map is not None:
         raise InputError("compile=True needs a model on one device; it cannot be combined with device_map")
     kind, where = resolve_model(name)  # fails fast (and offline) on a name that cannot load
@@ -485,6 +499,7 @@ def load_model(
             raise InputError(f"--model {name}: cannot load it: {first}") from None
         source_dir = Path(name_or_path) if Path(name_or_path).is_dir() else None
     processor.tokenizer.padding_side = "left"
+    set_image_aspect_ratio(processor, image_aspect_ratio)
     if device_map is None:
         model.to(device)
     if compile:

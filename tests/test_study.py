@@ -217,6 +217,7 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
     first = ScoreTable.load(out / "scores" / "sr_self_reminder+mo_finetune")
     steered = ScoreTable.load(out / "scores" / "act_steer")
     assert "prompt format: `llava_v1`" in (out / "report.md").read_text()
+    assert "- images: padded to a square" in (out / "report.md").read_text()
     import shutil
 
     def records(condition):

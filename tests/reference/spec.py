@@ -24,6 +24,14 @@ def _queries_tiny():
     return out
 
 
+def _as_shipped(load_model) -> dict:
+    """The reference's images went through the llava-hf processor as shipped (centre crop), before
+    "pad" became the default (probing/images.py); older code has no such option."""
+    import inspect
+
+    return {"image_aspect_ratio": "crop"} if "image_aspect_ratio" in inspect.signature(load_model).parameters else {}
+
+
 def _has_cross_fit(factory) -> bool:
     import inspect
 
@@ -59,7 +67,7 @@ def run_reference():
     yes_no = RefusalScorer(bundle, "yes_no", batch_size=16, progress=False)
     keep("toy/yes_no", yes_no.score(queries))
 
-    tiny = load_model("tiny-random", seed=0)
+    tiny = load_model("tiny-random", seed=0, **_as_shipped(load_model))
     tq = _queries_tiny()
     tscorer = RefusalScorer(tiny, "first_token", batch_size=4, progress=False)
     tbase = tscorer.score(tq)
