@@ -35,7 +35,7 @@ LLAVA_ASSETS_ENV = "MECHPROBE_LLAVA_DIR"
 CACHE_ENV = "MECHPROBE_CACHE"
 BUILTIN_MODELS = ("toy", "tiny-random")
 #: Weight files up to this size are hashed by content in `model_fingerprint` (the toy); larger
-#: ones by name and size only (hashing 14 GB at every run start would cost minutes).
+#: ones by name, size, inode and modification time (hashing 14 GB at every run start would cost minutes).
 HASH_WEIGHTS_BELOW = 64 * 2**20
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -367,7 +367,7 @@ def model_fingerprint(name_or_path: str | os.PathLike = "tiny-random", *, dtype=
     """What identifies a model's scores, computed without loading its weights (and validating the name,
     see `resolve_model`): the name (a directory as an absolute path), a hash of its config, the dtype,
     how images are made square, and its weight files (content hash up to `HASH_WEIGHTS_BELOW`, else
-    name and size)."""
+    name, size, inode and modification time)."""
     kind, where = resolve_model(name_or_path)
     out = {"model": str(name_or_path), "dtype": str(_dtype(dtype, default_dtype(name_or_path, device))).split(".")[-1],
            "image_aspect_ratio": check_image_aspect_ratio(image_aspect_ratio)}
@@ -385,8 +385,11 @@ def model_fingerprint(name_or_path: str | os.PathLike = "tiny-random", *, dtype=
         weights = {}
         for f in sorted(cfg_file.parent.iterdir()):
             if f.suffix in (".safetensors", ".bin", ".pt") and f.is_file():
-                size = f.stat().st_size
-                weights[f.name] = _file_sha256(f) if size <= HASH_WEIGHTS_BELOW else f"size={size}"
+                st = f.stat()
+                # a large file by size, inode and modification time: a checkpoint retrained into the
+                # same folder has the same names and sizes, but not the same mtime
+                weights[f.name] = (_file_sha256(f) if st.st_size <= HASH_WEIGHTS_BELOW
+                                   else f"size={st.st_size},inode={st.st_ino},mtime_ns={st.st_mtime_ns}")
         out["weights"] = weights
     return out
 

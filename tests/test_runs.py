@@ -227,3 +227,24 @@ def test_shards_group_text_only_and_image_queries_and_tables_keep_input_order(tm
     assert table.margin.tolist() == [float(len(q.text)) for q in qs]
     again, calls = run_once(tmp_path / "r", qs)
     assert calls == [] and again.ids == table.ids
+
+
+def test_a_large_checkpoint_retrained_in_place_changes_the_model_fingerprint(tmp_path, monkeypatch):
+    """Weight files above HASH_WEIGHTS_BELOW are not hashed; one rewritten with the same name and
+    size (a fine-tune saved into the same folder) must still give another fingerprint."""
+    from probing import model as model_mod
+    from probing.model import model_fingerprint, resolve_model
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(resolve_model("toy")[1], ckpt)
+    monkeypatch.setattr(model_mod, "HASH_WEIGHTS_BELOW", 0)
+    before = model_fingerprint(ckpt)
+    assert model_fingerprint(ckpt) == before  # stable while nothing changes
+    weights = next(ckpt.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same name, same size, other weights
+    st = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert weights.stat().st_size == st.st_size
+    assert model_fingerprint(ckpt)["weights"] != before["weights"]
