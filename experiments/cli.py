@@ -38,6 +38,7 @@ def cmd_score(args) -> int:
     from probing.datasets import load_jsonl
     from probing.distributed import is_distributed_launch, process_state, score_sharded
     from probing.model import load_model
+    from probing.query import check_images
     from probing.render import PromptSpec
     from probing.scorer import RefusalScorer
 
@@ -67,6 +68,7 @@ def cmd_score(args) -> int:
     bundle = load_model(args.model, device=device, dtype=args.dtype, device_map=device_map,
                         image_aspect_ratio=args.image_aspect_ratio)
     queries = load_jsonl(args.queries)
+    check_images(queries)
     from .common import warn_out_of_vocabulary
 
     warn_out_of_vocabulary(queries, args.model)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from probing import RefusalScorer, load_model
 from probing.errors import DataError, InputError
-from probing.query import Query
+from probing.query import Query, check_images
 from .kept import kept
 from .options import ANALYSIS_OPTIONS, add_common  # noqa: F401  (add_common: old import path)
 from .report import write_report
@@ -170,6 +170,7 @@ class Session:
         fingerprint = run_fingerprint(args, name, keep_hidden)  # the model name, checked without loading
         self.queries = load_queries(args.dataset, args.limit)
         check_labels(self.queries, args.dataset, args.limit)
+        check_images(self.queries)
         warn_out_of_vocabulary(self.queries, args.model)
         self.run = RunDir(args.out, config_of(args, name), overwrite=args.overwrite, ignore=ANALYSIS_OPTIONS,
                           fingerprint=fingerprint)

@@ -61,7 +61,7 @@ from probing.model import model_fingerprint
 from probing.pipeline import PixelCache, pixel_threads
 from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, fold_table
 from probing.prefix import VariantGroups, plan_variant_groups, prepare_first, score_planned_groups
-from probing.query import Query
+from probing.query import Query, check_images
 from probing.readout import get_readout
 from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, tokenizer_lock
 from probing.score_table import ScoreTable
@@ -368,6 +368,7 @@ class Study:
             check_names(name)
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)
         check_labels(self.queries, "+".join(d.get("name", "?") for d in cfg.datasets))  # before any forward
+        check_images(self.queries)  # every image file decodes: a corrupt one is named now, not mid-run
         warn_out_of_vocabulary(self.queries, cfg.model)
         check_device(cfg.device)
         names = {p for c in self.conditions[1:] for p in _members(c)}

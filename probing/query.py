@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ LABELS = ("harmful", "benign")
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_PIXELS_ENV = "MECHPROBE_MAX_IMAGE_PIXELS"
 
-__all__ = ["LABELS", "MAX_IMAGE_PIXELS", "Query", "QueryError", "check_unique_ids", "max_image_pixels"]
+__all__ = ["LABELS", "MAX_IMAGE_PIXELS", "Query", "QueryError", "check_images", "check_unique_ids", "max_image_pixels"]
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,34 @@ def check_unique_ids(queries: list[Query]) -> None:
         if q.id in seen:
             raise QueryError(f"duplicate query id {q.id!r}: ids pair runs across defenses and must be unique")
         seen.add(q.id)
+
+
+def check_images(queries: list[Query], threads: int | None = None) -> None:
+    """Decode every distinct image file of ``queries`` once, before any compute, so a missing,
+    truncated or corrupt file is reported at the start of a run, not when its batch comes up
+    (a loader checks only that the path is a file; a truncated file still opens). Raises one
+    `QueryError` naming each unreadable file's first query and the reason (the first ten)."""
+    first: dict[str, Query] = {}
+    for q in queries:
+        if q.image is not None and not isinstance(q.image, Image.Image):
+            first.setdefault(os.fspath(q.image), q)
+    if not first:
+        return
+
+    def problem(q: Query) -> str | None:
+        try:
+            q.load_image()
+        except QueryError as exc:
+            return str(exc)
+        return None
+
+    workers = threads or min(os.cpu_count() or 1, 8)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding releases the GIL
+        problems = [p for p in pool.map(problem, first.values()) if p is not None]
+    if problems:
+        more = f"; ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise QueryError(f"{len(problems)} of {len(first)} image files cannot be used: "
+                         + "; ".join(problems[:10]) + more)
 
 
 def row_meta(query: Query) -> dict:

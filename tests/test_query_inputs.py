@@ -182,3 +182,53 @@ def test_missing_and_unreadable_files(tmp_path):
     (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:200])
     with pytest.raises(QueryError, match=r"query 'cut': cannot read image .*cut\.png"):
         Query("cut", "", tmp_path / "cut.png").load_image()
+
+
+def test_check_images_names_every_unreadable_file_at_once(tmp_path):
+    from probing.query import check_images
+
+    noise_image(0, size=(64, 48)).save(tmp_path / "ok.png")
+    noise_image(1, size=(64, 48)).save(tmp_path / "ok.jpg", quality=90)
+    full = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(full[:len(full) // 2])  # opens (header intact), fails to decode
+    (tmp_path / "cut.png").write_bytes((tmp_path / "ok.png").read_bytes()[:200])
+    (tmp_path / "text.png").write_text("not an image")
+    with Image.open(tmp_path / "cut.jpg") as im:  # what a loader's checks cannot see
+        assert im.size == (64, 48)
+    queries = [Query("fine", "a", image=tmp_path / "ok.png"), Query("fine2", "b", image=tmp_path / "ok.jpg"),
+               Query("j", "c", image=tmp_path / "cut.jpg"), Query("p", "d", image=tmp_path / "cut.png"),
+               Query("t", "e", image=tmp_path / "text.png"), Query("j2", "f", image=tmp_path / "cut.jpg"),
+               Query("mem", "g", image=noise_image(2)), Query("txt", "h")]
+    with pytest.raises(QueryError) as err:
+        check_images(queries)
+    message = str(err.value)
+    assert message.startswith("3 of 5 image files cannot be used: ")
+    for qid, name in (("j", "cut.jpg"), ("p", "cut.png"), ("t", "text.png")):
+        assert f"query {qid!r}" in message and name in message
+    assert "'j2'" not in message  # a file is checked once, under its first query
+    check_images([q for q in queries if q.id in ("fine", "fine2", "mem", "txt")])  # readable: no error
+
+
+def test_a_corrupt_image_stops_an_experiment_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import json
+
+    from experiments import common
+    from experiments.cli import main
+
+    noise_image(0, size=(64, 48)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
+    rows = [{"id": f"q{i}", "text": "How do I do it?", "image": "bad.png" if i == 3 else "ok.png",
+             "label": "harmful" if i % 2 else "benign"} for i in range(4)]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["mechanisms", "--dataset", f"jsonl:{tmp_path / 'q.jsonl'}", "--defenses", "sr_self_reminder",
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "query 'q3'" in err[0] and "bad.png" in err[0], err
+    from experiments import study
+
+    monkeypatch.setattr(study, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["study", "--dataset", f"jsonl:{tmp_path / 'q.jsonl'}", "--defenses", "sr_self_reminder",
+                 "--ensembles", "", "--out", str(tmp_path / "study")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "query 'q3'" in err[0] and "bad.png" in err[0], err
