@@ -35,6 +35,13 @@ class PromptDefense(Defense):
     def transform(self, queries, bundle):
         return [[(q, self.spec)] for q in queries]
 
+    def describe(self) -> dict:
+        # the wording itself, not only the name: scores made with an edited prompt are not the
+        # same scores, and a run directory must not reuse them (its shards record this)
+        return {**super().describe(), "prompt": {"system_prompt": self.spec.system_prompt,
+                                                 "text_before": self.spec.text_before,
+                                                 "text_after": self.spec.text_after}}
+
 
 def sr_self_reminder() -> PromptDefense:
     """Self-Reminder style: a responsible-assistant system prompt plus a reminder after the request."""

@@ -51,6 +51,15 @@ class Caption(Defense):
             out.append([(Query(q.id, text, q.image if self.keep_image else None, q.label, meta), PromptSpec())])
         return out
 
+    def describe(self) -> dict:
+        return _with_question(self, super().describe(), keep_image=self.keep_image)
+
+
+def _with_question(defense, out: dict, **more) -> dict:
+    """A QR defense's record with its question (and what else shapes its rewrite): a rewrite made
+    with another question is another condition, and a run directory must not reuse it."""
+    return {**out, "question": defense.question, **more}
+
 
 @dataclass
 class AskFirst(Defense):
@@ -69,6 +78,9 @@ class AskFirst(Defense):
         answers = generate(bundle, asks, self.max_new_tokens)
         return [[self.rebuild(Query(q.id, q.text, q.image, q.label, {**q.meta, self.meta_key: a}), a)]
                 for q, a in zip(queries, answers)]
+
+    def describe(self) -> dict:
+        return _with_question(self, super().describe())
 
 
 @dataclass
