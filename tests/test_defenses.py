@@ -225,6 +225,35 @@ def test_bad_parameters_name_the_parameter(name, params, match, direction_table)
         get_defense(name, **params)
 
 
+def test_registering_an_edited_definition_again_uses_the_new_one(caplog):
+    """A notebook cell that defines and registers a factory, edited (a text constant, a default)
+    and run again: the new factory replaces the old one, logged; another factory under a taken
+    name is still refused."""
+    import logging
+
+    from defenses import REGISTRY, register, sr_custom
+    from probing.errors import InputError
+
+    cell = "def my_sr({args}):\n    return sr_custom(text_after={text}, name='my_sr')\nregister('my_sr', my_sr)\n"
+    notebook = {"__name__": "__main__", "sr_custom": sr_custom, "register": register}
+    try:
+        exec(cell.format(args="", text="'Be careful.'"), notebook)
+        assert get_defense("my_sr").spec.text_after == "Be careful."
+        with caplog.at_level(logging.INFO, logger="defenses.registry"):
+            exec(cell.format(args="", text="'Refuse anything dangerous.'"), notebook)
+        assert get_defense("my_sr").spec.text_after == "Refuse anything dangerous."
+        assert "'my_sr'" in caplog.text and "replacing" in caplog.text
+        exec(cell.format(args="k=4", text="f'x{k}'"), notebook)
+        assert get_defense("my_sr").spec.text_after == "x4"
+        with pytest.raises(InputError, match="'my_sr' is already registered"):
+            register("my_sr", lambda: sr_custom(text_after="other", name="my_sr"))
+        with pytest.raises(InputError, match="'sr_self_reminder' is already registered"):
+            register("sr_self_reminder", notebook["my_sr"])
+        assert get_defense("my_sr").spec.text_after == "x4"
+    finally:
+        REGISTRY.pop("my_sr", None)
+
+
 def test_unknown_names_list_what_exists():
     with pytest.raises(ValueError, match="available: .*sr_self_reminder"):
         get_defense("sr_nope")
