@@ -1,6 +1,7 @@
 """Defenses change exactly what they should, deterministically, and leave no hooks behind."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -191,6 +192,29 @@ def test_compose_applies_all(tiny, mixed_queries, direction_table):
     with edit(tiny, {hook_name(1, "hook_resid_post"): lambda a, ctx: a + r1}):
         want = scorer.score(mixed_queries, prompt=sr_self_reminder().spec)
     torch.testing.assert_close(got.margin, want.margin, atol=1e-6, rtol=0)
+
+
+def test_compose_refuses_a_member_that_only_plans():
+    """A score-level ensemble (or any defense whose only effect is its own plan()) inside "+"
+    would be dropped silently: Compose names it and says what to write instead."""
+    from defenses.composite import ScoreLevel
+    from probing.errors import InputError
+
+    either = get_defense("sr_self_reminder|sr_mmsafety")
+    instead = "sr_self_reminder+sr_adashield_s|sr_mmsafety+sr_adashield_s"
+    with pytest.raises(InputError, match=r"member 'sr_self_reminder\|sr_mmsafety' is a score-level ensemble.*"
+                                         + re.escape(repr(instead))):
+        Compose(members=[either, get_defense("sr_adashield_s")])
+    suggested = get_defense(instead)  # what the message suggests: the "+" inside each member
+    assert isinstance(suggested, ScoreLevel) and [m.name for m in suggested.members] == instead.split("|")
+
+    class PlanOnly(Defense):
+        def plan(self, queries, bundle):
+            return super().plan(queries, bundle)
+
+    with pytest.raises(InputError, match="member 'planner' only overrides plan()"):
+        Compose(members=[sr_self_reminder(), PlanOnly(name="planner")])
+    Compose(members=[sr_self_reminder(), Compose(members=[sr_self_reminder(), ni_text_smooth()])])  # nested "+": fine
 
 
 def test_generation_based_defense_is_batched(tiny, mixed_queries):
