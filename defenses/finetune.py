@@ -31,7 +31,7 @@ from probing.datasets import toy as data
 from probing.errors import InputError
 from probing.training import encode_example, fit, sampled_batches
 
-from .base import Defense, check_finite
+from .base import Defense, check_finite, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +206,9 @@ def mo_finetune(steps: int = 120, lr: float = 1e-3, batch_size: int = 16, seed: 
                 lora: bool | str = True) -> FineTune:
     """Safety fine-tuning; ``lora``: True (LoRA adapters, the default), False (full fine-tuning),
     or "auto" (LoRA above 1e9 language-model parameters)."""
-    if not isinstance(steps, int) or steps < 1:
-        raise InputError(f"parameter 'steps' must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
     if lora != "auto" and not isinstance(lora, bool):
         raise InputError(f"parameter 'lora' must be True, False or 'auto', got {lora!r}")
     lr = check_finite("lr", lr)

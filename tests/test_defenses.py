@@ -241,6 +241,16 @@ def test_generation_based_defense_is_batched(tiny, mixed_queries):
     ("mo_finetune", {"lr": float("inf")}, "'lr'"),
     ("qr_caption", {"max_new_tokens": 0}, "max_new_tokens"),
     ("ni_text_smooth", {"aggregate": "median"}, "'aggregate'"),
+    ("ni_image_gaussian", {"seed": -1}, "'seed'"),
+    ("ni_image_gaussian", {"seed": 1.5}, "'seed'"),
+    ("ni_text_smooth", {"seed": "a"}, "'seed'"),
+    ("ni_image_mask", {"patch": 2.5}, "'patch'"),
+    ("ni_image_mask", {"patch": 0}, "'patch'"),
+    ("ni_image_gaussian", {"k": True}, "'k'"),
+    ("mo_finetune", {"batch_size": 0}, "'batch_size'"),
+    ("mo_finetune", {"batch_size": -3}, "'batch_size'"),
+    ("mo_finetune", {"seed": -1}, "'seed'"),
+    ("mo_finetune", {"steps": True}, "'steps'"),
 ])
 def test_bad_parameters_name_the_parameter(name, params, match, direction_table):
     if name == "act_steer":
