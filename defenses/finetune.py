@@ -119,13 +119,18 @@ class FineTune(Defense):
     def _tune(self, bundle):
         from probing.model import ModelBundle
 
-        # A local generator: a defense never reseeds the global torch RNG (LoRA init draws from it,
-        # so it runs under a forked RNG state).
         lora = use_lora(self.lora, bundle.model.config)
         logger.info("mo_finetune: %s", "LoRA adapters" if lora else "full fine-tuning (vision tower frozen)")
         self.used_lora = lora
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        # A defense never changes the global torch RNG: the tune is seeded under a forked RNG state,
+        # the CPU generator's (LoRA init draws from it) and, when CUDA is initialised (a model on a
+        # GPU), every CUDA device's (dropout in training). torch.manual_seed would also seed CUDA
+        # devices fork_rng does not restore, or queue a seed for when CUDA starts.
+        cuda = torch.cuda.is_initialized()
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+            torch.random.default_generator.manual_seed(self.seed)
+            if cuda:
+                torch.cuda.manual_seed_all(self.seed)
             if lora:
                 # Every original weight stays frozen: the copy's parameters are new, frozen
                 # Parameter objects on the original's storage (tied weights stay tied; the

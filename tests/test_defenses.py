@@ -438,6 +438,45 @@ def test_lora_copy_shares_the_frozen_weights():
     assert all(torch.equal(p, before[n]) for n, p in toy.model.named_parameters())  # nor its values
 
 
+def test_fine_tuning_is_seeded_and_leaves_the_global_rng_as_it_was(monkeypatch):
+    """The tune is seeded (the same adapters whatever the global RNG state before) without changing
+    the global torch RNG: the CPU generator's state is restored, and while CUDA is not initialised
+    no CUDA seed is set or queued (torch.manual_seed queues one for when CUDA starts)."""
+    from defenses import mo_finetune
+    from probing import load_model
+
+    toy = load_model("toy")
+    cuda_seeds = []
+    real_seed_all = torch.cuda.manual_seed_all
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: cuda_seeds.append(seed) or real_seed_all(seed))
+    cuda_before = torch.cuda.is_initialized()
+    tuned = []
+    for outside in (1, 2):
+        torch.manual_seed(outside)
+        state = torch.get_rng_state()
+        tuned.append(mo_finetune(steps=2, batch_size=2, lora=True).model(toy))
+        assert torch.equal(torch.get_rng_state(), state)
+    if not cuda_before:
+        assert cuda_seeds == [1, 2]  # the test's own torch.manual_seed calls, none from the tunes
+    lora = [{n: p for n, p in t.model.named_parameters() if "lora_" in n} for t in tuned]
+    assert lora[0] and all(torch.equal(p, lora[1][n]) for n, p in lora[0].items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fine_tuning_on_a_gpu_leaves_the_cuda_rng_as_it_was():
+    """On a GPU the tune's seeding is undone on every CUDA device too (it used to reseed them)."""
+    from defenses import mo_finetune
+    from probing import load_model
+
+    toy = load_model("toy", device="cuda")
+    torch.cuda.manual_seed_all(1234)
+    before = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    cpu = torch.get_rng_state()
+    mo_finetune(steps=2, batch_size=2, lora=True).model(toy)
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert all(torch.equal(torch.cuda.get_rng_state(i), s) for i, s in enumerate(before))
+
+
 def test_merging_the_adapters_leaves_the_original_untouched():
     """`merge_adapters` (what the study does before saving a tuned model): the merged copy computes
     what the adapters computed, and the original's weights, which the copy shared, keep their
