@@ -97,7 +97,8 @@ class Compose(Defense):
 def _check_member(member, members) -> None:
     """A composite applies its members' transform, model and edits: a member whose only effect is
     its own `plan` (a score-level ensemble) would be dropped silently, so it is refused."""
-    own = {f: getattr(type(member), f, None) is not getattr(Defense, f) for f in ("plan", "transform", "model", "edits")}
+    own = {f: getattr(type(member), f, None) is not getattr(Defense, f)
+           for f in ("plan", "transform", "model", "edits")}
     if not own["plan"] or own["transform"] or own["model"] or own["edits"]:
         return
     if isinstance(member, ScoreLevel):
