@@ -9,7 +9,7 @@ from probing.analysis.directions import refusal_directions
 from probing.plan import set_defense_resolver
 
 from .activation import act_ablate, act_conditional_steer, act_steer
-from .base import CATEGORIES, Defense, check_finite, check_layers, check_rate
+from .base import CATEGORIES, Defense, check_finite, check_int, check_layers, check_rate
 from .composite import Both, Compose, Either, Mean
 from .finetune import mo_checkpoint, mo_finetune
 from .noise import ni_image_gaussian, ni_image_mask, ni_text_smooth
@@ -21,7 +21,7 @@ from .rewriting import qr_caption, qr_caption_no_image, qr_intention, qr_rewrite
 set_defense_resolver(get_defense)
 
 __all__ = [
-    "CATEGORIES", "Defense", "check_finite", "check_layers", "check_rate", "PromptDefense", "Compose", "Either", "Both", "Mean", "REGISTRY", "check_names", "get_defense",
+    "CATEGORIES", "Defense", "check_finite", "check_int", "check_layers", "check_rate", "PromptDefense", "Compose", "Either", "Both", "Mean", "REGISTRY", "check_names", "get_defense",
     "register", "refusal_directions", "act_ablate", "act_conditional_steer", "act_steer", "mo_checkpoint",
     "mo_finetune", "ni_image_gaussian", "ni_image_mask", "ni_text_smooth", "sr_adashield_s", "sr_custom",
     "sr_mmsafety", "sr_self_reminder", "qr_caption", "qr_caption_no_image", "qr_intention", "qr_rewrite",

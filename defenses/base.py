@@ -19,6 +19,7 @@ the scorer ever sees: the scorer does not import this package.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -89,7 +90,15 @@ def check_layers(name: str, layers, available) -> list[int]:
     return chosen
 
 
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` if it is an integer >= ``minimum`` (a bool is not one), or an `InputError` naming
+    the parameter (a seed: ``minimum=0``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise InputError(f"parameter {name!r} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_samples(k: int) -> int:
-    if not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"parameter 'k' (samples) must be an integer >= 1, got {k!r}")
     return k

@@ -2,7 +2,7 @@
 
 - ``Compose(a, b, ...)`` ("a+b"): apply all together: transforms chained (a's, then b's on each
   of a's variants), models chained, activation edits of all members (same hook point: applied
-  in order).
+  in order). A member whose only effect is its own plan (a score-level ensemble) is refused.
 - Score-level ensembles over the members' separate runs: ``Either`` ("a|b", refuse if any
   refuses: max p_refuse), ``Both`` (min), ``Mean`` (mean p_refuse); the formulas live in
   probing/aggregate.py and the scorer applies them to the members' finished tables.
@@ -27,6 +27,8 @@ class Compose(Defense):
     def __post_init__(self):
         if len(self.members) < 2:
             raise InputError("Compose needs at least two defenses")
+        for m in self.members:
+            _check_member(m, self.members)
         self.name = "+".join(m.name for m in self.members)
         self.params = {m.name: dict(m.params) for m in self.members}
         positions = {m.edit_positions for m in self.members if m.edits.__func__ is not Defense.edits}
@@ -90,6 +92,23 @@ class Compose(Defense):
                                            edit_positions=self.edit_positions, aggregate=self.aggregate,
                                            record={"folds": list(key)})))
         return ScoringPlan(self.name, bundle=model, parts=parts, record=self.describe())
+
+
+def _check_member(member, members) -> None:
+    """A composite applies its members' transform, model and edits: a member whose only effect is
+    its own `plan` (a score-level ensemble) would be dropped silently, so it is refused."""
+    own = {f: getattr(type(member), f, None) is not getattr(Defense, f)
+           for f in ("plan", "transform", "model", "edits")}
+    if not own["plan"] or own["transform"] or own["model"] or own["edits"]:
+        return
+    if isinstance(member, ScoreLevel):
+        instead = member.op.join("+".join(alt.name if m is member else m.name for m in members)
+                                 for alt in member.members)
+        raise InputError(f"Compose: member {member.name!r} is a score-level ensemble, which inside '+' would change "
+                         f"nothing; put the '+' inside each of its members instead: {instead!r}")
+    raise InputError(f"Compose: member {member.name!r} only overrides plan(), which a '+' composite does not use "
+                     "(it applies its members' transform, model and edits); score it on its own, or combine "
+                     "scores with Either/Both/Mean")
 
 
 @dataclass

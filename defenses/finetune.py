@@ -31,7 +31,7 @@ from probing.datasets import toy as data
 from probing.errors import InputError
 from probing.training import encode_example, fit, sampled_batches
 
-from .base import Defense, check_finite
+from .base import Defense, check_finite, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +119,18 @@ class FineTune(Defense):
     def _tune(self, bundle):
         from probing.model import ModelBundle
 
-        # A local generator: a defense never reseeds the global torch RNG (LoRA init draws from it,
-        # so it runs under a forked RNG state).
         lora = use_lora(self.lora, bundle.model.config)
         logger.info("mo_finetune: %s", "LoRA adapters" if lora else "full fine-tuning (vision tower frozen)")
         self.used_lora = lora
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        # A defense never changes the global torch RNG: the tune is seeded under a forked RNG state,
+        # the CPU generator's (LoRA init draws from it) and, when CUDA is initialised (a model on a
+        # GPU), every CUDA device's (dropout in training). torch.manual_seed would also seed CUDA
+        # devices fork_rng does not restore, or queue a seed for when CUDA starts.
+        cuda = torch.cuda.is_initialized()
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+            torch.random.default_generator.manual_seed(self.seed)
+            if cuda:
+                torch.cuda.manual_seed_all(self.seed)
             if lora:
                 # Every original weight stays frozen: the copy's parameters are new, frozen
                 # Parameter objects on the original's storage (tied weights stay tied; the
@@ -207,8 +212,9 @@ def mo_finetune(steps: int = 120, lr: float = 1e-3, batch_size: int = 16, seed: 
                 lora: bool | str = True) -> FineTune:
     """Safety fine-tuning; ``lora``: True (LoRA adapters, the default), False (full fine-tuning),
     or "auto" (LoRA above 1e9 language-model parameters)."""
-    if not isinstance(steps, int) or steps < 1:
-        raise InputError(f"parameter 'steps' must be an integer >= 1, got {steps!r}")
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
     if lora != "auto" and not isinstance(lora, bool):
         raise InputError(f"parameter 'lora' must be True, False or 'auto', got {lora!r}")
     lr = check_finite("lr", lr)

@@ -27,7 +27,7 @@ from probing.pipeline import map_threads
 from probing.query import Query
 from probing.render import PromptSpec
 
-from .base import Defense, check_rate, check_samples
+from .base import Defense, check_int, check_rate, check_samples
 
 
 def _rng(seed: int, qid: str, k: int) -> np.random.Generator:
@@ -63,6 +63,7 @@ class NoiseDefense(Defense):
     def __post_init__(self):
         check_samples(self.k)
         check_rate("rate", self.rate)
+        check_int("seed", self.seed, 0)  # numpy's generator takes no negative seed
         if self.aggregate not in ("mean", "majority"):
             raise InputError(f"parameter 'aggregate' must be 'mean' or 'majority', got {self.aggregate!r}")
         self.params = {"k": self.k, "rate": self.rate, "seed": int(self.seed), "aggregate": self.aggregate}
@@ -150,8 +151,7 @@ class ImageMask(NoiseDefense):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.patch < 1:
-            raise InputError(f"parameter 'patch' must be >= 1, got {self.patch}")
+        check_int("patch", self.patch, 1)
         self.params["patch"] = self.patch
 
     def applies(self, q):

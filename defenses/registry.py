@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import logging
 from typing import Callable
 
 from probing.errors import InputError
@@ -45,6 +46,8 @@ REGISTRY: dict[str, Callable[..., Defense]] = {
     # ablating the first and last layers mostly breaks the model; the registry's default is the inner ones
     "act_ablate": functools.partial(act_ablate, layers="inner"),
 }
+logger = logging.getLogger(__name__)
+
 _SCORE_OPS = {"|": Either, "&": Both, "~": Mean}
 _BASELINE_ARGS = ("table", "baseline")
 
@@ -52,25 +55,24 @@ _BASELINE_ARGS = ("table", "baseline")
 def register(name: str, factory: Callable[..., Defense]) -> None:
     """Add your own defense under ``name`` (it then also works inside ensemble expressions).
 
-    Registering the same factory again is a no-op (re-running a notebook cell is fine); another
-    factory under a taken name is refused."""
+    Registering a re-run of the same definition (the same qualified name and module: a notebook
+    cell run again, edited or not) replaces the factory; another factory under a taken name is
+    refused."""
     if not name or any(op in name for op in "+|&~,") or name != name.strip():
         raise InputError(f"defense name {name!r}: use a non-empty name without '+', '|', '&', '~', ',' or spaces")
     old = REGISTRY.get(name)
-    if old is not None and _same_factory(old, factory):
-        return
-    if old is not None:
-        raise InputError(f"a defense named {name!r} is already registered (with another factory)")
+    if old is not None and old is not factory:
+        if not _same_definition(old, factory):
+            raise InputError(f"a defense named {name!r} is already registered (with another factory)")
+        logger.info("defense %r: replacing its factory with the new definition of %s", name, factory.__qualname__)
     REGISTRY[name] = factory
 
 
-def _same_factory(a, b) -> bool:
-    # A re-run cell defines a new function object with the same code: treat it as the same factory.
-    if a is b:
-        return True
-    code_a, code_b = getattr(a, "__code__", None), getattr(b, "__code__", None)
-    return (code_a is not None and code_b is not None and a.__qualname__ == b.__qualname__
-            and a.__module__ == b.__module__ and code_a.co_code == code_b.co_code)
+def _same_definition(a, b) -> bool:
+    # A re-run cell defines a new function object under the same name; its code, constants or
+    # defaults may have been edited, and the new one is what the user means.
+    qual_a, qual_b = getattr(a, "__qualname__", None), getattr(b, "__qualname__", None)
+    return qual_a is not None and qual_a == qual_b and getattr(a, "__module__", None) == getattr(b, "__module__", None)
 
 
 def needs_baseline(factory: Callable) -> bool:

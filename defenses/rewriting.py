@@ -38,16 +38,17 @@ class Caption(Defense):
     question: str = CAPTION_QUESTION
 
     def transform(self, queries, bundle):
-        with_image = [q for q in queries if q.has_image]
-        asks = [Query(q.id, self.question, q.image) for q in with_image]
-        captions = dict(zip((q.id for q in with_image), generate(bundle, asks, self.max_new_tokens)))
+        asks = [Query(q.id, self.question, q.image) for q in queries if q.has_image]
+        # Paired by position, not by id: inside a composite the K noisy copies of a query share its id.
+        captions = iter(generate(bundle, asks, self.max_new_tokens))
         out = []
         for q in queries:
             if not q.has_image:
                 out.append([(q, PromptSpec())])
                 continue
-            text = f"The image shows: {captions[q.id]}. {q.text}".strip()
-            meta = {**q.meta, "caption": captions[q.id]}
+            caption = next(captions)
+            text = f"The image shows: {caption}. {q.text}".strip()
+            meta = {**q.meta, "caption": caption}
             out.append([(Query(q.id, text, q.image if self.keep_image else None, q.label, meta), PromptSpec())])
         return out
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from defenses.base import Defense
+from defenses.composite import Compose
 from defenses.finetune import FineTune, merge_adapters
 from defenses.rewriting import AskFirst, Caption
 from probing import load_model
@@ -104,6 +105,54 @@ def query_key(q: Query) -> str:
     return hashlib.sha1("\0".join((q.id, q.text, _image_digest(q.image))).encode()).hexdigest()
 
 
+#: how `Caption` pairs its captions with the queries: 2 = by position, each noisy copy of a query
+#: its own; before (1), by id, so that every noisy copy of a query (an NI member before the caption in
+#: a composite: the copies share the query's id) got the caption of the last copy. The generation
+#: cache files record it (``{"revision": 2, "entries": {query_key: variants}}``; a file of revision
+#: 1, the entries alone, is read by `_load_file`), so that no wrong caption is reused.
+CAPTION_REVISION = 2
+
+
+def _load_file(file: Path) -> dict:
+    """The cached generations in ``file`` (none if it does not exist or is of another revision)."""
+    if not file.is_file():
+        return {}
+    data = json.loads(file.read_text())
+    if data.get("revision") == CAPTION_REVISION:
+        return data["entries"]
+    if "revision" in data:
+        logger.info("%s: generation cache of revision %s, not %d: not reused", file, data["revision"],
+                    CAPTION_REVISION)
+        return {}
+    # Revision 1: an entry whose query id another entry shares may be a noisy copy's wrong caption.
+    ids: dict[str, int] = {}
+    for variants in data.values():
+        for v in {v["id"] for v in variants}:
+            ids[v] = ids.get(v, 0) + 1
+    trusted = {k: variants for k, variants in data.items() if all(ids[v["id"]] == 1 for v in variants)}
+    if len(trusted) < len(data):
+        logger.info("%s: %d of %d cached generations written before revision %d (query ids shared by several "
+                    "entries, e.g. noisy copies) are generated again", file, len(data) - len(trusted), len(data),
+                    CAPTION_REVISION)
+    return trusted
+
+
+def captions_noisy_copies(defense) -> bool:
+    """Whether ``defense`` captions noisy copies of a query: a composite with an NI member before a
+    `Caption` (or one inside a score-level ensemble). Scores of such a defense made before
+    `CAPTION_REVISION` gave all the copies one caption: the study and `Session` put the revision
+    in its condition's fingerprint, so its shards from then are scored again."""
+    members = getattr(defense, "members", None) or []
+    if not isinstance(defense, Compose):
+        return any(captions_noisy_copies(m) for m in members)
+    noisy = False
+    for m in members:
+        if noisy and isinstance(getattr(m, "inner", m), Caption):
+            return True
+        noisy = noisy or m.category == "NI" or captions_noisy_copies(m)
+    return False
+
+
 @dataclass
 class CachedRewrite(_Wrapper):
     """A query-rewriting defense whose generations are cached per (defense, model) in ``folder``,
@@ -117,7 +166,9 @@ class CachedRewrite(_Wrapper):
 
     def _cache(self, bundle) -> tuple[Path, dict]:
         file = self._file(bundle)
-        return file, self._mem.setdefault(file, json.loads(file.read_text()) if file.is_file() else {})
+        if file not in self._mem:
+            self._mem[file] = _load_file(file)
+        return file, self._mem[file]
 
     def todo(self, queries, bundle) -> list[Query]:
         """The queries `transform` would generate for: those without cached generations."""
@@ -140,7 +191,7 @@ class CachedRewrite(_Wrapper):
                     cache[keys[i]] = stored
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(file.name + ".tmp")
-            tmp.write_text(json.dumps(cache))
+            tmp.write_text(json.dumps({"revision": CAPTION_REVISION, "entries": cache}))
             os.replace(tmp, file)
         return [fresh[k] if k in fresh else [self._load(q, v) for v in cache[k]] for q, k in zip(queries, keys)]
 

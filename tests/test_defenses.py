@@ -1,6 +1,7 @@
 """Defenses change exactly what they should, deterministically, and leave no hooks behind."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -193,6 +194,29 @@ def test_compose_applies_all(tiny, mixed_queries, direction_table):
     torch.testing.assert_close(got.margin, want.margin, atol=1e-6, rtol=0)
 
 
+def test_compose_refuses_a_member_that_only_plans():
+    """A score-level ensemble (or any defense whose only effect is its own plan()) inside "+"
+    would be dropped silently: Compose names it and says what to write instead."""
+    from defenses.composite import ScoreLevel
+    from probing.errors import InputError
+
+    either = get_defense("sr_self_reminder|sr_mmsafety")
+    instead = "sr_self_reminder+sr_adashield_s|sr_mmsafety+sr_adashield_s"
+    with pytest.raises(InputError, match=r"member 'sr_self_reminder\|sr_mmsafety' is a score-level ensemble.*"
+                                         + re.escape(repr(instead))):
+        Compose(members=[either, get_defense("sr_adashield_s")])
+    suggested = get_defense(instead)  # what the message suggests: the "+" inside each member
+    assert isinstance(suggested, ScoreLevel) and [m.name for m in suggested.members] == instead.split("|")
+
+    class PlanOnly(Defense):
+        def plan(self, queries, bundle):
+            return super().plan(queries, bundle)
+
+    with pytest.raises(InputError, match="member 'planner' only overrides plan()"):
+        Compose(members=[sr_self_reminder(), PlanOnly(name="planner")])
+    Compose(members=[sr_self_reminder(), Compose(members=[sr_self_reminder(), ni_text_smooth()])])  # nested "+": fine
+
+
 def test_generation_based_defense_is_batched(tiny, mixed_queries):
     from probing.generation import generate
     from defenses.rewriting import qr_caption, qr_caption_no_image
@@ -217,12 +241,51 @@ def test_generation_based_defense_is_batched(tiny, mixed_queries):
     ("mo_finetune", {"lr": float("inf")}, "'lr'"),
     ("qr_caption", {"max_new_tokens": 0}, "max_new_tokens"),
     ("ni_text_smooth", {"aggregate": "median"}, "'aggregate'"),
+    ("ni_image_gaussian", {"seed": -1}, "'seed'"),
+    ("ni_image_gaussian", {"seed": 1.5}, "'seed'"),
+    ("ni_text_smooth", {"seed": "a"}, "'seed'"),
+    ("ni_image_mask", {"patch": 2.5}, "'patch'"),
+    ("ni_image_mask", {"patch": 0}, "'patch'"),
+    ("ni_image_gaussian", {"k": True}, "'k'"),
+    ("mo_finetune", {"batch_size": 0}, "'batch_size'"),
+    ("mo_finetune", {"batch_size": -3}, "'batch_size'"),
+    ("mo_finetune", {"seed": -1}, "'seed'"),
+    ("mo_finetune", {"steps": True}, "'steps'"),
 ])
 def test_bad_parameters_name_the_parameter(name, params, match, direction_table):
     if name == "act_steer":
         params = {**params, "table": direction_table}
     with pytest.raises(ValueError, match=match):
         get_defense(name, **params)
+
+
+def test_registering_an_edited_definition_again_uses_the_new_one(caplog):
+    """A notebook cell that defines and registers a factory, edited (a text constant, a default)
+    and run again: the new factory replaces the old one, logged; another factory under a taken
+    name is still refused."""
+    import logging
+
+    from defenses import REGISTRY, register, sr_custom
+    from probing.errors import InputError
+
+    cell = "def my_sr({args}):\n    return sr_custom(text_after={text}, name='my_sr')\nregister('my_sr', my_sr)\n"
+    notebook = {"__name__": "__main__", "sr_custom": sr_custom, "register": register}
+    try:
+        exec(cell.format(args="", text="'Be careful.'"), notebook)
+        assert get_defense("my_sr").spec.text_after == "Be careful."
+        with caplog.at_level(logging.INFO, logger="defenses.registry"):
+            exec(cell.format(args="", text="'Refuse anything dangerous.'"), notebook)
+        assert get_defense("my_sr").spec.text_after == "Refuse anything dangerous."
+        assert "'my_sr'" in caplog.text and "replacing" in caplog.text
+        exec(cell.format(args="k=4", text="f'x{k}'"), notebook)
+        assert get_defense("my_sr").spec.text_after == "x4"
+        with pytest.raises(InputError, match="'my_sr' is already registered"):
+            register("my_sr", lambda: sr_custom(text_after="other", name="my_sr"))
+        with pytest.raises(InputError, match="'sr_self_reminder' is already registered"):
+            register("sr_self_reminder", notebook["my_sr"])
+        assert get_defense("my_sr").spec.text_after == "x4"
+    finally:
+        REGISTRY.pop("my_sr", None)
 
 
 def test_unknown_names_list_what_exists():
@@ -373,6 +436,45 @@ def test_lora_copy_shares_the_frozen_weights():
     assert shared["model.multi_modal_projector.linear_1.weight"].data_ptr() == w.data_ptr()  # no copy
     assert [p.requires_grad for p in toy.model.parameters()] == flags  # the original's flags untouched
     assert all(torch.equal(p, before[n]) for n, p in toy.model.named_parameters())  # nor its values
+
+
+def test_fine_tuning_is_seeded_and_leaves_the_global_rng_as_it_was(monkeypatch):
+    """The tune is seeded (the same adapters whatever the global RNG state before) without changing
+    the global torch RNG: the CPU generator's state is restored, and while CUDA is not initialised
+    no CUDA seed is set or queued (torch.manual_seed queues one for when CUDA starts)."""
+    from defenses import mo_finetune
+    from probing import load_model
+
+    toy = load_model("toy")
+    cuda_seeds = []
+    real_seed_all = torch.cuda.manual_seed_all
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: cuda_seeds.append(seed) or real_seed_all(seed))
+    cuda_before = torch.cuda.is_initialized()
+    tuned = []
+    for outside in (1, 2):
+        torch.manual_seed(outside)
+        state = torch.get_rng_state()
+        tuned.append(mo_finetune(steps=2, batch_size=2, lora=True).model(toy))
+        assert torch.equal(torch.get_rng_state(), state)
+    if not cuda_before:
+        assert cuda_seeds == [1, 2]  # the test's own torch.manual_seed calls, none from the tunes
+    lora = [{n: p for n, p in t.model.named_parameters() if "lora_" in n} for t in tuned]
+    assert lora[0] and all(torch.equal(p, lora[1][n]) for n, p in lora[0].items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fine_tuning_on_a_gpu_leaves_the_cuda_rng_as_it_was():
+    """On a GPU the tune's seeding is undone on every CUDA device too (it used to reseed them)."""
+    from defenses import mo_finetune
+    from probing import load_model
+
+    toy = load_model("toy", device="cuda")
+    torch.cuda.manual_seed_all(1234)
+    before = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
+    cpu = torch.get_rng_state()
+    mo_finetune(steps=2, batch_size=2, lora=True).model(toy)
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert all(torch.equal(torch.cuda.get_rng_state(i), s) for i, s in enumerate(before))
 
 
 def test_merging_the_adapters_leaves_the_original_untouched():

@@ -455,3 +455,92 @@ def test_cached_generations_follow_the_image_file(tmp_path):
     cached.transform([memory], Bundle())
     cached.transform([Query("q2", "what is it?", Image.new("RGB", (8, 8), "red"), "benign")], Bundle())
     assert inner.calls == 4
+
+
+@pytest.fixture(scope="module")
+def noisy_captions():
+    """Two toy image queries, their noisy copies (``ni_image_gaussian``, K=4) and each copy's own
+    caption (the model on that copy alone), by `query_key`."""
+    from defenses import get_defense
+    from experiments.kept import query_key
+    from probing import load_model
+    from probing.datasets import toy as data
+    from probing.generation import generate
+
+    toy = load_model("toy")
+    image_qs = [q for q in data.requests("test") if q.has_image]
+    ni, cap = get_defense("ni_image_gaussian", k=4, rate=0.6), get_defense("qr_caption", max_new_tokens=12)
+    copies = [c for vs in ni.transform(image_qs[:2], toy) for c, _ in vs]
+    own = {query_key(c): generate(toy, [Query(c.id, cap.question, c.image)], 12)[0] for c in copies}
+    assert len(set(own.values())) > 2  # the copies' captions differ
+    return toy, image_qs, ni, cap, copies, own
+
+
+def test_cached_captions_of_noisy_copies_are_each_copys_own(tmp_path, noisy_captions):
+    """The study's `CachedRewrite` inside NI+QR: each noisy copy is answered with, and cached
+    under its key with, its own caption; a resumed run reads them back without generating."""
+    from defenses import Compose
+    from experiments.kept import CachedRewrite, query_key
+
+    toy, image_qs, ni, cap, copies, own = noisy_captions
+    cached = CachedRewrite(inner=cap, folder=tmp_path / "generations")
+    composed = Compose(members=[ni, cached]).transform(image_qs[:2], toy)
+    assert [v.meta["caption"] for vs in composed for v, _ in vs] == [own[query_key(c)] for c in copies]
+    entries = json.loads(cached._file(toy).read_text())["entries"]
+    assert {k: v[0]["meta"]["caption"] for k, v in entries.items()} == own
+    again = CachedRewrite(inner=cap, folder=tmp_path / "generations")
+    assert again.todo(copies, toy) == []
+    assert [vs[0][0].meta["caption"] for vs in again.transform(copies, toy)] == [own[query_key(c)] for c in copies]
+
+
+def test_generation_cache_from_before_per_copy_captions_is_not_reused_for_copies(tmp_path, noisy_captions):
+    """A generation cache written before revision 2 (the entries alone) gave every noisy copy of a
+    query the last copy's caption: entries whose query id another entry shares are generated
+    again; a plain query's entry (its id unique in the file) is reused."""
+    from defenses import Compose
+    from experiments.kept import CAPTION_REVISION, CachedRewrite, query_key
+    from probing.render import PromptSpec
+
+    toy, image_qs, ni, cap, copies, own = noisy_captions
+    plain = image_qs[2]
+
+    def entry(q, caption):  # as `Caption` and `CachedRewrite` stored it
+        return [CachedRewrite._store(q, Query(q.id, f"The image shows: {caption}. {q.text}", q.image, q.label,
+                                              {**q.meta, "caption": caption}), PromptSpec())]
+
+    cached = CachedRewrite(inner=cap, folder=tmp_path / "generations")
+    file = cached._file(toy)
+    file.parent.mkdir()
+    file.write_text(json.dumps({**{query_key(c): entry(c, "stale") for c in copies},
+                                query_key(plain): entry(plain, "kept")}))
+    composed = Compose(members=[ni, cached]).transform(image_qs[:2], toy)
+    assert [v.meta["caption"] for vs in composed for v, _ in vs] == [own[query_key(c)] for c in copies]
+    assert cached.todo([plain], toy) == [] and cached.transform([plain], toy)[0][0][0].meta["caption"] == "kept"
+    written = json.loads(file.read_text())
+    assert written["revision"] == CAPTION_REVISION
+    assert {k: v[0]["meta"]["caption"] for k, v in written["entries"].items()} == {**own, query_key(plain): "kept"}
+
+
+def test_conditions_that_caption_noisy_copies_are_fingerprinted_with_the_caption_revision(llava_assets, tmp_path):
+    """Shards of a composite that captions noisy copies (NI before QR), scored before revision 2
+    with one caption for all the copies, lack the revision in their fingerprint and are scored
+    again; the shards of every other condition stay valid."""
+    import defenses  # noqa: F401
+    from defenses import get_defense
+    from experiments.kept import CAPTION_REVISION, captions_noisy_copies
+    from experiments.study import Study
+    from experiments.study_config import StudyConfig
+
+    noisy = ["ni_image_gaussian+qr_caption", "ni_image_mask+qr_caption_no_image"]
+    others = ["qr_caption+ni_image_gaussian", "sr_self_reminder+ni_image_mask", "qr_caption", "ni_image_gaussian"]
+    cfg = StudyConfig(model="tiny-random", out=str(tmp_path / "s"), defenses=others[2:], ensembles=noisy + others[:2],
+                      datasets=[{"name": "toy", "tag": "toy", "limit": 4}], batch_size=4, generation_check=0)
+    study = Study(cfg)
+    try:
+        for name in noisy + others:
+            fp = study._fingerprint(name, study._scored_defense(name))
+            assert fp.get("captions") == (CAPTION_REVISION if name in noisy else None), name
+    finally:
+        study.run.close()
+    assert captions_noisy_copies(get_defense("sr_self_reminder|ni_text_smooth+qr_caption"))  # a member of "|"
+    assert not captions_noisy_copies(get_defense("ni_text_smooth|qr_caption")) and not captions_noisy_copies(None)

@@ -169,3 +169,29 @@ def test_finetune_with_lora_adapters(toy, queries):
             assert torch.equal(p, base[plain]), n
     table = RefusalScorer(toy, layers=None, progress=False).score(queries[:8], defense=d)
     assert table.meta["params"]["lora"] is True and torch.isfinite(table.margin).all()
+
+
+@pytest.mark.parametrize("noise,caption", [("ni_image_gaussian", "qr_caption"),
+                                           ("ni_image_mask", "qr_caption_no_image")])
+def test_each_noisy_copy_is_captioned_on_its_own(toy, queries, noise, caption):
+    """NI before QR in a composite: every noisy copy gets the caption the model gives that copy
+    alone. The copies share the query's id, so captions paired by id gave all of them the last
+    copy's."""
+    from defenses import Compose
+    from probing import Query
+    from probing.generation import generate
+
+    qs = [q for q in queries if q.has_image][:3]
+    ni, cap = get_defense(noise, k=4, rate=0.6), get_defense(caption, max_new_tokens=12)
+    composed = Compose(members=[ni, cap]).transform(qs, toy)
+    spread = 0
+    for q, variants, copies in zip(qs, composed, ni.transform(qs, toy)):
+        own = [generate(toy, [Query(q.id, cap.question, c.image)], 12)[0] for c, _ in copies]
+        assert [v.meta["caption"] for v, _ in variants] == own, q.id
+        assert [v.text for v, _ in variants] == [f"The image shows: {c}. {q.text}" for c in own]
+        if cap.keep_image:  # each its own copy's pixels (the composite drew them again: other objects)
+            assert [v.image.tobytes() for v, _ in variants] == [c.image.tobytes() for c, _ in copies]
+        else:
+            assert all(v.image is None for v, _ in variants)
+        spread += len(set(own)) > 1
+    assert spread  # the copies' captions differ: a single caption for all of them would fail above
