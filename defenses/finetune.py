@@ -18,6 +18,7 @@ the meta device. A LoRA copy shares the original's frozen weights instead of cop
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 import warnings
@@ -116,6 +117,11 @@ class FineTune(Defense):
             self._cache[bundle.model] = self._tune(bundle)
         return self._cache[bundle.model]
 
+    def identity(self) -> dict:
+        """What makes the tuned model what it is beyond the model it was tuned from (kept in the
+        tuned bundle's ``extra["identity"]``: caches of what that model generated are keyed by it)."""
+        return {"defense": self.name, "params": json.loads(json.dumps(self.params, default=str))}
+
     def _tune(self, bundle):
         from probing.model import ModelBundle
 
@@ -167,7 +173,8 @@ class FineTune(Defense):
                 device=bundle.input_device, log_every=20, name="mo_finetune")
         for p in model.parameters():
             p.requires_grad_(False)
-        return ModelBundle(model, bundle.processor, f"{bundle.name}+mo_finetune", bundle.source_dir)
+        return ModelBundle(model, bundle.processor, f"{bundle.name}+mo_finetune", bundle.source_dir,
+                           extra={"identity": self.identity()})
 
 
 def merge_adapters(tuned) -> None:
@@ -201,10 +208,13 @@ class Checkpoint(Defense):
 
     def model(self, bundle):
         if "bundle" not in self._cache:
-            from probing.model import load_model
+            from probing.model import load_model, model_fingerprint
 
             self._cache["bundle"] = load_model(self.path, device=bundle.input_device, dtype=bundle.dtype,
                                                image_aspect_ratio=bundle.image_aspect_ratio)
+            # its weights' fingerprint: what it generates is cached under it (a checkpoint retrained
+            # at the same path is another model)
+            self._cache["bundle"].extra["identity"] = {"checkpoint": model_fingerprint(self.path)}
         return self._cache["bundle"]
 
 

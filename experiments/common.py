@@ -14,7 +14,7 @@ from pathlib import Path
 from probing import RefusalScorer, load_model
 from probing.errors import DataError, InputError
 from probing.query import Query, check_images
-from .kept import CAPTION_REVISION, captions_noisy_copies, kept
+from .kept import kept
 from .options import ANALYSIS_OPTIONS, add_common  # noqa: F401  (add_common: old import path)
 from .report import write_report
 from .runs import RunDir
@@ -194,8 +194,6 @@ class Session:
         fp = {"defense": defense.describe() if hasattr(defense, "describe") else defense}
         if defense is not None and _needs_baseline(defense):
             fp["baseline"] = self.run.condition_digest("baseline")
-        if captions_noisy_copies(defense):  # scored before revision 2 with one caption for all noisy copies
-            fp["captions"] = CAPTION_REVISION
         return self.run.score(lambda qs: self.scorer.score(qs, defense=defense, meta={"condition": condition}),
                               queries, condition, self.args.batch_size, fingerprint=fp)
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from defenses.base import Defense
-from defenses.composite import Compose
 from defenses.finetune import FineTune, merge_adapters
 from defenses.rewriting import AskFirst, Caption
 from probing import load_model
@@ -70,6 +69,7 @@ class SavedModel(_Wrapper):
             tuned = load_model(self.folder, device=self.device, dtype=self.dtype,
                                image_aspect_ratio=bundle.image_aspect_ratio)
             tuned.name = f"{bundle.name}+{self.name}"
+            tuned.extra["identity"] = self.inner.identity()
             return tuned
         tuned = self.inner.model(bundle)
         merge_adapters(tuned)  # LoRA adapters merged (the run's model untouched): it loads as a plain model
@@ -105,64 +105,47 @@ def query_key(q: Query) -> str:
     return hashlib.sha1("\0".join((q.id, q.text, _image_digest(q.image))).encode()).hexdigest()
 
 
-#: how `Caption` pairs its captions with the queries: 2 = by position, each noisy copy of a query
-#: its own; before (1), by id, so that every noisy copy of a query (an NI member before the caption in
-#: a composite: the copies share the query's id) got the caption of the last copy. The generation
-#: cache files record it (``{"revision": 2, "entries": {query_key: variants}}``; a file of revision
-#: 1, the entries alone, is read by `_load_file`), so that no wrong caption is reused.
-CAPTION_REVISION = 2
+#: the layout of a generation cache file: ``{"revision": 2, "entries": {query_key: variants}}``, a
+#: variant holding only what the rewrite made (its text, whether it kept the image, the metadata it
+#: added, its prompt spec). A file of another layout is not read (its generations are made again);
+#: revision 1 was the entries alone, written when `Caption` paired captions by id (every noisy copy
+#: of a query got the last copy's caption) and replayed each query's old metadata.
+CACHE_REVISION = 2
 
 
 def _load_file(file: Path) -> dict:
-    """The cached generations in ``file`` (none if it does not exist or is of another revision)."""
+    """The cached generations in ``file`` (none if it does not exist or has another layout)."""
     if not file.is_file():
         return {}
-    data = json.loads(file.read_text())
-    if data.get("revision") == CAPTION_REVISION:
-        return data["entries"]
-    if "revision" in data:
-        logger.info("%s: generation cache of revision %s, not %d: not reused", file, data["revision"],
-                    CAPTION_REVISION)
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        logger.warning("%s: unreadable generation cache (%s): generating again", file, exc)
         return {}
-    # Revision 1: an entry whose query id another entry shares may be a noisy copy's wrong caption.
-    ids: dict[str, int] = {}
-    for variants in data.values():
-        for v in {v["id"] for v in variants}:
-            ids[v] = ids.get(v, 0) + 1
-    trusted = {k: variants for k, variants in data.items() if all(ids[v["id"]] == 1 for v in variants)}
-    if len(trusted) < len(data):
-        logger.info("%s: %d of %d cached generations written before revision %d (query ids shared by several "
-                    "entries, e.g. noisy copies) are generated again", file, len(data) - len(trusted), len(data),
-                    CAPTION_REVISION)
-    return trusted
-
-
-def captions_noisy_copies(defense) -> bool:
-    """Whether ``defense`` captions noisy copies of a query: a composite with an NI member before a
-    `Caption` (or one inside a score-level ensemble). Scores of such a defense made before
-    `CAPTION_REVISION` gave all the copies one caption: the study and `Session` put the revision
-    in its condition's fingerprint, so its shards from then are scored again."""
-    members = getattr(defense, "members", None) or []
-    if not isinstance(defense, Compose):
-        return any(captions_noisy_copies(m) for m in members)
-    noisy = False
-    for m in members:
-        if noisy and isinstance(getattr(m, "inner", m), Caption):
-            return True
-        noisy = noisy or m.category == "NI" or captions_noisy_copies(m)
-    return False
+    if not isinstance(data, dict) or data.get("revision") != CACHE_REVISION:
+        logger.info("%s: generation cache of another layout: generating again", file)
+        return {}
+    return data["entries"]
 
 
 @dataclass
 class CachedRewrite(_Wrapper):
     """A query-rewriting defense whose generations are cached per (defense, model) in ``folder``,
     so a composite ``qr+sr`` reuses the single run's captions. Variants are cached only when they
-    keep the query's image or drop it (what every QR defense does)."""
+    keep the query's image or drop it (what every QR defense does).
+
+    A cache file belongs to the defense's record (its question, token budget...) and to the model
+    that generated (`ModelBundle.extra`'s ``"identity"``: a fine-tune's parameters, a checkpoint's
+    fingerprint; the run's own model is fixed by the run's fingerprint): its name carries a digest
+    of both, so generations made with other parameters or by another tuned model are never read."""
 
     _mem: dict = field(default_factory=dict, repr=False)
 
     def _file(self, bundle) -> Path:
-        return self.folder / f"{safe_name(self.name)}@{safe_name(bundle.name)}.json"
+        owner = json.dumps({"defense": self.inner.describe(), "model": getattr(bundle, "extra", {}).get("identity")},
+                           sort_keys=True, default=str)
+        digest = hashlib.sha1(owner.encode()).hexdigest()[:12]
+        return self.folder / f"{safe_name(self.name)}@{safe_name(bundle.name)}-{digest}.json"
 
     def _cache(self, bundle) -> tuple[Path, dict]:
         file = self._file(bundle)
@@ -191,27 +174,36 @@ class CachedRewrite(_Wrapper):
                     cache[keys[i]] = stored
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_name(file.name + ".tmp")
-            tmp.write_text(json.dumps({"revision": CAPTION_REVISION, "entries": cache}))
+            tmp.write_text(json.dumps({"revision": CACHE_REVISION, "entries": cache}))
             os.replace(tmp, file)
         return [fresh[k] if k in fresh else [self._load(q, v) for v in cache[k]] for q, k in zip(queries, keys)]
 
     @staticmethod
     def _store(q: Query, vq: Query, spec):
+        """What the rewrite made of ``q``: its text, whether it kept the image, the metadata it added
+        or changed; None when that cannot be stored (a new image, metadata that is not JSON)."""
         if vq.image is not None and vq.image is not q.image:
             return None
+        if vq.id != q.id or vq.label != q.label:
+            return None
+        added = {k: v for k, v in vq.meta.items() if k not in q.meta or q.meta[k] != v}
+        if set(q.meta) - set(vq.meta):
+            return None
         try:
-            if json.loads(json.dumps(vq.meta)) != vq.meta:
+            if json.loads(json.dumps(added)) != added:
                 return None
         except (TypeError, ValueError):
             return None
-        return {"id": vq.id, "text": vq.text, "image": vq.image is not None, "label": vq.label, "meta": vq.meta,
+        return {"text": vq.text, "image": vq.image is not None, "added": added,
                 "spec": None if spec is None else dataclasses.asdict(spec)}
 
     @staticmethod
     def _load(q: Query, v: dict):
+        """The variant from what `_store` kept, on the query as it is now (its id, label, image and
+        metadata: a dataset re-tagged since keeps its new tags)."""
         from probing.render import PromptSpec
 
-        return (Query(v["id"], v["text"], q.image if v["image"] else None, v["label"], v["meta"]),
+        return (Query(q.id, v["text"], q.image if v["image"] else None, q.label, {**q.meta, **v["added"]}),
                 None if v["spec"] is None else PromptSpec(**v["spec"]))
 
 

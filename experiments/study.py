@@ -68,7 +68,7 @@ from probing.score_table import ScoreTable
 
 from . import options, study_config
 from .common import check_device, check_labels, warn_out_of_vocabulary
-from .kept import CAPTION_REVISION, CachedRewrite, SavedModel, captions_noisy_copies, kept, query_key
+from .kept import CachedRewrite, SavedModel, kept, query_key
 from .plan_ahead import PlanAhead
 from .report import write_table
 from .runs import RunDir
@@ -442,8 +442,6 @@ class Study:
             # with the study's model, so a condition scored after it ran on tuned weights: shards
             # and answers from then lack this key and are recomputed (`merge_adapters`).
             fp["own_model"] = OWN_MODEL_REVISION
-        if captions_noisy_copies(defense):  # scored before revision 2 with one caption for all noisy copies
-            fp["captions"] = CAPTION_REVISION
         if name == "baseline" and self.needs_hidden:  # activation defenses need its hidden states:
             fp["hidden"] = True                       # shards scored without them are recomputed
         if any(registry.needs_baseline(REGISTRY[p]) for p in _members(name) if p in REGISTRY):

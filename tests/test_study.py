@@ -487,60 +487,57 @@ def test_cached_captions_of_noisy_copies_are_each_copys_own(tmp_path, noisy_capt
     composed = Compose(members=[ni, cached]).transform(image_qs[:2], toy)
     assert [v.meta["caption"] for vs in composed for v, _ in vs] == [own[query_key(c)] for c in copies]
     entries = json.loads(cached._file(toy).read_text())["entries"]
-    assert {k: v[0]["meta"]["caption"] for k, v in entries.items()} == own
+    assert {k: v[0]["added"]["caption"] for k, v in entries.items()} == own
     again = CachedRewrite(inner=cap, folder=tmp_path / "generations")
     assert again.todo(copies, toy) == []
     assert [vs[0][0].meta["caption"] for vs in again.transform(copies, toy)] == [own[query_key(c)] for c in copies]
 
 
-def test_generation_cache_from_before_per_copy_captions_is_not_reused_for_copies(tmp_path, noisy_captions):
-    """A generation cache written before revision 2 (the entries alone) gave every noisy copy of a
-    query the last copy's caption: entries whose query id another entry shares are generated
-    again; a plain query's entry (its id unique in the file) is reused."""
+def test_a_generation_cache_of_the_old_layout_is_not_read(tmp_path, noisy_captions):
+    """A cache file written before revision 2 (the entries alone) may hold a noisy copy's wrong
+    caption (captions were paired by id) and old metadata: none of it is read."""
     from defenses import Compose
-    from experiments.kept import CAPTION_REVISION, CachedRewrite, query_key
-    from probing.render import PromptSpec
+    from experiments.kept import CACHE_REVISION, CachedRewrite, query_key
 
     toy, image_qs, ni, cap, copies, own = noisy_captions
-    plain = image_qs[2]
-
-    def entry(q, caption):  # as `Caption` and `CachedRewrite` stored it
-        return [CachedRewrite._store(q, Query(q.id, f"The image shows: {caption}. {q.text}", q.image, q.label,
-                                              {**q.meta, "caption": caption}), PromptSpec())]
-
     cached = CachedRewrite(inner=cap, folder=tmp_path / "generations")
     file = cached._file(toy)
     file.parent.mkdir()
-    file.write_text(json.dumps({**{query_key(c): entry(c, "stale") for c in copies},
-                                query_key(plain): entry(plain, "kept")}))
+    old = {"id": copies[0].id, "text": "The image shows: stale.", "image": True, "label": copies[0].label,
+           "meta": {"caption": "stale"}, "spec": None}
+    file.write_text(json.dumps({query_key(c): [old] for c in copies}))
+    assert cached.todo(copies, toy) == copies
     composed = Compose(members=[ni, cached]).transform(image_qs[:2], toy)
     assert [v.meta["caption"] for vs in composed for v, _ in vs] == [own[query_key(c)] for c in copies]
-    assert cached.todo([plain], toy) == [] and cached.transform([plain], toy)[0][0][0].meta["caption"] == "kept"
-    written = json.loads(file.read_text())
-    assert written["revision"] == CAPTION_REVISION
-    assert {k: v[0]["meta"]["caption"] for k, v in written["entries"].items()} == {**own, query_key(plain): "kept"}
+    assert json.loads(file.read_text())["revision"] == CACHE_REVISION
 
 
-def test_conditions_that_caption_noisy_copies_are_fingerprinted_with_the_caption_revision(llava_assets, tmp_path):
-    """Shards of a composite that captions noisy copies (NI before QR), scored before revision 2
-    with one caption for all the copies, lack the revision in their fingerprint and are scored
-    again; the shards of every other condition stay valid."""
-    import defenses  # noqa: F401
+def test_cached_generations_belong_to_their_defense_and_model(tmp_path, noisy_captions):
+    """A rewrite cached with one token budget, question or tuned model is not read for another
+    (their files differ), and a cached variant takes the query's current label and metadata."""
+    import dataclasses
+
     from defenses import get_defense
-    from experiments.kept import CAPTION_REVISION, captions_noisy_copies
-    from experiments.study import Study
-    from experiments.study_config import StudyConfig
+    from experiments.kept import CachedRewrite
 
-    noisy = ["ni_image_gaussian+qr_caption", "ni_image_mask+qr_caption_no_image"]
-    others = ["qr_caption+ni_image_gaussian", "sr_self_reminder+ni_image_mask", "qr_caption", "ni_image_gaussian"]
-    cfg = StudyConfig(model="tiny-random", out=str(tmp_path / "s"), defenses=others[2:], ensembles=noisy + others[:2],
-                      datasets=[{"name": "toy", "tag": "toy", "limit": 4}], batch_size=4, generation_check=0)
-    study = Study(cfg)
-    try:
-        for name in noisy + others:
-            fp = study._fingerprint(name, study._scored_defense(name))
-            assert fp.get("captions") == (CAPTION_REVISION if name in noisy else None), name
-    finally:
-        study.run.close()
-    assert captions_noisy_copies(get_defense("sr_self_reminder|ni_text_smooth+qr_caption"))  # a member of "|"
-    assert not captions_noisy_copies(get_defense("ni_text_smooth|qr_caption")) and not captions_noisy_copies(None)
+    toy, image_qs, ni, cap, copies, own = noisy_captions
+    folder = tmp_path / "generations"
+    q = image_qs[0]
+    long = CachedRewrite(inner=cap, folder=folder)
+    caption = long.transform([q], toy)[0][0][0].meta["caption"]
+    short = CachedRewrite(inner=get_defense("qr_caption", max_new_tokens=1), folder=folder)
+    assert short.todo([q], toy) == [q]
+    assert short.transform([q], toy)[0][0][0].meta["caption"] != caption
+    asked = CachedRewrite(inner=dataclasses.replace(cap, question="What is written here?"), folder=folder)
+    assert asked.todo([q], toy) == [q]
+    tuned = [dataclasses.replace(toy, name="toy+mo_finetune", extra={"identity": {"params": {"steps": n}}})
+             for n in (2, 60)]
+    CachedRewrite(inner=cap, folder=folder).transform([q], tuned[0])
+    assert CachedRewrite(inner=cap, folder=folder).todo([q], tuned[0]) == []
+    assert CachedRewrite(inner=cap, folder=folder).todo([q], tuned[1]) == [q]
+    assert len(list(folder.glob("*.json"))) == 3  # long, short, the first tuned model
+    retagged = dataclasses.replace(q, meta={**q.meta, "dataset": "toy_v2"})
+    again = CachedRewrite(inner=cap, folder=folder)
+    assert again.todo([retagged], toy) == []  # same id, text and image: the cached caption is used
+    variant = again.transform([retagged], toy)[0][0][0]
+    assert variant.meta == {**retagged.meta, "caption": caption} and variant.label == q.label
