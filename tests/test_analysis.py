@@ -274,3 +274,22 @@ def test_summary_repr_and_flat_row():
     for k in ("mean_shift", "distance_change", "auroc_def", "auroc_change", "dprime_change", "refusal_harmful_def",
               "refusal_benign_def", "harmful_change_sd", "benign_change_sd", "criterion_def", "hl_differential"):
         assert row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"], k
+
+
+def test_duplicate_ids_are_rejected_naming_the_run():
+    from probing.analysis import pair_tables
+    from probing.errors import InputError
+
+    # the audit's case: two baseline rows 'q0' were both paired with the defended run's last 'q0'
+    ids, labels = ["q0", "q0", "q1", "q2", "q3"], ["harmful", "harmful", "harmful", "benign", "benign"]
+    dup = ScoreTable(ids, labels, torch.tensor([1., 5., 2., 0., -1.]), torch.zeros(5, 0), [], None,
+                     {"condition": "sr_x"})
+    unique = ScoreTable(["q0", "q4", "q1", "q2", "q3"], labels, torch.tensor([1., 5., 2., 0., -1.]),
+                        torch.zeros(5, 0), [])
+    with pytest.raises(InputError, match=r"duplicate query ids in the baseline run.*\['q0'\]"):
+        pair_tables(dup, dup)
+    with pytest.raises(InputError, match=r"duplicate query ids in the defended run \('sr_x'\).*\['q0'\]"):
+        pair_tables(unique, dup)
+    with pytest.raises(InputError, match="duplicate query ids"):
+        compare(dup, with_margins(dup, 0.5, 0.5), n_boot=10)
+    assert len(pair_tables(unique, unique).ids) == 5  # unique ids still pair

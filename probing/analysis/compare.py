@@ -136,8 +136,19 @@ class Paired:
 
 def pair_tables(baseline: ScoreTable, defended: ScoreTable, what: str = "margin") -> Paired:
     """Align two runs by query id; clear errors for every way they can disagree."""
-    missing_d = [q for q in baseline.ids if q not in set(defended.ids)]
-    missing_b = [q for q in defended.ids if q not in set(baseline.ids)]
+    for name, table in (("baseline", baseline), ("defended", defended)):
+        seen, dup = set(), []
+        for q in table.ids:
+            if q in seen and q not in dup:
+                dup.append(q)
+            seen.add(q)
+        if dup:  # select() would pair every copy with one row of the other run
+            cond = table.meta.get("condition")
+            raise InputError(f"duplicate query ids in the {name} run{f' ({cond!r})' if cond else ''}: "
+                             f"{len(dup)} ids appear more than once {dup[:5]}; ids pair the runs and must be unique")
+    ids_d, ids_b = set(defended.ids), set(baseline.ids)
+    missing_d = [q for q in baseline.ids if q not in ids_d]
+    missing_b = [q for q in defended.ids if q not in ids_b]
     if missing_d or missing_b:
         raise InputError(
             "runs do not cover the same queries: "
