@@ -112,6 +112,30 @@ def test_rank_ensembles_uses_measured_values(runs, tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_rank_ensembles_finds_a_measured_pair_keyed_in_the_other_order(runs):
+    """fit_compose accepts "disc+shift" for the pair shift+disc; rank_ensembles must rank by it too."""
+    base, singles = runs  # singles list "shift" before "disc"
+    plus = with_margins(predict(base, singles, "+"), -2.0, -2.0, "disc+shift")  # far from the prediction
+    either = with_margins(combine(base, singles, "|"), -3.0, 1.0, "disc|shift")  # differs from the exact one
+    assert safety_helpfulness(plus) != safety_helpfulness(predict(base, singles, "+"))
+    assert safety_helpfulness(either) != safety_helpfulness(combine(base, singles, "|"))
+    by = {c.name: c for c in rank_ensembles(base, singles, measured={"disc+shift": plus, "disc|shift": either})}
+    for name, key, table in (("shift+disc", "disc+shift", plus), ("shift|disc", "disc|shift", either)):
+        c = by[name]
+        assert c.source == "measured" and c.measured_key == key, (name, c.source)
+        assert (c.safety, c.helpfulness) == (c.measured_safety, c.measured_helpfulness) == safety_helpfulness(table)
+    assert by["shift+disc"].margin_rmse == pytest.approx(2.0, abs=1e-5)
+    assert by["shift+disc"].utility == pytest.approx(0.5 * sum(safety_helpfulness(plus)))
+    # the listed order wins when both orders were measured; unmeasured pairs carry no key
+    both = {c.name: c for c in rank_ensembles(base, singles, measured={"disc+shift": plus, "shift+disc": base})}
+    assert both["shift+disc"].measured_key == "shift+disc" and both["shift|disc"].measured_key is None
+    # "~" is treated as commutative because it is, bit for bit, for two members
+    a, b = singles["shift"], with_margins(singles["disc"], 9.0, -7.0, noise=2.0)
+    for op in "|&~":
+        ab, ba = combine(base, {"a": a, "b": b}, op), combine(base, {"b": b, "a": a}, op)
+        assert torch.equal(ab.margin, ba.margin) and torch.equal(ab.lens_margin, ba.lens_margin), op
+
+
 def test_plots_are_written(runs, tmp_path):
     base, singles = runs
     p = plot_distributions({"baseline": base, **singles}, tmp_path / "dist.png")

@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 OPS = {"+": "compose", "|": "either", "&": "both", "~": "mean"}
 EXACT_OPS = tuple(OPERATORS)  # "|", "&", "~": exact combinations of measured members
 PREDICTORS = ("additive", "calibrated")
+# Operators whose pair does not depend on the members' order, so a measured run keyed "b<op>a"
+# is the pair "a<op>b": "|", "&" (max / min) and "~" (the mean of two p, a two-term logsumexp:
+# the same bits in either order, tests/test_ensembles.py), and "+" as `fit_compose` treats it.
+COMMUTATIVE_OPS = ("+", "|", "&", "~")
 
 
 def _aligned(baseline: ScoreTable, members: list[ScoreTable]) -> list[ScoreTable]:
@@ -166,6 +170,7 @@ class Candidate:
     predicted_helpfulness: float | None = None
     margin_rmse: float | None = None            # predicted (or exact) vs measured margins
     margin_corr: float | None = None
+    measured_key: str | None = None             # the ``measured`` key used ("b+a" for the pair "a+b" too)
 
     @property
     def safety_error(self) -> float | None:
@@ -193,6 +198,16 @@ def evaluate_prediction(predicted: ScoreTable, measured: ScoreTable, threshold: 
             "safety_error": ps - ms, "helpfulness_error": ph - mh}
 
 
+def _measured_key(measured: dict, a: str, b: str, op: str) -> str | None:
+    """The key of the measured run of the pair ``a op b``: "a op b", else "b op a" for a
+    commutative ``op``; None if neither was measured."""
+    keys = [f"{a}{op}{b}"] + ([f"{b}{op}{a}"] if op in COMMUTATIVE_OPS else [])
+    found = [k for k in keys if k in measured]
+    if len(found) > 1:
+        logger.warning("measured runs %s are the same pair: ranking by %r", found, found[0])
+    return found[0] if found else None
+
+
 def rank_ensembles(
     baseline: ScoreTable,
     singles: dict[str, ScoreTable],
@@ -207,7 +222,9 @@ def rank_ensembles(
     helpfulness`` (safety: refusal on harmful; helpfulness: compliance on benign), Pareto front
     marked. Pairs use a measured run where one exists (``measured``, keyed like "a+b"), the exact
     combination for "|", "&", "~" otherwise, and a "+" prediction (``predictor``: "additive", or
-    "calibrated" on the other measured "+" pairs, leave one pair out) only where neither exists."""
+    "calibrated" on the other measured "+" pairs, leave one pair out) only where neither exists.
+    A pair's measured run is found under either member order ("b+a" for "a+b", `COMMUTATIVE_OPS`);
+    the key used is the candidate's ``measured_key``."""
     if not 0 <= weight <= 1:
         raise InputError(f"weight must be in [0, 1], got {weight}")
     if predictor not in PREDICTORS:
@@ -234,10 +251,11 @@ def rank_ensembles(
                      if op == "+" and predictor == "calibrated" else None)
             derived = predict(baseline, {a: singles[a], b: singles[b]}, op, model=model)
             ps, ph = safety_helpfulness(derived, threshold)
-            if name in measured:
-                c = add(name, op, measured[name], "measured")
-                ev = evaluate_prediction(derived, measured[name], threshold)
-                c.margin_rmse, c.margin_corr = ev["margin_rmse"], ev["margin_corr"]
+            key = _measured_key(measured, a, b, op)
+            if key is not None:
+                c = add(name, op, measured[key], "measured")
+                ev = evaluate_prediction(derived, measured[key], threshold)
+                c.margin_rmse, c.margin_corr, c.measured_key = ev["margin_rmse"], ev["margin_corr"], key
             else:
                 c = add(name, op, derived, derived.meta["source"])
             c.predicted_safety, c.predicted_helpfulness = ps, ph
