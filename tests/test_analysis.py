@@ -293,3 +293,41 @@ def test_duplicate_ids_are_rejected_naming_the_run():
     with pytest.raises(InputError, match="duplicate query ids"):
         compare(dup, with_margins(dup, 0.5, 0.5), n_boot=10)
     assert len(pair_tables(unique, unique).ids) == 5  # unique ids still pair
+
+
+def test_zero_sd_resamples_are_nonfinite_not_raw_units():
+    """The audit's case: 7 of 8 baseline margins tied in each class, every change +1 (harmful) or 0.
+    A resample drawing only the tied queries has pooled SD 0; its harmful_change_sd must be +inf
+    (counted), not 1 / 1.0 in raw margin units inside a distribution of SD-unit values."""
+    from math import comb
+
+    from probing.analysis import interval_arrays, separation_figures
+
+    b_h, b_b = np.array([2.0] * 7 + [2.5]), np.array([-3.0] * 7 + [-3.5])
+    d_h, d_b = b_h + 1.0, b_b.copy()
+    # brute force over the resample compositions: k of the 8 drawn queries are the untied one
+    prob = [comb(8, k) * (1 / 8) ** k * (7 / 8) ** (8 - k) for k in range(9)]
+    var = lambda k, gap: np.var([0.0] * (8 - k) + [gap] * k, ddof=1)  # noqa: E731
+    p_zero = sum(prob[i] * prob[j] for i in (0, 8) for j in (0, 8))  # both classes constant
+    smallest = min(1 / np.sqrt((var(i, 0.5) + var(j, 0.5)) / 2) for i in range(9) for j in range(9)
+                   if (i, j) not in {(0, 0), (0, 8), (8, 0), (8, 8)})  # smallest finite SD-unit value
+    n_boot = 4000
+    for method in ("auto", "percentile"):
+        v, lo, hi, nf = interval_arrays(separation_figures, b_h, b_b, d_h, d_b, n_boot=n_boot, seed=0,
+                                        method=method)["harmful_change_sd"]
+        assert v == pytest.approx(1 / np.sqrt((var(1, 0.5) + var(1, 0.5)) / 2))  # 5.657
+        assert abs(nf - p_zero * n_boot) < 4 * np.sqrt(n_boot * p_zero * (1 - p_zero)), (method, nf)
+        assert hi == np.inf  # 11.8% of resamples are +inf
+        assert lo >= smallest - 1e-12, (method, lo)  # no raw-unit value (1.0) in the distribution
+
+
+def test_constant_baseline_uses_raw_units_for_point_and_interval(caplog):
+    base = make_baseline(n_h=10, n_b=10)
+    const = ScoreTable(base.ids, base.labels, torch.tensor([1.0] * 10 + [-1.0] * 10), base.lens_margin, base.layers)
+    with caplog.at_level("WARNING"):
+        eff = compare(const, with_margins(const, 0.8, 0.1, noise=0.3), n_boot=200)
+    assert "raw" in caplog.text
+    for k in ("harmful_change", "benign_change", "differential"):  # unit 1 throughout: the same numbers
+        raw, sd = eff[k], eff[k + "_sd"]
+        assert (sd.value, sd.n_nonfinite) == (pytest.approx(raw.value), 0)
+        assert np.isfinite([sd.lo, sd.hi]).all() and sd.lo <= sd.value <= sd.hi

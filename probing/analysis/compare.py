@@ -46,19 +46,27 @@ def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
+def _per_unit(x, unit):
+    """``x / unit``; a zero unit follows the convention of d' (0 for x = 0, else +-inf), so a bootstrap
+    resample without spread is non-finite and counted, never mixed in in raw units."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(unit == 0, np.where(x == 0, 0.0, np.sign(x) * np.inf), x / np.where(unit == 0, 1.0, unit))
+
+
 def separation_figures(b_h, b_b, d_h, d_b, unit=None, threshold: float = 0.0) -> dict[str, np.ndarray]:
     """Score-agnostic figures from baseline (b_) and defended (d_) scores of harmful (_h) and
     benign (_b) queries, ``[..., n]`` each (leading axes: bootstrap resamples, data sets).
 
     Changes are also given in units of the baseline's pooled SD (``*_sd``) so layers compare. The
     unit is estimated from the same scores as the change (so a bootstrap re-estimates it in every
-    resample and its uncertainty enters the interval); ``unit`` overrides it. ``threshold`` is the
-    decision threshold on the score scale, used by the criterion ``c`` only.
+    resample and its uncertainty enters the interval); ``unit`` overrides it. A zero unit gives
+    +-inf (0 for no change), as d' does; `bootstrap` passes ``unit=1`` (raw score units) when the
+    data's own pooled SD is 0. ``threshold`` is the decision threshold on the score scale, used by
+    the criterion ``c`` only.
     """
     dh = (d_h - b_h).mean(-1)
     db = (d_b - b_b).mean(-1)
     unit = pooled_sd(b_h, b_b) if unit is None else unit
-    unit = np.where(unit > 0, unit, 1.0)
     common = (dh + db) / 2
     differential = dh - db
     au0, au1 = auroc(b_h, b_b), auroc(d_h, d_b)
@@ -69,8 +77,8 @@ def separation_figures(b_h, b_b, d_h, d_b, unit=None, threshold: float = 0.0) ->
     return {
         "harmful_change": dh, "benign_change": db,
         "common_shift": common, "differential": differential,
-        "shift_sd": common / unit, "differential_sd": differential / unit,
-        "harmful_change_sd": dh / unit, "benign_change_sd": db / unit,
+        "shift_sd": _per_unit(common, unit), "differential_sd": _per_unit(differential, unit),
+        "harmful_change_sd": _per_unit(dh, unit), "benign_change_sd": _per_unit(db, unit),
         "auroc_base": au0, "auroc_def": au1, "auroc_change": au1 - au0,
         "dprime_base": dp0, "dprime_def": dp1, "dprime_change": dpc,
         "criterion_base": c0, "criterion_def": c1, "criterion_change": cc,
@@ -300,8 +308,13 @@ def bootstrap(fn, paired: Paired, n_boot: int, seed: int, level: float, unit=Non
               method: str = "auto") -> dict[str, Estimate]:
     """Point estimates of ``fn(b_h, b_b, d_h, d_b, unit=...)`` with paired, class-stratified
     bootstrap intervals (`interval_arrays`). ``unit=None`` (default) re-estimates the SD unit in
-    every resample; a fixed ``unit`` ignores its uncertainty (the intervals then under-cover)."""
+    every resample (a resample whose pooled SD is 0 gives non-finite ``*_sd`` values, counted in
+    ``n_nonfinite``); a fixed ``unit`` ignores its uncertainty (the intervals then under-cover).
+    If the baseline's own pooled SD is 0, so is every resample's: ``unit=1`` (raw score units)."""
     b_h, b_b, d_h, d_b = paired.parts
+    if unit is None and pooled_sd(b_h, b_b) == 0:
+        logger.warning("baseline scores are constant within both classes: *_sd figures use raw score units")
+        unit = 1.0
     arrays = interval_arrays(lambda *a: fn(*a, unit=unit), b_h, b_b, d_h, d_b, n_boot=n_boot, seed=seed,
                              level=level, method=method)
     return {k: Estimate(float(v), float(lo), float(hi), int(nf)) for k, (v, lo, hi, nf) in arrays.items()}
@@ -478,9 +491,6 @@ def compare(
         raise InputError(f"level must be in (0, 1), got {level}")
     t = resolve_threshold(threshold, baseline)
     paired = pair_tables(baseline, defended, "margin")
-    b_h, b_b, _, _ = paired.parts
-    if pooled_sd(b_h, b_b) == 0:
-        logger.warning("baseline margins are constant within both classes: *_sd figures use raw margin units")
     est = bootstrap(lambda *a, unit: output_figures(*a, threshold=t, unit=unit, rank=rank),
                     paired, n_boot, seed, level, method=method)
     delta = paired.defended - paired.base
