@@ -331,3 +331,87 @@ def test_constant_baseline_uses_raw_units_for_point_and_interval(caplog):
         raw, sd = eff[k], eff[k + "_sd"]
         assert (sd.value, sd.n_nonfinite) == (pytest.approx(raw.value), 0)
         assert np.isfinite([sd.lo, sd.hi]).all() and sd.lo <= sd.value <= sd.hi
+
+
+def _rank_case(rng, n_h, n_b, lead=()):
+    """Margins with ties (rounded) and heavy-tailed changes: every tie rule of the medians matters."""
+    b_h, b_b = rng.normal(0.5, 1, lead + (n_h,)), np.round(rng.normal(-0.5, 1, lead + (n_b,)), 1)
+    d_h = b_h + np.round(rng.standard_t(3, lead + (n_h,)), 1)
+    d_b = b_b + np.round(rng.normal(0, 0.5, lead + (n_b,)), 1)
+    return b_h, b_b, d_h, d_b
+
+
+@pytest.mark.filterwarnings("ignore:Degrees of freedom:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("n_h,n_b", [(9, 7), (8, 8), (2, 5)])  # (2, 5): a class of one left (SDs undefined)
+def test_jackknife_in_chunks_and_exact_rank_jackknife_equal_brute_force(n_h, n_b):
+    """Leave-one-out values, by numpy brute force (np.delete, one data set at a time), against the
+    chunked jackknife at every chunk size and the exact O(n^2 log n) one of the HL figures."""
+    import importlib
+
+    from probing.analysis import output_figures
+
+    C = importlib.import_module("probing.analysis.compare")
+    rng = np.random.default_rng(n_h * 10 + n_b)
+    b_h, b_b, d_h, d_b = _rank_case(rng, n_h, n_b)
+    fn = lambda *a: output_figures(*a, rank=True)  # noqa: E731
+    brute = ([fn(np.delete(b_h, i), b_b, np.delete(d_h, i), d_b) for i in range(n_h)],
+             [fn(b_h, np.delete(b_b, j), d_h, np.delete(d_b, j)) for j in range(n_b)])
+    for step in (1, 2, 5, max(n_h, n_b)):
+        chunked = C._jackknife(fn, b_h, b_b, d_h, d_b, step)
+        for cls in (0, 1):
+            for k in chunked[cls]:
+                np.testing.assert_array_equal(chunked[cls][k], [r[k] for r in brute[cls]], err_msg=f"{k} {step}")
+    exact = C._rank_jackknife(b_h, b_b, d_h, d_b)
+    for cls in (0, 1):
+        assert set(exact[cls]) == {"hl_harmful_change", "hl_benign_change", "hl_common_shift", "hl_differential"}
+        for k in exact[cls]:
+            np.testing.assert_array_equal(exact[cls][k], [r[k] for r in brute[cls]], err_msg=k)
+
+
+def test_intervals_do_not_depend_on_jackknife_chunks_or_the_exact_rank_path(monkeypatch):
+    import importlib
+
+    from probing.analysis import interval_arrays, output_figures
+
+    C = importlib.import_module("probing.analysis.compare")
+    data = _rank_case(np.random.default_rng(5), 12, 10, lead=(3,))
+    fn = lambda *a: output_figures(*a, rank=True)  # noqa: E731
+    for method in ("auto", "expanded", "bca"):
+        one_piece = interval_arrays(fn, *data, n_boot=200, seed=3, method=method)
+        exact = interval_arrays(output_figures, *data, n_boot=200, seed=3, method=method, rank=True, pairwise=False)
+        with monkeypatch.context() as m:
+            m.setattr(C, "_jack_chunk", lambda *a: 1)  # one left-out query per call
+            rows = interval_arrays(fn, *data, n_boot=200, seed=3, method=method)
+        assert list(exact) == list(one_piece) == list(rows)
+        for k in one_piece:
+            for a, b, c in zip(one_piece[k], exact[k], rows[k]):
+                np.testing.assert_array_equal(a, b, err_msg=f"{method} {k}")
+                np.testing.assert_array_equal(a, c, err_msg=f"{method} {k}")
+
+
+def test_interval_memory_stays_within_the_chunk_budget(monkeypatch):
+    """tracemalloc's peak (numpy reports its buffers to it), no timing: with the chunk budget set
+    to 1e5 numbers (0.8 MB), 150 queries per class stay under 4 MB, compare(rank=True) included.
+    In one piece the HL jackknife alone held 150 x 149 x 150 differences (27 MB; peak 55 MB)."""
+    import importlib
+    import tracemalloc
+
+    from probing.analysis import interval_arrays, output_figures
+
+    C = importlib.import_module("probing.analysis.compare")
+    monkeypatch.setattr(C, "CHUNK_NUMBERS", 1e5, raising=False)
+    b_h, b_b, d_h, d_b = (np.random.default_rng(i).normal(size=150) for i in range(4))
+    ids, labels = [f"q{i}" for i in range(300)], ["harmful"] * 150 + ["benign"] * 150
+    table = lambda h, b: ScoreTable(ids, labels, torch.tensor(np.r_[h, b]), torch.zeros(300, 0), [])  # noqa: E731
+    base, dfd = table(b_h, b_b), table(d_h, d_b)
+    runs = {"generic jackknife with the HL figures": lambda: interval_arrays(
+                lambda *a: output_figures(*a, rank=True), b_h, b_b, d_h, d_b, n_boot=4),
+            "compare(rank=True)": lambda: compare(base, dfd, n_boot=4)}
+    for name, run in runs.items():
+        tracemalloc.start()
+        try:
+            run()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4e6, (name, peak)
