@@ -161,7 +161,8 @@ def pair_tables(baseline: ScoreTable, defended: ScoreTable, what: str = "margin"
         if dup:  # select() would pair every copy with one row of the other run
             cond = table.meta.get("condition")
             raise InputError(f"duplicate query ids in the {name} run{f' ({cond!r})' if cond else ''}: "
-                             f"{len(dup)} ids appear more than once {dup[:5]}; ids pair the runs and must be unique")
+                             f"{dup[:5]} ({len(dup)} in all) appear more than once; ids pair the runs and must be "
+                             "unique")
     ids_d, ids_b = set(defended.ids), set(baseline.ids)
     missing_d = [q for q in baseline.ids if q not in ids_d]
     missing_b = [q for q in defended.ids if q not in ids_b]
@@ -515,7 +516,8 @@ class DefenseEffect:
         lines.append(f"  AUROC {e['auroc_base'].value:.3f} -> {e['auroc_def'].value:.3f} "
                      f"(change {_fmt(e['auroc_change'], 3)}); d' {e['dprime_base'].value:.2f} -> "
                      f"{e['dprime_def'].value:.2f}; c {e['criterion_base'].value:+.2f} -> {e['criterion_def'].value:+.2f}")
-        lines.append(f"  refusal at p > {c.get('threshold', 0.5):.3g} (margin > {c.get('threshold_margin', 0.0):+.3g}): "
+        lines.append(f"  refusal at p > {c.get('threshold', 0.5):.3g} "
+                     f"(margin > {c.get('threshold_margin', 0.0):+.3g}): "
                      f"harmful {e['refusal_harmful_base'].value:.2f} -> "
                      f"{e['refusal_harmful_def'].value:.2f}, benign {e['refusal_benign_base'].value:.2f} -> "
                      f"{e['refusal_benign_def'].value:.2f}")
