@@ -274,3 +274,144 @@ def test_summary_repr_and_flat_row():
     for k in ("mean_shift", "distance_change", "auroc_def", "auroc_change", "dprime_change", "refusal_harmful_def",
               "refusal_benign_def", "harmful_change_sd", "benign_change_sd", "criterion_def", "hl_differential"):
         assert row[f"{k}_lo"] <= row[k] <= row[f"{k}_hi"], k
+
+
+def test_duplicate_ids_are_rejected_naming_the_run():
+    from probing.analysis import pair_tables
+    from probing.errors import InputError
+
+    # the audit's case: two baseline rows 'q0' were both paired with the defended run's last 'q0'
+    ids, labels = ["q0", "q0", "q1", "q2", "q3"], ["harmful", "harmful", "harmful", "benign", "benign"]
+    dup = ScoreTable(ids, labels, torch.tensor([1., 5., 2., 0., -1.]), torch.zeros(5, 0), [], None,
+                     {"condition": "sr_x"})
+    unique = ScoreTable(["q0", "q4", "q1", "q2", "q3"], labels, torch.tensor([1., 5., 2., 0., -1.]),
+                        torch.zeros(5, 0), [])
+    with pytest.raises(InputError, match=r"duplicate query ids in the baseline run.*\['q0'\]"):
+        pair_tables(dup, dup)
+    with pytest.raises(InputError, match=r"duplicate query ids in the defended run \('sr_x'\).*\['q0'\]"):
+        pair_tables(unique, dup)
+    with pytest.raises(InputError, match="duplicate query ids"):
+        compare(dup, with_margins(dup, 0.5, 0.5), n_boot=10)
+    assert len(pair_tables(unique, unique).ids) == 5  # unique ids still pair
+
+
+def test_zero_sd_resamples_are_nonfinite_not_raw_units():
+    """The audit's case: 7 of 8 baseline margins tied in each class, every change +1 (harmful) or 0.
+    A resample drawing only the tied queries has pooled SD 0; its harmful_change_sd must be +inf
+    (counted), not 1 / 1.0 in raw margin units inside a distribution of SD-unit values."""
+    from math import comb
+
+    from probing.analysis import interval_arrays, separation_figures
+
+    b_h, b_b = np.array([2.0] * 7 + [2.5]), np.array([-3.0] * 7 + [-3.5])
+    d_h, d_b = b_h + 1.0, b_b.copy()
+    # brute force over the resample compositions: k of the 8 drawn queries are the untied one
+    prob = [comb(8, k) * (1 / 8) ** k * (7 / 8) ** (8 - k) for k in range(9)]
+    var = lambda k, gap: np.var([0.0] * (8 - k) + [gap] * k, ddof=1)  # noqa: E731
+    p_zero = sum(prob[i] * prob[j] for i in (0, 8) for j in (0, 8))  # both classes constant
+    smallest = min(1 / np.sqrt((var(i, 0.5) + var(j, 0.5)) / 2) for i in range(9) for j in range(9)
+                   if (i, j) not in {(0, 0), (0, 8), (8, 0), (8, 8)})  # smallest finite SD-unit value
+    n_boot = 4000
+    for method in ("auto", "percentile"):
+        v, lo, hi, nf = interval_arrays(separation_figures, b_h, b_b, d_h, d_b, n_boot=n_boot, seed=0,
+                                        method=method)["harmful_change_sd"]
+        assert v == pytest.approx(1 / np.sqrt((var(1, 0.5) + var(1, 0.5)) / 2))  # 5.657
+        assert abs(nf - p_zero * n_boot) < 4 * np.sqrt(n_boot * p_zero * (1 - p_zero)), (method, nf)
+        assert hi == np.inf  # 11.8% of resamples are +inf
+        assert lo >= smallest - 1e-12, (method, lo)  # no raw-unit value (1.0) in the distribution
+
+
+def test_constant_baseline_uses_raw_units_for_point_and_interval(caplog):
+    base = make_baseline(n_h=10, n_b=10)
+    const = ScoreTable(base.ids, base.labels, torch.tensor([1.0] * 10 + [-1.0] * 10), base.lens_margin, base.layers)
+    with caplog.at_level("WARNING"):
+        eff = compare(const, with_margins(const, 0.8, 0.1, noise=0.3), n_boot=200)
+    assert "raw" in caplog.text
+    for k in ("harmful_change", "benign_change", "differential"):  # unit 1 throughout: the same numbers
+        raw, sd = eff[k], eff[k + "_sd"]
+        assert (sd.value, sd.n_nonfinite) == (pytest.approx(raw.value), 0)
+        assert np.isfinite([sd.lo, sd.hi]).all() and sd.lo <= sd.value <= sd.hi
+
+
+def _rank_case(rng, n_h, n_b, lead=()):
+    """Margins with ties (rounded) and heavy-tailed changes: every tie rule of the medians matters."""
+    b_h, b_b = rng.normal(0.5, 1, lead + (n_h,)), np.round(rng.normal(-0.5, 1, lead + (n_b,)), 1)
+    d_h = b_h + np.round(rng.standard_t(3, lead + (n_h,)), 1)
+    d_b = b_b + np.round(rng.normal(0, 0.5, lead + (n_b,)), 1)
+    return b_h, b_b, d_h, d_b
+
+
+@pytest.mark.filterwarnings("ignore:Degrees of freedom:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("n_h,n_b", [(9, 7), (8, 8), (2, 5)])  # (2, 5): a class of one left (SDs undefined)
+def test_jackknife_in_chunks_and_exact_rank_jackknife_equal_brute_force(n_h, n_b):
+    """Leave-one-out values, by numpy brute force (np.delete, one data set at a time), against the
+    chunked jackknife at every chunk size and the exact O(n^2 log n) one of the HL figures."""
+    import importlib
+
+    from probing.analysis import output_figures
+
+    C = importlib.import_module("probing.analysis.compare")
+    rng = np.random.default_rng(n_h * 10 + n_b)
+    b_h, b_b, d_h, d_b = _rank_case(rng, n_h, n_b)
+    fn = lambda *a: output_figures(*a, rank=True)  # noqa: E731
+    brute = ([fn(np.delete(b_h, i), b_b, np.delete(d_h, i), d_b) for i in range(n_h)],
+             [fn(b_h, np.delete(b_b, j), d_h, np.delete(d_b, j)) for j in range(n_b)])
+    for step in (1, 2, 5, max(n_h, n_b)):
+        chunked = C._jackknife(fn, b_h, b_b, d_h, d_b, step)
+        for cls in (0, 1):
+            for k in chunked[cls]:
+                np.testing.assert_array_equal(chunked[cls][k], [r[k] for r in brute[cls]], err_msg=f"{k} {step}")
+    exact = C._rank_jackknife(b_h, b_b, d_h, d_b)
+    for cls in (0, 1):
+        assert set(exact[cls]) == {"hl_harmful_change", "hl_benign_change", "hl_common_shift", "hl_differential"}
+        for k in exact[cls]:
+            np.testing.assert_array_equal(exact[cls][k], [r[k] for r in brute[cls]], err_msg=k)
+
+
+def test_intervals_do_not_depend_on_jackknife_chunks_or_the_exact_rank_path(monkeypatch):
+    import importlib
+
+    from probing.analysis import interval_arrays, output_figures
+
+    C = importlib.import_module("probing.analysis.compare")
+    data = _rank_case(np.random.default_rng(5), 12, 10, lead=(3,))
+    fn = lambda *a: output_figures(*a, rank=True)  # noqa: E731
+    for method in ("auto", "expanded", "bca"):
+        one_piece = interval_arrays(fn, *data, n_boot=200, seed=3, method=method)
+        exact = interval_arrays(output_figures, *data, n_boot=200, seed=3, method=method, rank=True, pairwise=False)
+        with monkeypatch.context() as m:
+            m.setattr(C, "_jack_chunk", lambda *a: 1)  # one left-out query per call
+            rows = interval_arrays(fn, *data, n_boot=200, seed=3, method=method)
+        assert list(exact) == list(one_piece) == list(rows)
+        for k in one_piece:
+            for a, b, c in zip(one_piece[k], exact[k], rows[k]):
+                np.testing.assert_array_equal(a, b, err_msg=f"{method} {k}")
+                np.testing.assert_array_equal(a, c, err_msg=f"{method} {k}")
+
+
+def test_interval_memory_stays_within_the_chunk_budget(monkeypatch):
+    """tracemalloc's peak (numpy reports its buffers to it), no timing: with the chunk budget set
+    to 1e5 numbers (0.8 MB), 150 queries per class stay under 4 MB, compare(rank=True) included.
+    In one piece the HL jackknife alone held 150 x 149 x 150 differences (27 MB; peak 55 MB)."""
+    import importlib
+    import tracemalloc
+
+    from probing.analysis import interval_arrays, output_figures
+
+    C = importlib.import_module("probing.analysis.compare")
+    monkeypatch.setattr(C, "CHUNK_NUMBERS", 1e5, raising=False)
+    b_h, b_b, d_h, d_b = (np.random.default_rng(i).normal(size=150) for i in range(4))
+    ids, labels = [f"q{i}" for i in range(300)], ["harmful"] * 150 + ["benign"] * 150
+    table = lambda h, b: ScoreTable(ids, labels, torch.tensor(np.r_[h, b]), torch.zeros(300, 0), [])  # noqa: E731
+    base, dfd = table(b_h, b_b), table(d_h, d_b)
+    runs = {"generic jackknife with the HL figures": lambda: interval_arrays(
+                lambda *a: output_figures(*a, rank=True), b_h, b_b, d_h, d_b, n_boot=4),
+            "compare(rank=True)": lambda: compare(base, dfd, n_boot=4)}
+    for name, run in runs.items():
+        tracemalloc.start()
+        try:
+            run()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 4e6, (name, peak)

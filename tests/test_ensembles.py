@@ -112,6 +112,30 @@ def test_rank_ensembles_uses_measured_values(runs, tmp_path):
     assert out.stat().st_size > 10_000
 
 
+def test_rank_ensembles_finds_a_measured_pair_keyed_in_the_other_order(runs):
+    """fit_compose accepts "disc+shift" for the pair shift+disc; rank_ensembles must rank by it too."""
+    base, singles = runs  # singles list "shift" before "disc"
+    plus = with_margins(predict(base, singles, "+"), -2.0, -2.0, "disc+shift")  # far from the prediction
+    either = with_margins(combine(base, singles, "|"), -3.0, 1.0, "disc|shift")  # differs from the exact one
+    assert safety_helpfulness(plus) != safety_helpfulness(predict(base, singles, "+"))
+    assert safety_helpfulness(either) != safety_helpfulness(combine(base, singles, "|"))
+    by = {c.name: c for c in rank_ensembles(base, singles, measured={"disc+shift": plus, "disc|shift": either})}
+    for name, key, table in (("shift+disc", "disc+shift", plus), ("shift|disc", "disc|shift", either)):
+        c = by[name]
+        assert c.source == "measured" and c.measured_key == key, (name, c.source)
+        assert (c.safety, c.helpfulness) == (c.measured_safety, c.measured_helpfulness) == safety_helpfulness(table)
+    assert by["shift+disc"].margin_rmse == pytest.approx(2.0, abs=1e-5)
+    assert by["shift+disc"].utility == pytest.approx(0.5 * sum(safety_helpfulness(plus)))
+    # the listed order wins when both orders were measured; unmeasured pairs carry no key
+    both = {c.name: c for c in rank_ensembles(base, singles, measured={"disc+shift": plus, "shift+disc": base})}
+    assert both["shift+disc"].measured_key == "shift+disc" and both["shift|disc"].measured_key is None
+    # "~" is treated as commutative because it is, bit for bit, for two members
+    a, b = singles["shift"], with_margins(singles["disc"], 9.0, -7.0, noise=2.0)
+    for op in "|&~":
+        ab, ba = combine(base, {"a": a, "b": b}, op), combine(base, {"b": b, "a": a}, op)
+        assert torch.equal(ab.margin, ba.margin) and torch.equal(ab.lens_margin, ba.lens_margin), op
+
+
 def test_plots_are_written(runs, tmp_path):
     base, singles = runs
     p = plot_distributions({"baseline": base, **singles}, tmp_path / "dist.png")
@@ -262,3 +286,53 @@ def test_trade_off_title_says_when_the_best_is_tied():
     tied = best_title([point("p", 0.9, measured=False), point("a", 0.9), point("s", 0.95, False, True)], 0.5)
     assert tied == " (best at weight 0.5: a, measured; 1 more tied)"
     assert best_title([], 0.5) == ""
+
+
+def test_thresholds_do_not_saturate_at_large_margins():
+    """Margins of 20-45 logits: p_refuse is 1.0 in float32 above ~17 and in float64 above ~37, so
+    rates and the fitted threshold are applied on the margin scale. Reference: numpy brute force on
+    float64 margins with scipy's logit."""
+    from scipy.special import logit
+
+    from probing import ScoreTable
+    from probing.analysis import compare
+
+    rng = np.random.default_rng(7)
+    h, b = rng.uniform(37.0, 45.0, 25), rng.uniform(30.0, 39.0, 25)  # overlapping near 38
+    labels = ["harmful"] * 25 + ["benign"] * 25
+    ids = [f"q{i}" for i in range(50)]
+    m = torch.tensor(np.r_[h, b], dtype=torch.float32)
+    base = ScoreTable(ids, labels, m, m[:, None].clone(), [0], None, {"condition": "baseline"})
+    mh, mb = m[:25].double().numpy(), m[25:].double().numpy()
+    # Youden's J by brute force over every midpoint of the sorted margins (and both ends)
+    u = np.unique(np.r_[mh, mb])
+    cuts = np.r_[u[0] - 1, (u[1:] + u[:-1]) / 2, u[-1] + 1]
+    j = [(mh > c).mean() - (mb > c).mean() for c in cuts]
+    cut = cuts[int(np.argmax(j))]
+    assert cut > 37  # p = sigmoid(cut) is 1.0 in float64
+    want = ((mh > cut).mean(), (mb <= cut).mean())
+    assert want[0] > 0.5 and want[1] > 0.5
+    assert safety_helpfulness(base, "fitted") == want
+    eff = compare(base, with_margins(base, 0.0, 0.0, noise=0.1), n_boot=50, threshold="fitted")
+    assert eff["refusal_harmful_base"].value == want[0] and 1 - eff["refusal_benign_base"].value == want[1]
+    # the fitted threshold of the baseline applied to every candidate (it raised: "must lie in (0, 1)")
+    singles = {"a": with_margins(base, -5.0, -5.0, "a"), "b": with_margins(base, 2.0, 0.0, "b")}
+    by = {c.name: c for c in rank_ensembles(base, singles, threshold="fitted")}
+    assert (by["baseline"].safety, by["baseline"].helpfulness) == want
+    ma = singles["a"].margin.double().numpy()
+    assert by["a"].safety == (ma[:25] > cut).mean() and by["a"].helpfulness == (ma[25:] <= cut).mean()
+    # a float threshold near 1: margins 15-22 straddle logit(t) = 18.25; float32 p_refuse is 1.0 above ~17
+    t = 1 / (1 + np.exp(-18.25))
+    m2 = torch.tensor(np.r_[rng.uniform(15, 22, 20), rng.uniform(15, 22, 20)], dtype=torch.float32)
+    t2 = ScoreTable(ids[:40], labels[:20] + labels[25:45], m2, m2[:, None].clone(), [0])
+    x = m2.double().numpy()
+    want2 = ((x[:20] > logit(t)).mean(), (x[20:] <= logit(t)).mean())
+    assert safety_helpfulness(t2, t) == want2 and 0 < want2[1] < 1
+    e2 = compare(t2, t2, n_boot=20, threshold=t)
+    assert e2["refusal_benign_base"].value == pytest.approx(1 - want2[1], abs=1e-12)
+    # the fitted threshold is reported as p (1.0 here) and, without loss, as the margin cut
+    from probing.analysis import fitted_cut, fitted_threshold
+
+    assert fitted_cut(base) == cut and fitted_threshold(base) == 1.0
+    assert eff.config["threshold"] == 1.0 and eff.config["threshold_margin"] == cut
+    assert eff.row()["threshold_margin"] == cut and f"margin > {cut:+.3g}" in eff.summary()

@@ -12,9 +12,9 @@
     effect = compare(baseline, defended)
 """
 
-from .compare import (LABELS, METHODS, DefenseEffect, Estimate, Paired, bootstrap, compare, fitted_threshold,
-                      interval_arrays, mechanism_label, neutral_threshold, output_figures, pair_tables,
-                      rank_figures, resolve_threshold, separation_figures)
+from .compare import (LABELS, METHODS, DefenseEffect, Estimate, Paired, bootstrap, compare, fitted_cut,
+                      fitted_threshold, interval_arrays, mechanism_label, neutral_threshold, output_figures,
+                      pair_tables, rank_figures, resolve_threshold, separation_figures, threshold_cut)
 from .directions import refusal_directions
 from .layers import SCORES, LayerProfile, diffmean_scores, layer_profile, probe_scores, stratified_folds
 from .metrics import (auroc, compliance_rate, criterion, d_prime, hodges_lehmann, hodges_lehmann_shift,
@@ -23,10 +23,11 @@ from .prediction import (PREDICTORS, Candidate, ComposeModel, combine, evaluate_
                          pareto_mask, predict, rank_ensembles, safety_helpfulness)
 
 __all__ = [
-    "LABELS", "METHODS", "DefenseEffect", "Estimate", "Paired", "bootstrap", "compare", "fitted_threshold",
-    "interval_arrays", "mechanism_label", "neutral_threshold", "output_figures", "pair_tables", "rank_figures",
-    "resolve_threshold", "separation_figures", "criterion", "hodges_lehmann", "hodges_lehmann_shift",
-    "order_quantile", "wilson_ci", "refusal_directions", "SCORES", "LayerProfile", "diffmean_scores",
+    "LABELS", "METHODS", "DefenseEffect", "Estimate", "Paired", "bootstrap", "compare", "fitted_cut",
+    "fitted_threshold", "interval_arrays", "mechanism_label", "neutral_threshold", "output_figures", "pair_tables",
+    "rank_figures", "resolve_threshold", "separation_figures", "threshold_cut", "criterion", "hodges_lehmann",
+    "hodges_lehmann_shift", "order_quantile", "wilson_ci", "refusal_directions", "SCORES", "LayerProfile",
+    "diffmean_scores",
     "layer_profile", "probe_scores", "stratified_folds", "auroc", "compliance_rate", "d_prime", "percentile_ci", "pooled_sd",
     "refusal_rate", "stratified_indices", "Candidate", "evaluate_prediction", "pareto_mask", "predict",
     "rank_ensembles", "safety_helpfulness", "PREDICTORS", "ComposeModel", "combine", "fit_compose",

@@ -46,19 +46,34 @@ def _sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
 
+def _logit(t: float) -> float:
+    """The margin at which p_refuse = t, float64 (+-inf for t >= 1 / t <= 0: nothing / everything
+    refuses)."""
+    t = float(t)
+    return float(np.log(t) - np.log1p(-t)) if 0 < t < 1 else (np.inf if t >= 1 else -np.inf)
+
+
+def _per_unit(x, unit):
+    """``x / unit``; a zero unit follows the convention of d' (0 for x = 0, else +-inf), so a bootstrap
+    resample without spread is non-finite and counted, never mixed in in raw units."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(unit == 0, np.where(x == 0, 0.0, np.sign(x) * np.inf), x / np.where(unit == 0, 1.0, unit))
+
+
 def separation_figures(b_h, b_b, d_h, d_b, unit=None, threshold: float = 0.0) -> dict[str, np.ndarray]:
     """Score-agnostic figures from baseline (b_) and defended (d_) scores of harmful (_h) and
     benign (_b) queries, ``[..., n]`` each (leading axes: bootstrap resamples, data sets).
 
     Changes are also given in units of the baseline's pooled SD (``*_sd``) so layers compare. The
     unit is estimated from the same scores as the change (so a bootstrap re-estimates it in every
-    resample and its uncertainty enters the interval); ``unit`` overrides it. ``threshold`` is the
-    decision threshold on the score scale, used by the criterion ``c`` only.
+    resample and its uncertainty enters the interval); ``unit`` overrides it. A zero unit gives
+    +-inf (0 for no change), as d' does; `bootstrap` passes ``unit=1`` (raw score units) when the
+    data's own pooled SD is 0. ``threshold`` is the decision threshold on the score scale, used by
+    the criterion ``c`` only.
     """
     dh = (d_h - b_h).mean(-1)
     db = (d_b - b_b).mean(-1)
     unit = pooled_sd(b_h, b_b) if unit is None else unit
-    unit = np.where(unit > 0, unit, 1.0)
     common = (dh + db) / 2
     differential = dh - db
     au0, au1 = auroc(b_h, b_b), auroc(d_h, d_b)
@@ -69,8 +84,8 @@ def separation_figures(b_h, b_b, d_h, d_b, unit=None, threshold: float = 0.0) ->
     return {
         "harmful_change": dh, "benign_change": db,
         "common_shift": common, "differential": differential,
-        "shift_sd": common / unit, "differential_sd": differential / unit,
-        "harmful_change_sd": dh / unit, "benign_change_sd": db / unit,
+        "shift_sd": _per_unit(common, unit), "differential_sd": _per_unit(differential, unit),
+        "harmful_change_sd": _per_unit(dh, unit), "benign_change_sd": _per_unit(db, unit),
         "auroc_base": au0, "auroc_def": au1, "auroc_change": au1 - au0,
         "dprime_base": dp0, "dprime_def": dp1, "dprime_change": dpc,
         "criterion_base": c0, "criterion_def": c1, "criterion_change": cc,
@@ -87,20 +102,21 @@ def rank_figures(b_h, b_b, d_h, d_b) -> dict[str, np.ndarray]:
             "hl_differential": hodges_lehmann_shift(ch, cb)}
 
 
-def output_figures(b_h, b_b, d_h, d_b, threshold: float = 0.5, unit=None, rank: bool = False) -> dict[str, np.ndarray]:
+def output_figures(b_h, b_b, d_h, d_b, threshold: float = 0.5, unit=None, rank: bool = False,
+                   cut: float | None = None) -> dict[str, np.ndarray]:
     """`separation_figures` on margins plus the refusal-probability figures of the paper.
 
-    ``threshold`` is on the p_refuse scale (refuse when p > threshold); ``rank`` adds
-    `rank_figures`."""
-    t_margin = float(np.log(threshold / (1 - threshold))) if 0 < threshold < 1 else (
-        np.inf if threshold >= 1 else -np.inf)
-    out = separation_figures(b_h, b_b, d_h, d_b, unit, threshold=t_margin)
+    ``threshold`` is on the p_refuse scale (refuse when p > threshold); the rule is applied on the
+    margin scale, margin > ``cut`` = logit(threshold) (or ``cut`` given directly), so thresholds
+    near 1 and margins of tens of logits do not saturate. ``rank`` adds `rank_figures`."""
+    cut = _logit(threshold) if cut is None else float(cut)
+    out = separation_figures(b_h, b_b, d_h, d_b, unit, threshold=cut)
     p = {k: _sigmoid(v) for k, v in {"bh": b_h, "bb": b_b, "dh": d_h, "db": d_b}.items()}
     out.update({
-        "refusal_harmful_base": refusal_rate(p["bh"], threshold),
-        "refusal_harmful_def": refusal_rate(p["dh"], threshold),
-        "refusal_benign_base": refusal_rate(p["bb"], threshold),
-        "refusal_benign_def": refusal_rate(p["db"], threshold),
+        "refusal_harmful_base": refusal_rate(b_h, cut),
+        "refusal_harmful_def": refusal_rate(d_h, cut),
+        "refusal_benign_base": refusal_rate(b_b, cut),
+        "refusal_benign_def": refusal_rate(d_b, cut),
         "p_harmful_base": p["bh"].mean(-1), "p_harmful_def": p["dh"].mean(-1),
         "p_benign_base": p["bb"].mean(-1), "p_benign_def": p["db"].mean(-1),
         # change of the class-balanced mean refusal probability
@@ -136,8 +152,20 @@ class Paired:
 
 def pair_tables(baseline: ScoreTable, defended: ScoreTable, what: str = "margin") -> Paired:
     """Align two runs by query id; clear errors for every way they can disagree."""
-    missing_d = [q for q in baseline.ids if q not in set(defended.ids)]
-    missing_b = [q for q in defended.ids if q not in set(baseline.ids)]
+    for name, table in (("baseline", baseline), ("defended", defended)):
+        seen, dup = set(), []
+        for q in table.ids:
+            if q in seen and q not in dup:
+                dup.append(q)
+            seen.add(q)
+        if dup:  # select() would pair every copy with one row of the other run
+            cond = table.meta.get("condition")
+            raise InputError(f"duplicate query ids in the {name} run{f' ({cond!r})' if cond else ''}: "
+                             f"{dup[:5]} ({len(dup)} in all) appear more than once; ids pair the runs and must be "
+                             "unique")
+    ids_d, ids_b = set(defended.ids), set(baseline.ids)
+    missing_d = [q for q in baseline.ids if q not in ids_d]
+    missing_b = [q for q in defended.ids if q not in ids_b]
     if missing_d or missing_b:
         raise InputError(
             "runs do not cover the same queries: "
@@ -175,16 +203,105 @@ def bca_figure(name: str) -> bool:
     return name.endswith("_sd") or name.startswith(("dprime_", "criterion_"))
 
 
-def _loo(n: int) -> np.ndarray:
-    """Leave-one-out index rows: ``[n, n - 1]``."""
-    return np.array([np.r_[0:i, i + 1:n] for i in range(n)], dtype=int).reshape(n, max(n - 1, 0))
+#: numbers one chunk of resamples or leave-one-out rows may hold at once: 2e7 float64 = 160 MB
+CHUNK_NUMBERS = 2e7
 
 
 def _chunk(lead: int, n_h: int, n_b: int) -> int:
-    """Resamples per chunk so that a chunk touches at most ~2e7 numbers (the rank figures hold
-    every pair of a class's changes)."""
+    """Resamples per chunk so that a chunk touches at most ~`CHUNK_NUMBERS` numbers (the rank
+    figures hold every pair of a class's changes). Chunks decide the order of the random draws,
+    so this stays as it is: a seed keeps its intervals."""
     per = lead * (n_h * (n_h + 1) // 2 + n_b * (n_b + 1) // 2 + n_h * n_b + n_h + n_b)
-    return max(1, int(2e7 // max(per, 1)))
+    return max(1, int(CHUNK_NUMBERS // max(per, 1)))
+
+
+def _jack_chunk(lead: int, n_h: int, n_b: int, pairwise: bool) -> int:
+    """Leave-one-out rows per chunk of `_jackknife`, for a peak of about 8 bytes x `CHUNK_NUMBERS`
+    (tracemalloc: the linear figures of `output_figures` peak at ~7.2 arrays of their input's
+    size, `rank_figures` at ~1.0 x its number of pairs). ``pairwise``: ``fn`` may compute figures
+    over every pair of a class's values. The rows do not share random draws: any chunking gives
+    the same values."""
+    per = 8 * (n_h + n_b) + (n_h * (n_h + 1) // 2 + n_b * (n_b + 1) // 2 + n_h * n_b if pairwise else 0)
+    return max(1, int(CHUNK_NUMBERS // max(lead * per, 1)))
+
+
+def _jackknife(fn, b_h, b_b, d_h, d_b, step: int) -> tuple[dict, dict]:
+    """Leave-one-out values of every figure of ``fn``, per class: ``({figure: [..., n_h]},
+    {figure: [..., n_b]})``. ``step`` left-out queries per call (their ``[..., step, n - 1]`` rows,
+    the other class broadcast beside them), so memory stays bounded as in the bootstrap."""
+    lead, out = b_h.shape[:-1], []
+    for cls in (0, 1):
+        n = (b_h, b_b)[cls].shape[-1]
+        parts = []
+        for start in range(0, n, step):
+            drop = np.arange(start, min(start + step, n))
+            keep = np.arange(n - 1)[None] + (np.arange(n - 1)[None] >= drop[:, None])  # [c, n - 1]: all but drop
+            rows = lambda x: x[..., keep]  # noqa: E731
+            full = lambda x: np.broadcast_to(x[..., None, :], lead + (len(drop), x.shape[-1]))  # noqa: E731
+            parts.append(fn(rows(b_h), full(b_b), rows(d_h), full(d_b)) if cls == 0
+                         else fn(full(b_h), rows(b_b), full(d_h), rows(d_b)))
+        out.append({k: np.concatenate([p[k] for p in parts], -1) for k in parts[0]})
+    return out[0], out[1]
+
+
+def _count_le(a: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``#{j: a[..., j] <= v[..., c]}`` for every c, ``a`` and ``v`` sorted along the last axis
+    (``v`` broadcast to ``a``'s leading axes): ``[..., m], [..., k] -> [..., k]``. A
+    searchsorted(side="right") of every row at once: v's places in a stable sort of a then v."""
+    m, v = a.shape[-1], np.broadcast_to(v, a.shape[:-1] + v.shape[-1:])
+    order = np.argsort(np.concatenate([a, v], -1), -1, kind="stable")  # a's ties sort before v's
+    pos = np.nonzero(order >= m)[-1].reshape(v.shape)  # v's places in the sorted rows, in v's order
+    return pos - np.arange(v.shape[-1])
+
+
+def _loo_medians(w: np.ndarray, removed, n: int, m: int) -> np.ndarray:
+    """``np.median`` of the multiset ``w`` less the values removed with item i, for every i:
+    ``w`` ``[..., N]`` sorted; ``removed(rows)`` gives them for the items of the slice ``rows``,
+    ``[..., c, m]`` with sorted rows contained in ``w`` -> ``[..., n]``.
+
+    The median's order statistics k of the N - m remaining values lie among ``w[k .. k + m]``:
+    the first of those with more than k remaining values at or below it is the k-th. The same
+    floats as recomputing each median, for one sort of ``w`` and O(m log m) per item instead of
+    O(N) per item; items in chunks of about `CHUNK_NUMBERS` numbers."""
+    lead, size = w.shape[:-1], w.shape[-1] - m
+    if size < 1:
+        return np.full(lead + (n,), np.nan)
+    k_lo, k_hi = (size - 1) // 2, size // 2
+    cand = w[..., k_lo:k_hi + m + 1]  # [..., c], c = m + 1 or m + 2
+    below = _count_le(w, cand)[..., None, :]  # [..., 1, c]: values of w at or below each candidate
+    step = max(1, int(CHUNK_NUMBERS // max(8 * int(np.prod(lead, dtype=int)) * (m + cand.shape[-1]), 1)))
+    out = []
+    for start in range(0, n, step):
+        left = below - _count_le(removed(slice(start, start + step)), cand[..., None, :])  # [..., rows, c]
+        rows = np.broadcast_to(cand[..., None, :], left.shape)
+        lo, hi = (np.take_along_axis(rows, np.argmax(left > k, -1)[..., None], -1)[..., 0] for k in (k_lo, k_hi))
+        out.append(lo if k_lo == k_hi else (lo + hi) / 2)  # np.median's mean of the two middle values
+    return np.concatenate(out, -1)
+
+
+def _rank_jackknife(b_h, b_b, d_h, d_b) -> tuple[dict, dict]:
+    """Leave-one-out values of `rank_figures` (as `_jackknife` would give them, float for float)
+    from the sorted Walsh averages and differences, by `_loo_medians`: O(n^2 log n) time and
+    O(n^2) memory instead of recomputing n medians of n^2 / 2 values each (O(n^3))."""
+    ch, cb = d_h - b_h, d_b - b_b
+    hh, hb = hodges_lehmann(ch), hodges_lehmann(cb)
+    sh, sb = np.sort(ch, -1), np.sort(cb, -1)
+    n_h, n_b = ch.shape[-1], cb.shape[-1]
+
+    def walsh_loo(x, s):  # item i removes (x_i + x_j) / 2 for every j: ascending in s
+        i, j = np.triu_indices(x.shape[-1])
+        walsh = np.sort((x[..., i] + x[..., j]) / 2, -1)
+        return _loo_medians(walsh, lambda r: (x[..., r, None] + s[..., None, :]) / 2, x.shape[-1], x.shape[-1])
+
+    jh_h, jb_b = walsh_loo(ch, sh), walsh_loo(cb, sb)
+    diff = np.sort((ch[..., :, None] - cb[..., None, :]).reshape(ch.shape[:-1] + (-1,)), -1)
+    jh_d = _loo_medians(diff, lambda r: ch[..., r, None] - sb[..., None, ::-1], n_h, n_b)  # ch_i - cb_j
+    jb_d = _loo_medians(diff, lambda r: sh[..., None, :] - cb[..., r, None], n_b, n_h)
+    rep = lambda v, n: np.repeat(v[..., None], n, -1)  # noqa: E731
+    return ({"hl_harmful_change": jh_h, "hl_benign_change": rep(hb, n_h),
+             "hl_common_shift": (jh_h + hb[..., None]) / 2, "hl_differential": jh_d},
+            {"hl_harmful_change": rep(hh, n_b), "hl_benign_change": jb_b,
+             "hl_common_shift": (hh[..., None] + jb_b) / 2, "hl_differential": jb_d})
 
 
 def _bca_alpha(point, samples, jh, jb, z_lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -230,7 +347,7 @@ def _expanded_alpha(jh: np.ndarray, jb: np.ndarray, level: float) -> np.ndarray:
 
 
 def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level: float = 0.95,
-                    method: str = "auto") -> dict[str, tuple]:
+                    method: str = "auto", rank: bool = False, pairwise: bool = True) -> dict[str, tuple]:
     """Point values and paired, class-stratified bootstrap intervals of every figure of
     ``fn(b_h, b_b, d_h, d_b)``, vectorised over leading axes (``[..., n]`` in, ``[...]`` out).
 
@@ -240,13 +357,19 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
     "expanded" (the percentile interval read at jackknife-calibrated tail probabilities, see
     `_expanded_alpha`), "bca" (BCa on top of those tails), "percentile", or "auto" (default:
     "bca" for `bca_figure` figures, "expanded" for the others). Refusal rates (`RATE_FIGURES`)
-    get Wilson score intervals. ``seed``: an int or a numpy Generator.
+    get Wilson score intervals. ``seed``: an int or a numpy Generator. ``rank`` adds
+    `rank_figures` to ``fn``'s figures, with their jackknife from `_rank_jackknife` (the same
+    values as recomputing, O(n^2 log n) instead of O(n^3)); the other figures' jackknife is
+    computed in chunks of about `CHUNK_NUMBERS` numbers, like the bootstrap. ``pairwise=False``
+    says ``fn`` holds no figure over all pairs of a class's values (`separation_figures`,
+    `output_figures` without ``rank``), so its jackknife runs in fewer, larger chunks.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     b_h, b_b, d_h, d_b = (np.asarray(x, float) for x in (b_h, b_b, d_h, d_b))
     lead, n_h, n_b = b_h.shape[:-1], b_h.shape[-1], b_b.shape[-1]
-    point = fn(b_h, b_b, d_h, d_b)
+    figures = (lambda *a: {**fn(*a), **rank_figures(*a)}) if rank else fn
+    point = figures(b_h, b_b, d_h, d_b)
     nan = np.full(lead, np.nan)
     if n_boot < 1:
         return {k: (np.asarray(v, float), nan, nan, np.zeros(lead, int)) for k, v in point.items()}
@@ -258,14 +381,14 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
         ih = rng.integers(0, n_h, lead + (b, n_h))
         ib = rng.integers(0, n_b, lead + (b, n_b))
         take = lambda x, i: np.take_along_axis(x[..., None, :], i, -1)  # noqa: E731
-        chunks.append(fn(take(b_h, ih), take(b_b, ib), take(d_h, ih), take(d_b, ib)))
+        chunks.append(figures(take(b_h, ih), take(b_b, ib), take(d_h, ih), take(d_b, ib)))
     samples = {k: np.concatenate([c[k] for c in chunks], -1) for k in point}
     if method != "percentile":
-        lh, lb = _loo(n_h), _loo(n_b)
-        full_b = lambda x: np.broadcast_to(x[..., None, :], lead + (n_h, n_b))  # noqa: E731
-        full_h = lambda x: np.broadcast_to(x[..., None, :], lead + (n_b, n_h))  # noqa: E731
-        jack_h = fn(b_h[..., lh], full_b(b_b), d_h[..., lh], full_b(d_b))
-        jack_b = fn(full_h(b_h), b_b[..., lb], full_h(d_h), d_b[..., lb])
+        jack_h, jack_b = _jackknife(fn, b_h, b_b, d_h, d_b,
+                                    _jack_chunk(int(np.prod(lead, dtype=int)), n_h, n_b, pairwise))
+        if rank:
+            rank_h, rank_b = _rank_jackknife(b_h, b_b, d_h, d_b)
+            jack_h, jack_b = {**jack_h, **rank_h}, {**jack_b, **rank_b}
     out = {}
     for k, v in point.items():
         smp = samples[k]
@@ -286,13 +409,19 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
 
 
 def bootstrap(fn, paired: Paired, n_boot: int, seed: int, level: float, unit=None,
-              method: str = "auto") -> dict[str, Estimate]:
+              method: str = "auto", rank: bool = False, pairwise: bool = True) -> dict[str, Estimate]:
     """Point estimates of ``fn(b_h, b_b, d_h, d_b, unit=...)`` with paired, class-stratified
     bootstrap intervals (`interval_arrays`). ``unit=None`` (default) re-estimates the SD unit in
-    every resample; a fixed ``unit`` ignores its uncertainty (the intervals then under-cover)."""
+    every resample (a resample whose pooled SD is 0 gives non-finite ``*_sd`` values, counted in
+    ``n_nonfinite``); a fixed ``unit`` ignores its uncertainty (the intervals then under-cover).
+    If the baseline's own pooled SD is 0, so is every resample's: ``unit=1`` (raw score units).
+    ``rank`` adds the Hodges-Lehmann figures; ``pairwise``: see `interval_arrays`."""
     b_h, b_b, d_h, d_b = paired.parts
+    if unit is None and pooled_sd(b_h, b_b) == 0:
+        logger.warning("baseline scores are constant within both classes: *_sd figures use raw score units")
+        unit = 1.0
     arrays = interval_arrays(lambda *a: fn(*a, unit=unit), b_h, b_b, d_h, d_b, n_boot=n_boot, seed=seed,
-                             level=level, method=method)
+                             level=level, method=method, rank=rank, pairwise=pairwise)
     return {k: Estimate(float(v), float(lo), float(hi), int(nf)) for k, (v, lo, hi, nf) in arrays.items()}
 
 
@@ -387,7 +516,9 @@ class DefenseEffect:
         lines.append(f"  AUROC {e['auroc_base'].value:.3f} -> {e['auroc_def'].value:.3f} "
                      f"(change {_fmt(e['auroc_change'], 3)}); d' {e['dprime_base'].value:.2f} -> "
                      f"{e['dprime_def'].value:.2f}; c {e['criterion_base'].value:+.2f} -> {e['criterion_def'].value:+.2f}")
-        lines.append(f"  refusal at p > {c.get('threshold', 0.5):.3g}: harmful {e['refusal_harmful_base'].value:.2f} -> "
+        lines.append(f"  refusal at p > {c.get('threshold', 0.5):.3g} "
+                     f"(margin > {c.get('threshold_margin', 0.0):+.3g}): "
+                     f"harmful {e['refusal_harmful_base'].value:.2f} -> "
                      f"{e['refusal_harmful_def'].value:.2f}, benign {e['refusal_benign_base'].value:.2f} -> "
                      f"{e['refusal_benign_def'].value:.2f}")
         if self.nonfinite:
@@ -397,7 +528,7 @@ class DefenseEffect:
     def row(self) -> dict:
         """A flat table row: each figure's value with ``_lo`` / ``_hi`` columns."""
         out = {"defense": self.name, "label": self.label, "n_harmful": self.n_harmful, "n_benign": self.n_benign,
-               "threshold": self.config.get("threshold")}
+               "threshold": self.config.get("threshold"), "threshold_margin": self.config.get("threshold_margin")}
         for k, e in self.estimates.items():
             out[k], out[f"{k}_lo"], out[f"{k}_hi"] = e.value, e.lo, e.hi
         out["nonfinite_resamples"] = "; ".join(f"{k}: {n}" for k, n in self.nonfinite.items())
@@ -414,8 +545,8 @@ def neutral_threshold(table: ScoreTable) -> float:
     return len(r) / (len(r) + len(c))
 
 
-def fitted_threshold(table: ScoreTable) -> float:
-    """The p_refuse threshold that best separates the baseline's classes: maximises Youden's
+def fitted_cut(table: ScoreTable) -> float:
+    """The margin cut that best separates the baseline's classes: maximises Youden's
     J = refusal(harmful) - refusal(benign), midway between adjacent margins (ties: the lowest).
     Fitted on the data it is then applied to: its rates are optimistic for that run."""
     lab = np.array(table.labels)
@@ -427,21 +558,41 @@ def fitted_threshold(table: ScoreTable) -> float:
     u = np.unique(m)
     cuts = np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2, u[-1] + 1.0]
     j = (m[is_h][None] > cuts[:, None]).mean(1) - (m[~is_h][None] > cuts[:, None]).mean(1)
-    return float(_sigmoid(cuts[int(np.argmax(j))]))
+    return float(cuts[int(np.argmax(j))])
 
 
-def resolve_threshold(threshold, baseline: ScoreTable) -> float:
-    """A p_refuse threshold from a float, "neutral" or "fitted" (see docs/analysis.md)."""
+def fitted_threshold(table: ScoreTable) -> float:
+    """`fitted_cut` as a p_refuse threshold. Above a cut of about 37 logits it is 1.0 in float64:
+    apply the threshold with `fitted_cut` / `threshold_cut` (what compare and rank_ensembles do)."""
+    return float(_sigmoid(fitted_cut(table)))
+
+
+def _resolve(threshold, baseline: ScoreTable) -> tuple[float, float]:
+    """(p_refuse threshold, the same threshold on the margin scale) from a float, "neutral" or
+    "fitted"."""
     if isinstance(threshold, str):
         if threshold == "neutral":
-            return neutral_threshold(baseline)
+            t = neutral_threshold(baseline)
+            return t, _logit(t)
         if threshold == "fitted":
-            return fitted_threshold(baseline)
+            cut = fitted_cut(baseline)
+            return float(_sigmoid(cut)), cut
         raise InputError(f"threshold must be a float in (0, 1), 'neutral' or 'fitted', got {threshold!r}")
     t = float(threshold)
     if not 0 < t < 1:
         raise InputError(f"threshold must lie in (0, 1), got {t}")
-    return t
+    return t, _logit(t)
+
+
+def resolve_threshold(threshold, baseline: ScoreTable) -> float:
+    """A p_refuse threshold from a float, "neutral" or "fitted" (see docs/analysis.md)."""
+    return _resolve(threshold, baseline)[0]
+
+
+def threshold_cut(threshold, baseline: ScoreTable) -> float:
+    """The same threshold on the margin scale (float64): refuse when margin > cut. Rates are
+    computed with it, so a fitted cut of 40 logits or a threshold near 1 does not saturate."""
+    return _resolve(threshold, baseline)[1]
 
 
 def compare(
@@ -465,13 +616,10 @@ def compare(
     the Hodges-Lehmann figures (``hl_*``)."""
     if not 0 < level < 1:
         raise InputError(f"level must be in (0, 1), got {level}")
-    t = resolve_threshold(threshold, baseline)
+    t, cut = _resolve(threshold, baseline)
     paired = pair_tables(baseline, defended, "margin")
-    b_h, b_b, _, _ = paired.parts
-    if pooled_sd(b_h, b_b) == 0:
-        logger.warning("baseline margins are constant within both classes: *_sd figures use raw margin units")
-    est = bootstrap(lambda *a, unit: output_figures(*a, threshold=t, unit=unit, rank=rank),
-                    paired, n_boot, seed, level, method=method)
+    est = bootstrap(lambda *a, unit: output_figures(*a, unit=unit, cut=cut), paired, n_boot, seed, level,
+                    method=method, rank=rank, pairwise=False)
     delta = paired.defended - paired.base
     sign = np.where(paired.is_harmful, 0.5, -0.5)
     common, diff = est["common_shift"].value, est["differential"].value
@@ -488,6 +636,7 @@ def compare(
         neutral = None
     return DefenseEffect(name, int(paired.is_harmful.sum()), int((~paired.is_harmful).sum()), est, label,
                          decomposition, {"n_boot": n_boot, "seed": seed, "level": level, "threshold": t,
+                                         "threshold_margin": cut,
                                          "threshold_rule": threshold if isinstance(threshold, str) else "fixed",
                                          "neutral_p": neutral, "min_effect_sd": min_effect_sd,
                                          "method": method})

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .compare import pair_tables, resolve_threshold
+from .compare import pair_tables, threshold_cut
 from .metrics import compliance_rate, refusal_rate
 from ..aggregate import OPERATORS
 from ..errors import InputError
@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 OPS = {"+": "compose", "|": "either", "&": "both", "~": "mean"}
 EXACT_OPS = tuple(OPERATORS)  # "|", "&", "~": exact combinations of measured members
 PREDICTORS = ("additive", "calibrated")
+# Operators whose pair does not depend on the members' order, so a measured run keyed "b<op>a"
+# is the pair "a<op>b": "|", "&" (max / min) and "~" (the mean of two p, a two-term logsumexp:
+# the same bits in either order, tests/test_ensembles.py), and "+" as `fit_compose` treats it.
+COMMUTATIVE_OPS = ("+", "|", "&", "~")
 
 
 def _aligned(baseline: ScoreTable, members: list[ScoreTable]) -> list[ScoreTable]:
@@ -126,14 +130,17 @@ def predict(baseline: ScoreTable, members: dict[str, ScoreTable], op: str,
     return _table(baseline, margin, lens, name, {"source": "predicted", "predicted": True, "predictor": how})
 
 
-def safety_helpfulness(table: ScoreTable, threshold: float | str = 0.5) -> tuple[float, float]:
+def safety_helpfulness(table: ScoreTable, threshold: float | str = 0.5, *,
+                       cut: float | None = None) -> tuple[float, float]:
     """(refusal rate on harmful, compliance rate on benign) at ``p_refuse > threshold``; the
     threshold is a float, "neutral" (the table's readout at equal logits) or "fitted" (Youden-optimal
-    on this table itself; `rank_ensembles` fits it on the baseline instead)."""
-    threshold = resolve_threshold(threshold, table)
-    p = table.p_refuse.numpy()
+    on this table itself; `rank_ensembles` fits it on the baseline instead). Applied on the margin
+    scale in float64, margin > ``cut`` (`threshold_cut`; or ``cut`` given directly), so margins of
+    tens of logits do not saturate as float32 p_refuse does above about 17."""
+    cut = threshold_cut(threshold, table) if cut is None else float(cut)
+    m = table.margin.double().numpy()
     lab = np.array(table.labels)
-    return float(refusal_rate(p[lab == "harmful"], threshold)), float(compliance_rate(p[lab == "benign"], threshold))
+    return float(refusal_rate(m[lab == "harmful"], cut)), float(compliance_rate(m[lab == "benign"], cut))
 
 
 def pareto_mask(points: np.ndarray) -> np.ndarray:
@@ -166,6 +173,7 @@ class Candidate:
     predicted_helpfulness: float | None = None
     margin_rmse: float | None = None            # predicted (or exact) vs measured margins
     margin_corr: float | None = None
+    measured_key: str | None = None             # the ``measured`` key used ("b+a" for the pair "a+b" too)
 
     @property
     def safety_error(self) -> float | None:
@@ -181,16 +189,28 @@ class Candidate:
         return self.predicted_helpfulness - self.measured_helpfulness
 
 
-def evaluate_prediction(predicted: ScoreTable, measured: ScoreTable, threshold: float = 0.5) -> dict[str, float]:
-    """Predicted against measured ensemble: margin RMSE and correlation, rate errors."""
+def evaluate_prediction(predicted: ScoreTable, measured: ScoreTable, threshold: float = 0.5, *,
+                        cut: float | None = None) -> dict[str, float]:
+    """Predicted against measured ensemble: margin RMSE and correlation, rate errors (at
+    ``threshold``, or the margin ``cut``, as in `safety_helpfulness`)."""
     pair = pair_tables(measured, predicted)
     err = pair.defended - pair.base
     corr = (float(np.corrcoef(pair.base, pair.defended)[0, 1])
             if pair.base.std() > 0 and pair.defended.std() > 0 else float("nan"))
-    ps, ph = safety_helpfulness(predicted, threshold)
-    ms, mh = safety_helpfulness(measured, threshold)
+    ps, ph = safety_helpfulness(predicted, threshold, cut=cut)
+    ms, mh = safety_helpfulness(measured, threshold, cut=cut)
     return {"margin_rmse": float(np.sqrt((err ** 2).mean())), "margin_corr": corr,
             "safety_error": ps - ms, "helpfulness_error": ph - mh}
+
+
+def _measured_key(measured: dict, a: str, b: str, op: str) -> str | None:
+    """The key of the measured run of the pair ``a op b``: "a op b", else "b op a" for a
+    commutative ``op``; None if neither was measured."""
+    keys = [f"{a}{op}{b}"] + ([f"{b}{op}{a}"] if op in COMMUTATIVE_OPS else [])
+    found = [k for k in keys if k in measured]
+    if len(found) > 1:
+        logger.warning("measured runs %s are the same pair: ranking by %r", found, found[0])
+    return found[0] if found else None
 
 
 def rank_ensembles(
@@ -207,17 +227,19 @@ def rank_ensembles(
     helpfulness`` (safety: refusal on harmful; helpfulness: compliance on benign), Pareto front
     marked. Pairs use a measured run where one exists (``measured``, keyed like "a+b"), the exact
     combination for "|", "&", "~" otherwise, and a "+" prediction (``predictor``: "additive", or
-    "calibrated" on the other measured "+" pairs, leave one pair out) only where neither exists."""
+    "calibrated" on the other measured "+" pairs, leave one pair out) only where neither exists.
+    A pair's measured run is found under either member order ("b+a" for "a+b", `COMMUTATIVE_OPS`);
+    the key used is the candidate's ``measured_key``."""
     if not 0 <= weight <= 1:
         raise InputError(f"weight must be in [0, 1], got {weight}")
     if predictor not in PREDICTORS:
         raise InputError(f"predictor must be one of {PREDICTORS}, got {predictor!r}")
     measured = measured or {}
-    threshold = resolve_threshold(threshold, baseline)  # "neutral" / "fitted": from the baseline, for every candidate
+    cut = threshold_cut(threshold, baseline)  # margin scale; "neutral" / "fitted": from the baseline, for all
     cands = []
 
     def add(name, kind, table, source):
-        s, h = safety_helpfulness(table, threshold)
+        s, h = safety_helpfulness(table, cut=cut)
         c = Candidate(name, kind, s, h, weight * s + (1 - weight) * h, source=source)
         if source == "measured":
             c.measured_safety, c.measured_helpfulness = s, h
@@ -233,11 +255,12 @@ def rank_ensembles(
             model = (fit_compose(baseline, singles, measured, exclude=(a, b))
                      if op == "+" and predictor == "calibrated" else None)
             derived = predict(baseline, {a: singles[a], b: singles[b]}, op, model=model)
-            ps, ph = safety_helpfulness(derived, threshold)
-            if name in measured:
-                c = add(name, op, measured[name], "measured")
-                ev = evaluate_prediction(derived, measured[name], threshold)
-                c.margin_rmse, c.margin_corr = ev["margin_rmse"], ev["margin_corr"]
+            ps, ph = safety_helpfulness(derived, cut=cut)
+            key = _measured_key(measured, a, b, op)
+            if key is not None:
+                c = add(name, op, measured[key], "measured")
+                ev = evaluate_prediction(derived, measured[key], cut=cut)
+                c.margin_rmse, c.margin_corr, c.measured_key = ev["margin_rmse"], ev["margin_corr"], key
             else:
                 c = add(name, op, derived, derived.meta["source"])
             c.predicted_safety, c.predicted_helpfulness = ps, ph
