@@ -241,7 +241,8 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
             ("text", "Refusal rates (P(refuse) > 0.5) of harmful and benign queries, mean shift (change of the "
                      "class-balanced mean P(refuse)), distance change (change of harmful minus benign mean "
                      "P(refuse)), AUROC and d' of harmful vs benign, each with its 95% interval, and the "
-                     "mechanism label (docs/analysis.md). Score-level ensembles (`|`, `&`, `~`) are combined "
+                     "mechanism label (docs/analysis.md; it reads three 95% intervals, so a defense that "
+                     "changes nothing still gets a label about one time in ten). Score-level ensembles (`|`, `&`, `~`) are combined "
                      "from their members' tables; `+` ensembles are scored as composites. Every figure with "
                      "its interval bounds: `tables/conditions.csv`; per query: `tables/per_query.csv`."),
             ("table", study_summary_rows(summary), SUMMARY_COLUMNS)]),
