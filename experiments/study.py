@@ -213,6 +213,40 @@ def register_prompts(path: str) -> dict[str, dict]:
     return entries
 
 
+def check_defense_params(cfg: StudyConfig, names: list[str]) -> None:
+    """Every ``[defense_params.<name>]`` names a single defense of the study's conditions
+    (``names``), and every single defense builds with its parameters (the defense's own checks),
+    before any dataset or model is loaded: a misspelt name or a bad value is one error naming the
+    table and the file, not parameters silently unused or a failure after the baseline is scored.
+    Of defenses built from the baseline's scores (``act_*``) the parameter names are checked."""
+    import inspect
+    import re
+
+    from defenses import get_defense
+
+    def where(name: str) -> str:
+        return f"{cfg.source}: [defense_params.{name if re.fullmatch(r'[A-Za-z0-9_-]+', name) else json.dumps(name)}]"
+
+    for name in cfg.defense_params:
+        if name not in names:
+            what = ("an ensemble expression: parameters go to single defenses" if split_top(name)[0] else
+                    "not a single defense of the study's defenses and ensembles")
+            raise InputError(f"{where(name)}: {what}{study_config.did_you_mean(name, names)} "
+                             f"(they use: {', '.join(names) or 'none'})")
+    for name in names:
+        params, factory = cfg.defense_params.get(name, {}), REGISTRY[name]
+        try:
+            if registry.needs_baseline(factory):  # built once the baseline is scored
+                try:
+                    inspect.signature(factory).bind(None, **params)
+                except TypeError as exc:
+                    raise InputError(f"defense {name!r}: {exc}") from None
+            else:
+                get_defense(name, **params)  # built again, for its model, once the model is loaded
+        except InputError as exc:
+            raise InputError(f"{where(name)}: {exc}") from None
+
+
 # --- run-directory names ----------------------------------------------------------------------
 
 def condition_dir(name: str) -> str:
@@ -364,13 +398,17 @@ class Study:
         self.conditions = list(dict.fromkeys(["baseline", *cfg.defenses, *cfg.ensembles]))
         for name in self.conditions[1:]:
             check_names(name)
-        for name in cfg.defense_params:
-            check_names(name)
+        names = list(dict.fromkeys(p for c in self.conditions[1:] for p in _members(c)))
+        check_defense_params(cfg, names)
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)
         check_labels(self.queries, "+".join(d.get("name", "?") for d in cfg.datasets))  # before any forward
+        if any(s != "lens" for s in cfg.layer_scores):
+            smaller = min(sum(q.label == lab for q in self.queries) for lab in ("harmful", "benign"))
+            if smaller < cfg.folds:
+                raise InputError(f"{cfg.source}: 'folds' = {cfg.folds} for the diffmean / probe layer scores, but "
+                                 f"the smaller class has only {smaller} queries; lower 'folds' or raise the limits")
         warn_out_of_vocabulary(self.queries, cfg.model)
         check_device(cfg.device)
-        names = {p for c in self.conditions[1:] for p in _members(c)}
         self.needs_hidden = cfg.keep_hidden or any(n.startswith("act_") for n in names) or \
             any(s != "lens" for s in cfg.layer_scores)
         readout = get_readout(cfg.readout)

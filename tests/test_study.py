@@ -145,6 +145,51 @@ def test_unknown_keys_are_one_error_naming_key_and_file(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # checked before any run directory or model
 
 
+TOY_STUDY = ['model = "toy"', 'defenses = ["sr_self_reminder", "qr_caption_no_image"]', "ensembles = []",
+             "n_boot = 20", "generation_check = 0"]
+
+
+@pytest.mark.parametrize("lines,names", [
+    (["weight = -1.0"], ["'weight'", "[0, 1]"]),
+    (['layer_scores = ["lens", "difmean"]'], ["'layer_scores'", "did you mean 'diffmean'"]),
+    (['layer_scores = ["lens", "diffmean"]', "folds = 1"], ["'folds'", ">= 2"]),
+    (['layer_scores = ["probe"]', "folds = 6"], ["'folds' = 6", "only 4 queries"]),
+    (["n_boot = 0"], ["'n_boot'", ">= 1"]),
+    (["generation_check = 4", "max_new_tokens = 0"], ["'max_new_tokens'", "generation_check"]),
+    (["[defense_params.qr_caption]", "max_new_tokens = 1"],
+     ["[defense_params.qr_caption]", "did you mean 'qr_caption_no_image'"]),
+    (['[defense_params."qr_caption_no_image+sr_self_reminder"]', "max_new_tokens = 1"],
+     ['[defense_params."qr_caption_no_image+sr_self_reminder"]', "ensemble expression"]),
+    (['defenses = ["sr_self_reminder", "mo_finetune"]', "[defense_params.mo_finetune]", "steps = 0"],
+     ["[defense_params.mo_finetune]", "'steps'"]),
+], ids=["weight", "layer_scores", "folds", "folds_above_class", "n_boot", "max_new_tokens", "unused_params",
+        "ensemble_params", "bad_param_value"])
+def test_bad_study_options_are_one_error_before_any_compute(tmp_path, capsys, lines, names):
+    """Options that would fail only after every condition is scored, or change results silently
+    (no intervals, parameters never used), are one error naming the key and the file, before
+    any run directory or model."""
+    out, cfg = tmp_path / "o", tmp_path / "s.toml"
+    split = next((i for i, line in enumerate(lines) if line.startswith("[")), len(lines))
+    top, tables = lines[:split], lines[split:]  # top-level keys (replacing TOY_STUDY's), then tables
+    keys = {line.split("=")[0].strip() for line in top}
+    head = [line for line in TOY_STUDY if line.split("=")[0].strip() not in keys] + top
+    cfg.write_text("\n".join([f'out = "{out}"', *head, "[[datasets]]", 'name = "toy"', "limit = 8", *tables]) + "\n")
+    assert main(["study", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(cfg) in err, err
+    for name in names:
+        assert name in err, err
+    assert not out.exists()  # before any run directory or model
+
+
+def test_study_limit_must_be_at_least_one(capsys):
+    from experiments.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["study", "--limit", "0"])
+    assert e.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
 def test_stratified_limit_and_spread_sample():
     from experiments.study import spread_sample, stratified_head
 
