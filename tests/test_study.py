@@ -286,6 +286,44 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
     assert records("mo_finetune") == tuned_shards
 
 
+def toy_study(out, **keys) -> dict:
+    """A small study on the toy (8 queries, no generation check), run in this process."""
+    from experiments import study, study_config
+
+    raw = {"model": "toy", "out": str(out), "defenses": ["sr_self_reminder"], "ensembles": [], "n_boot": 20,
+           "generation_check": 0, "datasets": [{"name": "toy", "limit": 8}], **keys}
+    return study.run_config(study_config.build(raw, "test"))
+
+
+def shard_records(out) -> dict[str, str]:
+    """Every shard record of a run directory by path (what was stored, and when it changes)."""
+    return {str(f.relative_to(out)): f.read_text() for f in sorted(Path(out).glob("shards/*/*/shard.json"))}
+
+
+def test_a_checkpoint_retrained_under_the_same_path_is_scored_again(tmp_path):
+    """mo_checkpoint's shards are tied to the checkpoint's config and weights, not only its path:
+    retrained in place, a resumed study scores it again and equals a fresh run on the new weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from probing.toy import WEIGHTS_DIR
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(WEIGHTS_DIR, ckpt)
+    keys = {"defenses": ["mo_checkpoint"], "defense_params": {"mo_checkpoint": {"path": str(ckpt)}}}
+    first = toy_study(tmp_path / "run", **keys)["tables"]["mo_checkpoint"]
+    weights = load_file(ckpt / "model.safetensors")  # "retrained": one layer's weights moved
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: w + 0.2 * torch.randn(w.shape, generator=gen) if "layers.1." in k and w.is_floating_point() else w
+               for k, w in weights.items()}
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    resumed = toy_study(tmp_path / "run", **keys)["tables"]["mo_checkpoint"]
+    fresh = toy_study(tmp_path / "fresh", **keys)["tables"]["mo_checkpoint"]
+    assert not torch.allclose(fresh.margin, first.margin, atol=1e-3)
+    torch.testing.assert_close(resumed.margin, fresh.margin, atol=1e-6, rtol=0)
+
+
 def test_score_table_to_pandas():
     t = ScoreTable(["a", "b"], ["harmful", "benign"], torch.tensor([1.0, -1.0]), torch.zeros(2, 1), [0],
                    meta={"condition": "x"}, row_meta=[{"text": "t1", "dataset": "d", "kind": "k", "scenario": "s",
