@@ -494,8 +494,8 @@ class Study:
             # with the study's model, so a condition scored after it ran on tuned weights: shards
             # and answers from then lack this key and are recomputed (`merge_adapters`).
             fp["own_model"] = OWN_MODEL_REVISION
-        if name == "baseline" and self.needs_hidden:  # activation defenses need its hidden states:
-            fp["hidden"] = True                       # shards scored without them are recomputed
+        if self.needs_hidden:  # activation defenses need the baseline's hidden states, diffmean / probe
+            fp["hidden"] = True  # profiles every condition's: shards scored without them are recomputed
         if any(registry.needs_baseline(REGISTRY[p]) for p in _members(name) if p in REGISTRY):
             fp["baseline"] = self.run.condition_digest(condition_dir("baseline"))
         return fp
@@ -795,7 +795,9 @@ class Study:
             for name in self.conditions[1:]:
                 table = self.tables[name]
                 if score != "lens" and (table.hidden is None or base.hidden is None):
-                    logger.info("layers: %s has no hidden states (score-level ensemble); no %s profile", name, score)
+                    why = "a score-level ensemble, combined from its members' scores" if self.kind(name) in SCORE_OPS \
+                        else "scored without them"
+                    logger.info("layers: %s has no hidden states (%s); no %s profile", name, why, score)
                     continue
                 prof = layer_profile(base, table, score, name=name, n_folds=cfg.folds,
                                      n_boot=max(50, cfg.n_boot // 5), seed=cfg.seed)

@@ -324,6 +324,23 @@ def test_a_checkpoint_retrained_under_the_same_path_is_scored_again(tmp_path):
     torch.testing.assert_close(resumed.margin, fresh.margin, atol=1e-6, rtol=0)
 
 
+def test_a_resume_that_adds_diffmean_profiles_every_condition_as_a_fresh_run(tmp_path):
+    """diffmean / probe profiles need every scored condition's hidden states: a study resumed
+    with diffmean added scores again the conditions whose shards have none, and its layers table
+    is a fresh run's."""
+    keys = {"defenses": ["sr_self_reminder", "ni_text_smooth"], "ensembles": ["sr_self_reminder|ni_text_smooth"],
+            "folds": 2}
+    toy_study(tmp_path / "run", **keys)
+    resumed = toy_study(tmp_path / "run", layer_scores=["lens", "diffmean"], **keys)["layers"]
+    fresh = toy_study(tmp_path / "fresh", layer_scores=["lens", "diffmean"], **keys)["layers"]
+    assert {(r["defense"], r["score"]) for r in fresh} >= {("sr_self_reminder", "diffmean"),
+                                                            ("ni_text_smooth", "diffmean")}
+    assert [(r["defense"], r["score"], r["layer"]) for r in resumed] == \
+        [(r["defense"], r["score"], r["layer"]) for r in fresh]
+    for a, b in zip(resumed, fresh):
+        assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
+
+
 def test_score_table_to_pandas():
     t = ScoreTable(["a", "b"], ["harmful", "benign"], torch.tensor([1.0, -1.0]), torch.zeros(2, 1), [0],
                    meta={"condition": "x"}, row_meta=[{"text": "t1", "dataset": "d", "kind": "k", "scenario": "s",
