@@ -69,7 +69,7 @@ from probing.score_table import ScoreTable
 
 from . import options, study_config
 from .common import check_device, check_labels, warn_out_of_vocabulary
-from .kept import CachedRewrite, SavedModel, kept, query_key
+from .kept import CachedRewrite, kept, query_key
 from .plan_ahead import PlanAhead
 from .report import write_table
 from .runs import RunDir
@@ -334,7 +334,9 @@ def split_top(expression: str) -> tuple[str | None, list[str]]:
 
 
 #: how the study keeps its own model while a tuned copy of it is saved (`Study._fingerprint`):
-#: 2 = untouched (`defenses.finetune.merge_adapters`); runs made before tuned it in place
+#: 2 = untouched (`defenses.finetune.merge_adapters`); runs made before tuned it in place. Every
+#: condition scored on the study's own model (the baseline, scored first, aside) records it, tuned
+#: copy or not, so adding or removing ``mo_finetune`` leaves the other conditions' shards alone
 OWN_MODEL_REVISION = 2
 
 #: most MiB each of the study's pixel and image-feature caches may hold (features live on the
@@ -459,18 +461,15 @@ class Study:
             self._defenses[name] = d
         return self._defenses[name]
 
-    def _tuned_copy(self, part: str) -> bool:
-        """Whether the single defense ``part`` runs on a model tuned from the study's own (`SavedModel`)."""
-        return part in REGISTRY and not registry.needs_baseline(REGISTRY[part]) and \
-            isinstance(self.defense(part), SavedModel)
+    def _on_own_model(self, name: str) -> bool:
+        """Whether a condition other than the baseline is scored on the study's own model: none of
+        its members brings a model of its own (a tuned copy, `SavedModel`; a checkpoint)."""
+        def own(part: str) -> bool:
+            if part not in REGISTRY or registry.needs_baseline(REGISTRY[part]):
+                return True  # activation edits apply to the study's model
+            return type(self.defense(part)).model is Defense.model
 
-    def _tunes_a_copy(self) -> bool:
-        return any(self._tuned_copy(p) for n in self.conditions if n != "baseline" for p in _members(n))
-
-    def _on_own_model_after_tuning(self, name: str) -> bool:
-        """A condition scored on the study's own model in a study that also tunes a copy of it
-        (the baseline is always scored first)."""
-        return name != "baseline" and self._tunes_a_copy() and not any(self._tuned_copy(p) for p in _members(name))
+        return name != "baseline" and all(own(p) for p in _members(name))
 
     def _checkpoint(self, part: str) -> dict | None:
         """What identifies the checkpoint the single defense ``part`` loads (`mo_checkpoint`: its
@@ -489,10 +488,11 @@ class Study:
         checkpoints = {p: c for p in _members(name) if (c := self._checkpoint(p))}
         if checkpoints:  # the path alone is in the defense's parameters: a checkpoint retrained there scores anew
             fp["checkpoints"] = checkpoints
-        if self._on_own_model_after_tuning(name):
+        if self._on_own_model(name):
             # Before revision 2, saving the tuned copy merged its adapters into the weights it shares
             # with the study's model, so a condition scored after it ran on tuned weights: shards
-            # and answers from then lack this key and are recomputed (`merge_adapters`).
+            # and answers from then lack this key (or hold an older revision) and are recomputed
+            # (`merge_adapters`). Recorded whether or not the study tunes a copy.
             fp["own_model"] = OWN_MODEL_REVISION
         if self.needs_hidden:  # activation defenses need the baseline's hidden states, diffmean / probe
             fp["hidden"] = True  # profiles every condition's: shards scored without them are recomputed
@@ -818,9 +818,8 @@ class Study:
             return None
         sample = spread_sample(self.queries, cfg.generation_check)
         file = self.run.path / "generations" / "baseline_check.json"
-        key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format, "texts_by": "query_key"}
-        if self._tunes_a_copy():  # answered after the tuning: see `_fingerprint`
-            key["own_model"] = OWN_MODEL_REVISION
+        key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format, "texts_by": "query_key",
+               "own_model": OWN_MODEL_REVISION}  # answered after any tuning: see `_fingerprint`
         cache = json.loads(file.read_text()) if file.is_file() else {}
         texts = cache.get("texts", {}) if cache.get("key") == key else {}
         keys = {q.id: query_key(q) for q in sample}  # id, text and image: an edited query is answered again

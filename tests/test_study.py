@@ -341,6 +341,29 @@ def test_a_resume_that_adds_diffmean_profiles_every_condition_as_a_fresh_run(tmp
         assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
 
 
+def test_adding_mo_finetune_to_a_finished_study_scores_only_the_new_conditions(tmp_path, monkeypatch):
+    """Conditions on the study's own model record its revision whether or not the study tunes a
+    copy: adding mo_finetune (and an ensemble with it) keeps every other shard and the generation
+    check's answers, and the tables equal a fresh run's."""
+    from probing import generation as generation_mod
+
+    keys = {"generation_check": 4, "max_new_tokens": 4}
+    toy_study(tmp_path / "run", **keys)
+    before = shard_records(tmp_path / "run")
+    more = {"defenses": ["sr_self_reminder", "mo_finetune"], "ensembles": ["sr_self_reminder+mo_finetune"],
+            "defense_params": {"mo_finetune": {"steps": 2, "batch_size": 4}}, **keys}
+    fresh = toy_study(tmp_path / "fresh", **more)
+    monkeypatch.setattr(generation_mod, "generate", lambda *a, **k: pytest.fail("the generation check ran again"))
+    resumed = toy_study(tmp_path / "run", **more)
+    after = shard_records(tmp_path / "run")
+    assert {k: after[k] for k in before} == before  # baseline and sr_self_reminder: kept
+    assert {k.split("/")[1] for k in set(after) - set(before)} == {"mo_finetune", "sr_self_reminder+mo_finetune"}
+    assert [r["condition"] for r in resumed["summary"]] == [r["condition"] for r in fresh["summary"]]
+    for a, b in zip(resumed["summary"], fresh["summary"]):
+        assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
+    assert resumed["generation"]["rows"] == fresh["generation"]["rows"]
+
+
 def test_score_table_to_pandas():
     t = ScoreTable(["a", "b"], ["harmful", "benign"], torch.tensor([1.0, -1.0]), torch.zeros(2, 1), [0],
                    meta={"condition": "x"}, row_meta=[{"text": "t1", "dataset": "d", "kind": "k", "scenario": "s",
