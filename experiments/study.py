@@ -820,8 +820,8 @@ class Study:
         file = self.run.path / "generations" / "baseline_check.json"
         key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format, "texts_by": "query_key",
                "own_model": OWN_MODEL_REVISION}  # answered after any tuning: see `_fingerprint`
-        cache = json.loads(file.read_text()) if file.is_file() else {}
-        texts = cache.get("texts", {}) if cache.get("key") == key else {}
+        cache = read_cache(file, "the generation check's queries are answered again")
+        texts = cache.get("texts", {}) if cache.get("key") == key and isinstance(cache.get("texts"), dict) else {}
         keys = {q.id: query_key(q) for q in sample}  # id, text and image: an edited query is answered again
         todo = [q for q in sample if keys[q.id] not in texts]
         if todo:
@@ -829,7 +829,9 @@ class Study:
                                prompt=format_spec(cfg.prompt_format))
             texts.update({keys[q.id]: a for q, a in zip(todo, answers)})
             file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps({"key": key, "texts": texts}, indent=1))
+            tmp = file.with_name(file.name + ".tmp")  # whole or not at all: an interruption keeps the old one
+            tmp.write_text(json.dumps({"key": key, "texts": texts}, indent=1))
+            os.replace(tmp, file)
         texts = {q.id: texts[keys[q.id]] for q in sample}
         table = self.tables["baseline"].select([q.id for q in sample])
         margin = table.margin.numpy().astype(float)
@@ -846,6 +848,21 @@ class Study:
         self.run.write_table("generation_check", rows)
         self.run.write_table("generation_check_summary", [summary])
         return {"rows": rows, "summary": summary, "phrases": REFUSAL_PHRASES}
+
+
+def read_cache(file: Path, then: str) -> dict:
+    """A JSON object cached in the run directory; {} when absent, and, with a warning naming the
+    file, when unreadable (truncated, damaged): a cache is recomputed, never a reason to fail."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        logger.warning("%s is unreadable (%s); %s", file, exc, then)
+        return {}
+    return data
 
 
 def _members(expression: str) -> list[str]:

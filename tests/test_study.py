@@ -364,6 +364,21 @@ def test_adding_mo_finetune_to_a_finished_study_scores_only_the_new_conditions(t
     assert resumed["generation"]["rows"] == fresh["generation"]["rows"]
 
 
+def test_an_unreadable_generation_check_cache_is_answered_again(tmp_path, caplog):
+    """generations/baseline_check.json is written whole or not at all; a damaged one (truncated)
+    is a warning naming it, and the check is answered again, as in the first run."""
+    keys = {"generation_check": 4, "max_new_tokens": 4}
+    first = toy_study(tmp_path / "run", **keys)["generation"]
+    cache = tmp_path / "run" / "generations" / "baseline_check.json"
+    cache.write_text(cache.read_text()[:50])
+    with caplog.at_level("WARNING"):
+        again = toy_study(tmp_path / "run", **keys)["generation"]
+    assert any(str(cache) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert again["rows"] == first["rows"]
+    assert set(json.loads(cache.read_text())) == {"key", "texts"}
+    assert not list(cache.parent.glob("*.tmp"))
+
+
 def test_score_table_to_pandas():
     t = ScoreTable(["a", "b"], ["harmful", "benign"], torch.tensor([1.0, -1.0]), torch.zeros(2, 1), [0],
                    meta={"condition": "x"}, row_meta=[{"text": "t1", "dataset": "d", "kind": "k", "scenario": "s",
