@@ -727,6 +727,8 @@ class Study:
         effects = {n: compare(base, self.tables[n], name=n, n_boot=cfg.n_boot, seed=cfg.seed) for n in self.conditions}
         out = self.run.path
         shutil.rmtree(out / "scores", ignore_errors=True)
+        for path in derived_outputs(out):  # an earlier run's (other options) would outlive this report
+            path.unlink(missing_ok=True)
         for name in self.conditions:
             kept = self.tables[name].select(self.tables[name].ids)
             kept.hidden = None  # the shards keep hidden states; scores/ holds the scores only
@@ -848,6 +850,24 @@ class Study:
         self.run.write_table("generation_check", rows)
         self.run.write_table("generation_check_summary", [summary])
         return {"rows": rows, "summary": summary, "phrases": REFUSAL_PHRASES}
+
+
+#: The tables (``tables/<name>.csv|json``) a study derives from its scores (`derived_outputs`).
+STUDY_TABLES = ("conditions", "per_dataset", "datasets", "tradeoff", "layers", "generation_check",
+                "generation_check_summary")
+
+
+def derived_outputs(out: Path) -> list[Path]:
+    """Everything `Study.run_all` derives from the scores in the run directory ``out`` (whatever
+    its options): the summary, tables, figures and report. Removed before they are written again,
+    so none an earlier run wrote under other options (its generation check, a layer score it
+    dropped) stays beside the new report; nothing else in ``out`` is touched."""
+    from .report import STUDY_FIGURES, layers_figure
+
+    names = ["summary.csv", "summary.json", "report.md", "report.html", *STUDY_FIGURES,
+             *(layers_figure(s) for s in study_config.LAYER_SCORES)]
+    tables = [f"{t}.{ext}" for t in STUDY_TABLES for ext in ("csv", "json")] + ["per_query.csv"]
+    return [out / n for n in names] + [out / "tables" / t for t in tables]
 
 
 def read_cache(file: Path, then: str) -> dict:

@@ -289,10 +289,14 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
 def toy_study(out, **keys) -> dict:
     """A small study on the toy (8 queries, no generation check), run in this process."""
     from experiments import study, study_config
+    from experiments.runs import close_all
 
     raw = {"model": "toy", "out": str(out), "defenses": ["sr_self_reminder"], "ensembles": [], "n_boot": 20,
            "generation_check": 0, "datasets": [{"name": "toy", "limit": 8}], **keys}
-    return study.run_config(study_config.build(raw, "test"))
+    try:
+        return study.run_config(study_config.build(raw, "test"))
+    finally:  # as the CLI does: the run directory's lock is released
+        close_all()
 
 
 def shard_records(out) -> dict[str, str]:
@@ -377,6 +381,27 @@ def test_an_unreadable_generation_check_cache_is_answered_again(tmp_path, caplog
     assert again["rows"] == first["rows"]
     assert set(json.loads(cache.read_text())) == {"key", "texts"}
     assert not list(cache.parent.glob("*.tmp"))
+
+
+def test_a_resume_with_other_options_leaves_no_stale_outputs(tmp_path):
+    """Tables and figures an earlier run wrote under other options (its generation check, a
+    layer score it dropped) are removed: the resumed run directory holds a fresh run's outputs,
+    and the user's own files."""
+    first = {"generation_check": 4, "max_new_tokens": 4, "layer_scores": ["lens", "diffmean"], "folds": 2}
+    toy_study(tmp_path / "run", **first)
+    assert (tmp_path / "run" / "layers_diffmean.png").is_file()
+    assert (tmp_path / "run" / "tables" / "generation_check.csv").is_file()
+    (tmp_path / "run" / "tables" / "notes.txt").write_text("mine")
+    (tmp_path / "run" / "mine.png").write_bytes(b"mine")
+    toy_study(tmp_path / "run")
+    toy_study(tmp_path / "fresh")
+
+    def outputs(out):
+        return {str(p.relative_to(out)) for p in [*out.glob("*.*"), *out.glob("tables/*")] if p.is_file()}
+
+    assert outputs(tmp_path / "run") == outputs(tmp_path / "fresh") | {"tables/notes.txt", "mine.png"}
+    assert (tmp_path / "run" / "tables" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "run" / "mine.png").read_bytes() == b"mine"
 
 
 def test_score_table_to_pandas():
