@@ -421,6 +421,8 @@ class Study:
                                    "refusal_words": list(readout.refusal_words),
                                    "comply_words": list(readout.comply_words)},
                        "prompt_format": cfg.prompt_format, "prompt_wordings": self.wordings}
+        if cfg.compile:  # margins within ~1e-6 of the eager model's: compiled and eager shards are not mixed
+            fingerprint["compile"] = True  # (absent when eager, so runs made before this resume)
         self.run = RunDir(cfg.out, {"experiment": "study", **cfg.as_dict(), "prompt_wordings": self.wordings},
                           overwrite=cfg.overwrite, ignore=(*ANALYSIS_KEYS, "prompts"), fingerprint=fingerprint)
         try:

@@ -404,6 +404,24 @@ def test_a_resume_with_other_options_leaves_no_stale_outputs(tmp_path):
     assert (tmp_path / "run" / "mine.png").read_bytes() == b"mine"
 
 
+def test_a_compiled_run_and_an_eager_one_do_not_share_a_run_directory(tmp_path, monkeypatch):
+    """Compiled margins agree with eager ones to ~1e-6, not bit for bit: a run made with
+    ``compile`` does not resume without it, nor an eager one with it (refused before the model
+    is loaded, naming the key)."""
+    from experiments import study as study_mod
+    from probing.errors import RunDirError
+
+    real = study_mod.load_model
+    monkeypatch.setattr(study_mod, "load_model", lambda *a, compile=False, **k: real(*a, **k))  # not compiled here
+    toy_study(tmp_path / "compiled", compile=True)
+    toy_study(tmp_path / "eager")
+    monkeypatch.setattr(study_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(RunDirError, match="compile"):
+        toy_study(tmp_path / "compiled")
+    with pytest.raises(RunDirError, match="compile"):
+        toy_study(tmp_path / "eager", compile=True)
+
+
 def test_score_table_to_pandas():
     t = ScoreTable(["a", "b"], ["harmful", "benign"], torch.tensor([1.0, -1.0]), torch.zeros(2, 1), [0],
                    meta={"condition": "x"}, row_meta=[{"text": "t1", "dataset": "d", "kind": "k", "scenario": "s",
