@@ -112,7 +112,8 @@ def study(p):
                    help="comma-separated ensemble expressions, e.g. 'sr_self_reminder+mo_finetune,qr_caption|sr_mmsafety'")
     p.add_argument("--dataset", action="append", default=None,
                    help="repeatable: toy | mossbench:<dir> | mmsafetybench:<dir> (tiny subset, SD_TYPO) | jsonl:<file>")
-    p.add_argument("--limit", type=int, default=None, help="the first N queries of each dataset, stratified by label")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="the first N queries of each dataset (N >= 1), stratified by label")
     p.add_argument("--prompt-format", default=None, choices=["hf", "llava_v1"],
                    help="hf: the llava-hf chat template; llava_v1: the original repository's default system prompt")
     p.add_argument("--prompts", default=None, help="a TOML/JSON file of published defense wordings (docs/defenses.md)")

@@ -191,6 +191,15 @@ def study_summary_rows(summary: list[dict]) -> list[dict]:
     return out
 
 
+#: The figures `write_study_report` writes, besides one per layer score (`layers_figure`).
+STUDY_FIGURES = ("distributions.png", "mechanism_map.png", "tradeoff.png")
+
+
+def layers_figure(score: str) -> str:
+    """The study's figure of one layer score's profiles."""
+    return "layers.png" if score == "lens" else f"layers_{score}.png"
+
+
 def write_study_report(study, summary: list[dict], effects: dict, trade: dict, profiles: dict,
                        generation: dict | None) -> tuple[Path, Path]:
     """The study's figures and its report.md / report.html (``study``: an `experiments.study.Study`)."""
@@ -207,7 +216,7 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
     layer_pngs = []
     for score, profs in profiles.items():
         if profs:
-            png = "layers.png" if score == "lens" else f"layers_{score}.png"
+            png = layers_figure(score)
             plots.plot_layer_grid(profs, labels, out / png)
             layer_pngs.append((score, png, profs))
 

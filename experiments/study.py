@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from defenses import Compose, register
 from defenses.base import Defense
+from defenses.finetune import Checkpoint
 from defenses.noise import shared_perturbations
 from defenses.prompts import sr_custom
 from defenses import registry
@@ -68,7 +69,7 @@ from probing.score_table import ScoreTable
 
 from . import options, study_config
 from .common import check_device, check_labels, warn_out_of_vocabulary
-from .kept import CachedRewrite, SavedModel, kept, query_key
+from .kept import CachedRewrite, kept, query_key
 from .plan_ahead import PlanAhead
 from .report import write_table
 from .runs import RunDir
@@ -213,6 +214,40 @@ def register_prompts(path: str) -> dict[str, dict]:
     return entries
 
 
+def check_defense_params(cfg: StudyConfig, names: list[str]) -> None:
+    """Every ``[defense_params.<name>]`` names a single defense of the study's conditions
+    (``names``), and every single defense builds with its parameters (the defense's own checks),
+    before any dataset or model is loaded: a misspelt name or a bad value is one error naming the
+    table and the file, not parameters silently unused or a failure after the baseline is scored.
+    Of defenses built from the baseline's scores (``act_*``) the parameter names are checked."""
+    import inspect
+    import re
+
+    from defenses import get_defense
+
+    def where(name: str) -> str:
+        return f"{cfg.source}: [defense_params.{name if re.fullmatch(r'[A-Za-z0-9_-]+', name) else json.dumps(name)}]"
+
+    for name in cfg.defense_params:
+        if name not in names:
+            what = ("an ensemble expression: parameters go to single defenses" if split_top(name)[0] else
+                    "not a single defense of the study's defenses and ensembles")
+            raise InputError(f"{where(name)}: {what}{study_config.did_you_mean(name, names)} "
+                             f"(they use: {', '.join(names) or 'none'})")
+    for name in names:
+        params, factory = cfg.defense_params.get(name, {}), REGISTRY[name]
+        try:
+            if registry.needs_baseline(factory):  # built once the baseline is scored
+                try:
+                    inspect.signature(factory).bind(None, **params)
+                except TypeError as exc:
+                    raise InputError(f"defense {name!r}: {exc}") from None
+            else:
+                get_defense(name, **params)  # built again, for its model, once the model is loaded
+        except InputError as exc:
+            raise InputError(f"{where(name)}: {exc}") from None
+
+
 # --- run-directory names ----------------------------------------------------------------------
 
 def condition_dir(name: str) -> str:
@@ -299,7 +334,9 @@ def split_top(expression: str) -> tuple[str | None, list[str]]:
 
 
 #: how the study keeps its own model while a tuned copy of it is saved (`Study._fingerprint`):
-#: 2 = untouched (`defenses.finetune.merge_adapters`); runs made before tuned it in place
+#: 2 = untouched (`defenses.finetune.merge_adapters`); runs made before tuned it in place. Every
+#: condition scored on the study's own model (the baseline, scored first, aside) records it, tuned
+#: copy or not, so adding or removing ``mo_finetune`` leaves the other conditions' shards alone
 OWN_MODEL_REVISION = 2
 
 #: most MiB each of the study's pixel and image-feature caches may hold (features live on the
@@ -364,14 +401,18 @@ class Study:
         self.conditions = list(dict.fromkeys(["baseline", *cfg.defenses, *cfg.ensembles]))
         for name in self.conditions[1:]:
             check_names(name)
-        for name in cfg.defense_params:
-            check_names(name)
+        names = list(dict.fromkeys(p for c in self.conditions[1:] for p in _members(c)))
+        check_defense_params(cfg, names)
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)
         check_labels(self.queries, "+".join(d.get("name", "?") for d in cfg.datasets))  # before any forward
         check_images(self.queries)  # every image file decodes: a corrupt one is named now, not mid-run
+        if any(s != "lens" for s in cfg.layer_scores):
+            smaller = min(sum(q.label == lab for q in self.queries) for lab in ("harmful", "benign"))
+            if smaller < cfg.folds:
+                raise InputError(f"{cfg.source}: 'folds' = {cfg.folds} for the diffmean / probe layer scores, but "
+                                 f"the smaller class has only {smaller} queries; lower 'folds' or raise the limits")
         warn_out_of_vocabulary(self.queries, cfg.model)
         check_device(cfg.device)
-        names = {p for c in self.conditions[1:] for p in _members(c)}
         self.needs_hidden = cfg.keep_hidden or any(n.startswith("act_") for n in names) or \
             any(s != "lens" for s in cfg.layer_scores)
         readout = get_readout(cfg.readout)
@@ -382,6 +423,8 @@ class Study:
                                    "refusal_words": list(readout.refusal_words),
                                    "comply_words": list(readout.comply_words)},
                        "prompt_format": cfg.prompt_format, "prompt_wordings": self.wordings}
+        if cfg.compile:  # margins within ~1e-6 of the eager model's: compiled and eager shards are not mixed
+            fingerprint["compile"] = True  # (absent when eager, so runs made before this resume)
         self.run = RunDir(cfg.out, {"experiment": "study", **cfg.as_dict(), "prompt_wordings": self.wordings},
                           overwrite=cfg.overwrite, ignore=(*ANALYSIS_KEYS, "prompts"), fingerprint=fingerprint)
         try:
@@ -396,6 +439,7 @@ class Study:
                                     pixel_cache=pixels, feature_cache=features)
         self.tables: dict[str, ScoreTable] = {}
         self._defenses: dict[str, Defense] = {}
+        self._checkpoints: dict[str, dict] = {}  # `_checkpoint`'s fingerprints by path
         #: host seconds of the query-major pass: up-front generation (and its wait for the next
         #: batch's images, processed ahead), waiting for plans built ahead, plans built in the main
         #: thread, the worker's fallbacks (`score_shared_prefixes`), the scoring loops' wait for
@@ -422,28 +466,41 @@ class Study:
             self._defenses[name] = d
         return self._defenses[name]
 
-    def _tuned_copy(self, part: str) -> bool:
-        """Whether the single defense ``part`` runs on a model tuned from the study's own (`SavedModel`)."""
-        return part in REGISTRY and not registry.needs_baseline(REGISTRY[part]) and \
-            isinstance(self.defense(part), SavedModel)
+    def _on_own_model(self, name: str) -> bool:
+        """Whether a condition other than the baseline is scored on the study's own model: none of
+        its members brings a model of its own (a tuned copy, `SavedModel`; a checkpoint)."""
+        def own(part: str) -> bool:
+            if part not in REGISTRY or registry.needs_baseline(REGISTRY[part]):
+                return True  # activation edits apply to the study's model
+            return type(self.defense(part)).model is Defense.model
 
-    def _tunes_a_copy(self) -> bool:
-        return any(self._tuned_copy(p) for n in self.conditions if n != "baseline" for p in _members(n))
+        return name != "baseline" and all(own(p) for p in _members(name))
 
-    def _on_own_model_after_tuning(self, name: str) -> bool:
-        """A condition scored on the study's own model in a study that also tunes a copy of it
-        (the baseline is always scored first)."""
-        return name != "baseline" and self._tunes_a_copy() and not any(self._tuned_copy(p) for p in _members(name))
+    def _checkpoint(self, part: str) -> dict | None:
+        """What identifies the checkpoint the single defense ``part`` loads (`mo_checkpoint`: its
+        config and weights, `model_fingerprint`), None for any other defense."""
+        if part not in REGISTRY or registry.needs_baseline(REGISTRY[part]):
+            return None
+        d = self.defense(part)
+        if not isinstance(d, Checkpoint):
+            return None
+        if d.path not in self._checkpoints:
+            self._checkpoints[d.path] = model_fingerprint(d.path, dtype=self.cfg.dtype, device=self.cfg.device)
+        return self._checkpoints[d.path]
 
     def _fingerprint(self, name: str, defense) -> dict:
         fp = {"defense": defense.describe() if defense is not None else None}
-        if self._on_own_model_after_tuning(name):
+        checkpoints = {p: c for p in _members(name) if (c := self._checkpoint(p))}
+        if checkpoints:  # the path alone is in the defense's parameters: a checkpoint retrained there scores anew
+            fp["checkpoints"] = checkpoints
+        if self._on_own_model(name):
             # Before revision 2, saving the tuned copy merged its adapters into the weights it shares
             # with the study's model, so a condition scored after it ran on tuned weights: shards
-            # and answers from then lack this key and are recomputed (`merge_adapters`).
+            # and answers from then lack this key (or hold an older revision) and are recomputed
+            # (`merge_adapters`). Recorded whether or not the study tunes a copy.
             fp["own_model"] = OWN_MODEL_REVISION
-        if name == "baseline" and self.needs_hidden:  # activation defenses need its hidden states:
-            fp["hidden"] = True                       # shards scored without them are recomputed
+        if self.needs_hidden:  # activation defenses need the baseline's hidden states, diffmean / probe
+            fp["hidden"] = True  # profiles every condition's: shards scored without them are recomputed
         if any(registry.needs_baseline(REGISTRY[p]) for p in _members(name) if p in REGISTRY):
             fp["baseline"] = self.run.condition_digest(condition_dir("baseline"))
         return fp
@@ -675,6 +732,8 @@ class Study:
         effects = {n: compare(base, self.tables[n], name=n, n_boot=cfg.n_boot, seed=cfg.seed) for n in self.conditions}
         out = self.run.path
         shutil.rmtree(out / "scores", ignore_errors=True)
+        for path in derived_outputs(out):  # an earlier run's (other options) would outlive this report
+            path.unlink(missing_ok=True)
         for name in self.conditions:
             kept = self.tables[name].select(self.tables[name].ids)
             kept.hidden = None  # the shards keep hidden states; scores/ holds the scores only
@@ -743,7 +802,9 @@ class Study:
             for name in self.conditions[1:]:
                 table = self.tables[name]
                 if score != "lens" and (table.hidden is None or base.hidden is None):
-                    logger.info("layers: %s has no hidden states (score-level ensemble); no %s profile", name, score)
+                    why = "a score-level ensemble, combined from its members' scores" if self.kind(name) in SCORE_OPS \
+                        else "scored without them"
+                    logger.info("layers: %s has no hidden states (%s); no %s profile", name, why, score)
                     continue
                 prof = layer_profile(base, table, score, name=name, n_folds=cfg.folds,
                                      n_boot=max(50, cfg.n_boot // 5), seed=cfg.seed)
@@ -764,11 +825,10 @@ class Study:
             return None
         sample = spread_sample(self.queries, cfg.generation_check)
         file = self.run.path / "generations" / "baseline_check.json"
-        key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format, "texts_by": "query_key"}
-        if self._tunes_a_copy():  # answered after the tuning: see `_fingerprint`
-            key["own_model"] = OWN_MODEL_REVISION
-        cache = json.loads(file.read_text()) if file.is_file() else {}
-        texts = cache.get("texts", {}) if cache.get("key") == key else {}
+        key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format, "texts_by": "query_key",
+               "own_model": OWN_MODEL_REVISION}  # answered after any tuning: see `_fingerprint`
+        cache = read_cache(file, "the generation check's queries are answered again")
+        texts = cache.get("texts", {}) if cache.get("key") == key and isinstance(cache.get("texts"), dict) else {}
         keys = {q.id: query_key(q) for q in sample}  # id, text and image: an edited query is answered again
         todo = [q for q in sample if keys[q.id] not in texts]
         if todo:
@@ -776,7 +836,9 @@ class Study:
                                prompt=format_spec(cfg.prompt_format))
             texts.update({keys[q.id]: a for q, a in zip(todo, answers)})
             file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_text(json.dumps({"key": key, "texts": texts}, indent=1))
+            tmp = file.with_name(file.name + ".tmp")  # whole or not at all: an interruption keeps the old one
+            tmp.write_text(json.dumps({"key": key, "texts": texts}, indent=1))
+            os.replace(tmp, file)
         texts = {q.id: texts[keys[q.id]] for q in sample}
         table = self.tables["baseline"].select([q.id for q in sample])
         margin = table.margin.numpy().astype(float)
@@ -793,6 +855,39 @@ class Study:
         self.run.write_table("generation_check", rows)
         self.run.write_table("generation_check_summary", [summary])
         return {"rows": rows, "summary": summary, "phrases": REFUSAL_PHRASES}
+
+
+#: The tables (``tables/<name>.csv|json``) a study derives from its scores (`derived_outputs`).
+STUDY_TABLES = ("conditions", "per_dataset", "datasets", "tradeoff", "layers", "generation_check",
+                "generation_check_summary")
+
+
+def derived_outputs(out: Path) -> list[Path]:
+    """Everything `Study.run_all` derives from the scores in the run directory ``out`` (whatever
+    its options): the summary, tables, figures and report. Removed before they are written again,
+    so none an earlier run wrote under other options (its generation check, a layer score it
+    dropped) stays beside the new report; nothing else in ``out`` is touched."""
+    from .report import STUDY_FIGURES, layers_figure
+
+    names = ["summary.csv", "summary.json", "report.md", "report.html", *STUDY_FIGURES,
+             *(layers_figure(s) for s in study_config.LAYER_SCORES)]
+    tables = [f"{t}.{ext}" for t in STUDY_TABLES for ext in ("csv", "json")] + ["per_query.csv"]
+    return [out / n for n in names] + [out / "tables" / t for t in tables]
+
+
+def read_cache(file: Path, then: str) -> dict:
+    """A JSON object cached in the run directory; {} when absent, and, with a warning naming the
+    file, when unreadable (truncated, damaged): a cache is recomputed, never a reason to fail."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        logger.warning("%s is unreadable (%s); %s", file, exc, then)
+        return {}
+    return data
 
 
 def _members(expression: str) -> list[str]:

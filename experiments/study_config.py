@@ -64,6 +64,8 @@ DATASET_KEYS = {
     "jsonl": ("path", "skip_missing"),
 }
 COMMON_DATASET_KEYS = ("name", "tag", "limit")
+#: Per-layer scores (`probing.analysis.layer_profile`).
+LAYER_SCORES = ("lens", "diffmean", "probe")
 PROMPT_KEYS = {"sr": ("system_prompt", "text_before", "text_after"),
                "qr": ("question", "style", "keep_image", "max_new_tokens")}
 
@@ -209,8 +211,24 @@ def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyC
     for key in ("batch_size", "n_boot", "seed", "folds", "generation_check", "max_new_tokens"):
         if not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 0:
             raise InputError(f"{source}: {key!r} must be a non-negative integer, got {values[key]!r}")
-    if values["batch_size"] < 1:
-        raise InputError(f"{source}: 'batch_size' must be >= 1")
+    for key in ("batch_size", "n_boot"):  # no shards; no intervals (every label would be "neither")
+        if values[key] < 1:
+            raise InputError(f"{source}: {key!r} must be >= 1, got {values[key]}")
+    if values["generation_check"] and values["max_new_tokens"] < 1:
+        raise InputError(f"{source}: 'max_new_tokens' must be >= 1 while 'generation_check' is on "
+                         f"(got {values['max_new_tokens']}; generation_check = 0 turns the check off)")
+    weight = values["weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise InputError(f"{source}: 'weight' (of safety against helpfulness) must be a number in [0, 1], "
+                         f"got {weight!r}")
+    values["weight"] = float(weight)
+    for score in values["layer_scores"]:
+        if score not in LAYER_SCORES:
+            raise InputError(f"{source}: 'layer_scores': unknown score {score!r}{did_you_mean(score, LAYER_SCORES)} "
+                             f"(choose from {', '.join(LAYER_SCORES)})")
+    if values["folds"] < 2 and any(s != "lens" for s in values["layer_scores"]):
+        raise InputError(f"{source}: 'folds' must be >= 2 for the diffmean / probe layer scores (cross-fitted), "
+                         f"got {values['folds']}")
     values["model"] = str(values["model"])
     values["out"] = str(values["out"])
     return StudyConfig(**values, overwrite=overwrite, source=source)
@@ -231,7 +249,7 @@ def from_args(args) -> StudyConfig:
             raw[key] = value
     if getattr(args, "dataset", None):
         raw["datasets"] = [parse_dataset_flag(s) for s in args.dataset]
-    if getattr(args, "limit", None):
+    if getattr(args, "limit", None) is not None:
         if "datasets" not in raw:
             raw["datasets"] = [dict(d) for d in DEFAULTS["datasets"]]
         raw["datasets"] = [{**d, "limit": args.limit} for d in raw["datasets"]]

@@ -145,6 +145,51 @@ def test_unknown_keys_are_one_error_naming_key_and_file(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # checked before any run directory or model
 
 
+TOY_STUDY = ['model = "toy"', 'defenses = ["sr_self_reminder", "qr_caption_no_image"]', "ensembles = []",
+             "n_boot = 20", "generation_check = 0"]
+
+
+@pytest.mark.parametrize("lines,names", [
+    (["weight = -1.0"], ["'weight'", "[0, 1]"]),
+    (['layer_scores = ["lens", "difmean"]'], ["'layer_scores'", "did you mean 'diffmean'"]),
+    (['layer_scores = ["lens", "diffmean"]', "folds = 1"], ["'folds'", ">= 2"]),
+    (['layer_scores = ["probe"]', "folds = 6"], ["'folds' = 6", "only 4 queries"]),
+    (["n_boot = 0"], ["'n_boot'", ">= 1"]),
+    (["generation_check = 4", "max_new_tokens = 0"], ["'max_new_tokens'", "generation_check"]),
+    (["[defense_params.qr_caption]", "max_new_tokens = 1"],
+     ["[defense_params.qr_caption]", "did you mean 'qr_caption_no_image'"]),
+    (['[defense_params."qr_caption_no_image+sr_self_reminder"]', "max_new_tokens = 1"],
+     ['[defense_params."qr_caption_no_image+sr_self_reminder"]', "ensemble expression"]),
+    (['defenses = ["sr_self_reminder", "mo_finetune"]', "[defense_params.mo_finetune]", "steps = 0"],
+     ["[defense_params.mo_finetune]", "'steps'"]),
+], ids=["weight", "layer_scores", "folds", "folds_above_class", "n_boot", "max_new_tokens", "unused_params",
+        "ensemble_params", "bad_param_value"])
+def test_bad_study_options_are_one_error_before_any_compute(tmp_path, capsys, lines, names):
+    """Options that would fail only after every condition is scored, or change results silently
+    (no intervals, parameters never used), are one error naming the key and the file, before
+    any run directory or model."""
+    out, cfg = tmp_path / "o", tmp_path / "s.toml"
+    split = next((i for i, line in enumerate(lines) if line.startswith("[")), len(lines))
+    top, tables = lines[:split], lines[split:]  # top-level keys (replacing TOY_STUDY's), then tables
+    keys = {line.split("=")[0].strip() for line in top}
+    head = [line for line in TOY_STUDY if line.split("=")[0].strip() not in keys] + top
+    cfg.write_text("\n".join([f'out = "{out}"', *head, "[[datasets]]", 'name = "toy"', "limit = 8", *tables]) + "\n")
+    assert main(["study", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(cfg) in err, err
+    for name in names:
+        assert name in err, err
+    assert not out.exists()  # before any run directory or model
+
+
+def test_study_limit_must_be_at_least_one(capsys):
+    from experiments.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["study", "--limit", "0"])
+    assert e.value.code == 2 and "--limit" in capsys.readouterr().err
+
+
 def test_stratified_limit_and_spread_sample():
     from experiments.study import spread_sample, stratified_head
 
@@ -240,6 +285,142 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
     # study's model in place); the tuned model's own shards were kept
     assert {r["condition_fingerprint"].get("own_model") for r in records("act_steer")} == {2}
     assert records("mo_finetune") == tuned_shards
+
+
+def toy_study(out, **keys) -> dict:
+    """A small study on the toy (8 queries, no generation check), run in this process."""
+    from experiments import study, study_config
+    from experiments.runs import close_all
+
+    raw = {"model": "toy", "out": str(out), "defenses": ["sr_self_reminder"], "ensembles": [], "n_boot": 20,
+           "generation_check": 0, "datasets": [{"name": "toy", "limit": 8}], **keys}
+    try:
+        return study.run_config(study_config.build(raw, "test"))
+    finally:  # as the CLI does: the run directory's lock is released
+        close_all()
+
+
+def shard_records(out) -> dict[str, str]:
+    """Every shard record of a run directory by path (what was stored, and when it changes)."""
+    return {str(f.relative_to(out)): f.read_text() for f in sorted(Path(out).glob("shards/*/*/shard.json"))}
+
+
+def test_a_checkpoint_retrained_under_the_same_path_is_scored_again(tmp_path):
+    """mo_checkpoint's shards are tied to the checkpoint's config and weights, not only its path:
+    retrained in place, a resumed study scores it again and equals a fresh run on the new weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from probing.toy import WEIGHTS_DIR
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(WEIGHTS_DIR, ckpt)
+    keys = {"defenses": ["mo_checkpoint"], "defense_params": {"mo_checkpoint": {"path": str(ckpt)}}}
+    first = toy_study(tmp_path / "run", **keys)["tables"]["mo_checkpoint"]
+    weights = load_file(ckpt / "model.safetensors")  # "retrained": one layer's weights moved
+    gen = torch.Generator().manual_seed(0)
+    weights = {k: w + 0.2 * torch.randn(w.shape, generator=gen) if "layers.1." in k and w.is_floating_point() else w
+               for k, w in weights.items()}
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    resumed = toy_study(tmp_path / "run", **keys)["tables"]["mo_checkpoint"]
+    fresh = toy_study(tmp_path / "fresh", **keys)["tables"]["mo_checkpoint"]
+    assert not torch.allclose(fresh.margin, first.margin, atol=1e-3)
+    torch.testing.assert_close(resumed.margin, fresh.margin, atol=1e-6, rtol=0)
+
+
+def test_a_resume_that_adds_diffmean_profiles_every_condition_as_a_fresh_run(tmp_path):
+    """diffmean / probe profiles need every scored condition's hidden states: a study resumed
+    with diffmean added scores again the conditions whose shards have none, and its layers table
+    is a fresh run's."""
+    keys = {"defenses": ["sr_self_reminder", "ni_text_smooth"], "ensembles": ["sr_self_reminder|ni_text_smooth"],
+            "folds": 2}
+    toy_study(tmp_path / "run", **keys)
+    resumed = toy_study(tmp_path / "run", layer_scores=["lens", "diffmean"], **keys)["layers"]
+    fresh = toy_study(tmp_path / "fresh", layer_scores=["lens", "diffmean"], **keys)["layers"]
+    assert {(r["defense"], r["score"]) for r in fresh} >= {("sr_self_reminder", "diffmean"),
+                                                            ("ni_text_smooth", "diffmean")}
+    assert [(r["defense"], r["score"], r["layer"]) for r in resumed] == \
+        [(r["defense"], r["score"], r["layer"]) for r in fresh]
+    for a, b in zip(resumed, fresh):
+        assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
+
+
+def test_adding_mo_finetune_to_a_finished_study_scores_only_the_new_conditions(tmp_path, monkeypatch):
+    """Conditions on the study's own model record its revision whether or not the study tunes a
+    copy: adding mo_finetune (and an ensemble with it) keeps every other shard and the generation
+    check's answers, and the tables equal a fresh run's."""
+    from probing import generation as generation_mod
+
+    keys = {"generation_check": 4, "max_new_tokens": 4}
+    toy_study(tmp_path / "run", **keys)
+    before = shard_records(tmp_path / "run")
+    more = {"defenses": ["sr_self_reminder", "mo_finetune"], "ensembles": ["sr_self_reminder+mo_finetune"],
+            "defense_params": {"mo_finetune": {"steps": 2, "batch_size": 4}}, **keys}
+    fresh = toy_study(tmp_path / "fresh", **more)
+    monkeypatch.setattr(generation_mod, "generate", lambda *a, **k: pytest.fail("the generation check ran again"))
+    resumed = toy_study(tmp_path / "run", **more)
+    after = shard_records(tmp_path / "run")
+    assert {k: after[k] for k in before} == before  # baseline and sr_self_reminder: kept
+    assert {k.split("/")[1] for k in set(after) - set(before)} == {"mo_finetune", "sr_self_reminder+mo_finetune"}
+    assert [r["condition"] for r in resumed["summary"]] == [r["condition"] for r in fresh["summary"]]
+    for a, b in zip(resumed["summary"], fresh["summary"]):
+        assert a == pytest.approx(b, abs=1e-6, nan_ok=True)
+    assert resumed["generation"]["rows"] == fresh["generation"]["rows"]
+
+
+def test_an_unreadable_generation_check_cache_is_answered_again(tmp_path, caplog):
+    """generations/baseline_check.json is written whole or not at all; a damaged one (truncated)
+    is a warning naming it, and the check is answered again, as in the first run."""
+    keys = {"generation_check": 4, "max_new_tokens": 4}
+    first = toy_study(tmp_path / "run", **keys)["generation"]
+    cache = tmp_path / "run" / "generations" / "baseline_check.json"
+    cache.write_text(cache.read_text()[:50])
+    with caplog.at_level("WARNING"):
+        again = toy_study(tmp_path / "run", **keys)["generation"]
+    assert any(str(cache) in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert again["rows"] == first["rows"]
+    assert set(json.loads(cache.read_text())) == {"key", "texts"}
+    assert not list(cache.parent.glob("*.tmp"))
+
+
+def test_a_resume_with_other_options_leaves_no_stale_outputs(tmp_path):
+    """Tables and figures an earlier run wrote under other options (its generation check, a
+    layer score it dropped) are removed: the resumed run directory holds a fresh run's outputs,
+    and the user's own files."""
+    first = {"generation_check": 4, "max_new_tokens": 4, "layer_scores": ["lens", "diffmean"], "folds": 2}
+    toy_study(tmp_path / "run", **first)
+    assert (tmp_path / "run" / "layers_diffmean.png").is_file()
+    assert (tmp_path / "run" / "tables" / "generation_check.csv").is_file()
+    (tmp_path / "run" / "tables" / "notes.txt").write_text("mine")
+    (tmp_path / "run" / "mine.png").write_bytes(b"mine")
+    toy_study(tmp_path / "run")
+    toy_study(tmp_path / "fresh")
+
+    def outputs(out):
+        return {str(p.relative_to(out)) for p in [*out.glob("*.*"), *out.glob("tables/*")] if p.is_file()}
+
+    assert outputs(tmp_path / "run") == outputs(tmp_path / "fresh") | {"tables/notes.txt", "mine.png"}
+    assert (tmp_path / "run" / "tables" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "run" / "mine.png").read_bytes() == b"mine"
+
+
+def test_a_compiled_run_and_an_eager_one_do_not_share_a_run_directory(tmp_path, monkeypatch):
+    """Compiled margins agree with eager ones to ~1e-6, not bit for bit: a run made with
+    ``compile`` does not resume without it, nor an eager one with it (refused before the model
+    is loaded, naming the key)."""
+    from experiments import study as study_mod
+    from probing.errors import RunDirError
+
+    real = study_mod.load_model
+    monkeypatch.setattr(study_mod, "load_model", lambda *a, compile=False, **k: real(*a, **k))  # not compiled here
+    toy_study(tmp_path / "compiled", compile=True)
+    toy_study(tmp_path / "eager")
+    monkeypatch.setattr(study_mod, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(RunDirError, match="compile"):
+        toy_study(tmp_path / "compiled")
+    with pytest.raises(RunDirError, match="compile"):
+        toy_study(tmp_path / "eager", compile=True)
 
 
 def test_score_table_to_pandas():
