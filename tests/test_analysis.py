@@ -395,20 +395,23 @@ def _resampled(x, idx):
 
 @pytest.mark.filterwarnings("ignore:Degrees of freedom:RuntimeWarning", "ignore:invalid value:RuntimeWarning",
                             "ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("window", [None, 0.05])  # 0.05: the middle often outside the window searched first
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("n_h,n_b,lead", [(2, 2, ()), (3, 2, ()), (2, 3, (2,)), (8, 8, ()), (9, 7, ()),
-                                          (30, 11, ()), (12, 10, (3,))])
-def test_rank_bootstrap_from_counts_equals_recomputing_the_medians(seed, n_h, n_b, lead):
+                                          (30, 11, ()), (12, 10, (3,)), (101, 64, ())])
+def test_rank_bootstrap_from_counts_equals_recomputing_the_medians(seed, n_h, n_b, lead, window, monkeypatch):
     """The HL figures of bootstrap resamples as weighted medians of the original sorted pairs
     (`_ResampledRanks`) against the old path, np.median of each resample's own pairs
     (`rank_figures` on the resampled values): the same floats, signed zeros included, and the same
     intervals from interval_arrays for every method (ties, odd and even sizes, classes of 2 and 3,
-    unbalanced classes, leading axes)."""
+    unbalanced classes, leading axes; with the default window and one that misses often)."""
     import importlib
 
     from probing.analysis import interval_arrays, output_figures, rank_figures
 
     C = importlib.import_module("probing.analysis.compare")
+    if window is not None:
+        monkeypatch.setattr(C, "WINDOW", window)
     rng = np.random.default_rng(seed)
     data = _rank_case(rng, n_h, n_b, lead)
     ch, cb = data[2] - data[0], data[3] - data[1]

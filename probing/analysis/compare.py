@@ -310,33 +310,67 @@ def _np_median_of(lo, hi, even: bool):
     return (0.0 + lo + hi) / 2 if even else 0.0 + lo
 
 
-def _weighted_medians(vals: np.ndarray, weight: np.ndarray, total: int) -> np.ndarray:
-    """np.median of the multisets holding ``vals[p]`` ``weight[r, p]`` times: ``vals`` ``[P]``
-    sorted, ``weight`` ``[b, P]`` ints, ``total`` in every row -> ``[b]``. The k-th smallest value
-    is at the first place whose cumulative weight exceeds k; one cumulative sum runs over all the
-    rows (row r's starts at r * total), so one searchsorted finds every row's places."""
-    rows, size = np.arange(len(weight)), weight.shape[-1]
-    cum = np.cumsum(weight.ravel(), dtype=np.int32 if len(weight) * total < 2 ** 31 else np.int64)  # [b * P]
-    at = lambda k: vals[np.searchsorted(cum, rows * total + k, "right") - rows * size]  # noqa: E731
-    return _np_median_of(at((total - 1) // 2), at(total // 2), total % 2 == 0)
-
-
-def _walsh_sorted(x: np.ndarray):
-    """Sorted Walsh averages of ``x`` ``[n]`` (``[P]``, P = n (n + 1) / 2), the items i <= j of
-    each, and the places of the (i, i) ones (``[n]``)."""
-    n = len(x)
-    i, j = np.triu_indices(n)
-    w = (x[i] + x[j]) / 2  # the same floats as hodges_lehmann's
-    order = np.argsort(w)
-    place = np.empty_like(order)
-    place[order] = np.arange(len(order))
-    return w[order], i[order], j[order], place[np.arange(n) * n - np.arange(n) * (np.arange(n) - 1) // 2]
-
-
 def _counts(idx: np.ndarray, n: int, dtype) -> np.ndarray:
     """How often each query is drawn: indices ``[b, n]`` -> counts ``[b, n]``."""
     flat = (idx + n * np.arange(len(idx))[:, None]).ravel()
     return np.bincount(flat, minlength=idx.size).reshape(idx.shape).astype(dtype)
+
+
+#: half-width of the window of sorted pairs searched first for a resample's median, as a share
+#: 1 / sqrt(n) of the pairs: the median's place among the original pairs moves by about
+#: 0.6 / sqrt(n) of them between resamples (rows outside it take the full cumulative sum)
+WINDOW = 4.0
+
+
+class _SortedPairs:
+    """One HL figure's pairs sorted once, for the medians of resamples by their counts.
+
+    ``vals`` ``[P]`` sorted, pair p of items ``i[p]`` (of n1) and ``j[p]`` (of n2) weighs
+    c1[i] * c2[j] in a resample, or c (c + 1) / 2 for the Walsh pairs i = j (``walsh``). The
+    k-th smallest is at the first place whose cumulative weight exceeds k. It is first looked for
+    in a window [a, e) of places around the middle: the weight before it is c1 @ B @ c2 with B
+    the 0/1 matrix of the pairs before a (BLAS), so a row costs the window, not all P pairs."""
+
+    def __init__(self, vals, i, j, n1: int, n2: int, walsh: bool):
+        self.vals, self.i, self.j, self.walsh = vals, i, j, walsh
+        self.total = n1 * (n1 + 1) // 2 if walsh else n1 * n2
+        self.dtype = np.int32 if max(n1, n2) ** 2 < 2 ** 31 else np.int64  # products c_i * c_j
+        size, half = len(vals), int(WINDOW * len(vals) / np.sqrt(min(n1, n2)))
+        self.a, self.e = max(0, size // 2 - half), min(size, size // 2 + half + 1)
+        self.diag = np.nonzero(i == j)[0] if walsh else None  # [n1]: places of (i, i) in item order
+        self.below = np.zeros((n1, n2), np.float32)  # counts <= n < 2^24: float32 sums are exact
+        self.below[i[:self.a], j[:self.a]] = 1
+        if walsh:
+            self.below[j[:self.a], i[:self.a]] = 1
+            self.diag = self.diag[np.argsort(i[self.diag])]
+
+    def weights(self, c1, c2, a: int, e: int) -> np.ndarray:
+        """Weights ``[b, e - a]`` of the places a..e-1 in resamples of counts ``c1``, ``c2``."""
+        i, j = self.i[a:e], self.j[a:e]
+        out = np.empty((len(c1), e - a), self.dtype)
+        for r in range(len(c1)):  # row by row: a 1-d gather is about twice as fast as c1[:, i]
+            np.multiply(c1[r][i], c2[r][j], out=out[r])
+        if self.walsh:
+            inside = (self.diag >= a) & (self.diag < e)
+            out[:, self.diag[inside] - a] = (c1 * (c1 + 1) // 2)[:, inside]
+        return out
+
+    def medians(self, c1: np.ndarray, c2: np.ndarray) -> np.ndarray:
+        """np.median of each resample's pairs, bit for bit: counts ``[b, n1]``, ``[b, n2]`` -> ``[b]``."""
+        k = np.array([(self.total - 1) // 2, self.total // 2])
+        base = ((c1.astype(np.float32) @ self.below).astype(float) * c2).sum(-1)  # [b]: weight before a
+        if self.walsh:
+            base = (base + c1 @ np.diagonal(self.below)) / 2
+        cum = np.cumsum(self.weights(c1, c2, self.a, self.e), -1, dtype=np.int64) + base.astype(np.int64)[:, None]
+        out = np.empty(len(c1))
+        for r in range(len(c1)):
+            at = np.searchsorted(cum[r], k, "right")  # [2]: places in the window
+            if base[r] > k[0] or at[1] == len(cum[r]):  # the middle lies outside the window
+                every = self.weights(c1[r:r + 1], c2[r:r + 1], 0, len(self.vals))[0]  # [P]
+                at = np.searchsorted(np.cumsum(every, dtype=np.int64), k, "right") - self.a
+            lo, hi = self.vals[self.a + at]
+            out[r] = _np_median_of(lo, hi, self.total % 2 == 0)
+        return out
 
 
 class _ResampledRanks:
@@ -344,43 +378,33 @@ class _ResampledRanks:
     `rank_figures` of the resampled values. A resample holding query i c_i times has as Walsh
     averages the original (x_i + x_j) / 2, i <= j, c_i * c_j times for i < j and c_i (c_i + 1) / 2
     times for i = j, and as differences ch_i - cb_j c_i * c_j times; so its HL figures are weighted
-    medians of the original pairs, sorted once: two gathers, a product and a cumulative sum per
-    resample instead of forming and partitioning its n^2 / 2 pairs. Leading axes one at a time."""
+    medians of the original pairs, sorted once (`_SortedPairs`), instead of np.median of its own
+    n^2 / 2 pairs. Leading axes one at a time."""
 
     def __init__(self, ch: np.ndarray, cb: np.ndarray):
         self.lead, self.n_h, self.n_b = ch.shape[:-1], ch.shape[-1], cb.shape[-1]
-        ch, cb = ch.reshape(-1, self.n_h), cb.reshape(-1, self.n_b)  # [L, n]
-        self.walsh = [(_walsh_sorted(h), _walsh_sorted(b)) for h, b in zip(ch, cb)]
-        self.diff = []
-        for h, b in zip(ch, cb):
+        self.pairs = []  # per data set: harmful Walsh averages, benign ones, differences
+        for h, b in zip(ch.reshape(-1, self.n_h), cb.reshape(-1, self.n_b)):
+            stats = []
+            for x in (h, b):
+                i, j = np.triu_indices(len(x))
+                w = (x[i] + x[j]) / 2  # the same floats as hodges_lehmann's
+                order = np.argsort(w)
+                stats.append(_SortedPairs(w[order], i[order], j[order], len(x), len(x), walsh=True))
             d = (h[:, None] - b[None, :]).ravel()  # [n_h * n_b]: ch_i - cb_j, as hodges_lehmann_shift's
             order = np.argsort(d)
-            self.diff.append((d[order], order // self.n_b, order % self.n_b))
+            stats.append(_SortedPairs(d[order], order // self.n_b, order % self.n_b, self.n_h, self.n_b, walsh=False))
+            self.pairs.append(stats)
         # NaN pairs (inf - inf) make np.median NaN, weighted medians would skip them: `exact` False
-        self.exact = not any(np.isnan(v[0][-1]) for w in self.walsh for v in w) and \
-            not any(np.isnan(d[0][-1]) for d in self.diff)
-        self.dtype = np.int32 if max(self.n_h, self.n_b) ** 2 < 2 ** 31 else np.int64  # products c_i * c_j
-
-    def _products(self, c1, c2, i, j):
-        """``c1[r, i[p]] * c2[r, j[p]]``, ``[b, P]``: row by row (a 1-d gather is twice as fast as
-        ``c1[:, i]``)."""
-        out = np.empty((len(c1), len(i)), self.dtype)
-        for r in range(len(c1)):
-            np.multiply(c1[r][i], c2[r][j], out=out[r])
-        return out
+        self.exact = not any(np.isnan(p.vals[-1]) for stats in self.pairs for p in stats)
 
     def __call__(self, ih: np.ndarray, ib: np.ndarray) -> dict[str, np.ndarray]:
         """The figures of the resamples drawn as ``ih`` ``[..., b, n_h]``, ``ib`` ``[..., b, n_b]``."""
         ih, ib = ih.reshape((-1,) + ih.shape[-2:]), ib.reshape((-1,) + ib.shape[-2:])  # [L, b, n]
         out = np.empty((3,) + ih.shape[:2])  # [figure, L, b]
-        for l, walsh in enumerate(self.walsh):
-            c = _counts(ih[l], self.n_h, self.dtype), _counts(ib[l], self.n_b, self.dtype)  # [b, n_h], [b, n_b]
-            for f, (cls, (vals, i, j, diag)) in enumerate(zip(c, walsh)):
-                weight = self._products(cls, cls, i, j)  # [b, P]
-                weight[:, diag] = cls * (cls + 1) // 2
-                out[f, l] = _weighted_medians(vals, weight, cls.shape[-1] * (cls.shape[-1] + 1) // 2)
-            vals, i, j = self.diff[l]
-            out[2, l] = _weighted_medians(vals, self._products(*c, i, j), self.n_h * self.n_b)
+        for l, (walsh_h, walsh_b, diff) in enumerate(self.pairs):
+            c_h, c_b = _counts(ih[l], self.n_h, walsh_h.dtype), _counts(ib[l], self.n_b, walsh_b.dtype)  # [b, n]
+            out[:, l] = walsh_h.medians(c_h, c_h), walsh_b.medians(c_b, c_b), diff.medians(c_h, c_b)
         hh, hb, hd = out.reshape((3,) + self.lead + ih.shape[1:2])
         return {"hl_harmful_change": hh, "hl_benign_change": hb, "hl_common_shift": (hh + hb) / 2,
                 "hl_differential": hd}
@@ -442,10 +466,11 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
     get Wilson score intervals. ``seed``: an int or a numpy Generator. ``rank`` adds
     `rank_figures` to ``fn``'s figures, their resamples from `_ResampledRanks` (weighted medians
     of the pairs sorted once, from the same index draws) and their jackknife from
-    `_rank_jackknife` (O(n^2 log n) instead of O(n^3)), both the same values as recomputing; the other figures' jackknife is
-    computed in chunks of about `CHUNK_NUMBERS` numbers, like the bootstrap. ``pairwise=False``
-    says ``fn`` holds no figure over all pairs of a class's values (`separation_figures`,
-    `output_figures` without ``rank``), so its jackknife runs in fewer, larger chunks.
+    `_rank_jackknife` (O(n^2 log n) instead of O(n^3)), both the same values as recomputing; the
+    other figures' jackknife is computed in chunks of about `CHUNK_NUMBERS` numbers, like the
+    bootstrap. ``pairwise=False`` says ``fn`` holds no figure over all pairs of a class's values
+    (`separation_figures`, `output_figures` without ``rank``), so its jackknife runs in fewer,
+    larger chunks.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
