@@ -13,7 +13,9 @@ imports subtracted, and one interval (to see that two checkouts agree). ``--root
 ``probing`` from another checkout (e.g. the commit before a change), so the same script measures
 both. ``--parts`` times, per size, the pieces of the Hodges-Lehmann figures' cost instead: their
 exact leave-one-out values (`_rank_jackknife`), the same recomputed row by row as a chunked
-jackknife would (20 rows timed, times 2n), and one bootstrap resample of them (`rank_figures`).
+jackknife would (20 rows timed, times 2n), one bootstrap resample of them recomputed
+(`rank_figures` on the resampled values) and from its counts (`_ResampledRanks`, what
+compare() runs; its one-off sort of the pairs timed apart).
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ def parts(sizes: list[int]) -> int:
     import numpy as np
 
     sys.path.insert(0, str(ROOT))
-    from probing.analysis.compare import _rank_jackknife, rank_figures
+    from probing.analysis.compare import _rank_jackknife, _ResampledRanks, rank_figures
 
     print("| queries per class | exact HL jackknife s | HL jackknife row by row s (20 rows timed) | "
-          "one HL bootstrap resample ms (= s per 1000) |")
-    print("|---|---|---|---|")
+          "one HL bootstrap resample recomputed ms (= s per 1000) | sorting the pairs once s | "
+          "one resample from its counts ms |")
+    print("|---|---|---|---|---|---|")
     for n in sizes:
         rng = np.random.default_rng(0)
         b_h, b_b = rng.normal(1, 1, n), rng.normal(0, 1, n)
@@ -77,7 +80,15 @@ def parts(sizes: list[int]) -> int:
         for _ in range(5):
             rank_figures(b_h, b_b, d_h, d_b)
         one = (time.perf_counter() - t0) / 5
-        print(f"| {n} | {exact:.2f} | {rows:.0f} | {one * 1e3:.0f} |", flush=True)
+        t0 = time.perf_counter()
+        ranks = _ResampledRanks(d_h - b_h, d_b - b_b)
+        setup = time.perf_counter() - t0
+        draws = [(rng.integers(0, n, (1, n)), rng.integers(0, n, (1, n))) for _ in range(20)]
+        t0 = time.perf_counter()
+        for ih, ib in draws:
+            ranks(ih, ib)
+        counts = (time.perf_counter() - t0) / len(draws)
+        print(f"| {n} | {exact:.2f} | {rows:.0f} | {one * 1e3:.0f} | {setup:.2f} | {counts * 1e3:.1f} |", flush=True)
     return 0
 
 

@@ -389,6 +389,71 @@ def test_intervals_do_not_depend_on_jackknife_chunks_or_the_exact_rank_path(monk
                 np.testing.assert_array_equal(a, c, err_msg=f"{method} {k}")
 
 
+def _resampled(x, idx):
+    return np.take_along_axis(x[..., None, :], idx, -1)
+
+
+@pytest.mark.filterwarnings("ignore:Degrees of freedom:RuntimeWarning", "ignore:invalid value:RuntimeWarning",
+                            "ignore:divide by zero:RuntimeWarning")
+@pytest.mark.parametrize("window", [None, 0.05])  # 0.05: the middle often outside the window searched first
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_h,n_b,lead", [(2, 2, ()), (3, 2, ()), (2, 3, (2,)), (8, 8, ()), (9, 7, ()),
+                                          (30, 11, ()), (12, 10, (3,)), (101, 64, ())])
+def test_rank_bootstrap_from_counts_equals_recomputing_the_medians(seed, n_h, n_b, lead, window, monkeypatch):
+    """The HL figures of bootstrap resamples as weighted medians of the original sorted pairs
+    (`_ResampledRanks`) against the old path, np.median of each resample's own pairs
+    (`rank_figures` on the resampled values): the same floats, signed zeros included, and the same
+    intervals from interval_arrays for every method (ties, odd and even sizes, classes of 2 and 3,
+    unbalanced classes, leading axes; with the default window and one that misses often)."""
+    import importlib
+
+    from probing.analysis import interval_arrays, output_figures, rank_figures
+
+    C = importlib.import_module("probing.analysis.compare")
+    if window is not None:
+        monkeypatch.setattr(C, "WINDOW", window)
+    rng = np.random.default_rng(seed)
+    data = _rank_case(rng, n_h, n_b, lead)
+    ch, cb = data[2] - data[0], data[3] - data[1]
+    ch.reshape(-1)[::3] = -0.0  # -0.0 Walsh averages: np.median gives +0.0 for them
+    for b in (1, 4):
+        ih, ib = rng.integers(0, n_h, lead + (b, n_h)), rng.integers(0, n_b, lead + (b, n_b))
+        fast = C._ResampledRanks(ch, cb)(ih, ib)
+        old = rank_figures(np.zeros(lead + (b, n_h)), np.zeros(lead + (b, n_b)), _resampled(ch, ih), _resampled(cb, ib))
+        assert list(fast) == list(old)
+        for k in old:
+            assert fast[k].shape == old[k].shape == lead + (b,)
+            np.testing.assert_array_equal(fast[k], old[k], err_msg=k)
+            np.testing.assert_array_equal(np.signbit(fast[k]), np.signbit(old[k]), err_msg=k)
+    recompute = lambda *a: output_figures(*a, rank=True)  # noqa: E731  the old path: rank_figures per resample
+    for method in ("percentile", "bca", "expanded", "auto"):
+        new = interval_arrays(output_figures, *data, n_boot=150, seed=seed, method=method, rank=True, pairwise=False)
+        old = interval_arrays(recompute, *data, n_boot=150, seed=seed, method=method)
+        assert list(new) == list(old)
+        for k in old:
+            for a, b in zip(new[k], old[k]):
+                np.testing.assert_array_equal(a, b, err_msg=f"{method} {k}")
+
+
+def test_rank_bootstrap_with_nan_pairs_recomputes():
+    """inf - inf differences are NaN, and np.median of a resample holding one is NaN: that case
+    takes the old path, so the figures still match it."""
+    import importlib
+
+    from probing.analysis import interval_arrays, rank_figures
+
+    C = importlib.import_module("probing.analysis.compare")
+    b_h, b_b = np.zeros(5), np.zeros(4)
+    d_h, d_b = np.array([np.inf, 1.0, 2.0, -1.0, 0.5]), np.array([np.inf, 0.0, 1.0, 3.0])
+    with np.errstate(invalid="ignore"):
+        assert not C._ResampledRanks(d_h - b_h, d_b - b_b).exact
+        new = interval_arrays(lambda *a: {}, b_h, b_b, d_h, d_b, n_boot=50, seed=1, method="percentile", rank=True)
+        old = interval_arrays(rank_figures, b_h, b_b, d_h, d_b, n_boot=50, seed=1, method="percentile")
+    for k in old:
+        for a, b in zip(new[k], old[k]):
+            np.testing.assert_array_equal(a, b, err_msg=k)
+
+
 def test_interval_memory_stays_within_the_chunk_budget(monkeypatch):
     """tracemalloc's peak (numpy reports its buffers to it), no timing: with the chunk budget set
     to 1e5 numbers (0.8 MB), 150 queries per class stay under 4 MB, compare(rank=True) included.

@@ -304,6 +304,113 @@ def _rank_jackknife(b_h, b_b, d_h, d_b) -> tuple[dict, dict]:
              "hl_common_shift": (hh[..., None] + jb_b) / 2, "hl_differential": jb_d})
 
 
+def _np_median_of(lo, hi, even: bool):
+    """np.median from its middle order statistics: the mean of one or two values, summed from 0.0
+    as numpy's mean is (so -0.0 comes out +0.0), bit for bit."""
+    return (0.0 + lo + hi) / 2 if even else 0.0 + lo
+
+
+def _counts(idx: np.ndarray, n: int, dtype) -> np.ndarray:
+    """How often each query is drawn: indices ``[b, n]`` -> counts ``[b, n]``."""
+    flat = (idx + n * np.arange(len(idx))[:, None]).ravel()
+    return np.bincount(flat, minlength=idx.size).reshape(idx.shape).astype(dtype)
+
+
+#: half-width of the window of sorted pairs searched first for a resample's median, as a share
+#: 1 / sqrt(n) of the pairs: the median's place among the original pairs moves by about
+#: 0.6 / sqrt(n) of them between resamples (rows outside it take the full cumulative sum)
+WINDOW = 4.0
+
+
+class _SortedPairs:
+    """One HL figure's pairs sorted once, for the medians of resamples by their counts.
+
+    ``vals`` ``[P]`` sorted, pair p of items ``i[p]`` (of n1) and ``j[p]`` (of n2) weighs
+    c1[i] * c2[j] in a resample, or c (c + 1) / 2 for the Walsh pairs i = j (``walsh``). The
+    k-th smallest is at the first place whose cumulative weight exceeds k. It is first looked for
+    in a window [a, e) of places around the middle: the weight before it is c1 B c2 with B the
+    0/1 matrix of the pairs before a, so a row costs the window and n1 * n2, not all P pairs."""
+
+    def __init__(self, vals, i, j, n1: int, n2: int, walsh: bool):
+        self.vals, self.i, self.j, self.walsh = vals, i, j, walsh
+        self.total = n1 * (n1 + 1) // 2 if walsh else n1 * n2
+        self.dtype = np.int32 if max(n1, n2) ** 2 < 2 ** 31 else np.int64  # products c_i * c_j
+        size, half = len(vals), int(WINDOW * len(vals) / np.sqrt(min(n1, n2)))
+        self.a, self.e = max(0, size // 2 - half), min(size, size // 2 + half + 1)
+        self.diag = np.nonzero(i == j)[0] if walsh else None  # [n1]: places of (i, i) in item order
+        self.below = np.zeros((n1, n2), np.float32)  # counts <= n < 2^24: float32 sums are exact
+        self.below[i[:self.a], j[:self.a]] = 1
+        if walsh:
+            self.below[j[:self.a], i[:self.a]] = 1
+            self.diag = self.diag[np.argsort(i[self.diag])]
+
+    def weights(self, c1, c2, a: int, e: int) -> np.ndarray:
+        """Weights ``[b, e - a]`` of the places a..e-1 in resamples of counts ``c1``, ``c2``."""
+        i, j = self.i[a:e], self.j[a:e]
+        out = np.empty((len(c1), e - a), self.dtype)
+        for r in range(len(c1)):  # row by row: a 1-d gather is about twice as fast as c1[:, i]
+            np.multiply(c1[r][i], c2[r][j], out=out[r])
+        if self.walsh:
+            inside = (self.diag >= a) & (self.diag < e)
+            out[:, self.diag[inside] - a] = (c1 * (c1 + 1) // 2)[:, inside]
+        return out
+
+    def medians(self, c1: np.ndarray, c2: np.ndarray) -> np.ndarray:
+        """np.median of each resample's pairs, bit for bit: counts ``[b, n1]``, ``[b, n2]`` -> ``[b]``."""
+        k = np.array([(self.total - 1) // 2, self.total // 2])
+        # numpy's own loops, not BLAS (whose threads stall on a loaded machine: 10x slower here)
+        base = (np.einsum("ri,ij->rj", c1.astype(np.float32), self.below).astype(float) * c2).sum(-1)  # [b]
+        if self.walsh:
+            base = (base + c1 @ np.diagonal(self.below)) / 2
+        cum = np.cumsum(self.weights(c1, c2, self.a, self.e), -1, dtype=np.int64) + base.astype(np.int64)[:, None]
+        out = np.empty(len(c1))
+        for r in range(len(c1)):
+            at = np.searchsorted(cum[r], k, "right")  # [2]: places in the window
+            if base[r] > k[0] or at[1] == len(cum[r]):  # the middle lies outside the window
+                every = self.weights(c1[r:r + 1], c2[r:r + 1], 0, len(self.vals))[0]  # [P]
+                at = np.searchsorted(np.cumsum(every, dtype=np.int64), k, "right") - self.a
+            lo, hi = self.vals[self.a + at]
+            out[r] = _np_median_of(lo, hi, self.total % 2 == 0)
+        return out
+
+
+class _ResampledRanks:
+    """`rank_figures` of bootstrap resamples from the resamples' index draws, the same floats as
+    `rank_figures` of the resampled values. A resample holding query i c_i times has as Walsh
+    averages the original (x_i + x_j) / 2, i <= j, c_i * c_j times for i < j and c_i (c_i + 1) / 2
+    times for i = j, and as differences ch_i - cb_j c_i * c_j times; so its HL figures are weighted
+    medians of the original pairs, sorted once (`_SortedPairs`), instead of np.median of its own
+    n^2 / 2 pairs. Leading axes one at a time."""
+
+    def __init__(self, ch: np.ndarray, cb: np.ndarray):
+        self.lead, self.n_h, self.n_b = ch.shape[:-1], ch.shape[-1], cb.shape[-1]
+        self.pairs = []  # per data set: harmful Walsh averages, benign ones, differences
+        for h, b in zip(ch.reshape(-1, self.n_h), cb.reshape(-1, self.n_b)):
+            stats = []
+            for x in (h, b):
+                i, j = np.triu_indices(len(x))
+                w = (x[i] + x[j]) / 2  # the same floats as hodges_lehmann's
+                order = np.argsort(w)
+                stats.append(_SortedPairs(w[order], i[order], j[order], len(x), len(x), walsh=True))
+            d = (h[:, None] - b[None, :]).ravel()  # [n_h * n_b]: ch_i - cb_j, as hodges_lehmann_shift's
+            order = np.argsort(d)
+            stats.append(_SortedPairs(d[order], order // self.n_b, order % self.n_b, self.n_h, self.n_b, walsh=False))
+            self.pairs.append(stats)
+        # NaN pairs (inf - inf) make np.median NaN, weighted medians would skip them: `exact` False
+        self.exact = not any(np.isnan(p.vals[-1]) for stats in self.pairs for p in stats)
+
+    def __call__(self, ih: np.ndarray, ib: np.ndarray) -> dict[str, np.ndarray]:
+        """The figures of the resamples drawn as ``ih`` ``[..., b, n_h]``, ``ib`` ``[..., b, n_b]``."""
+        ih, ib = ih.reshape((-1,) + ih.shape[-2:]), ib.reshape((-1,) + ib.shape[-2:])  # [L, b, n]
+        out = np.empty((3,) + ih.shape[:2])  # [figure, L, b]
+        for l, (walsh_h, walsh_b, diff) in enumerate(self.pairs):
+            c_h, c_b = _counts(ih[l], self.n_h, walsh_h.dtype), _counts(ib[l], self.n_b, walsh_b.dtype)  # [b, n]
+            out[:, l] = walsh_h.medians(c_h, c_h), walsh_b.medians(c_b, c_b), diff.medians(c_h, c_b)
+        hh, hb, hd = out.reshape((3,) + self.lead + ih.shape[1:2])
+        return {"hl_harmful_change": hh, "hl_benign_change": hb, "hl_common_shift": (hh + hb) / 2,
+                "hl_differential": hd}
+
+
 def _bca_alpha(point, samples, jh, jb, z_lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """BCa tail probabilities (Efron 1987) at the normal quantiles ``z_lo`` (< 0) and ``-z_lo``:
     bias correction z0 from the share of resamples below the point value, acceleration from the
@@ -358,11 +465,13 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
     `_expanded_alpha`), "bca" (BCa on top of those tails), "percentile", or "auto" (default:
     "bca" for `bca_figure` figures, "expanded" for the others). Refusal rates (`RATE_FIGURES`)
     get Wilson score intervals. ``seed``: an int or a numpy Generator. ``rank`` adds
-    `rank_figures` to ``fn``'s figures, with their jackknife from `_rank_jackknife` (the same
-    values as recomputing, O(n^2 log n) instead of O(n^3)); the other figures' jackknife is
-    computed in chunks of about `CHUNK_NUMBERS` numbers, like the bootstrap. ``pairwise=False``
-    says ``fn`` holds no figure over all pairs of a class's values (`separation_figures`,
-    `output_figures` without ``rank``), so its jackknife runs in fewer, larger chunks.
+    `rank_figures` to ``fn``'s figures, their resamples from `_ResampledRanks` (weighted medians
+    of the pairs sorted once, from the same index draws) and their jackknife from
+    `_rank_jackknife` (O(n^2 log n) instead of O(n^3)), both the same values as recomputing; the
+    other figures' jackknife is computed in chunks of about `CHUNK_NUMBERS` numbers, like the
+    bootstrap. ``pairwise=False`` says ``fn`` holds no figure over all pairs of a class's values
+    (`separation_figures`, `output_figures` without ``rank``), so its jackknife runs in fewer,
+    larger chunks.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -375,13 +484,17 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
         return {k: (np.asarray(v, float), nan, nan, np.zeros(lead, int)) for k, v in point.items()}
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     step = _chunk(int(np.prod(lead, dtype=int)), n_h, n_b)
+    ranks = _ResampledRanks(d_h - b_h, d_b - b_b) if rank else None
+    if ranks is not None and not ranks.exact:
+        ranks = None  # NaN among the pairs: rank_figures on the resampled values below
     chunks = []
     for start in range(0, n_boot, step):
         b = min(step, n_boot - start)
-        ih = rng.integers(0, n_h, lead + (b, n_h))
+        ih = rng.integers(0, n_h, lead + (b, n_h))  # [..., b, n_h]
         ib = rng.integers(0, n_b, lead + (b, n_b))
         take = lambda x, i: np.take_along_axis(x[..., None, :], i, -1)  # noqa: E731
-        chunks.append(figures(take(b_h, ih), take(b_b, ib), take(d_h, ih), take(d_b, ib)))
+        resampled = (take(b_h, ih), take(b_b, ib), take(d_h, ih), take(d_b, ib))
+        chunks.append({**fn(*resampled), **ranks(ih, ib)} if ranks is not None else figures(*resampled))
     samples = {k: np.concatenate([c[k] for c in chunks], -1) for k in point}
     if method != "percentile":
         jack_h, jack_b = _jackknife(fn, b_h, b_b, d_h, d_b,
