@@ -208,14 +208,26 @@ class Checkpoint(Defense):
 
     def model(self, bundle):
         if "bundle" not in self._cache:
-            from probing.model import load_model, model_fingerprint
+            from probing.model import load_model
 
             self._cache["bundle"] = load_model(self.path, device=bundle.input_device, dtype=bundle.dtype,
                                                image_aspect_ratio=bundle.image_aspect_ratio)
-            # its weights' fingerprint: what it generates is cached under it (a checkpoint retrained
-            # at the same path is another model)
-            self._cache["bundle"].extra["identity"] = {"checkpoint": model_fingerprint(self.path)}
+            # what it generates is cached under its weights (`experiments.kept.CachedRewrite`)
+            self._cache["bundle"].extra["identity"] = {"checkpoint": self.weights()}
         return self._cache["bundle"]
+
+    def weights(self) -> dict:
+        """The checkpoint's `probing.model.model_fingerprint` (config and weight files), computed
+        once. Part of the defense's record, so scores made with a checkpoint retrained at the same
+        path are not those of the new one (a run directory scores it again)."""
+        if "fingerprint" not in self._cache:
+            from probing.model import model_fingerprint
+
+            self._cache["fingerprint"] = model_fingerprint(self.path)
+        return self._cache["fingerprint"]
+
+    def describe(self) -> dict:
+        return {**super().describe(), "checkpoint": self.weights()}
 
 
 def mo_finetune(steps: int = 120, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,

@@ -47,7 +47,6 @@ from tqdm.auto import tqdm
 
 from defenses import Compose, register
 from defenses.base import Defense
-from defenses.finetune import Checkpoint
 from defenses.noise import shared_perturbations
 from defenses.prompts import sr_custom
 from defenses import registry
@@ -439,7 +438,6 @@ class Study:
                                     pixel_cache=pixels, feature_cache=features)
         self.tables: dict[str, ScoreTable] = {}
         self._defenses: dict[str, Defense] = {}
-        self._checkpoints: dict[str, dict] = {}  # `_checkpoint`'s fingerprints by path
         #: host seconds of the query-major pass: up-front generation (and its wait for the next
         #: batch's images, processed ahead), waiting for plans built ahead, plans built in the main
         #: thread, the worker's fallbacks (`score_shared_prefixes`), the scoring loops' wait for
@@ -476,23 +474,8 @@ class Study:
 
         return name != "baseline" and all(own(p) for p in _members(name))
 
-    def _checkpoint(self, part: str) -> dict | None:
-        """What identifies the checkpoint the single defense ``part`` loads (`mo_checkpoint`: its
-        config and weights, `model_fingerprint`), None for any other defense."""
-        if part not in REGISTRY or registry.needs_baseline(REGISTRY[part]):
-            return None
-        d = self.defense(part)
-        if not isinstance(d, Checkpoint):
-            return None
-        if d.path not in self._checkpoints:
-            self._checkpoints[d.path] = model_fingerprint(d.path, dtype=self.cfg.dtype, device=self.cfg.device)
-        return self._checkpoints[d.path]
-
     def _fingerprint(self, name: str, defense) -> dict:
         fp = {"defense": defense.describe() if defense is not None else None}
-        checkpoints = {p: c for p in _members(name) if (c := self._checkpoint(p))}
-        if checkpoints:  # the path alone is in the defense's parameters: a checkpoint retrained there scores anew
-            fp["checkpoints"] = checkpoints
         if self._on_own_model(name):
             # Before revision 2, saving the tuned copy merged its adapters into the weights it shares
             # with the study's model, so a condition scored after it ran on tuned weights: shards
