@@ -28,6 +28,8 @@ from defenses.rewriting import AskFirst, Caption
 from probing import load_model
 from probing.query import Query
 
+from .runs import read_cache, write_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,18 +116,12 @@ CACHE_REVISION = 2
 
 
 def _load_file(file: Path) -> dict:
-    """The cached generations in ``file`` (none if it does not exist or has another layout)."""
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        logger.warning("%s: unreadable generation cache (%s): generating again", file, exc)
-        return {}
-    if not isinstance(data, dict) or data.get("revision") != CACHE_REVISION:
+    """The cached generations in ``file`` (none if it is absent, unreadable or of another layout)."""
+    data = read_cache(file, "generating again")
+    if data and data.get("revision") != CACHE_REVISION:
         logger.info("%s: generation cache of another layout: generating again", file)
         return {}
-    return data["entries"]
+    return data.get("entries", {})
 
 
 @dataclass
@@ -173,9 +169,7 @@ class CachedRewrite(_Wrapper):
                 if all(s is not None for s in stored):
                     cache[keys[i]] = stored
             file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(file.name + ".tmp")
-            tmp.write_text(json.dumps({"revision": CACHE_REVISION, "entries": cache}))
-            os.replace(tmp, file)
+            write_atomic(file, json.dumps({"revision": CACHE_REVISION, "entries": cache}))
         return [fresh[k] if k in fresh else [self._load(q, v) for v in cache[k]] for q, k in zip(queries, keys)]
 
     @staticmethod

@@ -112,10 +112,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """``text`` in ``path``, whole or not at all: an interruption leaves the old file (or none)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def read_cache(file: Path, then: str) -> dict:
+    """A JSON object cached in the run directory; {} when absent, and, with a warning naming the
+    file, when unreadable (truncated, damaged): a cache is recomputed, never a reason to fail."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        logger.warning("%s is unreadable (%s); %s", file, exc, then)
+        return {}
+    return data
 
 
 def close_all() -> None:
@@ -176,7 +192,7 @@ class RunDir:
                 old = None
             if old is not None:
                 self._compare(old, cfg_file)
-            _write_atomic(cfg_file, json.dumps({MARKER: RUN_FORMAT, "config": self.config,
+            write_atomic(cfg_file, json.dumps({MARKER: RUN_FORMAT, "config": self.config,
                                                 "fingerprint": self.fingerprint,
                                                 "versions": package_versions()}, indent=1))
         except BaseException:
@@ -391,7 +407,7 @@ class RunDir:
         (shard / SHARD_RECORD).unlink(missing_ok=True)  # the record goes last: a half-written shard has none
         table.save(shard)
         record = {**expect, "files": file_digests(shard)}
-        _write_atomic(shard / SHARD_RECORD, json.dumps(record))
+        write_atomic(shard / SHARD_RECORD, json.dumps(record))
         return record
 
     @staticmethod

@@ -71,7 +71,7 @@ from .common import check_device, check_labels, warn_out_of_vocabulary
 from .kept import CachedRewrite, kept, query_key
 from .plan_ahead import PlanAhead
 from .report import write_table
-from .runs import RunDir
+from .runs import RunDir, read_cache, write_atomic
 from .shard_writer import ShardWriter
 from .study_config import ANALYSIS_KEYS, StudyConfig
 
@@ -819,9 +819,7 @@ class Study:
                                prompt=format_spec(cfg.prompt_format))
             texts.update({keys[q.id]: a for q, a in zip(todo, answers)})
             file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_name(file.name + ".tmp")  # whole or not at all: an interruption keeps the old one
-            tmp.write_text(json.dumps({"key": key, "texts": texts}, indent=1))
-            os.replace(tmp, file)
+            write_atomic(file, json.dumps({"key": key, "texts": texts}, indent=1))
         texts = {q.id: texts[keys[q.id]] for q in sample}
         table = self.tables["baseline"].select([q.id for q in sample])
         margin = table.margin.numpy().astype(float)
@@ -856,21 +854,6 @@ def derived_outputs(out: Path) -> list[Path]:
              *(layers_figure(s) for s in study_config.LAYER_SCORES)]
     tables = [f"{t}.{ext}" for t in STUDY_TABLES for ext in ("csv", "json")] + ["per_query.csv"]
     return [out / n for n in names] + [out / "tables" / t for t in tables]
-
-
-def read_cache(file: Path, then: str) -> dict:
-    """A JSON object cached in the run directory; {} when absent, and, with a warning naming the
-    file, when unreadable (truncated, damaged): a cache is recomputed, never a reason to fail."""
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"a JSON {type(data).__name__}, not an object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        logger.warning("%s is unreadable (%s); %s", file, exc, then)
-        return {}
-    return data
 
 
 def _members(expression: str) -> list[str]:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from probing.errors import InputError
 
+from .options import IMAGE_ASPECT_RATIOS
+
 #: Top-level keys of a study file and their defaults.
 DEFAULTS = {
     "model": "toy",
@@ -198,7 +200,7 @@ def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyC
         raise InputError(f"{source}: several datasets are tagged {dup}; give each a distinct 'tag'")
     if values["prompt_format"] not in ("hf", "llava_v1"):
         raise InputError(f"{source}: prompt_format must be 'hf' or 'llava_v1', got {values['prompt_format']!r}")
-    if values["image_aspect_ratio"] not in ("pad", "crop"):
+    if values["image_aspect_ratio"] not in IMAGE_ASPECT_RATIOS:
         raise InputError(f"{source}: image_aspect_ratio must be 'pad' or 'crop', got {values['image_aspect_ratio']!r}")
     if values["prompts"] is not None:
         values["prompts"] = str(Path(values["prompts"]).expanduser().resolve())
