@@ -55,6 +55,30 @@ class PlannedScore:
     use_features: bool
     first: object = field(default=NOT_READY, repr=False)
 
+    @property
+    def order(self) -> list[int]:
+        """Row indices (into ``queries``) in the order `RefusalScorer.score_planned` runs them: its
+        batches in turn. A `hooks.capture` around the call records its forwards in this order."""
+        return [i for rows in self.batches for i in rows]
+
+    def in_table_order(self, captured: torch.Tensor) -> torch.Tensor:
+        """``captured [N, ...]`` recorded in `order` (``cache[name]`` of a `hooks.capture` around a
+        ``score`` call of these queries and prompt, no defense) with its rows put in table order.
+
+            planned = scorer.plan_score(queries)
+            with capture(bundle, [name]) as cache:
+                table = scorer.score_planned(planned)      # or scorer.score(queries): same batches
+            per_query = planned.in_table_order(cache[name])   # row i is table.ids[i]
+        """
+        n = len(self.queries)
+        if not isinstance(captured, torch.Tensor) or captured.shape[0] != n:
+            got = tuple(captured.shape) if isinstance(captured, torch.Tensor) else type(captured).__name__
+            raise InputError(f"in_table_order: expected one captured row per query ({n}), got {got}: capture "
+                             f"around exactly one score call of these queries, without a defense")
+        index = torch.empty(n, dtype=torch.long)
+        index[torch.tensor(self.order)] = torch.arange(n)  # table row i <- the forward row that held it
+        return captured[index.to(captured.device)]
+
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
     """"all" -> every layer, None -> none, or a list of (possibly negative) indices."""
@@ -120,7 +144,9 @@ class RefusalScorer:
             (`ni_text_smooth`'s K noisy texts, text around the request) run the shared prefix
             (system prompt, template, image) once and each variant's remaining tokens against its
             KV cache (`probing.prefix.score_variant_groups`): scores agree with independent passes
-            to float rounding (1e-4 in float32, tested). False scores every variant in full.
+            to float rounding (1e-4 in float32, tested). False scores every variant in full, and
+            so does a call made while a user's `hooks.edit` / `hooks.capture` block (or a raw torch
+            hook) is active on the layers (`probing.prefix.prefix_obstacle`).
 
     After `score`, ``last_timing`` holds the run's ``total_s``, ``forward_s`` and ``wait_s`` (the
     time the loop waited for prepared batches); ``waited_s`` sums that wait over every scoring
@@ -249,6 +275,12 @@ class RefusalScorer:
         does this around its batches); they are removed when the block ends, also on an error."""
         return self._reader
 
+    @property
+    def own_hook_ids(self) -> set[int]:
+        """The ids of the scorer's own hooks registered now (`probing.prefix.prefix_obstacle`
+        tells them from a user's)."""
+        return self._reader.hook_ids
+
     # -- public API ----------------------------------------------------------------------------
 
     def score(
@@ -266,6 +298,11 @@ class RefusalScorer:
         `defenses.Defense`, a `ScoringPlan`, or a name such as "sr_self_reminder+mo_checkpoint"
         once `defenses` is imported) is applied through its plan: query variants, model and
         activation edits; its name and parameters are recorded.
+
+        A `hooks.capture` around this call records the forwards in the order they run (batches
+        sorted by prompt length), not in table order; `plan_score(queries, prompt).order` is that
+        order and its `in_table_order` restores table order. ``table.hidden`` holds the
+        decision-position residuals of ``layers`` in table order already.
         """
         if defense is not None:
             queries = list(queries)

@@ -12,7 +12,9 @@ included), keeps its KV cache, and runs only each condition's suffix against it:
 
 Scores equal independent passes (tested to 1e-4 in float32). Conditions that change the system
 prompt (text before the image) or that give a query no common prefix covering its image fall
-back to independent passes automatically. The prefix and suffix passes are `probing.prefix`'s,
+back to independent passes automatically, and so does a sweep run while hooks other than the
+scorer's are active on the layers (a `hooks.edit` or `hooks.capture` block around it:
+`probing.prefix.prefix_obstacle`). The prefix and suffix passes are `probing.prefix`'s,
 which also lets a defense's text variants of one query share its image prefix.
 """
 
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .pipeline import Prefetcher
-from .prefix import common_prefix, prepare_prefixed, score_prefixed
+from .prefix import common_prefix, prefix_obstacle, prepare_prefixed, score_prefixed
 from .query import Query, check_unique_ids, row_meta
 from .render import PromptSpec, check_context, prompt_lengths
 from .score_table import ScoreTable
@@ -68,9 +70,11 @@ def score_conditions(
         raise InputError("score_conditions needs queries and at least one condition")
     check_unique_ids(queries)
     names, specs = list(conditions), list(conditions.values())
-    plan = plan_prefixes(scorer, queries, specs) if len(specs) > 1 else None
+    blocked = prefix_obstacle(scorer) if len(specs) > 1 else None
+    plan = plan_prefixes(scorer, queries, specs) if len(specs) > 1 and not blocked else None
     if plan is None:
-        logger.info("prefix sharing does not apply: scoring %d conditions independently", len(specs))
+        logger.info("prefix sharing does not apply: scoring %d conditions independently%s", len(specs),
+                    f" ({blocked})" if blocked else "")
         return {n: scorer.score(queries, prompt=conditions[n], meta={"condition": n}, desc=n) for n in names}
     prompts, ids, shared = plan
     bundle, n_cond = scorer.bundle, len(specs)

@@ -237,3 +237,31 @@ def test_inputs_without_pixels_skip_the_llava_wrapper(tiny, mixed_queries):
             assert torch.equal(margin, want), (margin - want).abs().max()
     finally:
         handle.remove()
+
+
+def test_a_capture_around_score_is_put_in_table_order_by_the_plan(tiny, mixed_queries):
+    """A `capture` records the scorer's forwards in batch order (sorted by length); the planned
+    call's `in_table_order` gives table order, checked against each query alone through a raw
+    torch hook on the full HF model."""
+    from hooks import capture, hook_name
+
+    scorer = RefusalScorer(tiny, batch_size=2, layers=None)
+    name = hook_name(1, "hook_attn_out")
+    planned = scorer.plan_score(mixed_queries)
+    assert sorted(planned.order) == list(range(len(mixed_queries))) and planned.order != sorted(planned.order)
+    with capture(tiny, [name], "decision") as cache:
+        table = scorer.score(mixed_queries)
+    got = planned.in_table_order(cache[name])
+    want = []
+    for q in mixed_queries:
+        seen = {}
+        handle = tiny.layers[1].self_attn.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0][0, -1]))
+        try:
+            plain_forward(tiny, scorer, q)
+        finally:
+            handle.remove()
+        want.append(seen["h"])
+    assert table.ids == [q.id for q in mixed_queries]
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="one captured row per query"):
+        planned.in_table_order(cache[name][:3])
