@@ -292,8 +292,10 @@ def score_planned_groups(scorer, plan: VariantGroups, *, meta: dict | None = Non
     logger.info("scored %d rows: %d groups of variants shared their image prefix (%d rows), %d rows alone",
                 n, len(plan.sharing), n - len(rest), len(rest))
     out_meta = {**scorer.table_meta(PromptSpec()), **(meta or {}), "prefix_shared_groups": len(plan.sharing)}
-    return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(scorer.layers),
-                      hidden, out_meta, [row_meta(q) for q in queries])
+    table = ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(scorer.layers),
+                       hidden, out_meta, [row_meta(q) for q in queries])
+    table.check_finite(desc)  # as `RefusalScorer.score_planned`
+    return table
 
 
 #: suffix rows of one prefix-shared batch, in multiples of the scorer's batch size: each row holds

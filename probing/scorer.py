@@ -292,7 +292,8 @@ class RefusalScorer:
         desc: str = "scoring",
         defense=None,
     ) -> ScoreTable:
-        """Score queries; the table's rows follow the input order.
+        """Score queries; the table's rows follow the input order. A forward that gives NaN or
+        infinite scores raises `ScoringError` naming the defense (in ``desc``) and the queries.
 
         ``prompt`` is one spec for every query or one per query. ``defense`` (a
         `defenses.Defense`, a `ScoringPlan`, or a name such as "sr_self_reminder+mo_checkpoint"
@@ -398,9 +399,11 @@ class RefusalScorer:
                     n / max(elapsed, 1e-9), 100 * feed.wait_s / max(elapsed, 1e-9), self.pixel_cache.hits,
                     self.pixel_cache.misses, self.feature_cache.hits, self.feature_cache.misses)
         shown = planned.prompt if isinstance(planned.prompt, PromptSpec) else PromptSpec()
-        return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
-                          list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})},
-                          [row_meta(q) for q in queries])
+        table = ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
+                           list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})},
+                           [row_meta(q) for q in queries])
+        table.check_finite(desc)  # NaN / inf scores: a ScoringError naming the call (its defense) and queries
+        return table
 
     def with_bundle(self, bundle: ModelBundle) -> "RefusalScorer":
         """The same scorer settings over another model (e.g. a fine-tuned defense model)."""

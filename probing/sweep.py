@@ -110,6 +110,7 @@ def score_conditions(
                                   lens[c].clone(), list(scorer.layers),
                                   None if hidden is None else hidden[c].clone(), meta,
                                   [row_meta(q) for q in queries])
+        tables[name].check_finite(f"condition {name!r}")
     return tables
 
 

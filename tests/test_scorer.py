@@ -265,3 +265,31 @@ def test_a_capture_around_score_is_put_in_table_order_by_the_plan(tiny, mixed_qu
     torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="one captured row per query"):
         planned.in_table_order(cache[name][:3])
+
+
+def test_non_finite_scores_raise_naming_the_defense_condition_and_queries(tiny, mixed_queries):
+    from hooks import hook_name
+    from probing.errors import ScoringError
+    from probing.plan import ScoringPlan
+    from probing.sweep import score_conditions
+
+    qs = mixed_queries[:4]
+    scorer = RefusalScorer(tiny, batch_size=2)
+    poison = ScoringPlan("poison", [[(q, PromptSpec())] for q in qs],
+                         edits={hook_name(1): lambda a, ctx: a * float("nan")})
+    with pytest.raises(ScoringError, match=rf"poison.*non-finite scores for 4 queries.*{qs[0].id!r}"):
+        scorer.score(qs, defense=poison)
+    weight = tiny.final_norm.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.fill_(float("inf"))
+        with pytest.raises(ScoringError, match="non-finite scores"):
+            scorer.score(qs)
+        conds = {"plain": PromptSpec(), "remind": PromptSpec(text_after="Be careful.")}
+        with pytest.raises(ScoringError, match=r"condition 'plain'.*non-finite scores"):
+            score_conditions(scorer, qs, conds)  # the prefix-shared path
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert torch.isfinite(scorer.score(qs).margin).all()
