@@ -37,7 +37,7 @@ from hooks.points import language_model, layer_hooks
 from .attention_mask import model_attention_mask
 from .errors import InputError
 from .pipeline import NOT_READY, HostResults, Prefetcher, device_inputs, encode_batch, pinned, to_device, vision_version
-from .query import Query, QueryError, check_unique_ids, row_meta
+from .query import Query, QueryError, check_unique_ids, query_list, row_meta
 from .render import PromptSpec, check_context, expanded_lengths, pad_rows, padded_position_ids, token_ids
 from .score_table import ScoreTable
 
@@ -188,7 +188,7 @@ def plan_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Prompt
     """The host work of `score_variant_groups` before any forward: the rows checked (every
     failure named before any compute), tokenized, grouped and batched. Touches no model, so it
     may run in another thread (the study's plan-ahead worker, which then calls `prepare_first`)."""
-    queries, specs = list(queries), list(specs)
+    queries, specs = query_list(queries, "score_variant_groups"), list(specs)
     if not queries:
         raise InputError("score_variant_groups: no queries given")
     if len(specs) != len(queries):

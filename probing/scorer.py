@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from .model import ModelBundle
 from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, NOT_READY, HostResults, PixelCache,
                        Prefetcher, device_inputs, encode_batch, pinned, vision_version)
 from .plan import as_plan, run_plan
-from .query import Query, QueryError, check_unique_ids, row_meta  # noqa: F401 (row_meta: re-exported)
+from .query import Query, QueryError, check_unique_ids, query_list, row_meta  # noqa: F401 (row_meta: re-exported)
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
 from .render import PromptSpec, check_context, plan_batches, prompt_lengths, render_prompt
 from .errors import InputError, MechprobeError, ScoringError
@@ -80,15 +81,30 @@ class PlannedScore:
         return captured[index.to(captured.device)]
 
 
+def _index(value, what: str) -> int:
+    """An integer argument (Python, numpy or 0-d tensor integers; not bool, float or str)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise InputError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
+
+
 def resolve_layers(layers, n_layers: int) -> list[int]:
-    """"all" -> every layer, None -> none, or a list of (possibly negative) indices."""
+    """"all" -> every layer, None -> none, an int -> that one layer, or a list of (possibly
+    negative) indices; anything else is an `InputError` naming ``layers``."""
     if layers is None:
         return []
-    if layers == "all":
-        return list(range(n_layers))
+    if isinstance(layers, str):
+        if layers == "all":
+            return list(range(n_layers))
+        raise InputError(f"layers must be 'all', None, a layer index or a list of them, got {layers!r}")
+    if not hasattr(layers, "__iter__"):
+        layers = [_index(layers, "layers")]
     out = []
     for layer in layers:
-        i = int(layer)
+        i = _index(layer, "each of layers")
         if not -n_layers <= i < n_layers:
             raise InputError(f"layers: {layer} out of range for a model with {n_layers} layers")
         out.append(i % n_layers)
@@ -122,7 +138,8 @@ class RefusalScorer:
     Args:
         bundle: from `load_model`.
         readout: a `Readout`, or "first_token" / "yes_no".
-        layers: "all", a list of layer indices, or None (no lens margins / hidden states).
+        layers: "all", a list of layer indices (negative ones count from the end), one index, or
+            None (no lens margins / hidden states).
         keep_hidden: also return decision-position residuals ``[N, L, d_model]`` (float32, CPU).
         batch_size: queries per forward.
         prompt: system prompt / surrounding text applied to every query.
@@ -168,6 +185,7 @@ class RefusalScorer:
         feature_cache: "PixelCache | float" = DEFAULT_FEATURE_CACHE_MB,
         share_prefix: bool = True,
     ):
+        batch_size = _index(batch_size, "batch_size")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle = bundle
@@ -178,6 +196,7 @@ class RefusalScorer:
         self.batch_size = batch_size
         self.prompt = prompt
         self.progress = progress
+        prefetch = _index(prefetch, "prefetch")
         if prefetch < 0:
             raise InputError(f"prefetch must be >= 0, got {prefetch}")
         self.prefetch = int(prefetch)
@@ -306,7 +325,7 @@ class RefusalScorer:
         decision-position residuals of ``layers`` in table order already.
         """
         if defense is not None:
-            queries = list(queries)
+            queries = query_list(queries, "score")
             return run_plan(self, queries, as_plan(defense, queries, self.bundle), prompt=prompt, meta=meta,
                             desc=desc)
         return self.score_planned(self.plan_score(queries, prompt), meta=meta, desc=desc)
@@ -317,7 +336,7 @@ class RefusalScorer:
         the context window), prompts rendered, lengths counted, batches planned. Touches no model,
         so it may run in another thread (the study's plan-ahead worker); `prepare_first` then
         encodes the first batch there too, and `score_planned` scores it."""
-        queries = list(queries)
+        queries = query_list(queries, "score")
         if not queries:
             raise InputError("score: no queries given")
         check_unique_ids(queries)

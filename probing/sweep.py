@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .errors import InputError
 from .pipeline import Prefetcher
 from .prefix import common_prefix, prefix_obstacle, prepare_prefixed, score_prefixed
-from .query import Query, check_unique_ids, row_meta
+from .query import Query, check_unique_ids, query_list, row_meta
 from .render import PromptSpec, check_context, prompt_lengths
 from .score_table import ScoreTable
 from .scorer import RefusalScorer
@@ -65,7 +65,7 @@ def score_conditions(
     desc: str = "sweep",
 ) -> dict[str, ScoreTable]:
     """Score every query under every prompt condition; one ScoreTable per condition."""
-    queries = list(queries)
+    queries = query_list(queries, "score_conditions")
     if not queries or not conditions:
         raise InputError("score_conditions needs queries and at least one condition")
     check_unique_ids(queries)

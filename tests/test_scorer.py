@@ -293,3 +293,24 @@ def test_non_finite_scores_raise_naming_the_defense_condition_and_queries(tiny, 
         with torch.no_grad():
             weight.copy_(saved)
     assert torch.isfinite(scorer.score(qs).margin).all()
+
+
+def test_argument_mistakes_are_input_errors_naming_the_argument(tiny):
+    from probing.errors import InputError
+
+    assert RefusalScorer(tiny, layers=2).layers == [2]  # one layer index is one layer
+    assert RefusalScorer(tiny, layers=-1).layers == [tiny.n_layers - 1]
+    mistakes = (({"layers": "last"}, r"layers must be 'all', None"), ({"layers": [1.5]}, "layers must be an integer"),
+                ({"layers": True}, "layers must be an integer"), ({"batch_size": "8"}, "batch_size must be an integer"),
+                ({"batch_size": 2.5}, "batch_size must be an integer"), ({"prefetch": 1.0}, "prefetch must be"))
+    for kwargs, match in mistakes:
+        with pytest.raises(InputError, match=match):
+            RefusalScorer(tiny, **kwargs)
+    scorer = RefusalScorer(tiny, layers=None)
+    q = Query("a", "hi")
+    for queries, match in (("some text", "got str"), (q, "wrap one query in a list"),
+                           ([q, "b"], "item 1 .* str, not a Query")):
+        with pytest.raises(InputError, match=rf"score: .*{match}"):
+            scorer.score(queries)
+        with pytest.raises(InputError, match=match):
+            scorer.score(queries, defense="sr_self_reminder")
