@@ -13,7 +13,8 @@ A defense (defenses/) turns queries into a `ScoringPlan`; `run_plan` executes it
     plan.parts        = a partition of the queries: ``[(indices, plan), ...]``, each part scored
                         with its own plan (cross-fitted activation defenses: each fold's queries
                         are edited with directions estimated on the other folds); rows come back
-                        in input order
+                        in input order, with the partitioned plan's record as meta (what a part
+                        records about itself, e.g. its "fold", is left out)
 
 Variant rows get ids ``<id>#<k>`` while scoring (K > 1) and are folded back to one row per query
 in input order.
@@ -188,6 +189,13 @@ def _run_parts(scorer, queries: list[Query], plan: ScoringPlan, prompt, record: 
         sub_prompt = prompt if specs is None else [specs[i] for i in idx]
         pieces.append(run_plan(scorer, [queries[i] for i in idx], sub, prompt=sub_prompt, desc=desc))
     table = ScoreTable.concat(pieces).select([q.id for q in queries])  # back to input order
+    # concat keeps the first part's meta: drop what each part recorded about itself (its "fold" or
+    # "folds"), which would claim every query for the first part; the partitioned plan's own
+    # record (a cross-fitted defense's describe()) holds every query's fold
+    for _, sub in plan.parts:
+        for key in sub.record:
+            if key not in record:
+                table.meta.pop(key, None)
     table.meta.update(record)
     return table
 

@@ -314,3 +314,21 @@ def test_argument_mistakes_are_input_errors_naming_the_argument(tiny):
             scorer.score(queries)
         with pytest.raises(InputError, match=match):
             scorer.score(queries, defense="sr_self_reminder")
+
+
+def test_a_partitioned_plan_keeps_no_parts_own_record(tiny, mixed_queries):
+    """Cross-fitted parts record their fold; the merged table must not claim the first part's fold
+    for every query (the plan's own record says which query is in which fold)."""
+    from probing.plan import ScoringPlan
+
+    qs = mixed_queries[:5]
+    parts = []
+    for k in (0, 1):
+        idx = [i for i in range(5) if i % 2 == k]
+        parts.append((idx, ScoringPlan("p", [[(qs[i], PromptSpec())] for i in idx], record={"fold": k})))
+    folds = {qs[i].id: i % 2 for i in range(5)}
+    plan = ScoringPlan("p", parts=parts, record={"folds_by_id": folds})
+    table = RefusalScorer(tiny, layers=None).score(qs, defense=plan)
+    assert table.ids == [q.id for q in qs]
+    assert "fold" not in table.meta and table.meta["folds_by_id"] == folds and table.meta["condition"] == "p"
+    torch.testing.assert_close(table.margin, RefusalScorer(tiny, layers=None).score(qs).margin, atol=1e-5, rtol=0)
