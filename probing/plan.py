@@ -9,7 +9,8 @@ A defense (defenses/) turns queries into a `ScoringPlan`; `run_plan` executes it
     plan.edits        = activation edits {hook name: fn(act, ctx)} applied through `hooks.edit`
     plan.aggregate    = how K variants' margins fold into one (probing.aggregate)
     plan.members      = score-level ensembles: member plans scored separately, combined per query
-                        with `plan.combine` ("max" for a|b, "min" for a&b, "mean" for a~b)
+                        with `plan.combine` ("max" for a|b, "min" for a&b, "mean" for a~b); the
+                        table has no hidden states (`combine_tables`)
     plan.parts        = a partition of the queries: ``[(indices, plan), ...]``, each part scored
                         with its own plan (cross-fitted activation defenses: each fold's queries
                         are edited with directions estimated on the other folds); rows come back
@@ -201,7 +202,12 @@ def _run_parts(scorer, queries: list[Query], plan: ScoringPlan, prompt, record: 
 
 
 def combine_tables(tables: list[ScoreTable], rule: str, meta: dict | None = None) -> ScoreTable:
-    """Score-level ensemble of finished runs of the same queries (rows aligned to the first)."""
+    """Score-level ensemble of finished runs of the same queries (rows aligned to the first).
+
+    Margins and lens margins are combined per query by ``rule``; hidden states are not (no rule
+    turns members' states into an ensemble's), so the table has ``hidden=None`` whatever the
+    members kept, and ``meta["score_level"]`` names the rule (`probing.analysis.layer_profile`
+    says so when asked for a state-based profile)."""
     if len(tables) < 2:
         raise InputError("a score-level ensemble needs at least two member runs")
     first = tables[0]
@@ -209,4 +215,4 @@ def combine_tables(tables: list[ScoreTable], rule: str, meta: dict | None = None
     margin = combine_margins(torch.stack([t.margin for t in tables]), rule).float()
     lens = combine_margins(torch.stack([t.lens_margin for t in tables]), rule).float()
     return ScoreTable(list(first.ids), list(first.labels), margin, lens, list(first.layers), None,
-                      {**first.meta, **(meta or {})}, [dict(r) for r in first.row_meta])
+                      {**first.meta, **(meta or {}), "score_level": rule}, [dict(r) for r in first.row_meta])

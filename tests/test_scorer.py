@@ -1,5 +1,7 @@
 """The fused scorer against plain transformers forwards on a tiny random LLaVA."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -332,3 +334,18 @@ def test_a_partitioned_plan_keeps_no_parts_own_record(tiny, mixed_queries):
     assert table.ids == [q.id for q in qs]
     assert "fold" not in table.meta and table.meta["folds_by_id"] == folds and table.meta["condition"] == "p"
     torch.testing.assert_close(table.margin, RefusalScorer(tiny, layers=None).score(qs).margin, atol=1e-5, rtol=0)
+
+
+def test_a_score_level_ensemble_says_it_has_no_hidden_states(tiny, mixed_queries):
+    import defenses  # noqa: F401  (registers the names)
+    from probing.analysis import layer_profile
+    from probing.errors import InputError
+
+    qs = [dataclasses.replace(q, label="harmful" if i % 2 else "benign") for i, q in enumerate(mixed_queries[:8])]
+    scorer = RefusalScorer(tiny, keep_hidden=True)
+    baseline = scorer.score(qs)
+    ens = scorer.score(qs, defense="sr_self_reminder|sr_mmsafety")
+    assert ens.hidden is None and ens.meta["score_level"] == "max"
+    with pytest.raises(InputError, match=r"'sr_self_reminder\|sr_mmsafety' is a score-level ensemble.*score='lens'"):
+        layer_profile(baseline, ens, "probe")
+    assert len(layer_profile(baseline, ens, "lens", n_boot=20).rows()) == tiny.n_layers
