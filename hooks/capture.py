@@ -17,8 +17,8 @@ raw torch hook registered before an edit block sees the activation before that e
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
