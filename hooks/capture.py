@@ -7,17 +7,23 @@ padding is accounted for without the caller passing the mask.
     with capture(bundle, ["blocks.3.hook_resid_post"]) as cache:
         bundle.model(**inputs)
     cache["blocks.3.hook_resid_post"]        # [batch, d_model] at the decision position
+
+Order at one hook point: every `edit` runs before every `capture`, whichever block was entered
+first, so a capture sees the activation after all active edits (as the scorer's own hidden states
+do); edits at one point run in the order their blocks were entered (the outer block's first). A
+raw torch hook registered before an edit block sees the activation before that edit.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .points import HookPoint, attach, decoder_layers, language_model, parse_hook_name
+from .points import HookPoint, attach, decoder_layers, language_model, mark_reader, parse_hook_name, release
 from .positions import DECISION, as_positions, gather, scatter
 from .errors import HookError, NotCapturedError
 
@@ -68,18 +74,35 @@ def _take(act: torch.Tensor, idx: torch.Tensor, flat: torch.Tensor) -> torch.Ten
 
 
 @contextlib.contextmanager
-def _registered(model, points: Iterable[HookPoint], make_fn) -> Iterator[_MaskTracker]:
+def _registered(model, points: Iterable[HookPoint], make_fn, reads_only: bool) -> Iterator[_MaskTracker]:
     layers = decoder_layers(model)
     tracker = _MaskTracker()
+    points = list(points)
     handles = []
     try:
-        handles.append(language_model(model).register_forward_pre_hook(tracker.hook, with_kwargs=True))
+        if points:  # no hook at all for nothing to capture or edit (`run_plan`'s plans without edits)
+            handles.append(language_model(model).register_forward_pre_hook(tracker.hook, with_kwargs=True))
         for point in points:
-            handles.append(attach(layers, point, make_fn(point, tracker)))
+            handles.append(attach(layers, point, make_fn(point, tracker), reads_only=reads_only))
         yield tracker
     finally:
         for handle in handles:
-            handle.remove()
+            release(handle)
+
+
+def _names(names, what: str) -> list[str]:
+    """Hook-point names as a list: one name alone is taken as one name, not as its characters."""
+    if isinstance(names, str):
+        return [names]
+    try:
+        names = list(names)
+    except TypeError:
+        raise HookError(f"{what}: hook names must be a name or a list of names such as "
+                        f"'blocks.3.hook_resid_post', got {type(names).__name__}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise HookError(f"{what}: hook names must be strings such as 'blocks.3.hook_resid_post', got {bad[0]!r}")
+    return names
 
 
 @dataclass
@@ -95,7 +118,16 @@ class ActivationCache:
         if name not in self.calls or not self.calls[name]:
             raise NotCapturedError(f"nothing captured at {name!r}; captured: {sorted(self.calls)}")
         chunks = self.calls[name]
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, 0)
+        if len(chunks) == 1:
+            return chunks[0]
+        shapes = {tuple(c.shape[1:]) for c in chunks}
+        if len(shapes) > 1:
+            lengths = [c.shape[1] if c.dim() > 1 else None for c in chunks]
+            raise HookError(f"{name!r}: the {len(chunks)} captured forwards have different shapes (sequence "
+                            f"lengths {lengths[:8]}{'...' if len(chunks) > 8 else ''}), so they cannot be joined "
+                            f"into one tensor: read them one forward at a time from cache.calls[{name!r}], or "
+                            f"capture positions='decision' or a last k")
+        return torch.cat(chunks, 0)
 
     def __contains__(self, name: str) -> bool:
         return bool(self.calls.get(name))
@@ -121,14 +153,23 @@ def capture(
 
     Args:
         model: a ModelBundle or a LLaVA / Llama HF model.
-        names: hook-point names such as ``blocks.3.hook_resid_post``.
+        names: hook-point names such as ``blocks.3.hook_resid_post`` (or one name).
         positions: "decision" (``[batch, d_model]``), an int k (last k real tokens,
             ``[batch, k, d_model]``), per-row index lists, or "all" (``[batch, seq, d_model]``).
         device, dtype: where / how to store captures (default: as produced). Layers on
             several devices are gathered onto ``device``.
+
+    Every forward of the language model inside the block is recorded, in the order the forwards
+    run; ``cache[name]`` joins them along the batch dimension. Around `RefusalScorer.score` that
+    is the scorer's batch order (batches sorted by prompt length), not the table's row order:
+    ``scorer.plan_score(queries, prompt).in_table_order(cache[name])`` puts the rows of a plain
+    ``score`` call in table order (a defense's variants and parts add rows of their own). With
+    "all" or index lists, forwards of different lengths cannot be joined: read
+    ``cache.calls[name]`` one forward at a time. The activation is read after every active `edit`
+    at the same hook point (see the module docstring).
     """
     layers = decoder_layers(model)
-    points = [parse_hook_name(n, len(layers)) for n in names]
+    points = [parse_hook_name(n, len(layers)) for n in _names(names, "capture")]
     pos = as_positions(positions)
     cache = ActivationCache({p.name: [] for p in points})
 
@@ -151,7 +192,7 @@ def capture(
 
         return fn
 
-    with _registered(model, points, make_fn):
+    with _registered(model, points, make_fn, reads_only=True):
         yield cache
 
 
@@ -230,7 +271,8 @@ class DecisionCapture:
             try:
                 self._handles.append(self._lm.register_forward_pre_hook(self._pre, with_kwargs=True))
                 for module, hook in zip(self._modules, self._hooks):
-                    self._handles.append(module.register_forward_hook(hook))
+                    # a reader: edits at the same layer (a defense's, entered inside) run first
+                    self._handles.append(mark_reader(module.register_forward_hook(hook)))
             except BaseException:
                 self._remove()
                 raise
@@ -241,8 +283,13 @@ class DecisionCapture:
 
     def _remove(self) -> None:
         for handle in self._handles:
-            handle.remove()
+            release(handle)
         self._handles = []
+
+    @property
+    def hook_ids(self) -> set[int]:
+        """The ids of the hooks registered now (none outside the block)."""
+        return {handle.id for handle in self._handles}
 
     def __exit__(self, *exc) -> None:
         self._depth -= 1
@@ -284,8 +331,19 @@ def edit(model, edits: dict[str, EditFn], positions="all") -> Iterator[None]:
     Each function gets the activation at the selected positions (``[batch, d_model]`` for
     "decision", ``[batch, k, d_model]`` for k or index lists, ``[batch, seq, d_model]`` for "all")
     and returns a tensor of the same shape. Hooks are removed when the block ends.
+
+    ``edits`` maps hook names to functions. At one hook point, edits run before every `capture`
+    (also one entered earlier) and in the order their blocks were entered (see the module
+    docstring). The scorer's prefix-shared paths (`probing.sweep.score_conditions`, a defense's
+    text variants) score independent passes while an edit or capture is active on the layers:
+    a positional edit would otherwise also edit the shared prefix's own last tokens.
     """
     layers = decoder_layers(model)
+    if not isinstance(edits, Mapping):
+        raise HookError(f"edit: edits must be a dict {{hook name: fn(act, ctx)}}, got {type(edits).__name__}")
+    bad = [fn for fn in edits.values() if not callable(fn)]
+    if bad:
+        raise HookError(f"edit: each edit must be a function fn(act, ctx) -> act, got {type(bad[0]).__name__}")
     points = {parse_hook_name(n, len(layers)): fn for n, fn in edits.items()}
     pos = as_positions(positions)
 
@@ -310,5 +368,5 @@ def edit(model, edits: dict[str, EditFn], positions="all") -> Iterator[None]:
 
         return fn
 
-    with _registered(model, points, make_fn):
+    with _registered(model, points, make_fn, reads_only=False):
         yield

@@ -12,8 +12,10 @@ class MechprobeError(Exception):
 class HookError(MechprobeError, ValueError):
     """Raised when a hook point, position selector or edit is invalid: an unknown hook name, a
     layer out of range, a model without recognisable decoder layers, positions a row cannot
-    provide, an edit function that returns the wrong shape, or a read of a name never captured.
-    The message names the hook point or selector."""
+    provide, hook names that are not strings, edits that are not a dict of functions, an edit
+    function that returns the wrong shape, a read of a name never captured, or a read that would
+    join captured forwards of different lengths (read them one forward at a time). The message
+    names the hook point or selector."""
 
 
 class NotCapturedError(HookError, KeyError):

@@ -12,13 +12,19 @@ blocks.{i}.hook_mlp_out    MLP output added to the residual            hook, mlp
 
 Every activation is ``[batch, seq, d_model]``. Layers that return a tensor and layers that return
 a tuple (older transformers) are both handled.
+
+Order at one module: hooks that change activations (`edit`) run before hooks that only read them
+(`capture`, the scorer's `DecisionCapture`), whichever was registered first, so a capture always
+sees every active edit. `attach(..., reads_only=True)` marks a reader; a hook that changes the
+activation is registered after the readers and then moved ahead of them (edits among themselves
+keep their registration order: an outer block's edit runs before an inner block's).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 from torch import nn
@@ -89,6 +95,56 @@ def language_model(model) -> nn.Module:
     return found
 
 
+#: ids of the hooks registered now that only read activations (see the module docstring)
+_READERS: set[int] = set()
+
+
+def mark_reader(handle: RemovableHandle) -> RemovableHandle:
+    """Mark a registered hook as one that only reads: hooks that change activations at its module
+    will run before it. Release it with `release`."""
+    _READERS.add(handle.id)
+    return handle
+
+
+def release(handle: RemovableHandle) -> None:
+    """Remove a hook registered through this module (and forget that it was a reader)."""
+    handle.remove()
+    _READERS.discard(handle.id)
+
+
+#: modules whose hooks only read and are inert here: transformers 5 installs output-capturing hooks
+#: on the first forward that asks for ``output_hidden_states`` (the vision tower does, for its
+#: feature layer) and never removes them; they record only while such a forward runs
+_INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
+
+
+def _is_reader(hid: int, fn) -> bool:
+    return hid in _READERS or getattr(fn, "__module__", None) in _INERT_HOOK_MODULES
+
+
+def _readers_last(hooks) -> None:
+    """Move the readers among ``hooks`` (a module's ``_forward_hooks`` or ``_forward_pre_hooks``,
+    the ordered dicts torch itself reorders for ``prepend=True``) to the end, in their order:
+    ours, and transformers' output capturing (so ``output_hidden_states`` sees edits too)."""
+    for hid in [h for h, fn in hooks.items() if _is_reader(h, fn)]:
+        hooks.move_to_end(hid)
+
+
+def layer_hooks(model, exclude: Collection[int] = ()) -> list[str]:
+    """The forward hooks and pre-hooks on the decoder layers (and their submodules) of ``model``,
+    as ``"layers.<i>[.<submodule>] (forward hook | forward pre-hook)"``, leaving out the hook ids in
+    ``exclude`` and transformers' own inert output-capturing hooks: the hooks of an active
+    `capture` or `edit` block, or a user's raw torch hooks. Empty in a clean state."""
+    found = []
+    for name, module in decoder_layers(model).named_modules(prefix="layers"):
+        for kind, hooks in (("forward hook", module._forward_hooks), ("forward pre-hook", module._forward_pre_hooks)):
+            for hid, fn in hooks.items():
+                if hid in exclude or getattr(fn, "__module__", None) in _INERT_HOOK_MODULES:
+                    continue
+                found.append(f"{name} ({kind})")
+    return found
+
+
 def _replace_first(output, new):
     if isinstance(output, tuple):
         return (new, *output[1:])
@@ -99,8 +155,10 @@ def _first(output) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def attach(layers: nn.ModuleList, point: HookPoint, fn: ActivationFn) -> RemovableHandle:
-    """Register ``fn`` at ``point``; the caller owns (and must remove) the returned handle."""
+def attach(layers: nn.ModuleList, point: HookPoint, fn: ActivationFn, *, reads_only: bool = False) -> RemovableHandle:
+    """Register ``fn`` at ``point``; the caller owns the returned handle and removes it with
+    `release`. ``reads_only``: ``fn`` never changes the activation (a capture); hooks that may
+    change it run before every reader at the module (see the module docstring)."""
     layer = layers[point.layer]
     if point.kind in ("hook_resid_pre", "hook_resid_mid"):
         module = layer if point.kind == "hook_resid_pre" else layer.post_attention_layernorm
@@ -112,7 +170,8 @@ def attach(layers: nn.ModuleList, point: HookPoint, fn: ActivationFn) -> Removab
             new = fn(kwargs["hidden_states"])
             return None if new is None else (args, {**kwargs, "hidden_states": new})
 
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        return _placed(handle, module._forward_pre_hooks, reads_only)
 
     module = {
         "hook_resid_post": layer,
@@ -126,4 +185,11 @@ def attach(layers: nn.ModuleList, point: HookPoint, fn: ActivationFn) -> Removab
         new = fn(_first(output))
         return None if new is None else _replace_first(output, new)
 
-    return module.register_forward_hook(hook)
+    return _placed(module.register_forward_hook(hook), module._forward_hooks, reads_only)
+
+
+def _placed(handle: RemovableHandle, hooks, reads_only: bool) -> RemovableHandle:
+    if reads_only:
+        return mark_reader(handle)
+    _readers_last(hooks)
+    return handle

@@ -47,8 +47,11 @@ class RunDirError(MechprobeError, ValueError):
 
 
 class ScoringError(MechprobeError, RuntimeError):
-    """Raised when a forward pass produces something unusable (NaN scores, a token count that
-    does not match the plan). The message names the queries (and shard, when resuming)."""
+    """Raised when a forward pass produces something unusable: NaN or infinite scores (checked
+    when `RefusalScorer.score`, the prefix-shared paths and `probing.sweep.score_conditions` finish
+    a table, and again per shard of a run directory), a token count that does not match the plan.
+    The message names the queries and the call (its defense or condition; the shard, when
+    resuming)."""
 
 
 class GenerationNeeded(ScoringError):

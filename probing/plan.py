@@ -9,11 +9,13 @@ A defense (defenses/) turns queries into a `ScoringPlan`; `run_plan` executes it
     plan.edits        = activation edits {hook name: fn(act, ctx)} applied through `hooks.edit`
     plan.aggregate    = how K variants' margins fold into one (probing.aggregate)
     plan.members      = score-level ensembles: member plans scored separately, combined per query
-                        with `plan.combine` ("max" for a|b, "min" for a&b, "mean" for a~b)
+                        with `plan.combine` ("max" for a|b, "min" for a&b, "mean" for a~b); the
+                        table has no hidden states (`combine_tables`)
     plan.parts        = a partition of the queries: ``[(indices, plan), ...]``, each part scored
                         with its own plan (cross-fitted activation defenses: each fold's queries
                         are edited with directions estimated on the other folds); rows come back
-                        in input order
+                        in input order, with the partitioned plan's record as meta (what a part
+                        records about itself, e.g. its "fold", is left out)
 
 Variant rows get ids ``<id>#<k>`` while scoring (K > 1) and are folded back to one row per query
 in input order.
@@ -188,12 +190,24 @@ def _run_parts(scorer, queries: list[Query], plan: ScoringPlan, prompt, record: 
         sub_prompt = prompt if specs is None else [specs[i] for i in idx]
         pieces.append(run_plan(scorer, [queries[i] for i in idx], sub, prompt=sub_prompt, desc=desc))
     table = ScoreTable.concat(pieces).select([q.id for q in queries])  # back to input order
+    # concat keeps the first part's meta: drop what each part recorded about itself (its "fold" or
+    # "folds"), which would claim every query for the first part; the partitioned plan's own
+    # record (a cross-fitted defense's describe()) holds every query's fold
+    for _, sub in plan.parts:
+        for key in sub.record:
+            if key not in record:
+                table.meta.pop(key, None)
     table.meta.update(record)
     return table
 
 
 def combine_tables(tables: list[ScoreTable], rule: str, meta: dict | None = None) -> ScoreTable:
-    """Score-level ensemble of finished runs of the same queries (rows aligned to the first)."""
+    """Score-level ensemble of finished runs of the same queries (rows aligned to the first).
+
+    Margins and lens margins are combined per query by ``rule``; hidden states are not (no rule
+    turns members' states into an ensemble's), so the table has ``hidden=None`` whatever the
+    members kept, and ``meta["score_level"]`` names the rule (`probing.analysis.layer_profile`
+    says so when asked for a state-based profile)."""
     if len(tables) < 2:
         raise InputError("a score-level ensemble needs at least two member runs")
     first = tables[0]
@@ -201,4 +215,4 @@ def combine_tables(tables: list[ScoreTable], rule: str, meta: dict | None = None
     margin = combine_margins(torch.stack([t.margin for t in tables]), rule).float()
     lens = combine_margins(torch.stack([t.lens_margin for t in tables]), rule).float()
     return ScoreTable(list(first.ids), list(first.labels), margin, lens, list(first.layers), None,
-                      {**first.meta, **(meta or {})}, [dict(r) for r in first.row_meta])
+                      {**first.meta, **(meta or {}), "score_level": rule}, [dict(r) for r in first.row_meta])

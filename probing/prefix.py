@@ -10,6 +10,11 @@ that prefix once and only their remaining tokens against its KV cache.
 it); `probing.sweep.score_conditions` to many prompt conditions over the same queries. Scores
 equal independent passes to float rounding (tests/test_sweep.py: 1e-4 in float32).
 
+Both score independent passes instead while the language model's layers carry hooks other than
+the scorer's own (`prefix_obstacle`): a user's `hooks.edit` or `hooks.capture` block, or a raw
+torch hook, would also run on the prefix pass, whose last tokens are not the rows' decision
+positions (a positional edit would edit them, a capture would record the prefix rows too).
+
 The scorer is used through its attributes only (this module sits below `probing.scorer` and
 `probing.plan`, which import it).
 """
@@ -27,12 +32,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicLayer
 
-from hooks.points import language_model
+from hooks.points import language_model, layer_hooks
 
 from .attention_mask import model_attention_mask
 from .errors import InputError
 from .pipeline import NOT_READY, HostResults, Prefetcher, device_inputs, encode_batch, pinned, to_device, vision_version
-from .query import Query, QueryError, check_unique_ids, row_meta
+from .query import Query, QueryError, check_unique_ids, query_list, row_meta
 from .render import PromptSpec, check_context, expanded_lengths, pad_rows, padded_position_ids, token_ids
 from .score_table import ScoreTable
 
@@ -69,6 +74,18 @@ class SharedPrefixLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         return self._join(self.keys, key_states), self._join(self.values, value_states)
+
+
+def prefix_obstacle(scorer) -> str | None:
+    """Why prefix-shared passes must not run now, or None: hooks on the language model's layers
+    other than the scorer's own (see the module docstring). Read on the calling thread just
+    before scoring, since hooks come and go with ``with`` blocks."""
+    extra = layer_hooks(scorer.bundle, exclude=scorer.own_hook_ids)
+    if not extra:
+        return None
+    return (f"{len(extra)} hook(s) not the scorer's are active on the language model's layers "
+            f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}: an edit or capture block, or a raw "
+            f"torch hook), and they would also run on the shared prefix's pass")
 
 
 def common_prefix(seqs: list[list[int]]) -> int:
@@ -171,7 +188,7 @@ def plan_variant_groups(scorer, queries: Sequence[Query], specs: Sequence[Prompt
     """The host work of `score_variant_groups` before any forward: the rows checked (every
     failure named before any compute), tokenized, grouped and batched. Touches no model, so it
     may run in another thread (the study's plan-ahead worker, which then calls `prepare_first`)."""
-    queries, specs = list(queries), list(specs)
+    queries, specs = query_list(queries, "score_variant_groups"), list(specs)
     if not queries:
         raise InputError("score_variant_groups: no queries given")
     if len(specs) != len(queries):
@@ -243,6 +260,10 @@ def score_planned_groups(scorer, plan: VariantGroups, *, meta: dict | None = Non
     thread, its first batches possibly prepared there by `prepare_first`)."""
     if not plan.sharing:
         return scorer.score_planned(plan.rest_plan, meta=meta, desc=desc)
+    blocked = prefix_obstacle(scorer)
+    if blocked:
+        logger.info("%s: scoring all %d rows in full passes, not prefix-shared: %s", desc, len(plan.queries), blocked)
+        return scorer.score_planned(scorer.plan_score(plan.queries, plan.specs), meta=meta, desc=desc)
     queries, groups, rest, batches = plan.queries, plan.groups, plan.rest, plan.batches
     bundle = scorer.bundle
     n, n_layers = len(queries), len(scorer.layers)
@@ -271,8 +292,10 @@ def score_planned_groups(scorer, plan: VariantGroups, *, meta: dict | None = Non
     logger.info("scored %d rows: %d groups of variants shared their image prefix (%d rows), %d rows alone",
                 n, len(plan.sharing), n - len(rest), len(rest))
     out_meta = {**scorer.table_meta(PromptSpec()), **(meta or {}), "prefix_shared_groups": len(plan.sharing)}
-    return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(scorer.layers),
-                      hidden, out_meta, [row_meta(q) for q in queries])
+    table = ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens, list(scorer.layers),
+                       hidden, out_meta, [row_meta(q) for q in queries])
+    table.check_finite(desc)  # as `RefusalScorer.score_planned`
+    return table
 
 
 #: suffix rows of one prefix-shared batch, in multiples of the scorer's batch size: each row holds

@@ -197,6 +197,20 @@ def _to_rgb(im: Image.Image, qid: str, path: Path | None = None) -> Image.Image:
         raise QueryError(f"query {qid!r}: cannot convert {where} of mode {im.mode!r} to RGB: {exc}") from None
 
 
+def query_list(queries, where: str = "score") -> list[Query]:
+    """``queries`` as a list of `Query`; `InputError` naming ``where`` for anything else (a string,
+    one Query not in a list, an item that is not a Query), before any compute."""
+    if isinstance(queries, (str, bytes, Query)) or not hasattr(queries, "__iter__"):
+        hint = "; wrap one query in a list" if isinstance(queries, Query) else ""
+        raise InputError(f"{where}: queries must be a list of Query objects, got {type(queries).__name__}{hint}")
+    out = list(queries)
+    for i, q in enumerate(out):
+        if not isinstance(q, Query):
+            raise InputError(f"{where}: item {i} of the queries is a {type(q).__name__}, not a Query "
+                             f"(build one with Query(id, text, image=..., label=...))")
+    return out
+
+
 def check_unique_ids(queries: list[Query]) -> None:
     seen: set[str] = set()
     for q in queries:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from .model import ModelBundle
 from .pipeline import (DEFAULT_FEATURE_CACHE_MB, DEFAULT_PIXEL_CACHE_MB, NOT_READY, HostResults, PixelCache,
                        Prefetcher, device_inputs, encode_batch, pinned, vision_version)
 from .plan import as_plan, run_plan
-from .query import Query, QueryError, check_unique_ids, row_meta  # noqa: F401 (row_meta: re-exported)
+from .query import Query, QueryError, check_unique_ids, query_list, row_meta  # noqa: F401 (row_meta: re-exported)
 from .readout import Readout, ResolvedReadout, get_readout, resolve_readout
 from .render import PromptSpec, check_context, plan_batches, prompt_lengths, render_prompt
 from .errors import InputError, MechprobeError, ScoringError
@@ -55,16 +56,55 @@ class PlannedScore:
     use_features: bool
     first: object = field(default=NOT_READY, repr=False)
 
+    @property
+    def order(self) -> list[int]:
+        """Row indices (into ``queries``) in the order `RefusalScorer.score_planned` runs them: its
+        batches in turn. A `hooks.capture` around the call records its forwards in this order."""
+        return [i for rows in self.batches for i in rows]
+
+    def in_table_order(self, captured: torch.Tensor) -> torch.Tensor:
+        """``captured [N, ...]`` recorded in `order` (``cache[name]`` of a `hooks.capture` around a
+        ``score`` call of these queries and prompt, no defense) with its rows put in table order.
+
+            planned = scorer.plan_score(queries)
+            with capture(bundle, [name]) as cache:
+                table = scorer.score_planned(planned)      # or scorer.score(queries): same batches
+            per_query = planned.in_table_order(cache[name])   # row i is table.ids[i]
+        """
+        n = len(self.queries)
+        if not isinstance(captured, torch.Tensor) or captured.shape[0] != n:
+            got = tuple(captured.shape) if isinstance(captured, torch.Tensor) else type(captured).__name__
+            raise InputError(f"in_table_order: expected one captured row per query ({n}), got {got}: capture "
+                             f"around exactly one score call of these queries, without a defense")
+        index = torch.empty(n, dtype=torch.long)
+        index[torch.tensor(self.order)] = torch.arange(n)  # table row i <- the forward row that held it
+        return captured[index.to(captured.device)]
+
+
+def _index(value, what: str) -> int:
+    """An integer argument (Python, numpy or 0-d tensor integers; not bool, float or str)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise InputError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
+
 
 def resolve_layers(layers, n_layers: int) -> list[int]:
-    """"all" -> every layer, None -> none, or a list of (possibly negative) indices."""
+    """"all" -> every layer, None -> none, an int -> that one layer, or a list of (possibly
+    negative) indices; anything else is an `InputError` naming ``layers``."""
     if layers is None:
         return []
-    if layers == "all":
-        return list(range(n_layers))
+    if isinstance(layers, str):
+        if layers == "all":
+            return list(range(n_layers))
+        raise InputError(f"layers must be 'all', None, a layer index or a list of them, got {layers!r}")
+    if not hasattr(layers, "__iter__"):
+        layers = [_index(layers, "layers")]
     out = []
     for layer in layers:
-        i = int(layer)
+        i = _index(layer, "each of layers")
         if not -n_layers <= i < n_layers:
             raise InputError(f"layers: {layer} out of range for a model with {n_layers} layers")
         out.append(i % n_layers)
@@ -98,7 +138,8 @@ class RefusalScorer:
     Args:
         bundle: from `load_model`.
         readout: a `Readout`, or "first_token" / "yes_no".
-        layers: "all", a list of layer indices, or None (no lens margins / hidden states).
+        layers: "all", a list of layer indices (negative ones count from the end), one index, or
+            None (no lens margins / hidden states).
         keep_hidden: also return decision-position residuals ``[N, L, d_model]`` (float32, CPU).
         batch_size: queries per forward.
         prompt: system prompt / surrounding text applied to every query.
@@ -120,7 +161,9 @@ class RefusalScorer:
             (`ni_text_smooth`'s K noisy texts, text around the request) run the shared prefix
             (system prompt, template, image) once and each variant's remaining tokens against its
             KV cache (`probing.prefix.score_variant_groups`): scores agree with independent passes
-            to float rounding (1e-4 in float32, tested). False scores every variant in full.
+            to float rounding (1e-4 in float32, tested). False scores every variant in full, and
+            so does a call made while a user's `hooks.edit` / `hooks.capture` block (or a raw torch
+            hook) is active on the layers (`probing.prefix.prefix_obstacle`).
 
     After `score`, ``last_timing`` holds the run's ``total_s``, ``forward_s`` and ``wait_s`` (the
     time the loop waited for prepared batches); ``waited_s`` sums that wait over every scoring
@@ -142,6 +185,7 @@ class RefusalScorer:
         feature_cache: "PixelCache | float" = DEFAULT_FEATURE_CACHE_MB,
         share_prefix: bool = True,
     ):
+        batch_size = _index(batch_size, "batch_size")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.bundle = bundle
@@ -152,6 +196,7 @@ class RefusalScorer:
         self.batch_size = batch_size
         self.prompt = prompt
         self.progress = progress
+        prefetch = _index(prefetch, "prefetch")
         if prefetch < 0:
             raise InputError(f"prefetch must be >= 0, got {prefetch}")
         self.prefetch = int(prefetch)
@@ -249,6 +294,12 @@ class RefusalScorer:
         does this around its batches); they are removed when the block ends, also on an error."""
         return self._reader
 
+    @property
+    def own_hook_ids(self) -> set[int]:
+        """The ids of the scorer's own hooks registered now (`probing.prefix.prefix_obstacle`
+        tells them from a user's)."""
+        return self._reader.hook_ids
+
     # -- public API ----------------------------------------------------------------------------
 
     def score(
@@ -260,15 +311,21 @@ class RefusalScorer:
         desc: str = "scoring",
         defense=None,
     ) -> ScoreTable:
-        """Score queries; the table's rows follow the input order.
+        """Score queries; the table's rows follow the input order. A forward that gives NaN or
+        infinite scores raises `ScoringError` naming the defense (in ``desc``) and the queries.
 
         ``prompt`` is one spec for every query or one per query. ``defense`` (a
         `defenses.Defense`, a `ScoringPlan`, or a name such as "sr_self_reminder+mo_checkpoint"
         once `defenses` is imported) is applied through its plan: query variants, model and
         activation edits; its name and parameters are recorded.
+
+        A `hooks.capture` around this call records the forwards in the order they run (batches
+        sorted by prompt length), not in table order; `plan_score(queries, prompt).order` is that
+        order and its `in_table_order` restores table order. ``table.hidden`` holds the
+        decision-position residuals of ``layers`` in table order already.
         """
         if defense is not None:
-            queries = list(queries)
+            queries = query_list(queries, "score")
             return run_plan(self, queries, as_plan(defense, queries, self.bundle), prompt=prompt, meta=meta,
                             desc=desc)
         return self.score_planned(self.plan_score(queries, prompt), meta=meta, desc=desc)
@@ -279,7 +336,7 @@ class RefusalScorer:
         the context window), prompts rendered, lengths counted, batches planned. Touches no model,
         so it may run in another thread (the study's plan-ahead worker); `prepare_first` then
         encodes the first batch there too, and `score_planned` scores it."""
-        queries = list(queries)
+        queries = query_list(queries, "score")
         if not queries:
             raise InputError("score: no queries given")
         check_unique_ids(queries)
@@ -361,9 +418,11 @@ class RefusalScorer:
                     n / max(elapsed, 1e-9), 100 * feed.wait_s / max(elapsed, 1e-9), self.pixel_cache.hits,
                     self.pixel_cache.misses, self.feature_cache.hits, self.feature_cache.misses)
         shown = planned.prompt if isinstance(planned.prompt, PromptSpec) else PromptSpec()
-        return ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
-                          list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})},
-                          [row_meta(q) for q in queries])
+        table = ScoreTable([q.id for q in queries], [q.label for q in queries], margin, lens,
+                           list(self.layers), hidden, {**self.table_meta(shown), **(meta or {})},
+                           [row_meta(q) for q in queries])
+        table.check_finite(desc)  # NaN / inf scores: a ScoringError naming the call (its defense) and queries
+        return table
 
     def with_bundle(self, bundle: ModelBundle) -> "RefusalScorer":
         """The same scorer settings over another model (e.g. a fine-tuned defense model)."""

@@ -12,7 +12,9 @@ included), keeps its KV cache, and runs only each condition's suffix against it:
 
 Scores equal independent passes (tested to 1e-4 in float32). Conditions that change the system
 prompt (text before the image) or that give a query no common prefix covering its image fall
-back to independent passes automatically. The prefix and suffix passes are `probing.prefix`'s,
+back to independent passes automatically, and so does a sweep run while hooks other than the
+scorer's are active on the layers (a `hooks.edit` or `hooks.capture` block around it:
+`probing.prefix.prefix_obstacle`). The prefix and suffix passes are `probing.prefix`'s,
 which also lets a defense's text variants of one query share its image prefix.
 """
 
@@ -27,8 +29,8 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .pipeline import Prefetcher
-from .prefix import common_prefix, prepare_prefixed, score_prefixed
-from .query import Query, check_unique_ids, row_meta
+from .prefix import common_prefix, prefix_obstacle, prepare_prefixed, score_prefixed
+from .query import Query, check_unique_ids, query_list, row_meta
 from .render import PromptSpec, check_context, prompt_lengths
 from .score_table import ScoreTable
 from .scorer import RefusalScorer
@@ -63,14 +65,16 @@ def score_conditions(
     desc: str = "sweep",
 ) -> dict[str, ScoreTable]:
     """Score every query under every prompt condition; one ScoreTable per condition."""
-    queries = list(queries)
+    queries = query_list(queries, "score_conditions")
     if not queries or not conditions:
         raise InputError("score_conditions needs queries and at least one condition")
     check_unique_ids(queries)
     names, specs = list(conditions), list(conditions.values())
-    plan = plan_prefixes(scorer, queries, specs) if len(specs) > 1 else None
+    blocked = prefix_obstacle(scorer) if len(specs) > 1 else None
+    plan = plan_prefixes(scorer, queries, specs) if len(specs) > 1 and not blocked else None
     if plan is None:
-        logger.info("prefix sharing does not apply: scoring %d conditions independently", len(specs))
+        logger.info("prefix sharing does not apply: scoring %d conditions independently%s", len(specs),
+                    f" ({blocked})" if blocked else "")
         return {n: scorer.score(queries, prompt=conditions[n], meta={"condition": n}, desc=n) for n in names}
     prompts, ids, shared = plan
     bundle, n_cond = scorer.bundle, len(specs)
@@ -106,6 +110,7 @@ def score_conditions(
                                   lens[c].clone(), list(scorer.layers),
                                   None if hidden is None else hidden[c].clone(), meta,
                                   [row_meta(q) for q in queries])
+        tables[name].check_finite(f"condition {name!r}")
     return tables
 
 

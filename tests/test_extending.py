@@ -45,3 +45,31 @@ def test_example_is_short_and_runs(tiny):
                 get_defense("act_clamp", baseline=baseline, **bad)
     finally:
         REGISTRY.pop("act_clamp", None)
+
+
+def test_example_clamps_at_the_hook_point_its_directions_come_from(tiny):
+    """The recipe's directions are decision states at blocks.{l}.hook_resid_post: its clamp acts
+    there, raising exactly the projections below the floor to it and leaving the others."""
+    from hooks import capture, edit, hook_name
+    from probing.render import encode
+
+    REGISTRY.pop("act_clamp", None)
+    exec(compile(example_code(), str(DOC), "exec"), {})
+    try:
+        qs = [Query(f"q{i}", f"request {i} " + "y " * i, label="harmful" if i % 2 else "benign") for i in range(6)]
+        scorer = RefusalScorer(tiny, keep_hidden=True)
+        baseline = scorer.score(qs)
+        d = get_defense("act_clamp", baseline=baseline, floor=0.0)
+        u = d.units[1].float()
+        inputs = encode(tiny, scorer.render(qs), [None] * len(qs))
+        real = inputs["attention_mask"].bool()
+        with capture(tiny, [hook_name(1)], "all") as plain, torch.no_grad():
+            tiny.model(**inputs)
+        floor = float((plain[hook_name(1)] @ u)[real].median())  # half the positions lie below it
+        d = get_defense("act_clamp", baseline=baseline, floor=floor)
+        with edit(tiny, d.edits(tiny)), capture(tiny, [hook_name(1)], "all") as clamped, torch.no_grad():
+            tiny.model(**inputs)
+        before = (plain[hook_name(1)] @ u)[real]
+        torch.testing.assert_close((clamped[hook_name(1)] @ u)[real], before.clamp(min=floor), atol=1e-4, rtol=0)
+    finally:
+        REGISTRY.pop("act_clamp", None)

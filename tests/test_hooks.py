@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hooks import Explicit, LastK, capture, edit, hook_name
+from hooks.errors import HookError
 from hooks.points import decoder_layers, parse_hook_name
 from probing.render import encode
 
@@ -200,3 +201,101 @@ def test_layers_returning_tuples_work_for_capture_and_edit():
             zeroed = model(x)
         torch.testing.assert_close(zeroed, model.layers[1](torch.zeros_like(x))[0])
         torch.testing.assert_close(model(x), plain)  # edit gone
+
+
+def _plain_resid_post(tiny, inputs, layer):
+    """Layer ``layer``'s output for ``inputs`` through a raw torch hook (no mechprobe hook)."""
+    got = {}
+    handle = tiny.layers[layer].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple)
+                                                                                       else o))
+    try:
+        run(tiny, inputs)
+    finally:
+        handle.remove()
+    return got["h"]
+
+
+def test_a_capture_sees_edits_entered_inside_it_and_edits_run_in_block_order(tiny, batch):
+    name = hook_name(1)
+    plain = _plain_resid_post(tiny, batch, 1)
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(4))
+    # the capture is entered first; the edits after it at the same point still run before it
+    with capture(tiny, [name], "all") as c, edit(tiny, {name: lambda a, ctx: 2 * a}), \
+            edit(tiny, {name: lambda a, ctx: a + v}):
+        run(tiny, batch)
+    torch.testing.assert_close(c[name], 2 * plain + v, atol=1e-5, rtol=0)  # outer edit first, then inner
+    # resid_pre (a pre-hook) follows the same rule
+    pre = hook_name(2, "hook_resid_pre")
+    with capture(tiny, [pre], "decision") as c2, edit(tiny, {pre: lambda a, ctx: a + v}, positions="decision"):
+        run(tiny, batch)
+    torch.testing.assert_close(c2[pre], _plain_resid_post(tiny, batch, 1)[:, -1] + v, atol=1e-5, rtol=0)
+
+
+def test_output_hidden_states_see_edits(tiny, batch):
+    """transformers 5 records hidden states with hooks of its own, installed on the first forward
+    that asks for them: an edit registered later still runs before them."""
+    run(tiny, batch, output_hidden_states=True)  # transformers' recording hooks are in place now
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(5))
+    plain = _plain_resid_post(tiny, batch, 1)
+    with edit(tiny, {hook_name(1): lambda a, ctx: a + v}):
+        hs = run(tiny, batch, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hs[2], plain + v, atol=1e-5, rtol=0)
+
+
+def test_the_scorers_held_hooks_see_a_defenses_edit(tiny, mixed_queries):
+    """`holding_hooks` entered before a plan's edit at the same layer: the hidden states still hold
+    the edited residual, as they do when the scorer registers its hooks itself."""
+    from probing import PromptSpec, RefusalScorer
+    from probing.plan import ScoringPlan
+
+    qs = mixed_queries[:4]
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(6))
+    plan = ScoringPlan("add", [[(q, PromptSpec())] for q in qs], edits={hook_name(1): lambda a, ctx: a + v})
+    scorer = RefusalScorer(tiny, keep_hidden=True, progress=False)
+    free = scorer.score(qs, defense=plan)
+    with scorer.holding_hooks():
+        held = scorer.score(qs, defense=plan)
+    assert (free.hidden[:, 1] - scorer.score(qs).hidden[:, 1]).abs().max() > 1e-2  # the edit shows
+    torch.testing.assert_close(held.hidden, free.hidden, atol=0, rtol=0)
+
+
+def test_hook_arguments_are_checked(tiny, batch):
+    name = hook_name(1)
+    with capture(tiny, name) as c:  # one name, not its characters
+        run(tiny, batch)
+    assert c[name].shape == (3, tiny.d_model)
+    with pytest.raises(HookError, match=r"edit: edits must be a dict"):
+        with edit(tiny, [name]):
+            pass
+    with pytest.raises(HookError, match=r"must be a function"):
+        with edit(tiny, {name: 3}):
+            pass
+    with pytest.raises(HookError, match=r"hook names must be strings"):
+        with capture(tiny, [1]):
+            pass
+
+
+def test_forwards_of_different_lengths_are_not_joined(tiny, batch):
+    name = hook_name(0)
+    short = encode(tiny, PROMPTS[:1], [None])
+    with capture(tiny, [name], "all") as c:
+        run(tiny, batch)
+        run(tiny, short)
+    with pytest.raises(HookError, match=r"different shapes.*cache.calls"):
+        c[name]
+    assert [x.shape[1] for x in c.calls[name]] == [batch["input_ids"].shape[1], short["input_ids"].shape[1]]
+
+
+def test_layer_hooks_lists_only_foreign_hooks(tiny, batch):
+    from hooks.points import layer_hooks
+
+    run(tiny, batch, output_hidden_states=True)  # transformers' own (inert) recording hooks
+    assert layer_hooks(tiny) == []
+    with edit(tiny, {hook_name(2, "hook_mlp_out"): lambda a, ctx: a}):
+        assert layer_hooks(tiny) == ["layers.2.mlp (forward hook)"]
+    handle = tiny.layers[0].register_forward_pre_hook(lambda m, a: None)
+    try:
+        assert layer_hooks(tiny) == ["layers.0 (forward pre-hook)"]
+        assert layer_hooks(tiny, exclude={handle.id}) == []
+    finally:
+        handle.remove()

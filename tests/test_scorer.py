@@ -1,5 +1,7 @@
 """The fused scorer against plain transformers forwards on a tiny random LLaVA."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -237,3 +239,113 @@ def test_inputs_without_pixels_skip_the_llava_wrapper(tiny, mixed_queries):
             assert torch.equal(margin, want), (margin - want).abs().max()
     finally:
         handle.remove()
+
+
+def test_a_capture_around_score_is_put_in_table_order_by_the_plan(tiny, mixed_queries):
+    """A `capture` records the scorer's forwards in batch order (sorted by length); the planned
+    call's `in_table_order` gives table order, checked against each query alone through a raw
+    torch hook on the full HF model."""
+    from hooks import capture, hook_name
+
+    scorer = RefusalScorer(tiny, batch_size=2, layers=None)
+    name = hook_name(1, "hook_attn_out")
+    planned = scorer.plan_score(mixed_queries)
+    assert sorted(planned.order) == list(range(len(mixed_queries))) and planned.order != sorted(planned.order)
+    with capture(tiny, [name], "decision") as cache:
+        table = scorer.score(mixed_queries)
+    got = planned.in_table_order(cache[name])
+    want = []
+    for q in mixed_queries:
+        seen = {}
+        handle = tiny.layers[1].self_attn.register_forward_hook(lambda m, a, o: seen.__setitem__("h", o[0][0, -1]))
+        try:
+            plain_forward(tiny, scorer, q)
+        finally:
+            handle.remove()
+        want.append(seen["h"])
+    assert table.ids == [q.id for q in mixed_queries]
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="one captured row per query"):
+        planned.in_table_order(cache[name][:3])
+
+
+def test_non_finite_scores_raise_naming_the_defense_condition_and_queries(tiny, mixed_queries):
+    from hooks import hook_name
+    from probing.errors import ScoringError
+    from probing.plan import ScoringPlan
+    from probing.sweep import score_conditions
+
+    qs = mixed_queries[:4]
+    scorer = RefusalScorer(tiny, batch_size=2)
+    poison = ScoringPlan("poison", [[(q, PromptSpec())] for q in qs],
+                         edits={hook_name(1): lambda a, ctx: a * float("nan")})
+    with pytest.raises(ScoringError, match=rf"poison.*non-finite scores for 4 queries.*{qs[0].id!r}"):
+        scorer.score(qs, defense=poison)
+    weight = tiny.final_norm.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.fill_(float("inf"))
+        with pytest.raises(ScoringError, match="non-finite scores"):
+            scorer.score(qs)
+        conds = {"plain": PromptSpec(), "remind": PromptSpec(text_after="Be careful.")}
+        with pytest.raises(ScoringError, match=r"condition 'plain'.*non-finite scores"):
+            score_conditions(scorer, qs, conds)  # the prefix-shared path
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert torch.isfinite(scorer.score(qs).margin).all()
+
+
+def test_argument_mistakes_are_input_errors_naming_the_argument(tiny):
+    from probing.errors import InputError
+
+    assert RefusalScorer(tiny, layers=2).layers == [2]  # one layer index is one layer
+    assert RefusalScorer(tiny, layers=-1).layers == [tiny.n_layers - 1]
+    mistakes = (({"layers": "last"}, r"layers must be 'all', None"), ({"layers": [1.5]}, "layers must be an integer"),
+                ({"layers": True}, "layers must be an integer"), ({"batch_size": "8"}, "batch_size must be an integer"),
+                ({"batch_size": 2.5}, "batch_size must be an integer"), ({"prefetch": 1.0}, "prefetch must be"))
+    for kwargs, match in mistakes:
+        with pytest.raises(InputError, match=match):
+            RefusalScorer(tiny, **kwargs)
+    scorer = RefusalScorer(tiny, layers=None)
+    q = Query("a", "hi")
+    for queries, match in (("some text", "got str"), (q, "wrap one query in a list"),
+                           ([q, "b"], "item 1 .* str, not a Query")):
+        with pytest.raises(InputError, match=rf"score: .*{match}"):
+            scorer.score(queries)
+        with pytest.raises(InputError, match=match):
+            scorer.score(queries, defense="sr_self_reminder")
+
+
+def test_a_partitioned_plan_keeps_no_parts_own_record(tiny, mixed_queries):
+    """Cross-fitted parts record their fold; the merged table must not claim the first part's fold
+    for every query (the plan's own record says which query is in which fold)."""
+    from probing.plan import ScoringPlan
+
+    qs = mixed_queries[:5]
+    parts = []
+    for k in (0, 1):
+        idx = [i for i in range(5) if i % 2 == k]
+        parts.append((idx, ScoringPlan("p", [[(qs[i], PromptSpec())] for i in idx], record={"fold": k})))
+    folds = {qs[i].id: i % 2 for i in range(5)}
+    plan = ScoringPlan("p", parts=parts, record={"folds_by_id": folds})
+    table = RefusalScorer(tiny, layers=None).score(qs, defense=plan)
+    assert table.ids == [q.id for q in qs]
+    assert "fold" not in table.meta and table.meta["folds_by_id"] == folds and table.meta["condition"] == "p"
+    torch.testing.assert_close(table.margin, RefusalScorer(tiny, layers=None).score(qs).margin, atol=1e-5, rtol=0)
+
+
+def test_a_score_level_ensemble_says_it_has_no_hidden_states(tiny, mixed_queries):
+    import defenses  # noqa: F401  (registers the names)
+    from probing.analysis import layer_profile
+    from probing.errors import InputError
+
+    qs = [dataclasses.replace(q, label="harmful" if i % 2 else "benign") for i, q in enumerate(mixed_queries[:8])]
+    scorer = RefusalScorer(tiny, keep_hidden=True)
+    baseline = scorer.score(qs)
+    ens = scorer.score(qs, defense="sr_self_reminder|sr_mmsafety")
+    assert ens.hidden is None and ens.meta["score_level"] == "max"
+    with pytest.raises(InputError, match=r"'sr_self_reminder\|sr_mmsafety' is a score-level ensemble.*score='lens'"):
+        layer_profile(baseline, ens, "probe")
+    assert len(layer_profile(baseline, ens, "lens", n_boot=20).rows()) == tiny.n_layers

@@ -61,6 +61,39 @@ def test_sweep_errors(tiny):
         score_conditions(RefusalScorer(tiny), [], CONDITIONS)
 
 
+
+@pytest.mark.parametrize("positions", ["decision", 2])
+def test_sweep_under_a_positional_edit_equals_independent_passes_under_it(tiny, mixed_queries, positions):
+    """A user's edit block around the sweep: the shared prefix's pass would be edited at its own
+    last tokens, so the sweep scores independent passes (each under the same edit)."""
+    from hooks import edit, hook_name
+
+    conds = {"baseline": CONDITIONS["baseline"], "remind": CONDITIONS["remind"]}
+    qs = mixed_queries[:6]
+    scorer = RefusalScorer(tiny, batch_size=3, keep_hidden=True)
+    v = 3 * torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(2))
+    with edit(tiny, {hook_name(1): lambda a, ctx: a + v}, positions=positions):
+        swept = score_conditions(scorer, qs, conds)
+        alone = {n: scorer.score(qs, prompt=s) for n, s in conds.items()}
+    plain = score_conditions(scorer, qs, conds)  # no edit: the prefix is shared again
+    assert plain["remind"].meta["prefix_shared"]
+    for name in conds:
+        assert "prefix_shared" not in swept[name].meta
+        torch.testing.assert_close(swept[name].margin, alone[name].margin, atol=1e-5, rtol=0)
+        torch.testing.assert_close(swept[name].hidden, alone[name].hidden, atol=1e-5, rtol=0)
+        assert (swept[name].margin - plain[name].margin).abs().max() > 1e-3  # the edit shows
+
+
+def test_a_capture_around_a_sweep_records_one_row_per_query_and_condition(tiny, mixed_queries):
+    from hooks import capture, hook_name
+
+    qs = mixed_queries[:5]
+    conds = {"baseline": CONDITIONS["baseline"], "remind": CONDITIONS["remind"]}
+    with capture(tiny, [hook_name(1)], "decision") as cache:
+        score_conditions(RefusalScorer(tiny, batch_size=2, layers=None), qs, conds)
+    assert cache[hook_name(1)].shape == (len(qs) * len(conds), tiny.d_model)  # no prefix rows
+
+
 # ---------------------------------------------------------------- variants of one query
 
 def _variant_rows(mixed_queries, tmp_path):
@@ -187,6 +220,23 @@ def test_text_smoothing_shares_the_image_prefix(tiny, mixed_queries):
     torch.testing.assert_close(shared.margin, full.margin, atol=1e-4, rtol=0)
     torch.testing.assert_close(shared.lens_margin, full.lens_margin, atol=1e-4, rtol=0)
     assert n_shared < 0.5 * n_full, (n_shared, n_full)
+
+
+def test_text_smoothing_under_a_positional_edit_equals_full_passes_under_it(tiny, mixed_queries):
+    """`run_plan`'s prefix-shared variant groups inside a user's edit block score every variant in
+    full, as ``share_prefix=False`` does under the same edit."""
+    from defenses import ni_text_smooth
+    from hooks import edit, hook_name
+
+    d = ni_text_smooth(k=3, rate=0.2, seed=3)
+    qs = [q for q in mixed_queries if q.has_image][:3] + mixed_queries[:1]
+    v = 3 * torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(2))
+    with edit(tiny, {hook_name(1): lambda a, ctx: a + v}, positions="decision"):
+        shared = RefusalScorer(tiny, batch_size=4).score(qs, defense=d)
+        full = RefusalScorer(tiny, batch_size=4, share_prefix=False).score(qs, defense=d)
+    assert "prefix_shared_groups" not in shared.meta
+    torch.testing.assert_close(shared.margin, full.margin, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared.lens_margin, full.lens_margin, atol=1e-5, rtol=0)
 
 
 def test_variant_groups_must_partition_the_rows(tiny):

@@ -134,6 +134,13 @@ def layer_profile(
         paired = pair_tables(baseline, defended, "lens_margin")
     else:
         if baseline.hidden is None or defended.hidden is None:
+            for which, table in (("baseline", baseline), ("defended", defended)):
+                if table.hidden is None and table.meta.get("score_level"):
+                    raise InputError(
+                        f"score={score!r} needs hidden states, but the {which} run "
+                        f"{table.meta.get('condition', '')!r} is a score-level ensemble (the "
+                        f"{table.meta['score_level']} of its members' scores): it has no hidden states; use "
+                        f"score='lens' (its members' lens margins combined the same way) or profile each member")
             raise InputError(f"score={score!r} needs hidden states: score both runs with keep_hidden=True")
         hidden = pair_tables(baseline, defended, "hidden")
         fn = diffmean_scores if score == "diffmean" else probe_scores
