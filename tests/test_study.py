@@ -722,3 +722,29 @@ def test_cached_generations_belong_to_their_defense_and_model(tmp_path, noisy_ca
     assert again.todo([retagged], toy) == []  # same id, text and image: the cached caption is used
     variant = again.transform([retagged], toy)[0][0][0]
     assert variant.meta == {**retagged.meta, "caption": caption} and variant.label == q.label
+
+
+def test_an_ensemble_member_missing_from_the_defenses_is_scored_and_the_report_written(tmp_path, capsys):
+    """An ensemble may name a defense that is not itself in --defenses: the member is scored for
+    the ensemble only (not a condition of the report, so no label), and the study ends with its
+    report. The ensemble's table is the max of P(refuse) over its members, each member scored
+    here on its own."""
+    from probing import RefusalScorer, load_model
+    from probing.datasets import toy
+
+    out = tmp_path / "run"
+    assert main(["study", "--model", "toy", "--limit", "8", "--defenses", "sr_self_reminder",
+                 "--ensembles", "sr_self_reminder|sr_mmsafety", "--generation-check", "0", "--n-boot", "20",
+                 "--out", str(out)]) == 0
+    assert "Per defense and ensemble" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["condition"] for r in summary] == ["baseline", "sr_self_reminder", "sr_self_reminder|sr_mmsafety"]
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert "sr_self_reminder\\|sr_mmsafety" in (out / "report.md").read_text()  # '|' escaped in markdown
+
+    ensemble = ScoreTable.load(out / "scores" / "sr_self_reminder_or_sr_mmsafety")
+    scorer = RefusalScorer(load_model("toy"), "first_token", layers=None, progress=False)
+    queries = [q for q in toy.requests("test") if q.id in set(ensemble.ids)]
+    members = [scorer.score(queries, defense=d).select(ensemble.ids) for d in ("sr_self_reminder", "sr_mmsafety")]
+    expected = np.maximum(*(m.p_refuse.numpy() for m in members))
+    np.testing.assert_allclose(ensemble.p_refuse.numpy(), expected, atol=1e-5)
