@@ -398,8 +398,12 @@ class Study:
         self.cfg = cfg
         self.wordings = register_prompts(cfg.prompts) if cfg.prompts else {}
         self.conditions = list(dict.fromkeys(["baseline", *cfg.defenses, *cfg.ensembles]))
-        for name in self.conditions[1:]:
-            check_names(name)
+        for key in ("defenses", "ensembles"):
+            for name in getattr(cfg, key):
+                try:
+                    check_names(name)
+                except InputError as exc:
+                    raise InputError(f"{study_config.key_where(cfg.source, key)}: {exc}") from None
         names = list(dict.fromkeys(p for c in self.conditions[1:] for p in _members(c)))
         check_defense_params(cfg, names)
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)

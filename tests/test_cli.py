@@ -113,3 +113,38 @@ def test_toy_warns_on_queries_outside_its_vocabulary(tmp_path, caplog):
                      "--layers", "none"]) == 0
     warned = [r.getMessage() for r in caplog.records if "vocabulary" in r.getMessage()]
     assert len(warned) == 1 and "'strange'" in warned[0] and "'known'" not in warned[0]
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["study", "--defenses", "sr_self_reminder,qr_caption", "--ensembles", "sr_self_reminder||qr_caption"],
+     ["--ensembles", "'sr_self_reminder||qr_caption'", "each side"]),
+    (["study", "--defenses", "sr_self_reminder", "--ensembles", "sr_self_reminder+"],
+     ["--ensembles", "'sr_self_reminder+'"]),
+    (["study", "--defenses", "sr_self_reminder", "--ensembles", "sr_self_reminder|sr_mmsafty"],
+     ["--ensembles", "'sr_self_reminder|sr_mmsafty'", "did you mean 'sr_mmsafety'"]),
+    (["study", "--defenses", "sr_self_reminder|", "--ensembles="], ["--defenses", "'sr_self_reminder|'"]),
+    (["demo", "--defenses", "sr_self_reminder", "--ensembles", "|sr_self_reminder"],
+     ["--ensembles", "'|sr_self_reminder'"]),
+    (["mechanisms", "--defenses", "sr_self_reminder,a&&b"], ["--defenses", "'a&&b'"]),
+    (["study", "--prompts", "{tmp}/nowhere/prompts.toml"], ["prompt file", "--prompts", "prompts.toml"]),
+    (["study", "--config", "{tmp}/nowhere/study.toml"], ["config file", "--config", "study.toml"]),
+])
+def test_bad_expressions_and_missing_files_name_the_option(tmp_path, capsys, argv, names):
+    """A malformed ensemble is named whole with its option (not "unknown defense ''"); a missing
+    prompt file is called one (not a config file). Before any run directory."""
+    out = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for name in names:
+        assert name in err, err
+    assert not out.exists()
+
+
+def test_an_ensemble_in_a_config_file_is_named_with_the_file_and_key(tmp_path, capsys):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'out = "{tmp_path / "out"}"\nensembles = ["sr_self_reminder++mo_finetune"]\n')
+    assert main(["study", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{cfg}: 'ensembles'" in err and "'sr_self_reminder++mo_finetune'" in err, err
