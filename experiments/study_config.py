@@ -192,6 +192,18 @@ def parse_dataset_flag(spec: str) -> dict:
     raise InputError(f"--dataset {spec!r}: use toy, mossbench:<dir>, mmsafetybench:<dir> or jsonl:<file>")
 
 
+def parse_dataset_flags(specs: list[str]) -> list[dict]:
+    """Several ``--dataset`` values (`parse_dataset_flag` each). Flags cannot give a 'tag', so
+    datasets of one kind are told apart by their file or folder name (``jsonl-a``, ``jsonl-b``)."""
+    entries = [parse_dataset_flag(s) for s in specs]
+    names = [e["name"] for e in entries]
+    for e in entries:
+        where = e.get("root") or e.get("path")
+        if names.count(e["name"]) > 1 and where:
+            e["tag"] = f"{e['name']}-{Path(where).stem}"
+    return entries
+
+
 def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyConfig:
     """A `StudyConfig` from a dict of top-level keys (a parsed file merged with flags)."""
     _check_keys(raw, DEFAULTS, source)
@@ -262,7 +274,7 @@ def from_args(args) -> StudyConfig:
         if value is not None:
             raw[key] = value
     if getattr(args, "dataset", None):
-        raw["datasets"] = [parse_dataset_flag(s) for s in args.dataset]
+        raw["datasets"] = parse_dataset_flags(args.dataset)
     if getattr(args, "limit", None) is not None:
         if "datasets" not in raw:
             raw["datasets"] = [dict(d) for d in DEFAULTS["datasets"]]

@@ -228,3 +228,21 @@ def test_an_ensemble_in_a_config_file_is_named_with_the_file_and_key(tmp_path, c
     assert main(["study", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{cfg}: 'ensembles'" in err and "'sr_self_reminder++mo_finetune'" in err, err
+
+
+def test_demo_reads_several_datasets_joined_by_commas(tmp_path):
+    """`demo --dataset` takes specs joined by ',' as its help says (and `mechanisms` reads them):
+    both datasets are scored, --limit applied to each; two of one kind are told apart by file."""
+    from experiments.cli import build_parser
+    from experiments.demo import config_of
+
+    f = _queries_file(tmp_path)
+    out = tmp_path / "demo"
+    assert main(["demo", "--dataset", f"jsonl:{f},toy", "--limit", "6", "--defenses", "sr_self_reminder",
+                 "--ensembles=", "--generation-check", "0", "--n-boot", "20", "--out", str(out)]) == 0
+    ids = ScoreTable.load(out / "scores" / "baseline").ids
+    assert ids[:2] == ["jsonl/h", "jsonl/b"] and len(ids) == 2 + 6
+    assert all(i.startswith("toy/") for i in ids[2:])
+    (tmp_path / "more.jsonl").write_text(f.read_text())
+    cfg = config_of(build_parser().parse_args(["demo", "--dataset", f"jsonl:{f},jsonl:{tmp_path / 'more.jsonl'}"]))
+    assert [(d["name"], d["tag"]) for d in cfg.datasets] == [("jsonl", "jsonl-q"), ("jsonl", "jsonl-more")]
