@@ -7,7 +7,9 @@
 
 Heavy libraries (torch, transformers) are imported only when a command runs, so ``--help``
 answers at once. A `MechprobeError` (bad input, data, run directory) or an `OSError` (a file the
-system refused) ends in one line on stderr and exit code 2; Ctrl-C in one line and exit code 130.
+system refused) ends in one line on stderr and exit code 2; Ctrl-C in one line and exit code 130;
+SIGTERM while a run directory is locked (a scheduler's time limit) in one line and exit code 143,
+the lock released (`experiments.interrupts`).
 """
 
 from __future__ import annotations
@@ -209,13 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from hooks.errors import MechprobeError
 
-    from .interrupts import check, remembered
+    from .interrupts import Terminated, check, remembered
 
     try:
         with remembered():  # a Ctrl-C swallowed by a finalizer is raised again (`interrupts`)
             code = args.func(args)
             check()
             return code
+    except Terminated:  # SIGTERM while a run directory held its lock (released on the way out)
+        print("terminated (SIGTERM): rerun the same command to resume", file=sys.stderr)
+        return 128 + 15  # what a shell reports for a process SIGTERM ended
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
