@@ -748,3 +748,48 @@ def test_an_ensemble_member_missing_from_the_defenses_is_scored_and_the_report_w
     members = [scorer.score(queries, defense=d).select(ensemble.ids) for d in ("sr_self_reminder", "sr_mmsafety")]
     expected = np.maximum(*(m.p_refuse.numpy() for m in members))
     np.testing.assert_allclose(ensemble.p_refuse.numpy(), expected, atol=1e-5)
+
+
+def test_the_studys_main_compute_shows_progress(tmp_path, capsys):
+    """Bars over the real work (as the experiments' other bars, tqdm on stderr): the up-front
+    caption generation by batch, the query-major pass by query (every query of the run once,
+    for all its input-only conditions), and the conditions bar starting from those already
+    scored instead of jumping from 0 once they are."""
+    import re
+
+    keys = {"defenses": ["sr_self_reminder", "qr_caption_no_image", "mo_finetune"],
+            "defense_params": {"mo_finetune": {"steps": 2, "batch_size": 4}}}
+    toy_study(tmp_path / "run", **keys)
+    err = capsys.readouterr().err.replace("\r", "\n")
+
+    def counts(desc):
+        return [(int(a), int(b)) for a, b in re.findall(re.escape(desc) + r":\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", err)]
+
+    assert counts("generation")[-1] == (1, 1)  # 8 queries: one batch of captions
+    major = counts("query-major (3 conditions)")  # baseline, sr_self_reminder, qr_caption_no_image
+    assert major[0] == (0, 8) and major[-1] == (8, 8)
+    conditions = counts("conditions")  # mo_finetune is scored on its own model
+    assert conditions[0] == (3, 4) and conditions[-1] == (4, 4)
+
+
+def test_fit_shows_its_steps_when_asked(capsys):
+    """`probing.training.fit` (the toy's tuning and mo_finetune's) has a bar over its steps:
+    shown when asked, and by default only on a terminal (as the scorer's)."""
+    import random
+
+    from probing.training import fit, sampled_batches
+
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 1))
+    encoded = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([1, 2, 3]), "pixel_values": None}]
+
+    def train(**kw):
+        return fit(model, list(model.parameters()), encoded, steps=3, lr=0.1, warmup=1,
+                   batches=sampled_batches(1, 1, random.Random(0)), pad_id=0,
+                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1), name="tune",
+                   loss_fn=lambda m, batch: m(batch["input_ids"]).mean(), **kw)
+
+    assert len(train(progress=True)) == 3
+    err = capsys.readouterr().err
+    assert "tune: 100%" in err and "3/3" in err, err
+    train()  # stderr is not a terminal here: no bar
+    assert "tune" not in capsys.readouterr().err
