@@ -71,7 +71,8 @@ def parse_device_map(text: str | None):
 
 
 def check_out_dir(out: str) -> None:
-    """``--out`` can be a directory: not a file, and its nearest existing folder writable."""
+    """``--out`` can become the output directory: it is not a file, nor under one, and its nearest
+    existing folder is writable."""
     import os
 
     from probing.errors import RunDirError
