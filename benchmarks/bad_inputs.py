@@ -343,9 +343,11 @@ def case_limit(value):
     return run
 
 
-def interrupt_after_first_shard(out: Path, env: dict | None = None) -> tuple[subprocess.Popen, str, bool]:
-    """Start `mechprobe mechanisms` writing ``out``, send SIGINT once its first baseline shard is
-    written, and wait: (the process, its stderr, whether it was still running at the signal).
+def interrupt_after_first_shard(out: Path, env: dict | None = None,
+                                sig: int = signal.SIGINT) -> tuple[subprocess.Popen, str, bool]:
+    """Start `mechprobe mechanisms` writing ``out``, send ``sig`` (SIGINT: Ctrl-C) once its first
+    baseline shard is written, and wait: (the process, its stderr, whether it was still running
+    at the signal).
 
     The child gets SIGINT's default action back: a run started in the background by a
     non-interactive shell inherits SIGINT *ignored*, and Python then never raises
@@ -360,7 +362,7 @@ def interrupt_after_first_shard(out: Path, env: dict | None = None) -> tuple[sub
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.1)
     running = proc.poll() is None
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     return proc, err, running
 

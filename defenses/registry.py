@@ -98,11 +98,24 @@ def split_expression(name: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
+def check_syntax(expression: str) -> None:
+    """Raise `InputError` naming the whole expression when an operator lacks a defense on one
+    side ("a||b", "a+", "|b"): the empty name between them is no defense to look up."""
+    parts = split_expression(expression.strip())
+    if len(parts) > 1 and not all(parts):
+        raise InputError(f"ensemble expression {expression!r}: every operator needs a defense name on each side "
+                         "(e.g. 'a+b', 'a|b', 'a+b|c')")
+
+
 def check_names(expression: str) -> None:
-    """Raise `InputError` with a "did you mean" for any unknown name in ``expression`` (no compute)."""
-    for part in split_expression(expression.strip()):
+    """Raise `InputError` with a "did you mean" for any unknown name in ``expression`` (no compute);
+    the message names the whole expression when the name is one part of an ensemble."""
+    check_syntax(expression)
+    parts = split_expression(expression.strip())
+    for part in parts:
         if part not in REGISTRY:
-            raise InputError(unknown_name_message(part))
+            within = f" in ensemble expression {expression.strip()!r}" if len(parts) > 1 else ""
+            raise InputError(unknown_name_message(part) + within)
 
 
 def get_defense(name: str, *, baseline=None, member: Callable[[str], Defense] | None = None,
@@ -116,6 +129,7 @@ def get_defense(name: str, *, baseline=None, member: Callable[[str], Defense] | 
     if not isinstance(name, str):
         raise InputError(f"a defense name must be a string, got {type(name).__name__}")
     name = name.strip()
+    check_syntax(name)
     for op, combine in _SCORE_OPS.items():
         if op in name:
             if params:

@@ -6,8 +6,10 @@
     accelerate launch --multi_gpu --num_processes 4 -m experiments.cli score ...   # one process per GPU
 
 Heavy libraries (torch, transformers) are imported only when a command runs, so ``--help``
-answers at once. A `MechprobeError` (bad input, data, run directory) ends in one line on stderr
-and exit code 2; Ctrl-C in one line and exit code 130.
+answers at once. A `MechprobeError` (bad input, data, run directory) or an `OSError` (a file the
+system refused) ends in one line on stderr and exit code 2; Ctrl-C in one line and exit code 130;
+SIGTERM while a run directory is locked (a scheduler's time limit) in one line and exit code 143,
+the lock released (`experiments.interrupts`).
 """
 
 from __future__ import annotations
@@ -32,25 +34,80 @@ HELP = {
 }
 
 
+def check_score_defense(expression: str) -> None:
+    """``--defense`` of `mechprobe score`: known names (with "did you mean") and no activation
+    defense, which is built from a baseline run's hidden states that `score` does not make."""
+    from defenses import check_names, registry
+    from probing.errors import InputError
+
+    try:
+        check_names(expression)
+    except InputError as exc:
+        raise InputError(f"--defense: {exc}") from None
+    needs = [p for p in registry.split_expression(expression) if registry.needs_baseline(registry.REGISTRY[p])]
+    if needs:
+        raise InputError(f"--defense {expression!r}: {needs[0]} is built from a baseline run's hidden states, which "
+                         "`mechprobe score` does not make; use `mechprobe mechanisms` or `mechprobe study` "
+                         "(they score the baseline first)")
+
+
+def parse_device_map(text: str | None):
+    """``--device-map``: 'auto', 'balanced' (and accelerate's other names) or a JSON object of
+    module -> device."""
+    import json
+
+    from probing.errors import InputError
+
+    if not text or not text.lstrip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--device-map {text!r}: not valid JSON ({exc}); give 'auto', 'balanced' or a JSON "
+                         "object of module -> device, e.g. '{\"\": 0}'") from None
+    if not isinstance(value, dict):
+        raise InputError(f"--device-map {text!r}: expected a JSON object of module -> device")
+    return value
+
+
+def check_out_dir(out: str) -> None:
+    """``--out`` can become the output directory: it is not a file, nor under one, and its nearest
+    existing folder is writable."""
+    import os
+
+    from probing.errors import RunDirError
+
+    path = Path(out)
+    for here in (path, *path.parents):
+        if here.exists():
+            if not here.is_dir():
+                raise RunDirError(f"--out {out}: {here} is a file, not a directory; choose another --out")
+            if not os.access(here, os.W_OK | os.X_OK):
+                raise RunDirError(f"--out {out}: {here} is not writable; choose another --out")
+            return
+
+
 def cmd_score(args) -> int:
     import json
 
     from probing.datasets import load_jsonl
     from probing.distributed import is_distributed_launch, process_state, score_sharded
+    from probing.errors import RunDirError
     from probing.model import load_model
     from probing.query import check_images
     from probing.render import PromptSpec
     from probing.scorer import RefusalScorer
 
+    from .common import check_device, warn_out_of_vocabulary
     from .demo import summary_row
     from .report import text_table, write_table
 
-    from probing.errors import RunDirError
-
-    if args.defense:  # before any compute: a misspelt name fails here, with "did you mean"
-        from defenses import check_names
-
-        check_names(args.defense)
+    # Every input is checked before the model loads, cheapest first (options, then files).
+    if args.defense:
+        check_score_defense(args.defense)
+    check_device(args.device)
+    device_map = parse_device_map(args.device_map)
+    check_out_dir(args.out)
     condition = args.condition or args.defense or "baseline"
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "verbose", "overwrite", "out", "command")}
     stamp = Path(args.out) / "score_config.json"
@@ -60,20 +117,16 @@ def cmd_score(args) -> int:
         if changed:
             raise RunDirError(f"{args.out} holds scores made with other settings (differs in {changed}); "
                               "use another --out, or --overwrite to replace them")
-    state = process_state(cpu=args.device == "cpu") if is_distributed_launch() else None
-    device = str(state.device) if state is not None else args.device
-    device_map = args.device_map
-    if device_map and device_map.startswith("{"):
-        device_map = json.loads(device_map)
-    bundle = load_model(args.model, device=device, dtype=args.dtype, device_map=device_map,
-                        image_aspect_ratio=args.image_aspect_ratio)
     queries = load_jsonl(args.queries)
     check_images(queries)
-    from .common import warn_out_of_vocabulary
-
     warn_out_of_vocabulary(queries, args.model)
     layers = "all" if args.layers == "all" else (None if args.layers == "none"
                                                   else [int(x) for x in args.layers.split(",")])
+
+    state = process_state(cpu=args.device == "cpu") if is_distributed_launch() else None
+    device = str(state.device) if state is not None else args.device
+    bundle = load_model(args.model, device=device, dtype=args.dtype, device_map=device_map,
+                        image_aspect_ratio=args.image_aspect_ratio)
     spec = PromptSpec(system_prompt=args.system_prompt)
     main_process = state is None or state.is_main_process
     scorer = RefusalScorer(bundle, args.readout, layers=layers, keep_hidden=args.keep_hidden,
@@ -131,11 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16")
     score.add_argument("--image-aspect-ratio", default="pad", choices=list(options.IMAGE_ASPECT_RATIOS),
                        help=options.ASPECT_HELP)
-    score.add_argument("--layers", default="all", help="'all', 'none' or comma-separated indices")
+    score.add_argument("--layers", default="all", type=options.layer_spec,
+                       help="'all', 'none' or comma-separated indices")
     score.add_argument("--keep-hidden", action="store_true", help="store decision-position residuals")
     score.add_argument("--system-prompt", default=None)
     score.add_argument("--defense", default=None,
-                       help=f"score under a defense or ensemble expression: {options.DEFENSE_NAMES}")
+                       help=f"score under a defense or ensemble expression: {options.DEFENSE_NAMES} "
+                            "(not act_*: built from a baseline run, use `mechprobe mechanisms` or `study`)")
     score.add_argument("--condition", default=None, help="name recorded in the table (default: the defense, "
                                                          "or 'baseline')")
     score.add_argument("--overwrite", action="store_true", help="replace scores made with other settings")
@@ -157,18 +212,25 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     from hooks.errors import MechprobeError
 
-    from .interrupts import check, remembered
+    from .interrupts import Terminated, check, remembered
 
     try:
         with remembered():  # a Ctrl-C swallowed by a finalizer is raised again (`interrupts`)
             code = args.func(args)
             check()
             return code
+    except Terminated:  # SIGTERM while a run directory held its lock (released on the way out)
+        print("terminated (SIGTERM): rerun the same command to resume", file=sys.stderr)
+        return 128 + 15  # what a shell reports for a process SIGTERM ended
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
-    except (MechprobeError, ValueError, FileNotFoundError) as exc:
+    except (MechprobeError, ValueError) as exc:
         print(f"mechprobe: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder the system refused (exists, permission, disk full)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"mechprobe: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

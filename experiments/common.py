@@ -221,6 +221,19 @@ class Session:
                                         dtype=self.args.dtype)
         return self._defenses[name]
 
+    def clear_outputs(self, tables: tuple[str, ...] = (), figures: tuple[str, ...] = ()) -> None:
+        """Remove what the experiment derives from its scores before writing it again: report.md,
+        ``tables/<name>.csv|json`` of each of ``tables`` and each of ``figures``. A figure an
+        earlier run wrote under other options (layerwise's ``layers_probe.png`` after a rerun
+        without ``--scores probe``) would otherwise stay beside the new report, and in the CLI's
+        list of what was written. Nothing else in the run directory is touched (the study does the
+        same: `experiments.study.derived_outputs`)."""
+        out = self.run.path
+        paths = [out / "report.md", *(out / f for f in figures)]
+        paths += [out / "tables" / f"{t}.{ext}" for t in tables for ext in ("csv", "json")]
+        for path in paths:
+            path.unlink(missing_ok=True)
+
     def report(self, title: str, sections: list[tuple[str, str]]) -> Path:
         return write_report(self.run.path / "report.md", title, sections,
                             preface=f"Config: `{self.run.path / 'config.json'}`")

@@ -44,16 +44,19 @@ def config_of(args) -> study_config.StudyConfig:
     """The study the demo runs."""
     from defenses.registry import split_expression
 
+    from .common import split_dataset_spec
+
     defenses = [n for n in args.defenses.split(",") if n]
     if args.ensembles is not None:
         ensembles = [e for e in args.ensembles.split(",") if e]
     else:
         ensembles = [e for e in DEMO_ENSEMBLES if all(m in defenses for m in split_expression(e))]
-    dataset = study_config.parse_dataset_flag(args.dataset)
+    # several datasets joined by ',' (as `mechanisms` reads --dataset), each limited on its own
+    datasets = study_config.parse_dataset_flags(split_dataset_spec(args.dataset))
     if args.limit:
-        dataset["limit"] = args.limit
+        datasets = [{**d, "limit": args.limit} for d in datasets]
     raw = {"model": args.model, "out": args.out, "defenses": defenses, "ensembles": ensembles,
-           "datasets": [dataset], "device": args.device, "dtype": args.dtype, "readout": args.readout,
+           "datasets": datasets, "device": args.device, "dtype": args.dtype, "readout": args.readout,
            "batch_size": args.batch_size, "n_boot": args.n_boot, "seed": args.seed,
            "generation_check": args.generation_check, "max_new_tokens": args.max_new_tokens,
            "title": "Demo: the study on the embedded toy", "intro": list(INTRO) if args.model == "toy" else []}

@@ -62,6 +62,7 @@ def run(args) -> dict:
                      "predicted_safety": c.predicted_safety, "predicted_helpfulness": c.predicted_helpfulness,
                      "safety_error": c.safety_error, "helpfulness_error": c.helpfulness_error,
                      "margin_rmse": c.margin_rmse, "margin_corr": c.margin_corr})
+    s.clear_outputs(tables=("ensembles",), figures=("tradeoff.png",))
     s.run.write_table("ensembles", rows)
     plot_tradeoff(cands, s.run.path / "tradeoff.png")
     s.report("Ensembles", [

@@ -39,6 +39,7 @@ def run(args) -> dict:
     predicted = margin > 0
     rows = [{"id": q.id, "label": q.label, "margin": float(m), "p_refuse": float(1 / (1 + np.exp(-m))),
              "generated_refusal": bool(r), "generation": t} for q, m, r, t in zip(s.queries, margin, refused, texts)]
+    s.clear_outputs(tables=("generations", "summary"))
     s.run.write_table("generations", rows)
     both = refused.any() and (~refused).any()
     summary = {"n": len(rows), "generated_refusal_rate": float(refused.mean()),

@@ -35,6 +35,8 @@ def run(args) -> dict:
                                  n_boot=max(50, args.n_boot // 5), seed=args.seed)
             profiles[sc].append(prof)
             rows += prof.rows()
+    # every score's figure: one a run with other --scores drew would stay beside this report
+    s.clear_outputs(tables=("layerwise",), figures=tuple(f"layers_{sc}.png" for sc in SCORES))
     s.run.write_table("layerwise", rows)
     sections = []
     for sc in scores:

@@ -33,6 +33,7 @@ def run(args) -> dict:
         tables[name] = s.score(name, s.defense(name))
         eff = compare(s.baseline, tables[name], name=name, n_boot=args.n_boot, seed=args.seed)
         rows.append(eff.row())
+    s.clear_outputs(tables=("mechanisms",), figures=("distributions.png",))
     s.run.write_table("mechanisms", rows)
     plot_distributions(tables, s.run.path / "distributions.png")
     s.report("Mechanisms", [

@@ -65,6 +65,7 @@ def run(args) -> dict:
                      "refusal_benign": float((p[lab == "benign"] > 0.5).mean()),
                      "auroc_output": float(auroc(t.margin.numpy()[lab == "harmful"], t.margin.numpy()[lab == "benign"])),
                      **{f"gap_layer{l}": g for l, g in zip(layers, curves[d]["gap"])}})
+    s.clear_outputs(tables=("modality",), figures=("modality.png",))
     s.run.write_table("modality", rows)
     _plot(curves, layers, s.run.path / "modality.png")
     s.report("Multimodal safety gap", [

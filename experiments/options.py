@@ -34,6 +34,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+def layer_spec(text: str) -> str:
+    """argparse type of `mechprobe score --layers`: 'all', 'none' or comma-separated layer indices
+    (negative ones count from the last layer). Returns the text as given (it is recorded in the
+    run's settings); a bad index is refused here, before the model loads."""
+    if text in ("all", "none"):
+        return text
+    for part in text.split(","):
+        try:
+            int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected 'all', 'none' or comma-separated layer indices "
+                                             f"(e.g. 0,2,-1), got {text!r}") from None
+    return text
+
+
 def unit_float(text: str) -> float:
     """argparse type: a number in [0, 1]."""
     try:

@@ -206,7 +206,9 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
     from . import plots
 
     cfg, out, tables = study.cfg, study.run.path, study.tables
-    labels = {n: ("baseline" if n == "baseline" else effects[n].label) for n in tables}
+    # the conditions only: `tables` also holds an ensemble's members that are not conditions
+    # themselves (scored for it, never compared with the baseline, so they have no label)
+    labels = {n: ("baseline" if n == "baseline" else effects[n].label) for n in study.conditions}
     base = tables["baseline"]
     shown = {n: tables[n] for n in study.conditions[1:]}
     plots.plot_defense_distributions(base, shown, labels, out / "distributions.png")

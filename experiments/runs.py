@@ -24,7 +24,9 @@ query, never a silent table.
 ``--overwrite`` clears only an empty directory or a mechprobe run (a config.json with the
 mechprobe marker, or a run whose config.json was lost); anything else is refused. config.json is
 written atomically. A lock file makes a second process on the same directory fail at once; a
-lock left by a dead process on this host is taken over with a warning.
+lock left by a dead process on this host is taken over with a warning. While the lock is held,
+SIGTERM raises `experiments.interrupts.Terminated` (as Ctrl-C raises KeyboardInterrupt), so a
+scheduler's time limit releases it too.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from probing.query import Query
 from probing.score_table import ScoreTable, file_digests
 
 from .interrupts import check as check_interrupted
+from .interrupts import hold_sigterm, release_sigterm
 from .report import write_table
 
 logger = logging.getLogger(__name__)
@@ -180,6 +183,7 @@ class RunDir:
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))
         self.digests: dict[str, str] = {}
         self._lock: Path | None = None
+        self._sigterm = False  # whether this run holds the SIGTERM handler (`experiments.interrupts`)
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"--out {self.path} is a file, not a directory; choose another --out")
         cfg_file = self.path / "config.json"
@@ -268,20 +272,32 @@ class RunDir:
     def _acquire_lock(self) -> None:
         lock = self.path / LOCK
         me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
-        for _ in range(3):
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._lock_holder(lock)
-                if holder is None:  # vanished meanwhile, or taken over: try again
-                    continue
-                raise RunDirError(holder)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self._lock = lock
-            _OPEN.add(self)
-            return
-        raise RunDirError(f"cannot take the lock {lock}; another process keeps creating it")
+        # SIGTERM (a scheduler's time limit) raises from now until `close`, so the lock it would
+        # otherwise leave behind is released; held before the lock exists, so no moment is missed
+        self._sigterm = hold_sigterm()
+        try:
+            for _ in range(3):
+                try:
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    holder = self._lock_holder(lock)
+                    if holder is None:  # vanished meanwhile, or taken over: try again
+                        continue
+                    raise RunDirError(holder)
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(me, fh)
+                self._lock = lock
+                _OPEN.add(self)
+                return
+            raise RunDirError(f"cannot take the lock {lock}; another process keeps creating it")
+        except BaseException:
+            self._release_sigterm()
+            raise
+
+    def _release_sigterm(self) -> None:
+        held, self._sigterm = self._sigterm, False
+        if held:
+            release_sigterm()
 
     def _lock_holder(self, lock: Path) -> str | None:
         """Why the lock cannot be taken (a message), or None once a stale lock was removed."""
@@ -310,14 +326,17 @@ class RunDir:
         """Release the lock (idempotent)."""
         lock, self._lock = self._lock, None
         _OPEN.discard(self)
-        if lock is None:
-            return
         try:
-            info = json.loads(lock.read_text())
-            if info.get("pid") == os.getpid():
-                lock.unlink()
-        except (OSError, ValueError):
-            pass
+            if lock is None:
+                return
+            try:
+                info = json.loads(lock.read_text())
+                if info.get("pid") == os.getpid():
+                    lock.unlink()
+            except (OSError, ValueError):
+                pass
+        finally:
+            self._release_sigterm()
 
     def __enter__(self) -> "RunDir":
         return self

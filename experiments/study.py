@@ -398,8 +398,12 @@ class Study:
         self.cfg = cfg
         self.wordings = register_prompts(cfg.prompts) if cfg.prompts else {}
         self.conditions = list(dict.fromkeys(["baseline", *cfg.defenses, *cfg.ensembles]))
-        for name in self.conditions[1:]:
-            check_names(name)
+        for key in ("defenses", "ensembles"):
+            for name in getattr(cfg, key):
+                try:
+                    check_names(name)
+                except InputError as exc:
+                    raise InputError(f"{study_config.key_where(cfg.source, key)}: {exc}") from None
         names = list(dict.fromkeys(p for c in self.conditions[1:] for p in _members(c)))
         check_defense_params(cfg, names)
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)
@@ -623,8 +627,7 @@ class Study:
         # each batch's image queries without cached generations (the batches of a defense are disjoint)
         images = [[q for q in d.todo(batch, self.bundle) if q.has_image] for d, _, batch in jobs]
         with PlanAhead(stage, discard=cache.unstage, enabled=images_ahead(self.bundle)) as ahead:
-            for i, (d, n, batch) in enumerate(tqdm(jobs, desc="generation", unit="batch",
-                                                   disable=None if len(jobs) > 1 else True)):
+            for i, (d, n, batch) in enumerate(tqdm(jobs, desc="generation", unit="batch")):
                 staged = ahead.take(i, [d.name], images[i])
                 if i + 1 < len(jobs):
                     ahead.submit(i + 1, [jobs[i + 1][0].name], images[i + 1])
@@ -665,7 +668,7 @@ class Study:
         def missing(name: str, k: int) -> list[str]:
             return [name] + [n for n in names if n != name and (n, k) not in have]
 
-        def from_groups(name, planner, writer):
+        def from_groups(name, planner, writer, bar):
             def score(chunk):
                 k = index[tuple(q.id for q in chunk)]
                 todo = missing(name, k)
@@ -684,6 +687,7 @@ class Study:
 
                 writer.submit(store)  # folded and stored while the next chunk is scored
                 have.update((n, k) for n in todo)  # `name`'s own: stored by `RunDir.score` on return
+                bar.update(len(chunk))
                 return tables[name]
             return score
 
@@ -691,10 +695,15 @@ class Study:
             self.prepare_generations(names)
         waited = self.scorer.waited_s
         unstage = self.scorer.pixel_cache.unstage
+        # most of a study's forwards: the bar counts the queries of the chunks still to score (each
+        # chunk once, for every condition it lacks)
+        left = sum(len(c) for k, c in enumerate(chunks) if any((n, k) not in have for n in names))
         with PlanAhead(self._chunk_inputs, discard=lambda built: unstage(built.staged)) as planner, \
-                ShardWriter() as writer:
+                ShardWriter() as writer, \
+                tqdm(total=left, desc=f"query-major ({len(names)} conditions)", unit="query",
+                     disable=not left) as bar:
             for name in names:
-                self.tables[name] = self.run.score(from_groups(name, planner, writer), self.queries,
+                self.tables[name] = self.run.score(from_groups(name, planner, writer, bar), self.queries,
                                                    condition_dir(name), batch, fingerprint=fingerprints[name])
                 writer.flush()  # the next condition's `RunDir.score` reads the shards stored for it
         self.timings["store_wait_s"] += writer.wait_s
@@ -709,7 +718,10 @@ class Study:
     def run_all(self) -> dict:
         cfg = self.cfg
         self.score_shared_prefixes()
-        for name in tqdm(self.conditions, desc="conditions", unit="condition"):
+        # the conditions scored query-major count as done: the bar moves with the ones left
+        rest = [n for n in self.conditions if n not in self.tables]
+        for name in tqdm(rest, desc="conditions", unit="condition", initial=len(self.conditions) - len(rest),
+                         total=len(self.conditions), disable=not rest):
             self.table(name)
         base = self.tables["baseline"]
         effects = {n: compare(base, self.tables[n], name=n, n_boot=cfg.n_boot, seed=cfg.seed) for n in self.conditions}

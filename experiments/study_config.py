@@ -77,6 +77,17 @@ def did_you_mean(name: str, choices) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+#: `StudyConfig.source` of a study made from command-line flags only (`from_args`, the demo)
+FLAG_SOURCES = ("<flags>", "mechprobe demo")
+
+
+def key_where(source: str, key: str) -> str:
+    """How an error names a study key: its flag for a study made from flags, else the file and the
+    key (a flag given beside ``--config`` overrides it, so the flag is named too)."""
+    flag = "--" + key.replace("_", "-")
+    return flag if source in FLAG_SOURCES else f"{source}: {key!r} (or {flag})"
+
+
 def _check_keys(found, allowed, where: str) -> None:
     for key in found:
         if key not in allowed:
@@ -130,11 +141,12 @@ class StudyConfig:
         return out
 
 
-def read_file(path: str | Path) -> dict:
-    """A TOML (or JSON, by suffix) file as a dict; a syntax error names the file."""
+def read_file(path: str | Path, what: str = "config file (--config)") -> dict:
+    """A TOML (or JSON, by suffix) file as a dict; a missing file is named with ``what`` it is, a
+    syntax error names the file."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"config file not found: {path}")
+        raise InputError(f"{what} not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
         return json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
@@ -178,6 +190,18 @@ def parse_dataset_flag(spec: str) -> dict:
     if kind == "jsonl" and arg:
         return {"name": "jsonl", "path": arg}
     raise InputError(f"--dataset {spec!r}: use toy, mossbench:<dir>, mmsafetybench:<dir> or jsonl:<file>")
+
+
+def parse_dataset_flags(specs: list[str]) -> list[dict]:
+    """Several ``--dataset`` values (`parse_dataset_flag` each). Flags cannot give a 'tag', so
+    datasets of one kind are told apart by their file or folder name (``jsonl-a``, ``jsonl-b``)."""
+    entries = [parse_dataset_flag(s) for s in specs]
+    names = [e["name"] for e in entries]
+    for e in entries:
+        where = e.get("root") or e.get("path")
+        if names.count(e["name"]) > 1 and where:
+            e["tag"] = f"{e['name']}-{Path(where).stem}"
+    return entries
 
 
 def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyConfig:
@@ -250,7 +274,7 @@ def from_args(args) -> StudyConfig:
         if value is not None:
             raw[key] = value
     if getattr(args, "dataset", None):
-        raw["datasets"] = [parse_dataset_flag(s) for s in args.dataset]
+        raw["datasets"] = parse_dataset_flags(args.dataset)
     if getattr(args, "limit", None) is not None:
         if "datasets" not in raw:
             raw["datasets"] = [dict(d) for d in DEFAULTS["datasets"]]
@@ -262,7 +286,7 @@ def read_prompts(path: str | Path) -> dict[str, dict]:
     """A prompt file: ``name -> {system_prompt, text_before, text_after}`` (SR style) or
     ``name -> {question, style, keep_image, max_new_tokens}`` (QR style; style "caption" or
     "intention"). Checked key by key; returns ``name -> {"kind": "sr"|"qr", **fields}``."""
-    raw = read_file(path)
+    raw = read_file(path, "prompt file (--prompts, or the config's 'prompts')")
     out = {}
     for name, entry in raw.items():
         where = f"{path}: [{name}]"

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .render import PromptSpec, render_prompt, tokenizer_lock
 
@@ -124,15 +125,18 @@ def sampled_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[lis
 
 def fit(model, params: Sequence[torch.nn.Parameter], encoded: list[dict], *, steps: int, lr: float, warmup: int,
         batches: Iterator[list[int]], pad_id: int, optimizer: torch.optim.Optimizer, device=None,
-        clip: float = 1.0, log_every: int = 50, name: str = "train", loss_fn=answer_loss) -> list[float]:
+        clip: float = 1.0, log_every: int = 50, name: str = "train", loss_fn=answer_loss,
+        progress: bool | None = None) -> list[float]:
     """Train ``params`` of ``model`` for ``steps`` steps on ``encoded`` examples; returns the losses.
 
     The learning rate follows `lr_at`; gradients are clipped to ``clip``. The model is left in
-    eval mode."""
+    eval mode. ``progress``: a tqdm bar over the steps, named ``name`` (None: only on a terminal
+    and for more than one step, as the scorer's bars)."""
     model.train()
     history: list[float] = []
     start = time.perf_counter()
-    for step in range(steps):
+    disable = (not progress) if progress is not None else (None if steps > 1 else True)
+    for step in tqdm(range(steps), desc=name, unit="step", disable=disable):
         rows = next(batches)
         batch = collate([encoded[i] for i in rows], pad_id)
         if device is not None:

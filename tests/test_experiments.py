@@ -165,3 +165,26 @@ def test_every_command_has_help(capsys):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
+
+
+def test_a_rerun_with_fewer_layer_scores_leaves_no_stale_figure(tmp_path, capsys):
+    """layerwise (like every experiment) removes the outputs it derives before writing them
+    again: a rerun without --scores probe leaves no layers_probe.png, the CLI does not list it,
+    and the run directory holds what a fresh run with the same options writes (the user's own
+    files kept)."""
+    common = ["layerwise", "--defenses", "sr_self_reminder", "--n-boot", "20", "--limit", "24", "--folds", "2"]
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert main([*common, "--scores", "lens,probe", "--out", str(run)]) == 0
+    assert (run / "layers_probe.png").is_file()
+    (run / "mine.png").write_bytes(b"mine")
+    capsys.readouterr()
+    assert main([*common, "--scores", "lens", "--out", str(run)]) == 0
+    wrote = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "layers_lens.png" in wrote and "layers_probe.png" not in wrote, wrote
+    assert main([*common, "--scores", "lens", "--out", str(fresh)]) == 0
+
+    def outputs(out):
+        return {str(p.relative_to(out)) for p in [*out.glob("*.*"), *out.glob("tables/*")] if p.is_file()}
+
+    assert outputs(run) == outputs(fresh) | {"mine.png"}
+    assert (run / "mine.png").read_bytes() == b"mine"

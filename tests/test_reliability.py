@@ -241,3 +241,69 @@ def test_an_ignored_sigint_stays_ignored():
             assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_prints_one_line_exits_143_and_releases_the_lock(tmp_path):
+    """SIGTERM (a SLURM time limit, `docker stop`) takes Ctrl-C's way out while a run directory is
+    locked: one line, exit code 143, the lock released (a run resumed from another host of a
+    shared filesystem would otherwise be refused), the finished shards kept."""
+    import signal
+
+    from benchmarks.bad_inputs import interrupt_after_first_shard
+
+    out = tmp_path / "run"
+    proc, err, running = interrupt_after_first_shard(out, sig=signal.SIGTERM)
+    assert running, err[-2000:]
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].split("\r")[-1] == "terminated (SIGTERM): rerun the same command to resume"
+    assert "Traceback" not in err
+    assert not (out / ".lock").exists()
+    assert (out / "shards" / "baseline" / "00000" / "shard.json").is_file()
+
+
+def test_the_sigterm_handler_is_in_force_only_while_a_lock_is_held(tmp_path, monkeypatch):
+    """Installed by the first run directory that takes its lock, kept while any holds one, the
+    default action restored after the last; a caller's own handler is left alone, and nothing is
+    installed off the main thread (where Python cannot set handlers)."""
+    import os
+    import signal
+    import threading
+
+    from experiments import interrupts
+    from experiments.runs import RunDir
+
+    monkeypatch.setattr(interrupts, "_pending", None)  # restored after the test
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    with RunDir(tmp_path / "a", {"a": 1}) as a:
+        assert signal.getsignal(signal.SIGTERM) is interrupts._on_sigterm
+        with RunDir(tmp_path / "b", {"b": 1}):
+            pass
+        assert signal.getsignal(signal.SIGTERM) is interrupts._on_sigterm  # `a` still holds its lock
+        with pytest.raises(interrupts.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs in the main thread at the next bytecode
+        assert (a.path / ".lock").exists()  # until `a` closes ...
+    assert not (tmp_path / "a" / ".lock").exists()  # ... which the `with` did on the way out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+    def own(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        with RunDir(tmp_path / "c", {"c": 1}):
+            assert signal.getsignal(signal.SIGTERM) is own
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    seen = []
+
+    def in_a_thread():
+        with RunDir(tmp_path / "d", {"d": 1}):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert seen == [signal.SIG_DFL] and not (tmp_path / "d" / ".lock").exists()

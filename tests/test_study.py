@@ -722,3 +722,74 @@ def test_cached_generations_belong_to_their_defense_and_model(tmp_path, noisy_ca
     assert again.todo([retagged], toy) == []  # same id, text and image: the cached caption is used
     variant = again.transform([retagged], toy)[0][0][0]
     assert variant.meta == {**retagged.meta, "caption": caption} and variant.label == q.label
+
+
+def test_an_ensemble_member_missing_from_the_defenses_is_scored_and_the_report_written(tmp_path, capsys):
+    """An ensemble may name a defense that is not itself in --defenses: the member is scored for
+    the ensemble only (not a condition of the report, so no label), and the study ends with its
+    report. The ensemble's table is the max of P(refuse) over its members, each member scored
+    here on its own."""
+    from probing import RefusalScorer, load_model
+    from probing.datasets import toy
+
+    out = tmp_path / "run"
+    assert main(["study", "--model", "toy", "--limit", "8", "--defenses", "sr_self_reminder",
+                 "--ensembles", "sr_self_reminder|sr_mmsafety", "--generation-check", "0", "--n-boot", "20",
+                 "--out", str(out)]) == 0
+    assert "Per defense and ensemble" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["condition"] for r in summary] == ["baseline", "sr_self_reminder", "sr_self_reminder|sr_mmsafety"]
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    assert "sr_self_reminder\\|sr_mmsafety" in (out / "report.md").read_text()  # '|' escaped in markdown
+
+    ensemble = ScoreTable.load(out / "scores" / "sr_self_reminder_or_sr_mmsafety")
+    scorer = RefusalScorer(load_model("toy"), "first_token", layers=None, progress=False)
+    queries = [q for q in toy.requests("test") if q.id in set(ensemble.ids)]
+    members = [scorer.score(queries, defense=d).select(ensemble.ids) for d in ("sr_self_reminder", "sr_mmsafety")]
+    expected = np.maximum(*(m.p_refuse.numpy() for m in members))
+    np.testing.assert_allclose(ensemble.p_refuse.numpy(), expected, atol=1e-5)
+
+
+def test_the_studys_main_compute_shows_progress(tmp_path, capsys):
+    """Bars over the real work (as the experiments' other bars, tqdm on stderr): the up-front
+    caption generation by batch, the query-major pass by query (every query of the run once,
+    for all its input-only conditions), and the conditions bar starting from those already
+    scored instead of jumping from 0 once they are."""
+    import re
+
+    keys = {"defenses": ["sr_self_reminder", "qr_caption_no_image", "mo_finetune"],
+            "defense_params": {"mo_finetune": {"steps": 2, "batch_size": 4}}}
+    toy_study(tmp_path / "run", **keys)
+    err = capsys.readouterr().err.replace("\r", "\n")
+
+    def counts(desc):
+        return [(int(a), int(b)) for a, b in re.findall(re.escape(desc) + r":\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)", err)]
+
+    assert counts("generation")[-1] == (1, 1)  # 8 queries: one batch of captions
+    major = counts("query-major (3 conditions)")  # baseline, sr_self_reminder, qr_caption_no_image
+    assert major[0] == (0, 8) and major[-1] == (8, 8)
+    conditions = counts("conditions")  # mo_finetune is scored on its own model
+    assert conditions[0] == (3, 4) and conditions[-1] == (4, 4)
+
+
+def test_fit_shows_its_steps_when_asked(capsys):
+    """`probing.training.fit` (the toy's tuning and mo_finetune's) has a bar over its steps:
+    shown when asked, and by default only on a terminal (as the scorer's)."""
+    import random
+
+    from probing.training import fit, sampled_batches
+
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 1))
+    encoded = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([1, 2, 3]), "pixel_values": None}]
+
+    def train(**kw):
+        return fit(model, list(model.parameters()), encoded, steps=3, lr=0.1, warmup=1,
+                   batches=sampled_batches(1, 1, random.Random(0)), pad_id=0,
+                   optimizer=torch.optim.SGD(model.parameters(), lr=0.1), name="tune",
+                   loss_fn=lambda m, batch: m(batch["input_ids"]).mean(), **kw)
+
+    assert len(train(progress=True)) == 3
+    err = capsys.readouterr().err
+    assert "tune: 100%" in err and "3/3" in err, err
+    train()  # stderr is not a terminal here: no bar
+    assert "tune" not in capsys.readouterr().err
