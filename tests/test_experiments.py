@@ -96,10 +96,25 @@ def test_ensembles(tmp_path):
     rows = {r["name"]: r for r in json.loads((out / "tables" / "ensembles.json").read_text())}
     assert {"baseline", "sr_self_reminder", "qr_caption_no_image", "sr_self_reminder+qr_caption_no_image",
             "sr_self_reminder|qr_caption_no_image"} == set(rows)
+    # "|" is combined from the singles ("exact"), not measured: no error of it against itself
     either = rows["sr_self_reminder|qr_caption_no_image"]
-    # "refuse if either refuses" is exactly predictable from the single runs
-    assert either["measured_safety"] == pytest.approx(either["safety"]) and either["margin_rmse"] < 1e-4
-    assert rows["sr_self_reminder+qr_caption_no_image"]["measured_safety"] is not None
+    assert either["source"] == "exact"
+    assert all(either[k] is None for k in ("measured_safety", "measured_helpfulness", "safety_error",
+                                           "helpfulness_error", "margin_rmse", "margin_corr"))
+    # its rates: refuse when either single's margin is above 0 (p_refuse > 0.5), from the singles' shards
+    def margins(name):
+        shards = sorted((out / "shards" / name).iterdir())
+        t = ScoreTable.concat([ScoreTable.load(d) for d in shards])
+        return dict(zip(t.ids, t.margin.double().tolist())), dict(zip(t.ids, t.labels))
+    (ma, labels), (mb, _) = margins("sr_self_reminder"), margins("qr_caption_no_image")
+    refuse = {i: max(ma[i], mb[i]) > 0 for i in ma}
+    harmful = [i for i in ma if labels[i] == "harmful"]
+    benign = [i for i in ma if labels[i] == "benign"]
+    assert either["safety"] == pytest.approx(sum(refuse[i] for i in harmful) / len(harmful))
+    assert either["helpfulness"] == pytest.approx(sum(not refuse[i] for i in benign) / len(benign))
+    both = rows["sr_self_reminder+qr_caption_no_image"]  # "+" is run: measured, its prediction's error beside
+    assert both["source"] == "measured" and both["measured_safety"] is not None
+    assert both["margin_rmse"] is not None and both["margin_rmse"] > 0
     assert (out / "tradeoff.png").is_file()
 
 
@@ -129,7 +144,8 @@ def test_ensembles_make_each_product_once(tmp_path, monkeypatch):
     assert {m for m, _ in asked} == {"toy", "toy+mo_finetune"}
     assert not [d.name for d in (out / "shards").iterdir() if "_or_" in d.name]
     rows = {r["name"]: r for r in json.loads((out / "tables" / "ensembles.json").read_text())}
-    assert len([n for n in rows if "|" in n]) == 3 and all(rows[n]["margin_rmse"] == 0 for n in rows if "|" in n)
+    assert len([n for n in rows if "|" in n]) == 3
+    assert all(rows[n]["source"] == "exact" and rows[n]["margin_rmse"] is None for n in rows if "|" in n)
     assert (out / "models" / "mo_finetune" / "mechprobe.json").is_file()
     before = json.loads((out / "tables" / "ensembles.json").read_text())
     import shutil
