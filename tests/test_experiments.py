@@ -90,6 +90,37 @@ def test_layerwise(tmp_path):
     assert (out / "layers_lens.png").is_file() and (out / "layers_diffmean.png").is_file()
 
 
+def test_layerwise_checks_folds_and_score_level_ensembles_before_scoring(tmp_path, monkeypatch, capsys):
+    """--folds above the smaller class (or below 2), and diffmean / probe asked only of a
+    score-level ensemble, are refused naming the option / condition before any forward and
+    before the run directory exists; a score-level ensemble among others gets a lens profile only."""
+    from probing import scorer as scorer_mod
+
+    real, scored = scorer_mod.RefusalScorer.score, []
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "score",
+                        lambda self, qs, **kw: scored.append(len(qs)) or real(self, qs, **kw))
+    # the first 6 toy queries: 3 harmful, 3 benign
+    out = tmp_path / "lw6"
+    assert main(["layerwise", "--limit", "6", "--defenses", "sr_self_reminder", "--scores", "lens,probe",
+                 "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--folds = 5" in err and "only 3 queries" in err and scored == [] and not out.exists()
+    assert main(["layerwise", "--defenses", "sr_self_reminder", "--scores", "diffmean", "--folds", "1",
+                 "--out", str(out), *FAST]) == 2
+    assert "--folds = 1" in capsys.readouterr().err and scored == [] and not out.exists()
+    either = "sr_self_reminder|sr_mmsafety"
+    assert main(["layerwise", "--defenses", either, "--scores", "probe", "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert either in err and "score-level ensemble" in err and "keep_hidden" not in err
+    assert scored == [] and not out.exists()
+    assert main(["layerwise", "--limit", "12", "--defenses", f"{either},sr_self_reminder", "--scores",
+                 "lens,diffmean", "--folds", "2", "--out", str(out), *FAST]) == 0
+    rows = json.loads((out / "tables" / "layerwise.json").read_text())
+    assert {(r["defense"], r["score"]) for r in rows} == {(either, "lens"), ("sr_self_reminder", "lens"),
+                                                          ("sr_self_reminder", "diffmean")}
+    assert f"Not profiled: {either}" in (out / "report.md").read_text()
+
+
 def test_ensembles(tmp_path):
     out = tmp_path / "ens"
     assert main(["ensembles", "--defenses", "sr_self_reminder,qr_caption_no_image", "--out", str(out), *FAST]) == 0
