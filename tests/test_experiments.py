@@ -198,6 +198,37 @@ def test_modality(tmp_path):
     assert main(["modality", "--dataset", "jsonl:x.jsonl", "--out", str(tmp_path / "m2")]) == 2  # clear error
 
 
+def test_modality_gap_pairs_the_same_requests_under_a_limit(tmp_path, capsys):
+    """With --limit the deliveries hold different requests (the first 8 toy queries: text and typo
+    of 'steal cars', 'wash cars', 'rob banks', picture of the first two only): each gap is the mean
+    over the harmful requests present in both deliveries of text minus delivery, recomputed here
+    from the shards by the request's phrase. A delivery without a class is refused before any forward."""
+    import numpy as np
+
+    out = tmp_path / "mod8"
+    assert main(["modality", "--limit", "8", "--out", str(out), *FAST]) == 0
+    rows = {r["delivery"]: r for r in json.loads((out / "tables" / "modality.json").read_text())}
+
+    def harmful_lens(delivery):
+        t = ScoreTable.concat([ScoreTable.load(d) for d in sorted((out / "shards" / delivery).iterdir())])
+        return {r["phrase"]: t.lens_margin[i].double().numpy() for i, r in enumerate(t.row_meta)
+                if t.labels[i] == "harmful"}
+
+    text = harmful_lens("text")
+    for d in ("typo", "picture", "blank"):
+        own = harmful_lens(d)
+        shared = sorted(set(text) & set(own))
+        expected = np.mean([text[p] - own[p] for p in shared], axis=0)
+        got = [rows[d][f"gap_layer{i}"] for i in range(len(expected))]
+        assert rows[d]["gap_requests"] == len(shared) and got == pytest.approx(expected, abs=1e-6), d
+    assert rows["picture"]["gap_requests"] == 1 and rows["typo"]["gap_requests"] == 2
+    assert "deliveries hold different requests" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["modality", "--limit", "4", "--out", str(tmp_path / "mod4"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "'typo'" in err and "no benign" in err and "--limit 4" in err and not (tmp_path / "mod4").exists()
+
+
 def test_generation_check(tmp_path):
     out = tmp_path / "gen"
     assert main(["generation_check", "--limit", "40", "--max-new-tokens", "12", "--out", str(out), *FAST]) == 0
