@@ -848,8 +848,14 @@ def _members(expression: str) -> list[str]:
     return split_expression(expression)
 
 
+#: The figures the mechanism label reads (margin changes in baseline SDs, `probing.analysis.mechanism_label`)
+#: and their class-balanced mean, in summary.csv|json after the label (added columns: older readers keep working).
+LABEL_FIGURES = ("harmful_change_sd", "benign_change_sd", "differential_sd", "shift_sd")
+
+
 def summary_row(name: str, kind: str, eff, table: ScoreTable) -> dict:
-    """One condition: refusal rates with intervals, mean shift, distance change, AUROC, d', label."""
+    """One condition: refusal rates with intervals, mean shift, distance change, AUROC, d', label,
+    then the figures the label reads (`LABEL_FIGURES`) with intervals."""
     def est(key):
         e = eff[key]
         return e.value, e.lo, e.hi
@@ -864,6 +870,8 @@ def summary_row(name: str, kind: str, eff, table: ScoreTable) -> dict:
             v = lo = hi = None  # zero by definition
         row[col], row[f"{col}_lo"], row[f"{col}_hi"] = v, lo, hi
     row["label"] = "baseline" if name == "baseline" else eff.label
+    for key in LABEL_FIGURES:  # zero by definition for the baseline
+        row[key], row[f"{key}_lo"], row[f"{key}_hi"] = (None, None, None) if name == "baseline" else est(key)
     return row
 
 
