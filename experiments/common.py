@@ -92,6 +92,50 @@ def check_labels(queries: list[Query], spec: str, limit: int | None = None) -> N
                         f"benign, so both labels are needed")
 
 
+#: the per-layer scores read from hidden states, cross-fitted in folds (`probing.analysis.layer_profile`)
+HIDDEN_SCORES = ("diffmean", "probe")
+#: why a score-level ensemble gets no diffmean / probe profile (the study and `layerwise` say the same)
+NO_HIDDEN_SCORE_LEVEL = "a score-level ensemble, combined from its members' scores, has no hidden states"
+
+
+def split_top(expression: str) -> tuple[str | None, list[str]]:
+    """The outermost operator of an ensemble expression and its parts, as `get_defense` parses it
+    (score-level operators bind looser than '+')."""
+    from probing.aggregate import OPERATORS
+
+    for op in OPERATORS:
+        if op in expression:
+            return op, [p.strip() for p in expression.split(op)]
+    if "+" in expression:
+        return "+", [p.strip() for p in expression.split("+")]
+    return None, [expression]
+
+
+def is_score_level(expression: str) -> bool:
+    """Whether a condition is a score-level ensemble ("a|b", "a&b", "a~b"): combined from its
+    members' tables, so it has scores but no hidden states."""
+    from probing.aggregate import OPERATORS
+
+    return split_top(expression)[0] in OPERATORS
+
+
+def check_layer_folds(queries: list[Query], scores, folds: int, option: str, remedy: str) -> None:
+    """The diffmean / probe layer scores are cross-fitted in ``folds`` stratified folds, so they need
+    ``folds`` >= 2 and at least ``folds`` queries of each class. Checked from the queries' labels
+    before any forward (`probing.analysis.layer_profile` would only find out after scoring);
+    ``option`` names the setting in the message ("--folds", "<config>: 'folds'"), ``remedy`` says
+    what to change. Nothing to check when only ``lens`` is asked for."""
+    if not any(s in HIDDEN_SCORES for s in scores):
+        return
+    if folds < 2:
+        raise InputError(f"{option} = {folds}: the diffmean / probe layer scores are cross-fitted and need at "
+                         f"least 2 folds; {remedy}")
+    smaller = min(sum(q.label == lab for q in queries) for lab in LABELS_NEEDED)
+    if smaller < folds:
+        raise InputError(f"{option} = {folds} for the diffmean / probe layer scores, but the smaller class has only "
+                         f"{smaller} queries; {remedy}")
+
+
 def check_defenses(args) -> list[str]:
     """Every name in ``--defenses`` exists (with "did you mean"); returns the list."""
     spec = getattr(args, "defenses", None)
@@ -161,7 +205,10 @@ def _needs_baseline(defense) -> bool:
 class Session:
     """One experiment's model, scorer, queries and run directory, all checked before any forward."""
 
-    def __init__(self, args, name: str, keep_hidden: bool = True):
+    def __init__(self, args, name: str, keep_hidden: bool = True, check=None):
+        """``check(queries)``: the experiment's own checks of the loaded queries (folds against class
+        sizes, deliveries present ...), run with the others, before the run directory is opened
+        and the model loaded."""
         self.args = args
         self.defense_names = check_defenses(args)
         if args.batch_size < 1:
@@ -171,6 +218,8 @@ class Session:
         self.queries = load_queries(args.dataset, args.limit)
         check_labels(self.queries, args.dataset, args.limit)
         check_images(self.queries)
+        if check is not None:
+            check(self.queries)
         warn_out_of_vocabulary(self.queries, args.model)
         self.run = RunDir(args.out, config_of(args, name), overwrite=args.overwrite, ignore=ANALYSIS_OPTIONS,
                           fingerprint=fingerprint)

@@ -2,12 +2,14 @@
 
     mechprobe ensembles --defenses sr_self_reminder,qr_caption,mo_finetune --weight 0.5
 
-Each pair is derived from the single runs (a logit-additivity prediction for "+"; the exact max
-p_refuse for "|") and measured: "+" by running the composite (the members' own instances: a
-fine-tune is trained once per run and saved, captions cached, `experiments.kept`), "|" by
-combining the members' finished tables (what scoring it would give, without a forward). The
-ranking uses the measured values, with the derived ones and their errors beside (tables/ensembles.csv: source, safety, helpfulness, utility,
-the Pareto flag, predicted_* and the errors); tradeoff.png shows the front.
+Each "+" pair is predicted from the single runs (logit additivity) and measured by running the
+composite (the members' own instances: a fine-tune is trained once per run and saved, captions
+cached, `experiments.kept`); the ranking uses the measurement, with the prediction and its errors
+beside. A "|" pair is no measurement: `rank_ensembles` combines the members' finished tables (the
+max p_refuse, what scoring it would give, without a forward), source "exact", and its error
+columns stay empty (an error of the combination against itself would be 0 by construction).
+tables/ensembles.csv: source, safety, helpfulness, utility, the Pareto flag, predicted_* and the
+errors; tradeoff.png shows the front.
 """
 
 from __future__ import annotations
@@ -29,9 +31,6 @@ add_arguments = options.ensembles  # the options live in experiments/options.py
 
 
 def run(args) -> dict:
-    from probing.aggregate import OPERATORS
-    from probing.plan import combine_tables
-
     s = Session(args, "ensembles")
     names = [n for n in args.defenses.split(",") if n]
     if len(names) < 2:
@@ -41,16 +40,14 @@ def run(args) -> dict:
     for name in tqdm(names, desc="singles", unit="defense"):
         singles[name] = s.score(name, s.defense(name))
         labels[name] = compare(s.baseline, singles[name], name=name, n_boot=args.n_boot, seed=args.seed).label
+    # Only "+" pairs are measured (scored as composites, with the members' own instances: a fine-tune
+    # trained once). A "|" pair is combined from the singles' tables by rank_ensembles itself
+    # (source "exact"): passed here as a measurement it would be compared with itself.
     measured = {}
-    for a, b in tqdm(list(itertools.combinations(names, 2)), desc="pairs", unit="pair"):
-        for op in ops:
-            name = f"{a}{op}{b}"
-            if op == "+":  # a composite: scored, with the members' own instances (a fine-tune trained once)
-                measured[name] = s.score(name, s.defense(name))
-            else:  # score-level: combined from the members' finished tables, exactly, never scored again
-                measured[name] = combine_tables([singles[a], singles[b]], OPERATORS[op],
-                                                {"condition": name, "defense": name, "op": op, "members": [a, b],
-                                                 "scored": False})
+    if "+" in ops:
+        for a, b in tqdm(list(itertools.combinations(names, 2)), desc="pairs", unit="pair"):
+            name = f"{a}+{b}"
+            measured[name] = s.score(name, s.defense(name))
     cands = rank_ensembles(s.baseline, singles, ops=tuple(ops), weight=args.weight, measured=measured)
     rows = []
     for c in cands:

@@ -211,25 +211,48 @@ def plot_defense_distributions(baseline: ScoreTable, tables: dict[str, ScoreTabl
     return _save(fig, path)
 
 
+def _finite(v) -> bool:
+    return v is not None and bool(np.isfinite(v))
+
+
 def plot_mechanism_map(rows: list[dict], path: str | os.PathLike) -> Path:
-    """Every defense and ensemble on one map: mean shift (x) against distance change, the change of
-    harmful-minus-benign mean P(refuse) (y), with 95% intervals; colour = mechanism label,
-    marker = kind (single, a+b, a|b ...)."""
+    """Every defense and ensemble on one map of the figures its mechanism label reads (margin
+    changes in baseline SDs, docs/analysis.md): the common shift (harmful + benign) / 2 (x)
+    against the differential harmful - benign (y), with 95% intervals; colour = label, marker =
+    kind (single, a+b, a|b ...). Two dotted lines mark where each class is unchanged (harmful:
+    y = -2x; benign: y = 2x), so the label's regions are read off the map: above 0 discrimination
+    grew, below it over-refusal, left of "harmful unchanged" weakening, right of "benign
+    unchanged" benign queries refuse more."""
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
-    pts = [r for r in rows if r.get("kind") != "baseline" and r.get("mean_shift") is not None]
+    pts = [r for r in rows if r.get("kind") != "baseline" and _finite(r.get("shift_sd"))
+           and _finite(r.get("differential_sd"))]
     for r in pts:
-        x, y = r["mean_shift"], r["distance_change"]
-        xerr = [[x - r["mean_shift_lo"]], [r["mean_shift_hi"] - x]] if r.get("mean_shift_lo") is not None \
-            and np.isfinite(r["mean_shift_lo"]) else None
-        yerr = [[y - r["distance_change_lo"]], [r["distance_change_hi"] - y]] \
-            if r.get("distance_change_lo") is not None and np.isfinite(r["distance_change_lo"]) else None
+        x, y = r["shift_sd"], r["differential_sd"]
+        xerr = [[x - r["shift_sd_lo"]], [r["shift_sd_hi"] - x]] \
+            if _finite(r.get("shift_sd_lo")) and _finite(r.get("shift_sd_hi")) else None
+        yerr = [[y - r["differential_sd_lo"]], [r["differential_sd_hi"] - y]] \
+            if _finite(r.get("differential_sd_lo")) and _finite(r.get("differential_sd_hi")) else None
         colour = LABEL_COLOURS.get(r["label"], "#34495e")
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=KIND_MARKERS.get(r["kind"], "o"), color=colour, ms=8,
                     ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.9)
     ax.axhline(0, color="grey", lw=0.8)
     ax.axvline(0, color="grey", lw=0.8)
-    ax.set_xlabel("safety shift: mean change of P(refuse), classes balanced")
-    ax.set_ylabel("discrimination: change of (harmful - benign) mean P(refuse)")
+    # where a class is unchanged: harmful change = x + y/2 = 0, benign change = x - y/2 = 0
+    ax.margins(0.12)
+    x0, x1 = ax.get_xlim()
+    y0, y1 = ax.get_ylim()
+    xs = np.array([x0, x1])
+    for slope, text in ((-2.0, "harmful unchanged"), (2.0, "benign unchanged")):
+        ax.plot(xs, slope * xs, color="#999", ls=":", lw=1)
+        ye = y1 if slope > 0 else y0  # label where the line leaves the plot, inside the axes
+        xe = float(np.clip(ye / slope, x0, x1))
+        ax.annotate(text, (xe, slope * xe), fontsize=7, color="#777", ha="right" if xe > (x0 + x1) / 2 else "left",
+                    va="top" if slope > 0 else "bottom", xytext=(-3 if xe > (x0 + x1) / 2 else 3, 0),
+                    textcoords="offset points")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel("common shift: (harmful + benign) / 2 margin change, baseline SDs")
+    ax.set_ylabel("differential: harmful - benign margin change, baseline SDs")
     from matplotlib.lines import Line2D
 
     labels_seen = list(dict.fromkeys(r["label"] for r in pts))
@@ -239,9 +262,8 @@ def plot_mechanism_map(rows: list[dict], path: str | os.PathLike) -> Path:
     handles += [Line2D([], [], ls="", marker=KIND_MARKERS.get(k, "o"), color="#555", label=f"kind: {k}")
                 for k in kinds_seen]
     ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="label / kind")
-    ax.set_title("Mechanism map: safety shift (right) and harmfulness discrimination (up) against the baseline",
-                 fontsize=8)
-    place_labels(ax, [(r["mean_shift"], r["distance_change"], r["condition"]) for r in pts], fontsize=7)
+    ax.set_title("Mechanism map: the figures the label reads (safety shift right, discrimination up)", fontsize=8)
+    place_labels(ax, [(r["shift_sd"], r["differential_sd"], r["condition"]) for r in pts], fontsize=7)
     return _save(fig, path)
 
 

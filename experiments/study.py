@@ -67,7 +67,8 @@ from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, tokenizer_l
 from probing.score_table import ScoreTable
 
 from . import options, study_config
-from .common import check_device, check_labels, warn_out_of_vocabulary
+from .common import (NO_HIDDEN_SCORE_LEVEL, check_device, check_labels, check_layer_folds, split_top,
+                     warn_out_of_vocabulary)
 from .kept import CachedRewrite, kept, query_key
 from .plan_ahead import PlanAhead
 from .report import write_table
@@ -321,17 +322,6 @@ class ChunkInputs:
     staged: list
 
 
-def split_top(expression: str) -> tuple[str | None, list[str]]:
-    """The outermost operator of an ensemble expression and its parts, as `get_defense` parses it
-    (score-level operators bind looser than '+')."""
-    for op in SCORE_OPS:
-        if op in expression:
-            return op, [p.strip() for p in expression.split(op)]
-    if "+" in expression:
-        return "+", [p.strip() for p in expression.split("+")]
-    return None, [expression]
-
-
 #: how the study keeps its own model while a tuned copy of it is saved (`Study._fingerprint`):
 #: 2 = untouched (`defenses.finetune.merge_adapters`); runs made before tuned it in place. Every
 #: condition scored on the study's own model (the baseline, scored first, aside) records it, tuned
@@ -409,11 +399,8 @@ class Study:
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)
         check_labels(self.queries, "+".join(d.get("name", "?") for d in cfg.datasets))  # before any forward
         check_images(self.queries)  # every image file decodes: a corrupt one is named now, not mid-run
-        if any(s != "lens" for s in cfg.layer_scores):
-            smaller = min(sum(q.label == lab for q in self.queries) for lab in ("harmful", "benign"))
-            if smaller < cfg.folds:
-                raise InputError(f"{cfg.source}: 'folds' = {cfg.folds} for the diffmean / probe layer scores, but "
-                                 f"the smaller class has only {smaller} queries; lower 'folds' or raise the limits")
+        check_layer_folds(self.queries, cfg.layer_scores, cfg.folds, f"{cfg.source}: 'folds'",
+                          "lower 'folds' or raise the limits")
         warn_out_of_vocabulary(self.queries, cfg.model)
         check_device(cfg.device)
         self.needs_hidden = cfg.keep_hidden or any(n.startswith("act_") for n in names) or \
@@ -797,9 +784,8 @@ class Study:
             for name in self.conditions[1:]:
                 table = self.tables[name]
                 if score != "lens" and (table.hidden is None or base.hidden is None):
-                    why = "a score-level ensemble, combined from its members' scores" if self.kind(name) in SCORE_OPS \
-                        else "scored without them"
-                    logger.info("layers: %s has no hidden states (%s); no %s profile", name, why, score)
+                    why = NO_HIDDEN_SCORE_LEVEL if self.kind(name) in SCORE_OPS else "scored without hidden states"
+                    logger.info("layers: no %s profile of %s: %s", score, name, why)
                     continue
                 prof = layer_profile(base, table, score, name=name, n_folds=cfg.folds,
                                      n_boot=max(50, cfg.n_boot // 5), seed=cfg.seed)
@@ -874,8 +860,14 @@ def _members(expression: str) -> list[str]:
     return split_expression(expression)
 
 
+#: The figures the mechanism label reads (margin changes in baseline SDs, `probing.analysis.mechanism_label`)
+#: and their class-balanced mean, in summary.csv|json after the label (added columns: older readers keep working).
+LABEL_FIGURES = ("harmful_change_sd", "benign_change_sd", "differential_sd", "shift_sd")
+
+
 def summary_row(name: str, kind: str, eff, table: ScoreTable) -> dict:
-    """One condition: refusal rates with intervals, mean shift, distance change, AUROC, d', label."""
+    """One condition: refusal rates with intervals, mean shift, distance change, AUROC, d', label,
+    then the figures the label reads (`LABEL_FIGURES`) with intervals."""
     def est(key):
         e = eff[key]
         return e.value, e.lo, e.hi
@@ -890,6 +882,8 @@ def summary_row(name: str, kind: str, eff, table: ScoreTable) -> dict:
             v = lo = hi = None  # zero by definition
         row[col], row[f"{col}_lo"], row[f"{col}_hi"] = v, lo, hi
     row["label"] = "baseline" if name == "baseline" else eff.label
+    for key in LABEL_FIGURES:  # zero by definition for the baseline
+        row[key], row[f"{key}_lo"], row[f"{key}_hi"] = (None, None, None) if name == "baseline" else est(key)
     return row
 
 

@@ -112,3 +112,21 @@ def test_shell_commands_are_valid(path):
 def test_toml_blocks_parse(path):
     for block in blocks(path, "toml"):
         tomllib.loads(block)
+
+
+TOY_WEIGHTS = ROOT / "probing" / "toy" / "weights" / "model.safetensors"
+#: how a doc says which toy weights its recorded numbers came from
+TOY_FINGERPRINT = re.compile(r"toy weights `model\.safetensors` sha256\s+`([0-9a-f]{12,64})`")
+
+
+def test_recorded_toy_numbers_name_the_shipped_weights():
+    """A doc that records numbers measured on the toy names the weights' sha256 (a prefix); the toy
+    is retrained now and then, and numbers recorded before that are stale: this fails until the
+    doc's numbers are re-run and its fingerprint updated."""
+    import hashlib
+
+    shipped = hashlib.sha256(TOY_WEIGHTS.read_bytes()).hexdigest()
+    found = {path.name: TOY_FINGERPRINT.findall(path.read_text()) for path in FILES}
+    assert found["analysis.md"], "docs/analysis.md records the '+' prediction benchmark's toy weights"
+    stale = [(name, h) for name, hs in found.items() for h in hs if not shipped.startswith(h)]
+    assert not stale, f"numbers recorded on other toy weights than the shipped {shipped[:12]}: {stale}"

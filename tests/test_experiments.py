@@ -90,16 +90,62 @@ def test_layerwise(tmp_path):
     assert (out / "layers_lens.png").is_file() and (out / "layers_diffmean.png").is_file()
 
 
+def test_layerwise_checks_folds_and_score_level_ensembles_before_scoring(tmp_path, monkeypatch, capsys):
+    """--folds above the smaller class (or below 2), and diffmean / probe asked only of a
+    score-level ensemble, are refused naming the option / condition before any forward and
+    before the run directory exists; a score-level ensemble among others gets a lens profile only."""
+    from probing import scorer as scorer_mod
+
+    real, scored = scorer_mod.RefusalScorer.score, []
+    monkeypatch.setattr(scorer_mod.RefusalScorer, "score",
+                        lambda self, qs, **kw: scored.append(len(qs)) or real(self, qs, **kw))
+    # the first 6 toy queries: 3 harmful, 3 benign
+    out = tmp_path / "lw6"
+    assert main(["layerwise", "--limit", "6", "--defenses", "sr_self_reminder", "--scores", "lens,probe",
+                 "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--folds = 5" in err and "only 3 queries" in err and scored == [] and not out.exists()
+    assert main(["layerwise", "--defenses", "sr_self_reminder", "--scores", "diffmean", "--folds", "1",
+                 "--out", str(out), *FAST]) == 2
+    assert "--folds = 1" in capsys.readouterr().err and scored == [] and not out.exists()
+    either = "sr_self_reminder|sr_mmsafety"
+    assert main(["layerwise", "--defenses", either, "--scores", "probe", "--out", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert either in err and "score-level ensemble" in err and "keep_hidden" not in err
+    assert scored == [] and not out.exists()
+    assert main(["layerwise", "--limit", "12", "--defenses", f"{either},sr_self_reminder", "--scores",
+                 "lens,diffmean", "--folds", "2", "--out", str(out), *FAST]) == 0
+    rows = json.loads((out / "tables" / "layerwise.json").read_text())
+    assert {(r["defense"], r["score"]) for r in rows} == {(either, "lens"), ("sr_self_reminder", "lens"),
+                                                          ("sr_self_reminder", "diffmean")}
+    assert f"Not profiled: {either}" in (out / "report.md").read_text()
+
+
 def test_ensembles(tmp_path):
     out = tmp_path / "ens"
     assert main(["ensembles", "--defenses", "sr_self_reminder,qr_caption_no_image", "--out", str(out), *FAST]) == 0
     rows = {r["name"]: r for r in json.loads((out / "tables" / "ensembles.json").read_text())}
     assert {"baseline", "sr_self_reminder", "qr_caption_no_image", "sr_self_reminder+qr_caption_no_image",
             "sr_self_reminder|qr_caption_no_image"} == set(rows)
+    # "|" is combined from the singles ("exact"), not measured: no error of it against itself
     either = rows["sr_self_reminder|qr_caption_no_image"]
-    # "refuse if either refuses" is exactly predictable from the single runs
-    assert either["measured_safety"] == pytest.approx(either["safety"]) and either["margin_rmse"] < 1e-4
-    assert rows["sr_self_reminder+qr_caption_no_image"]["measured_safety"] is not None
+    assert either["source"] == "exact"
+    assert all(either[k] is None for k in ("measured_safety", "measured_helpfulness", "safety_error",
+                                           "helpfulness_error", "margin_rmse", "margin_corr"))
+    # its rates: refuse when either single's margin is above 0 (p_refuse > 0.5), from the singles' shards
+    def margins(name):
+        shards = sorted((out / "shards" / name).iterdir())
+        t = ScoreTable.concat([ScoreTable.load(d) for d in shards])
+        return dict(zip(t.ids, t.margin.double().tolist())), dict(zip(t.ids, t.labels))
+    (ma, labels), (mb, _) = margins("sr_self_reminder"), margins("qr_caption_no_image")
+    refuse = {i: max(ma[i], mb[i]) > 0 for i in ma}
+    harmful = [i for i in ma if labels[i] == "harmful"]
+    benign = [i for i in ma if labels[i] == "benign"]
+    assert either["safety"] == pytest.approx(sum(refuse[i] for i in harmful) / len(harmful))
+    assert either["helpfulness"] == pytest.approx(sum(not refuse[i] for i in benign) / len(benign))
+    both = rows["sr_self_reminder+qr_caption_no_image"]  # "+" is run: measured, its prediction's error beside
+    assert both["source"] == "measured" and both["measured_safety"] is not None
+    assert both["margin_rmse"] is not None and both["margin_rmse"] > 0
     assert (out / "tradeoff.png").is_file()
 
 
@@ -129,7 +175,8 @@ def test_ensembles_make_each_product_once(tmp_path, monkeypatch):
     assert {m for m, _ in asked} == {"toy", "toy+mo_finetune"}
     assert not [d.name for d in (out / "shards").iterdir() if "_or_" in d.name]
     rows = {r["name"]: r for r in json.loads((out / "tables" / "ensembles.json").read_text())}
-    assert len([n for n in rows if "|" in n]) == 3 and all(rows[n]["margin_rmse"] == 0 for n in rows if "|" in n)
+    assert len([n for n in rows if "|" in n]) == 3
+    assert all(rows[n]["source"] == "exact" and rows[n]["margin_rmse"] is None for n in rows if "|" in n)
     assert (out / "models" / "mo_finetune" / "mechprobe.json").is_file()
     before = json.loads((out / "tables" / "ensembles.json").read_text())
     import shutil
@@ -149,6 +196,37 @@ def test_modality(tmp_path):
     assert rows["text"]["refusal_harmful"] - rows["typo"]["refusal_harmful"] >= 0.3  # the safety gap
     assert rows["text"]["gap_layer3"] == 0
     assert main(["modality", "--dataset", "jsonl:x.jsonl", "--out", str(tmp_path / "m2")]) == 2  # clear error
+
+
+def test_modality_gap_pairs_the_same_requests_under_a_limit(tmp_path, capsys):
+    """With --limit the deliveries hold different requests (the first 8 toy queries: text and typo
+    of 'steal cars', 'wash cars', 'rob banks', picture of the first two only): each gap is the mean
+    over the harmful requests present in both deliveries of text minus delivery, recomputed here
+    from the shards by the request's phrase. A delivery without a class is refused before any forward."""
+    import numpy as np
+
+    out = tmp_path / "mod8"
+    assert main(["modality", "--limit", "8", "--out", str(out), *FAST]) == 0
+    rows = {r["delivery"]: r for r in json.loads((out / "tables" / "modality.json").read_text())}
+
+    def harmful_lens(delivery):
+        t = ScoreTable.concat([ScoreTable.load(d) for d in sorted((out / "shards" / delivery).iterdir())])
+        return {r["phrase"]: t.lens_margin[i].double().numpy() for i, r in enumerate(t.row_meta)
+                if t.labels[i] == "harmful"}
+
+    text = harmful_lens("text")
+    for d in ("typo", "picture", "blank"):
+        own = harmful_lens(d)
+        shared = sorted(set(text) & set(own))
+        expected = np.mean([text[p] - own[p] for p in shared], axis=0)
+        got = [rows[d][f"gap_layer{i}"] for i in range(len(expected))]
+        assert rows[d]["gap_requests"] == len(shared) and got == pytest.approx(expected, abs=1e-6), d
+    assert rows["picture"]["gap_requests"] == 1 and rows["typo"]["gap_requests"] == 2
+    assert "deliveries hold different requests" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["modality", "--limit", "4", "--out", str(tmp_path / "mod4"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "'typo'" in err and "no benign" in err and "--limit 4" in err and not (tmp_path / "mod4").exists()
 
 
 def test_generation_check(tmp_path):
