@@ -55,13 +55,14 @@ from defenses.rewriting import Caption, Intention
 from probing import RefusalScorer, load_model
 from probing.aggregate import OPERATORS
 from probing.analysis import auroc, compare, layer_profile, rank_ensembles, refusal_rate
+from probing.analysis.folds import groups_per_class
 from probing.errors import InputError
 from probing.generation import fit_generation_batch, generation_batch
 from probing.model import model_fingerprint
 from probing.pipeline import PixelCache, pixel_threads
 from probing.plan import ScoringPlan, as_plan, combine_tables, expand_variants, fold_table
 from probing.prefix import VariantGroups, plan_variant_groups, prepare_first, score_planned_groups
-from probing.query import Query, check_images
+from probing.query import GROUP, Query, check_images
 from probing.readout import get_readout
 from probing.render import LLAVA_V1_SYSTEM, PromptSpec, format_spec, tokenizer_lock
 from probing.score_table import ScoreTable
@@ -405,11 +406,14 @@ class Study:
         self.queries, self.dataset_rows = load_datasets(cfg.datasets)
         check_labels(self.queries, "+".join(d.get("name", "?") for d in cfg.datasets))  # before any forward
         check_images(self.queries)  # every image file decodes: a corrupt one is named now, not mid-run
-        if any(s != "lens" for s in cfg.layer_scores):
-            smaller = min(sum(q.label == lab for q in self.queries) for lab in ("harmful", "benign"))
-            if smaller < cfg.folds:
+        if any(s != "lens" for s in cfg.layer_scores):  # folds deal whole request groups (probing.analysis.folds)
+            counts = groups_per_class([q.id for q in self.queries], [q.label for q in self.queries],
+                                      [q.meta.get(GROUP) for q in self.queries])
+            smaller = min(counts, key=counts.get)
+            if counts[smaller] < cfg.folds:
                 raise InputError(f"{cfg.source}: 'folds' = {cfg.folds} for the diffmean / probe layer scores, but "
-                                 f"the smaller class has only {smaller} queries; lower 'folds' or raise the limits")
+                                 f"only {counts[smaller]} request groups hold {smaller} queries (a group: the "
+                                 f"deliveries of one request, meta 'group'); lower 'folds' or raise the limits")
         warn_out_of_vocabulary(self.queries, cfg.model)
         check_device(cfg.device)
         self.needs_hidden = cfg.keep_hidden or any(n.startswith("act_") for n in names) or \
