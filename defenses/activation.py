@@ -20,9 +20,11 @@ are applied at that same hook point:
   model whose benign states do not sit at 0 along u also moves benign queries.
 
 Cross-fitting (default, ``cross_fit=True``): the direction table's labelled queries are dealt into
-``n_folds`` stratified folds by query id (`crossfit_folds`); a query of fold k is edited with the
-direction (and offsets / midpoint) estimated on the other folds, so a defense is never evaluated
-on the queries that estimated it; queries not in the table use the full-table estimate.
+``n_folds`` folds stratified by label, whole request groups at a time (`crossfit_folds`: the rows'
+``meta["group"]``, else the query id; `probing.analysis.folds`); a query of fold k is edited with
+the direction (and offsets / midpoint) estimated on the other folds, so a defense is never
+evaluated on the queries that estimated it, nor on another delivery of a request that did;
+queries not in the table use the full-table estimate.
 ``describe()["cross_fit"]["folds"]`` (recorded in the run's meta) gives every query's fold.
 ``cross_fit=False`` is the old in-sample behaviour. Composed with other defenses ("a+b"), a
 defense stays cross-fitted: `defenses.composite.Compose.plan` partitions the queries by its folds.
@@ -38,6 +40,7 @@ import torch
 
 from hooks import DECISION, hook_name
 from probing.analysis.directions import refusal_directions
+from probing.analysis.folds import grouped_folds, groups_per_class, row_groups
 from probing.errors import InputError
 from probing.plan import ScoringPlan
 from probing.score_table import ScoreTable
@@ -63,27 +66,25 @@ def _layers(layers, available: dict) -> list[int]:
 
 
 def crossfit_folds(table: ScoreTable, n_folds: int = 5, seed: int = 0) -> dict[str, int]:
-    """Fold of every labelled query of the baseline table, by query id: within each class the ids
-    are sorted, permuted by ``seed`` and dealt round-robin, so a query's fold depends on the ids
-    and labels only (not on the table's row order) and both classes are in every fold.
-    ``n_folds`` is lowered to the smaller class size when that is smaller (logged)."""
-    by_class = {c: sorted(q for q, lab in zip(table.ids, table.labels) if lab == c) for c in ("harmful", "benign")}
-    smallest = min(len(v) for v in by_class.values())
+    """Fold of every labelled query of the baseline table, ``{query id: fold}``: whole groups (the
+    rows' ``meta["group"]``, else the query id) dealt into folds, classes spread evenly
+    (`probing.analysis.folds.grouped_folds`). A fold depends on the ids, groups, labels and seed
+    only (not on the table's row order), and both classes are in every fold. ``n_folds`` is
+    lowered to the number of groups holding the smaller class when that is smaller (logged)."""
+    groups = row_groups(table.row_meta)
+    counts = groups_per_class(table.ids, table.labels, groups)
+    smallest = min(counts.values())
     if smallest < 2:
-        raise InputError(f"cross-fitting needs at least 2 harmful and 2 benign queries in the direction table, "
-                         f"got {len(by_class['harmful'])} and {len(by_class['benign'])}; pass cross_fit=False")
+        raise InputError(f"cross-fitting needs at least 2 groups (a group: the queries of one meta 'group', else one "
+                         f"query) holding harmful and 2 holding benign queries in the direction table, got "
+                         f"{counts['harmful']} and {counts['benign']}; pass cross_fit=False")
     if n_folds < 2:
         raise InputError(f"parameter 'n_folds' must be >= 2, got {n_folds}")
     if smallest < n_folds:
-        logger.info("cross-fitting with %d folds instead of %d: the smaller class has %d queries",
+        logger.info("cross-fitting with %d folds instead of %d: only %d groups hold the smaller class",
                     smallest, n_folds, smallest)
         n_folds = smallest
-    rng = np.random.default_rng(seed)
-    folds = {}
-    for ids in by_class.values():
-        for k, i in enumerate(rng.permutation(len(ids))):
-            folds[ids[i]] = k % n_folds
-    return folds
+    return grouped_folds(table.ids, table.labels, groups, n_folds, seed)
 
 
 def _fit_rows(table: ScoreTable, folds: dict[str, int], k: int) -> list[int]:
@@ -134,6 +135,7 @@ class ActivationDefense(Defense):
                 "n_folds": len(self.fold_states), "folds": dict(self.folds),
                 "rule": "a query of fold k is edited with the direction estimated on the labelled queries of "
                         "the other folds; queries not in the direction table use the full-table direction",
+                "unit": "request group: the queries of one meta 'group' (else one query) share a fold",
             }
         return out
 

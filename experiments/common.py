@@ -13,7 +13,8 @@ from pathlib import Path
 
 from probing import RefusalScorer, load_model
 from probing.errors import DataError, InputError
-from probing.query import Query, check_images
+from probing.analysis.folds import groups_per_class
+from probing.query import GROUP, Query, check_images
 from .kept import kept
 from .options import ANALYSIS_OPTIONS, add_common  # noqa: F401  (add_common: old import path)
 from .report import write_report
@@ -121,7 +122,7 @@ def is_score_level(expression: str) -> bool:
 
 def check_layer_folds(queries: list[Query], scores, folds: int, option: str, remedy: str) -> None:
     """The diffmean / probe layer scores are cross-fitted in ``folds`` stratified folds, so they need
-    ``folds`` >= 2 and at least ``folds`` queries of each class. Checked from the queries' labels
+    ``folds`` >= 2 and at least ``folds`` request groups holding each class. Checked from the queries' labels
     before any forward (`probing.analysis.layer_profile` would only find out after scoring);
     ``option`` names the setting in the message ("--folds", "<config>: 'folds'"), ``remedy`` says
     what to change. Nothing to check when only ``lens`` is asked for."""
@@ -130,10 +131,14 @@ def check_layer_folds(queries: list[Query], scores, folds: int, option: str, rem
     if folds < 2:
         raise InputError(f"{option} = {folds}: the diffmean / probe layer scores are cross-fitted and need at "
                          f"least 2 folds; {remedy}")
-    smaller = min(sum(q.label == lab for q in queries) for lab in LABELS_NEEDED)
-    if smaller < folds:
-        raise InputError(f"{option} = {folds} for the diffmean / probe layer scores, but the smaller class has only "
-                         f"{smaller} queries; {remedy}")
+    # folds deal whole request groups (probing.analysis.folds), so the count is of groups
+    counts = groups_per_class([q.id for q in queries], [q.label for q in queries],
+                              [q.meta.get(GROUP) for q in queries])
+    smaller = min(LABELS_NEEDED, key=lambda lab: counts.get(lab, 0))
+    if counts.get(smaller, 0) < folds:
+        raise InputError(f"{option} = {folds} for the diffmean / probe layer scores, but only "
+                         f"{counts.get(smaller, 0)} request groups hold {smaller} queries (a group: the deliveries "
+                         f"of one request, meta 'group'); {remedy}")
 
 
 def check_defenses(args) -> list[str]:

@@ -24,8 +24,8 @@ class InputError(MechprobeError, ValueError):
 
 
 class QueryError(InputError):
-    """Raised when a query cannot be scored: no text and no image, a wrong label or type, a
-    duplicate id, an unreadable or oversized image, a prompt longer than the context. The
+    """Raised when a query cannot be scored: no text and no image, a wrong label or type (also of
+    ``meta["group"]``, which must be a string or an integer), a duplicate id, an unreadable or oversized image, a prompt longer than the context. The
     message names the query id."""
 
 

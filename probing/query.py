@@ -16,13 +16,20 @@ from .errors import InputError, QueryError
 
 LABELS = ("harmful", "benign")
 
+#: The metadata key naming the request a query delivers. A dataset that holds one request several
+#: ways under different ids (MM-SafetyBench's SD / TYPO / SD_TYPO / TEXT of one question, the toy's
+#: text / typography / picture of one phrase) gives them one ``meta["group"]``, so that cross-fitting
+#: (`probing.analysis.folds`) never fits on one delivery and evaluates on another. A query without a
+#: group is a group of its own (its id). A string or an integer; ScoreTable rows keep it.
+GROUP = "group"
+
 #: Largest image (width x height) `Query.load_image` decodes: a small file can declare a huge
 #: image (a "decompression bomb") whose decoding would exhaust memory. Override per call with
 #: ``load_image(max_pixels=...)`` or for a process with the environment variable below.
 MAX_IMAGE_PIXELS = 50_000_000
 MAX_PIXELS_ENV = "MECHPROBE_MAX_IMAGE_PIXELS"
 
-__all__ = ["LABELS", "MAX_IMAGE_PIXELS", "Query", "QueryError", "check_images", "check_unique_ids", "max_image_pixels"]
+__all__ = ["GROUP", "LABELS", "MAX_IMAGE_PIXELS", "Query", "QueryError", "check_images", "check_unique_ids", "max_image_pixels"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,8 @@ class Query:
         text: the user's request (may be empty when an image carries it).
         image: None, a PIL image, or a path to an image file.
         label: "harmful", "benign", or None when unknown.
-        meta: free-form metadata (scenario, kind, source, ...).
+        meta: free-form metadata (scenario, kind, source, ...); ``meta["group"]`` (`GROUP`), if
+            present, names the request this query delivers (a string or an integer).
     """
 
     id: str
@@ -50,6 +58,7 @@ class Query:
         _check_image_field(self.id, self.image)
         if not isinstance(self.meta, dict):
             raise QueryError(f"query {self.id!r}: meta must be a dict, got {type(self.meta).__name__}")
+        _check_group(self.id, self.meta.get(GROUP))
         if not self.text.strip() and self.image is None:
             raise QueryError(f"query {self.id!r} has neither text nor image")
         if self.label is not None and self.label not in LABELS:
@@ -101,6 +110,17 @@ def _check_id(qid: Any) -> str:
     if not qid.strip():
         raise QueryError("query id must not be empty")
     return qid
+
+
+def _check_group(qid: str, group: Any) -> None:
+    """``meta["group"]`` is None, a non-empty string or an integer: a list or a float would not
+    survive into a ScoreTable row (or would split a request by its spelling), silently ungrouping it."""
+    if group is None:
+        return
+    if isinstance(group, bool) or not isinstance(group, (str, int)) or (isinstance(group, str) and not group.strip()):
+        got = "an empty string" if isinstance(group, str) else f"{type(group).__name__} ({group!r})"
+        raise QueryError(f"query {qid!r}: meta[{GROUP!r}] (the request it delivers) must be a non-empty string or "
+                         f"an integer, got {got}")
 
 
 def _check_text(qid: str, text: Any) -> str:

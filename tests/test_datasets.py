@@ -64,7 +64,8 @@ def test_mossbench_fixture_and_missing_images(tmp_path, caplog):
     assert [q.label for q in qs] == ["benign", "benign", "harmful", "harmful"]
     assert qs[0].image == root / "data" / "images" / "1.png" and qs[2].image == root / "data_contrast/images/1.png"
     assert qs[0].meta == {"over": "type 1", "human": 0, "harm": [7], "dataset": "mossbench", "source": "mossbench",
-                          "kind": "image", "split": "oversensitivity", "pid": "1"}
+                          "kind": "image", "split": "oversensitivity", "pid": "1", "group": "mossbench-1"}
+    assert qs[2].meta["group"] == "mossbench-1"  # a benign record and its harmful counterpart: one group
     assert report.loaded == 4 and report.skipped == ["moss-oversensitivity-2", "moss-contrast-2"]
     assert report.reasons["moss-contrast-2"].startswith("image not found:") and "data_contrast" in \
         report.reasons["moss-contrast-2"]
@@ -143,6 +144,8 @@ def test_real_mossbench_copy():
     benign = {q.meta["pid"]: q for q in qs if q.label == "benign"}
     shared = set(contrast) & set(benign)
     assert shared and all(Path(contrast[p].image).name == Path(benign[p].image).name for p in shared)
+    assert all(contrast[p].meta["group"] == benign[p].meta["group"] == f"mossbench-{p}" for p in shared)
+    assert len({q.meta["group"] for q in qs}) == len(set(contrast) | set(benign))
     with pytest.raises(MissingDataError, match=r"20 image files are missing.*moss-oversensitivity-21 "
                                                r"\(.*data/images/21\.png\).*and 10 more"):
         load_mossbench(SHARED_MOSS)
@@ -188,7 +191,13 @@ def test_mmsafetybench_kinds_fields_and_filters(tmp_path):
     text = by["mmsb-06-Fraud-1-text"]
     assert text.image is None and text.text == "06-Fraud question 1?" and text.meta["kind"] == "TEXT"
     assert sd.meta == {"dataset": "mmsafetybench", "source": "mmsafetybench", "scenario": "06-Fraud", "qid": "1",
-                       "key_phrase": "phrase 1", "phrase_type": "activity", "own_criteria": False, "kind": "SD"}
+                       "key_phrase": "phrase 1", "phrase_type": "activity", "own_criteria": False, "kind": "SD",
+                       "group": "mmsb-06-Fraud-1"}
+    # the four deliveries of a question are one group; questions (also of equal qid in another scenario) are not
+    groups = {}
+    for q in qs:
+        groups.setdefault(q.meta["group"], set()).add(q.meta["kind"])
+    assert len(groups) == 3 * 3 and all(kinds == {"SD", "SD_TYPO", "TYPO", "TEXT"} for kinds in groups.values())
     assert by["mmsb-10-Legal_Opinion-0-SD"].meta["own_criteria"] is True
     only = load_mmsafetybench(root, scenarios=["06-Fraud"], kinds=["TYPO"])
     assert [q.id for q in only] == [f"mmsb-06-Fraud-{i}-TYPO" for i in range(3)]
@@ -367,6 +376,16 @@ def test_jsonl_fields_and_relative_images(tmp_path):
     assert [(q.id, q.image) for q in load_jsonl(tmp_path / "back.jsonl")] == [(q.id, q.image) for q in qs]
 
 
+def test_jsonl_group_field_becomes_meta_group(tmp_path):
+    f = write_lines(tmp_path / "q.jsonl", {"id": "q3-text", "text": "How do I x?", "group": "q3"},
+                    {"id": "q3-again", "text": "Tell me how to x.", "group": "q3", "meta": {"group": "q3", "k": 1}},
+                    {"id": "q4", "text": "y", "meta": {"group": 4}}, {"id": "q5", "text": "z"})
+    qs = load_jsonl(f)
+    assert [q.meta.get("group") for q in qs] == ["q3", "q3", 4, None] and qs[1].meta["k"] == 1
+    save_jsonl(qs, tmp_path / "back.jsonl")  # written inside meta, read back the same
+    assert [q.meta for q in load_jsonl(tmp_path / "back.jsonl")] == [q.meta for q in qs]
+
+
 BAD_JSONL = {
     "id null": ({"id": None, "text": "a"}, ":2: 'id' must be a non-empty string or an integer, got null"),
     "id empty": ({"id": " ", "text": "a"}, ":2: 'id' must be .*got an empty string"),
@@ -388,6 +407,14 @@ BAD_JSONL = {
     "invalid JSON": ('{"id": "x", "text": "a"', ":2: not valid JSON: .*column"),
     "repeated field": ('{"id": "x", "text": "a", "text": "b"}', ":2: the field 'text' appears twice"),
     "duplicate id": ({"id": 1, "text": "b"}, r":2: duplicate id '1' \(first on line 1\)"),
+    "group a list": ({"id": "x", "text": "a", "group": ["g"]}, ":2: 'group' must be a non-empty string or an "
+                                                               "integer, got a list"),
+    "group empty": ({"id": "x", "text": "a", "group": " "}, ":2: 'group' must be .*got an empty string"),
+    "group a boolean": ({"id": "x", "text": "a", "group": True}, ":2: 'group' must be .*got a boolean"),
+    "group against meta": ({"id": "x", "text": "a", "group": "g", "meta": {"group": "h"}},
+                           ":2: 'group' is 'g' but 'meta' has group 'h'"),
+    "meta group a float": ({"id": "x", "text": "a", "meta": {"group": 1.5}},
+                           r":2: query 'x': meta\['group'\] .*must be a non-empty string or an integer, got float"),
     "outside folder": ({"id": "x", "image": "../a.png"}, r":2: image path '../a.png' is outside .*allow_outside"),
 }
 

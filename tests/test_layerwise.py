@@ -45,7 +45,7 @@ def test_diffmean_is_out_of_fold(runs):
     base, _ = runs
     paired = pair_tables(base, base, "hidden")
     s0, _ = diffmean_scores(paired, n_folds=5, seed=0)
-    folds = stratified_folds(paired.is_harmful, 5, 0)
+    folds = stratified_folds(paired.is_harmful, 5, 0, ids=paired.ids, groups=paired.groups)  # diffmean's folds
     bumped = paired.base.copy()
     bumped[0, :, 1:] += 10.0  # move query 0 away from the direction's support
     paired2 = type(paired)(paired.ids, paired.is_harmful, bumped, bumped)

@@ -153,7 +153,9 @@ TOY_STUDY = ['model = "toy"', 'defenses = ["sr_self_reminder", "qr_caption_no_im
     (["weight = -1.0"], ["'weight'", "[0, 1]"]),
     (['layer_scores = ["lens", "difmean"]'], ["'layer_scores'", "did you mean 'diffmean'"]),
     (['layer_scores = ["lens", "diffmean"]', "folds = 1"], ["'folds'", ">= 2"]),
-    (['layer_scores = ["probe"]', "folds = 6"], ["'folds' = 6", "only 4 queries"]),
+    (['layer_scores = ["probe"]', "folds = 6"], ["'folds' = 6", "only 2 request groups hold harmful"]),
+    # 4 harmful queries, but 2 requests (steal cars x3, rob banks): folds deal whole requests
+    (['layer_scores = ["diffmean"]', "folds = 3"], ["'folds' = 3", "only 2 request groups hold harmful"]),
     (["n_boot = 0"], ["'n_boot'", ">= 1"]),
     (["generation_check = 4", "max_new_tokens = 0"], ["'max_new_tokens'", "generation_check"]),
     (["[defense_params.qr_caption]", "max_new_tokens = 1"],
@@ -162,7 +164,7 @@ TOY_STUDY = ['model = "toy"', 'defenses = ["sr_self_reminder", "qr_caption_no_im
      ['[defense_params."qr_caption_no_image+sr_self_reminder"]', "ensemble expression"]),
     (['defenses = ["sr_self_reminder", "mo_finetune"]', "[defense_params.mo_finetune]", "steps = 0"],
      ["[defense_params.mo_finetune]", "'steps'"]),
-], ids=["weight", "layer_scores", "folds", "folds_above_class", "n_boot", "max_new_tokens", "unused_params",
+], ids=["weight", "layer_scores", "folds", "folds_above_class", "folds_above_groups", "n_boot", "max_new_tokens", "unused_params",
         "ensemble_params", "bad_param_value"])
 def test_bad_study_options_are_one_error_before_any_compute(tmp_path, capsys, lines, names):
     """Options that would fail only after every condition is scored, or change results silently

@@ -5,6 +5,7 @@
 | `metrics` | AUROC, d', pooled SD, refusal rate, bootstrap indices and intervals |
 | `compare` | output level: safety shift vs harmfulness discrimination, with intervals and a label |
 | `layers` | the same decomposition per layer (logit lens, diff-of-means, probes) |
+| `folds` | cross-fitting folds of whole request groups, stratified by label |
 | `prediction` | exact score-level ensembles and "+" predictions from single runs, ranking, Pareto front |
 | `directions` | harmful-minus-benign directions per layer |
 

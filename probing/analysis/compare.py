@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .folds import row_groups
 from .metrics import (auroc, criterion, d_prime, hodges_lehmann, hodges_lehmann_shift, order_quantile,
                       percentile_ci, pooled_sd, refusal_rate, stratified_indices, wilson_ci)
 from ..score_table import ScoreTable
@@ -143,6 +144,7 @@ class Paired:
     is_harmful: np.ndarray  # [N] bool
     base: np.ndarray        # [N] or [N, L]
     defended: np.ndarray
+    groups: list | None = None  # [N] the baseline rows' meta["group"] (None: the row is its own group)
 
     @property
     def parts(self):
@@ -190,7 +192,7 @@ def pair_tables(baseline: ScoreTable, defended: ScoreTable, what: str = "margin"
         if bad.any():
             ids = [q for q, b in zip(baseline.ids, bad) if b]
             raise InputError(f"non-finite {what} in the {name} run for queries {ids[:5]}")
-    return Paired(list(baseline.ids), is_h, base, dfd)
+    return Paired(list(baseline.ids), is_h, base, dfd, row_groups(baseline.row_meta))
 
 
 METHODS = ("auto", "expanded", "percentile", "bca")

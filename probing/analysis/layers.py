@@ -6,9 +6,12 @@ Three per-layer scores, each compared between the baseline and the defended run:
   final norm and the readout rows);
 - ``diffmean``: projection on the baseline's harmful-minus-benign difference of means of that
   layer, estimated out of fold (cross-fitting: a query is projected on a direction fitted without
-  it), so baseline separation is not inflated;
+  it, nor any other delivery of its request), so baseline separation is not inflated;
 - ``probe``: a cross-validated logistic-regression probe (scikit-learn) fitted on baseline hidden
   states of the other folds and applied to this fold's baseline and defended states (logit).
+
+The folds are dealt by request group (`probing.analysis.folds`: the baseline rows'
+``meta["group"]``, else the query id), stratified by label.
 
 Shifts are in units of the baseline's pooled SD of that score at that layer, so layers compare.
 Lens separation moving while diffmean / probe separation stays put means the defense moves the
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .compare import Estimate, Paired, bootstrap, pair_tables, separation_figures
+from .folds import grouped_folds, groups_per_class
 from ..score_table import ScoreTable
 from ..errors import InputError
 
@@ -58,30 +62,38 @@ class LayerProfile:
         return out
 
 
-def stratified_folds(is_harmful: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """Fold id per query, classes spread evenly over folds: ``[N]``."""
-    rng = np.random.default_rng(seed)
-    folds = np.empty(len(is_harmful), dtype=int)
-    for cls in (True, False):
-        idx = np.flatnonzero(is_harmful == cls)
-        rng.shuffle(idx)
-        folds[idx] = np.arange(len(idx)) % n_folds
-    return folds
+def stratified_folds(is_harmful: np.ndarray, n_folds: int, seed: int, *, ids=None, groups=None) -> np.ndarray:
+    """Fold id per row, ``[N]``: whole groups dealt into folds, classes spread evenly
+    (`probing.analysis.folds.grouped_folds`). ``ids`` name the rows (default: their positions, so
+    the folds then depend on the row order); ``groups``: each row's group or None (default: every
+    row its own group)."""
+    ids = [str(i) for i in range(len(is_harmful))] if ids is None else [str(i) for i in ids]
+    labels = ["harmful" if h else "benign" for h in is_harmful]
+    folds = grouped_folds(ids, labels, groups, n_folds, seed)
+    return np.array([folds[i] for i in ids], dtype=int)
 
 
-def _check_folds(is_harmful: np.ndarray, n_folds: int) -> None:
+def _check_folds(paired: Paired, n_folds: int) -> None:
     if n_folds < 2:
         raise InputError(f"n_folds must be >= 2, got {n_folds}")
-    smallest = min(int(is_harmful.sum()), int((~is_harmful).sum()))
-    if smallest < n_folds:
-        raise InputError(f"n_folds={n_folds} but the smaller class has only {smallest} queries")
+    labels = ["harmful" if h else "benign" for h in paired.is_harmful]
+    counts = groups_per_class(paired.ids, labels, paired.groups)
+    cls = min(counts, key=counts.get)
+    if counts[cls] < n_folds:
+        raise InputError(f"n_folds={n_folds} but only {counts[cls]} groups hold {cls} queries (a group: the queries "
+                         f"of one meta 'group', the deliveries of one request; else one query); lower n_folds")
+
+
+def _paired_folds(paired: Paired, n_folds: int, seed: int) -> np.ndarray:
+    _check_folds(paired, n_folds)
+    return stratified_folds(paired.is_harmful, n_folds, seed, ids=paired.ids, groups=paired.groups)
 
 
 def diffmean_scores(paired: Paired, n_folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold projections on the difference-of-means direction: ``[N, L]`` for each run."""
+    """Out-of-fold projections on the difference-of-means direction: ``[N, L]`` for each run (folds by
+    ``paired.groups``, see `stratified_folds`)."""
     is_h = paired.is_harmful
-    _check_folds(is_h, n_folds)
-    folds = stratified_folds(is_h, n_folds, seed)
+    folds = _paired_folds(paired, n_folds, seed)
     base, dfd = paired.base, paired.defended  # [N, L, d]
     out0, out1 = np.empty(base.shape[:2]), np.empty(base.shape[:2])
     for k in range(n_folds):
@@ -94,14 +106,13 @@ def diffmean_scores(paired: Paired, n_folds: int = 5, seed: int = 0) -> tuple[np
 
 
 def probe_scores(paired: Paired, n_folds: int = 5, seed: int = 0, C: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold logistic-probe logits: ``[N, L]`` for each run."""
+    """Out-of-fold logistic-probe logits: ``[N, L]`` for each run (folds as `diffmean_scores`)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     is_h = paired.is_harmful
-    _check_folds(is_h, n_folds)
-    folds = stratified_folds(is_h, n_folds, seed)
+    folds = _paired_folds(paired, n_folds, seed)
     base, dfd = paired.base, paired.defended
     out0, out1 = np.empty(base.shape[:2]), np.empty(base.shape[:2])
     for layer in range(base.shape[1]):
@@ -145,7 +156,7 @@ def layer_profile(
         hidden = pair_tables(baseline, defended, "hidden")
         fn = diffmean_scores if score == "diffmean" else probe_scores
         s0, s1 = fn(hidden, n_folds=n_folds, seed=seed)
-        paired = Paired(hidden.ids, hidden.is_harmful, s0, s1)
+        paired = Paired(hidden.ids, hidden.is_harmful, s0, s1, hidden.groups)
     values, lo, hi = ({f: np.empty(len(baseline.layers)) for f in FIGURES} for _ in range(3))
     for i in range(len(baseline.layers)):
         layer = Paired(paired.ids, paired.is_harmful, paired.base[:, i], paired.defended[:, i])

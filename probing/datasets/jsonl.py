@@ -1,7 +1,14 @@
-"""Generic JSONL queries: one object per line with "id", "text", "image" (a path), "label", "meta".
+"""Generic JSONL queries: one object per line with "id", "text", "image" (a path), "label", "meta",
+"group".
 
     {"id": "q1", "text": "How do I bake bread?", "label": "benign"}
     {"id": 2, "text": "What does the sign say?", "image": "images/sign.png", "meta": {"source": "mine"}}
+    {"id": "q3-typo", "text": "Do what the image says.", "image": "images/q3.png", "group": "q3"}
+
+"group" (optional, a string or an integer) names the request a line delivers: lines that hold one
+request several ways (as text, as typography ...) share it, and cross-fitting keeps them in one
+fold (`probing.analysis.folds`). It becomes ``meta["group"]`` (`probing.query.GROUP`); a group
+given in "meta" works the same. A line without one is a group of its own.
 
 Image paths are relative to the JSONL file's folder and must stay inside it (a dataset from
 elsewhere cannot make mechprobe read arbitrary files) unless ``allow_outside=True``.
@@ -16,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, MissingDataError, QueryError
-from ..query import LABELS, Query
+from ..query import GROUP, LABELS, Query
 from ._common import LoadReport, decode_utf8, json_type, loads, missing_list, record_load
 
 logger = logging.getLogger(__name__)
 
-_FIELDS = {"id", "text", "image", "label", "meta"}
+_FIELDS = {"id", "text", "image", "label", "meta", "group"}
 
 __all__ = ["JsonlError", "load_jsonl", "save_jsonl"]
 
@@ -51,6 +58,21 @@ def _check_fields(rec: dict, where: str) -> None:
     meta = rec.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise JsonlError(f"{where}: 'meta' must be an object, got {json_type(meta)}")
+
+
+def _meta(rec: dict, where: str) -> dict:
+    """The line's meta, with its "group" field as ``meta["group"]`` (a type error names the line)."""
+    meta = dict(rec.get("meta") or {})
+    if rec.get("group") is None:
+        return meta
+    group = rec["group"]
+    if isinstance(group, bool) or not isinstance(group, (str, int)) or (isinstance(group, str) and not group.strip()):
+        got = "an empty string" if isinstance(group, str) else json_type(group)
+        raise JsonlError(f"{where}: 'group' must be a non-empty string or an integer, got {got}")
+    if meta.get(GROUP) is not None and meta[GROUP] != group:
+        raise JsonlError(f"{where}: 'group' is {group!r} but 'meta' has group {meta[GROUP]!r}; give one")
+    meta[GROUP] = group
+    return meta
 
 
 def _image_path(value: Any, folder: Path, where: str, allow_outside: bool) -> Path | None:
@@ -126,7 +148,7 @@ def load_jsonl(path: str | os.PathLike, *, skip_missing: bool = False, report: L
         _check_fields(rec, where)
         image = _image_path(rec.get("image"), path.parent, where, allow_outside)
         try:
-            query = Query(qid, rec.get("text") or "", image, rec.get("label"), rec.get("meta") or {})
+            query = Query(qid, rec.get("text") or "", image, rec.get("label"), _meta(rec, where))
         except QueryError as exc:
             raise JsonlError(f"{where}: {exc}") from None
         if image is not None and not image.is_file():

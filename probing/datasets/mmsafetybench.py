@@ -11,7 +11,9 @@ Kinds: ``SD`` (Stable Diffusion image, text "Rephrased Question(SD)"), ``SD_TYPO
 (text "Rephrased Question"), and ``TEXT`` ("Question", no image). Every query is labelled
 harmful. The official evaluation judges 08-Political_Lobbying and 10-13 by their own criteria
 rather than by harmfulness; their queries carry ``meta["own_criteria"] = True`` so that a study
-can keep or drop them (``own_criteria=False`` drops them here).
+can keep or drop them (``own_criteria=False`` drops them here). The kinds of one question share
+``meta["group"] = "mmsb-<scenario>-<qid>"`` (`probing.query.GROUP`): one request, kept in one
+cross-fitting fold.
 """
 
 from __future__ import annotations
@@ -174,7 +176,9 @@ def _optional_string(record: dict, name: str, path: Path, qid: str) -> str | Non
 def _record_queries(scenario: str, qid: str, record: dict, kinds: list[str], path: Path,
                     images: Path) -> list[Query]:
     """The queries of one question record, one per kind (image paths not yet checked)."""
+    # one question delivered as SD, TYPO, SD_TYPO and TEXT is one request: one cross-fitting group
     meta = {"dataset": "mmsafetybench", "source": "mmsafetybench", "scenario": scenario, "qid": qid,
+            "group": f"mmsb-{scenario}-{qid}",
             "key_phrase": _optional_string(record, "Key Phrase", path, qid),
             "phrase_type": _optional_string(record, "Phrase Type", path, qid),
             "own_criteria": scenario in OWN_CRITERIA}

@@ -9,6 +9,11 @@ keyed by pid with "image" (relative to the split's folder, e.g. "images/1.png"),
 "metadata" ({"over": stimulus type, "harm": harm types, ...}). Missing image files raise one
 `MissingDataError` listing them, unless ``skip_missing=True``; skipped records are logged and
 returned in ``report``.
+
+A benign record and its harmful counterpart share a pid and one of their two inputs (most share
+the image, the others the question), so both carry ``meta["group"] = "mossbench-<pid>"``
+(`probing.query.GROUP`): cross-fitting keeps a pair in one fold, never fitting on one half and
+evaluating on the other (a mixed-label group; `probing.analysis.folds`).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def _query(split: str, pid: str, record: dict, info: Path) -> tuple[Query, Path]
     folder, label = SPLITS[split]
     # mechprobe's own fields come last so that a metadata key cannot overwrite them
     meta = {**metadata, "dataset": "mossbench", "source": "mossbench", "kind": "image", "split": split,
-            "pid": pid}
+            "pid": pid, "group": f"mossbench-{pid}"}
     path = info.parent.parent / image
     try:
         return Query(f"moss-{split}-{pid}", question, path, label, meta), path

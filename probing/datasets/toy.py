@@ -473,7 +473,11 @@ def answer(refuse: bool, phrase: str, rng: random.Random) -> str:
 
 def requests(split: str, seed: int = 0, *, kinds=("text", "typo", "picture"), alarming: bool = True,
              repeats: int = 1) -> list[Query]:
-    """Labelled request queries (no targets); meta has scenario, kind, phrase, trigger."""
+    """Labelled request queries (no targets); meta has scenario, kind, phrase, trigger and group.
+
+    ``meta["group"]`` (`probing.query.GROUP`) is ``toy-<scenario>-<phrase>``: a phrase's text,
+    typography and picture deliveries (and its repeats) are one request, kept in one cross-fitting
+    fold. (Phrases do not repeat across scenarios; the scenario is in the name all the same.)"""
     if split not in TEMPLATES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     rng = random.Random(f"{split}-{seed}")
@@ -483,7 +487,8 @@ def requests(split: str, seed: int = 0, *, kinds=("text", "typo", "picture"), al
         for scenario, harm, benign in PAIRS:
             for label, phrase in (("harmful", harm), ("benign", benign)):
                 for kind in kinds:
-                    base = {"scenario": scenario, "kind": kind, "phrase": phrase, "split": split}
+                    base = {"scenario": scenario, "kind": kind, "phrase": phrase, "split": split,
+                            "group": f"toy-{scenario}-{phrase}"}
                     qid = f"{split}-{kind}-{phrase.replace(' ', '_')}-{rep}"
                     if kind == "text":
                         out.append(Query(qid, rng.choice(t["text"]).format(p=phrase), label=label, meta=base))
@@ -496,7 +501,7 @@ def requests(split: str, seed: int = 0, *, kinds=("text", "typo", "picture"), al
         if alarming:
             for phrase, trigger in ALARMING:
                 meta = {"scenario": "oversensitivity", "kind": "text", "phrase": phrase,
-                        "trigger": trigger, "split": split}
+                        "trigger": trigger, "split": split, "group": f"toy-oversensitivity-{phrase}"}
                 out.append(Query(f"{split}-alarming-{phrase.replace(' ', '_')}-{rep}",
                                  rng.choice(t["text"]).format(p=phrase), label="benign", meta=meta))
     return out
