@@ -137,7 +137,7 @@ def check_layer_folds(queries: list[Query], scores, folds: int, option: str, rem
     smaller = min(LABELS_NEEDED, key=lambda lab: counts.get(lab, 0))
     if counts.get(smaller, 0) < folds:
         raise InputError(f"{option} = {folds} for the diffmean / probe layer scores, but only "
-                         f"{counts.get(smaller, 0)} request groups hold {smaller} queries (a group: the deliveries "
+                         f"{counts.get(smaller, 0)} request group(s) hold {smaller} queries (a group: the deliveries "
                          f"of one request, meta 'group'); {remedy}")
 
 

@@ -104,7 +104,7 @@ def test_layerwise_checks_folds_and_score_level_ensembles_before_scoring(tmp_pat
     assert main(["layerwise", "--limit", "6", "--defenses", "sr_self_reminder", "--scores", "lens,probe",
                  "--out", str(out), *FAST]) == 2
     err = capsys.readouterr().err
-    assert "--folds = 5" in err and "only 3 queries" in err and scored == [] and not out.exists()
+    assert "--folds = 5" in err and "only 1 request group(s) hold harmful" in err and scored == [] and not out.exists()
     assert main(["layerwise", "--defenses", "sr_self_reminder", "--scores", "diffmean", "--folds", "1",
                  "--out", str(out), *FAST]) == 2
     assert "--folds = 1" in capsys.readouterr().err and scored == [] and not out.exists()

@@ -153,9 +153,9 @@ TOY_STUDY = ['model = "toy"', 'defenses = ["sr_self_reminder", "qr_caption_no_im
     (["weight = -1.0"], ["'weight'", "[0, 1]"]),
     (['layer_scores = ["lens", "difmean"]'], ["'layer_scores'", "did you mean 'diffmean'"]),
     (['layer_scores = ["lens", "diffmean"]', "folds = 1"], ["'folds'", ">= 2"]),
-    (['layer_scores = ["probe"]', "folds = 6"], ["'folds' = 6", "only 2 request groups hold harmful"]),
+    (['layer_scores = ["probe"]', "folds = 6"], ["'folds' = 6", "only 2 request group(s) hold harmful"]),
     # 4 harmful queries, but 2 requests (steal cars x3, rob banks): folds deal whole requests
-    (['layer_scores = ["diffmean"]', "folds = 3"], ["'folds' = 3", "only 2 request groups hold harmful"]),
+    (['layer_scores = ["diffmean"]', "folds = 3"], ["'folds' = 3", "only 2 request group(s) hold harmful"]),
     (["n_boot = 0"], ["'n_boot'", ">= 1"]),
     (["generation_check = 4", "max_new_tokens = 0"], ["'max_new_tokens'", "generation_check"]),
     (["[defense_params.qr_caption]", "max_new_tokens = 1"],
