@@ -346,16 +346,25 @@ def plot_tradeoff_points(points: list[dict], path: str | os.PathLike, *, title: 
 
 
 def place_labels(ax, labels: list[tuple[float, float, str]], fontsize: float = 6.5, tries: int = 16) -> None:
-    """Annotate each ``(x, y, text)`` beside its point without covering a label placed before it
-    or leaving the axes: a label that would is moved a line at a time (down in the upper half,
-    up in the lower), with a thin leader line back to its point; if no place is free it stays
-    beside its point. Labels in the right 40% of the axes run leftwards, clear of a legend on the
-    right. Call it after everything else is drawn: it reads the axes' final limits."""
+    """Annotate each ``(x, y, text)`` beside its point without covering a label placed before it,
+    another labelled point's marker, or leaving the axes: a label that would is moved a line at a
+    time (down in the upper half, up in the lower), with a thin leader line back to its point; if
+    no place is free it stays beside its point. Labels in the right 40% of the axes run leftwards,
+    clear of a legend on the right. Call it after everything else is drawn: it reads the axes'
+    final limits."""
     from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
 
     renderer = ax.figure.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     to_axes = ax.transAxes.inverted()
+    # every labelled point's marker as a box in display pixels (markers are drawn about 6-8 pt
+    # wide): a label on another point's marker reads as that point's label
+    radius = 5.0 * ax.figure.dpi / 72
+    markers = {}
+    for x, y, text in labels:
+        px, py = ax.transData.transform((x, y))
+        markers.setdefault(text, []).append(Bbox.from_extents(px - radius, py - radius, px + radius, py + radius))
 
     def note(x, y, text, step, right):
         return ax.annotate(text, (x, y), xytext=(-4 if right else 4, 3 + 9 * step), textcoords="offset points",
@@ -371,7 +380,8 @@ def place_labels(ax, labels: list[tuple[float, float, str]], fontsize: float = 6
             label.update_positions(renderer)  # where the offset puts it (else computed at draw time)
             box = Text.get_window_extent(label, renderer)  # the text alone, not its leader line
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
-            if inside and not any(box.overlaps(b) for b in placed):
+            covers = [m for other, boxes in markers.items() if other != text for m in boxes]
+            if inside and not any(box.overlaps(b) for b in placed + covers):
                 break
             label.remove()
         else:  # nowhere free: beside the point after all

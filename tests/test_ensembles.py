@@ -188,8 +188,8 @@ def test_study_tradeoff_points_show_each_condition_once(runs, tmp_path):
 
 def test_trade_off_labels_do_not_cover_each_other(tmp_path):
     """`place_labels`: labels of crowded points (a row of points at one safety, as on the toy,
-    where many defenses refuse every harmful query) end up apart and inside the axes, each tied to
-    its point; read back from the drawn figure."""
+    where many defenses refuse every harmful query) end up apart, off the other points' markers and
+    inside the axes, each tied to its point; read back from the drawn figure."""
     import matplotlib.pyplot as plt
     from matplotlib.text import Annotation
 
@@ -213,6 +213,12 @@ def test_trade_off_labels_do_not_cover_each_other(tmp_path):
         assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1, notes[i].get_text()
         for b in boxes[i + 1:]:
             assert not a.overlaps(b), (notes[i].get_text(), "overlaps another label")
+        for x, y, text in spots:  # nor another point's marker (a 10 pt box around it)
+            px, py = ax.transData.transform((x, y))
+            r = 5.0 * fig.dpi / 72
+            if text != notes[i].get_text():
+                assert not (a.x0 < px + r and px - r < a.x1 and a.y0 < py + r and py - r < a.y1), \
+                    (notes[i].get_text(), "covers the marker of", text)
     for a, (x, y, _) in zip(sorted(notes, key=lambda n: n.get_text()), sorted(spots, key=lambda t: t[2])):
         assert a.xy == (x, y)  # each label still points at its own point
     plt.close(fig)
