@@ -57,8 +57,6 @@ class Capture(logging.Handler):
 
 
 LOG = Capture()
-logging.getLogger().addHandler(LOG)  # main()'s basicConfig is then a no-op
-logging.getLogger().setLevel(logging.WARNING)
 
 _real_score, _real_forward = scorer_mod.RefusalScorer.score, scorer_mod.RefusalScorer.forward
 SCORED: list[tuple[str, list[str]]] = []
@@ -78,8 +76,13 @@ def _spy_forward(self, *a, **k):
     return _real_forward(self, *a, **k)
 
 
-scorer_mod.RefusalScorer.score = _spy_score
-scorer_mod.RefusalScorer.forward = _spy_forward
+def install_spies() -> None:
+    """Count the scorer's calls and keep the log records, for the table's cases. Only the script
+    does this: a test importing a helper from this module must keep the real scorer and logging."""
+    logging.getLogger().addHandler(LOG)  # main()'s basicConfig is then a no-op
+    logging.getLogger().setLevel(logging.WARNING)
+    scorer_mod.RefusalScorer.score = _spy_score
+    scorer_mod.RefusalScorer.forward = _spy_forward
 
 
 def cli(*argv) -> tuple[int | str, str]:
@@ -432,4 +435,5 @@ def main_table() -> int:
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    install_spies()
     sys.exit(main_table())
