@@ -45,7 +45,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Sequence
 
-from probing.errors import RunDirError, ScoringError
+from probing.errors import GenerationNeeded, RunDirError, ScoringError
 from probing.query import Query
 from probing.score_table import ScoreTable, file_digests
 
@@ -373,7 +373,12 @@ class RunDir:
             table, record = self._load_shard(shard, expect)
             if table is None:
                 check_interrupted()  # a Ctrl-C a finalizer swallowed stops the run here
-                table = score_fn(chunk)
+                try:
+                    table = score_fn(chunk)
+                except GenerationNeeded:  # a signal to the caller, not a failure
+                    raise
+                except ScoringError as exc:  # the scorer names the call and queries; add where they belong
+                    raise ScoringError(f"shard {shard} (condition {condition!r}): {exc}") from exc
                 record = self._store(shard, table, expect)
             parts.append(table)
             sums.append(record["files"])

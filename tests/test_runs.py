@@ -140,6 +140,21 @@ def test_nan_scores_are_an_error_naming_shard_and_query(tmp_path):
         run_once(tmp_path / "r", queries())
 
 
+def test_nan_found_by_the_scorer_itself_still_names_the_shard(tmp_path):
+    """`RefusalScorer` checks its own tables (a ScoringError naming the call and queries, before
+    the shard check sees them): the run directory adds the shard and condition to its message."""
+    inner = Scorer(nan={"q3"})
+
+    def checking(chunk):
+        table = inner(chunk)
+        table.check_finite("scoring")  # as the real scorer does when it finishes a table
+        return table
+
+    with pytest.raises(ScoringError, match=r"shards/c/00001 \(condition 'c'\): scoring: .*'q3'"):
+        run_once(tmp_path / "r", queries(), scorer=checking)
+    assert not (tmp_path / "r" / "shards" / "c" / "00001").exists()
+
+
 def test_overwrite_refuses_a_foreign_directory_and_deletes_nothing(tmp_path):
     thesis = tmp_path / "thesis"
     thesis.mkdir()
