@@ -45,6 +45,23 @@ def noise_image(seed: int, size=(360, 300)) -> Image.Image:
 
 
 @pytest.fixture
+def no_forward(monkeypatch):
+    """Any model load or forward pass fails the test: a command's checks of its input must all
+    come first (experiments load through `experiments.common`, `mechprobe score` through
+    `probing.model`)."""
+    import experiments.common as common
+    import probing.model
+    from probing import scorer as scorer_mod
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a forward pass (or model load) ran before the bad input was found")
+
+    for owner, name in ((probing.model, "load_model"), (common, "load_model"),
+                        (scorer_mod.RefusalScorer, "forward"), (scorer_mod.RefusalScorer, "score")):
+        monkeypatch.setattr(owner, name, boom)
+
+
+@pytest.fixture
 def mixed_queries():
     """Nine queries mixing text lengths, with and without images."""
     texts = [

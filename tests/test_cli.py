@@ -123,17 +123,6 @@ def _queries_file(tmp_path, image: str | None = None):
     return f
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fails the test if `mechprobe score` loads the model (its checks must come first)."""
-    import probing.model
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was found")
-
-    monkeypatch.setattr(probing.model, "load_model", refuse)
-
-
 @pytest.mark.parametrize("case,extra,names", [
     ("missing_queries", ["--queries", "{tmp}/missing.jsonl"], ["missing.jsonl"]),
     ("out_is_a_file", ["--out", "{tmp}/afile"], ["--out", "afile", "is a file"]),
@@ -145,7 +134,7 @@ def no_model_load(monkeypatch):
      ["--defense", "'sr_self_reminder||qr_caption'", "each side"]),
     ("unreadable_image", ["--queries", "{tmp}/bad_image.jsonl"], ["'b'", "broken.png"]),
 ])
-def test_score_checks_its_inputs_before_loading_the_model(tmp_path, capsys, no_model_load, case, extra, names):
+def test_score_checks_its_inputs_before_loading_the_model(tmp_path, capsys, no_forward, case, extra, names):
     """Each bad input of `mechprobe score` is one line naming the option, file or query, exit
     code 2, before the model loads and before anything is written."""
     (tmp_path / "afile").write_text("x")
@@ -164,14 +153,14 @@ def test_score_checks_its_inputs_before_loading_the_model(tmp_path, capsys, no_m
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_score_names_a_device_that_is_not_here(tmp_path, capsys, no_model_load):
+def test_score_names_a_device_that_is_not_here(tmp_path, capsys, no_forward):
     f = _queries_file(tmp_path)
     assert main(["score", "--queries", str(f), "--device", "cuda", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--device cuda" in err and "no CUDA device" in err, err
 
 
-def test_score_refuses_bad_layers_while_parsing(tmp_path, capsys, no_model_load):
+def test_score_refuses_bad_layers_while_parsing(tmp_path, capsys, no_forward):
     f = _queries_file(tmp_path)
     with pytest.raises(SystemExit) as stop:
         main(["score", "--queries", str(f), "--layers", "1,x", "--out", str(tmp_path / "out")])

@@ -43,20 +43,6 @@ def scored(monkeypatch):
     return seen
 
 
-@pytest.fixture
-def no_forward(monkeypatch):
-    """Any forward pass or model load fails the test."""
-    from probing import scorer as scorer_mod
-    import experiments.common as common
-
-    def boom(*a, **k):
-        raise AssertionError("a forward pass (or model load) ran before the input was checked")
-
-    monkeypatch.setattr(scorer_mod.RefusalScorer, "forward", boom)
-    monkeypatch.setattr(scorer_mod.RefusalScorer, "score", boom)
-    monkeypatch.setattr(common, "load_model", boom)
-
-
 def test_changed_texts_recompute_only_their_shards_and_out_spelling_does_not_matter(tmp_path, monkeypatch, scored):
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "q.jsonl")
