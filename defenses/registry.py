@@ -98,6 +98,16 @@ def split_expression(name: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
+def split_top(expression: str) -> tuple[str | None, list[str]]:
+    """The outermost operator of an ensemble expression and its parts, ``(None, [expression])``
+    for a single defense: `get_defense`'s own parse (score-level operators, in `_SCORE_OPS` order,
+    bind looser than "+")."""
+    for op in (*_SCORE_OPS, "+"):
+        if op in expression:
+            return op, [p.strip() for p in expression.split(op)]
+    return None, [expression]
+
+
 def check_syntax(expression: str) -> None:
     """Raise `InputError` naming the whole expression when an operator lacks a defense on one
     side ("a||b", "a+", "|b"): the empty name between them is no defense to look up."""
@@ -130,16 +140,16 @@ def get_defense(name: str, *, baseline=None, member: Callable[[str], Defense] | 
         raise InputError(f"a defense name must be a string, got {type(name).__name__}")
     name = name.strip()
     check_syntax(name)
-    for op, combine in _SCORE_OPS.items():
-        if op in name:
-            if params:
-                raise InputError(f"parameters cannot be passed to an ensemble expression ({name!r}); "
-                                 "build the members with get_defense and combine them")
-            return combine(*(get_defense(part, baseline=baseline, member=member) for part in name.split(op)))
-    if "+" in name:
+    op, parts = split_top(name)
+    if op in _SCORE_OPS:
+        if params:
+            raise InputError(f"parameters cannot be passed to an ensemble expression ({name!r}); "
+                             "build the members with get_defense and combine them")
+        return _SCORE_OPS[op](*(get_defense(part, baseline=baseline, member=member) for part in parts))
+    if op == "+":
         if params:
             raise InputError(f"parameters cannot be passed to an ensemble expression ({name!r})")
-        return Compose(members=[get_defense(part, baseline=baseline, member=member) for part in name.split("+")])
+        return Compose(members=[get_defense(part, baseline=baseline, member=member) for part in parts])
     if member is not None and not params:
         return member(name)
     if name not in REGISTRY:

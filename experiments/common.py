@@ -15,6 +15,7 @@ from probing import RefusalScorer, load_model
 from probing.errors import DataError, InputError
 from probing.analysis.folds import groups_per_class
 from probing.query import GROUP, Query, check_images
+from defenses.registry import split_top  # noqa: F401 (re-exported: the study imports it from here)
 from .kept import kept
 from .options import ANALYSIS_OPTIONS, add_common  # noqa: F401  (add_common: old import path)
 from .report import write_report
@@ -97,19 +98,6 @@ def check_labels(queries: list[Query], spec: str, limit: int | None = None) -> N
 HIDDEN_SCORES = ("diffmean", "probe")
 #: why a score-level ensemble gets no diffmean / probe profile (the study and `layerwise` say the same)
 NO_HIDDEN_SCORE_LEVEL = "a score-level ensemble, combined from its members' scores, has no hidden states"
-
-
-def split_top(expression: str) -> tuple[str | None, list[str]]:
-    """The outermost operator of an ensemble expression and its parts, as `get_defense` parses it
-    (score-level operators bind looser than '+')."""
-    from probing.aggregate import OPERATORS
-
-    for op in OPERATORS:
-        if op in expression:
-            return op, [p.strip() for p in expression.split(op)]
-    if "+" in expression:
-        return "+", [p.strip() for p in expression.split("+")]
-    return None, [expression]
 
 
 def is_score_level(expression: str) -> bool:
