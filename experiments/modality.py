@@ -4,7 +4,7 @@
 
 The multimodal safety gap per layer: for each delivery, refusal rates, per-layer lens AUROC and
 the harmful queries' mean lens margin; the gap is text minus that delivery, layer by layer, over
-the harmful requests present in both (paired by the request: the toy's ``phrase``). Needs a
+the harmful requests present in both (paired by the request: ``meta["group"]``, the toy's phrase). Needs a
 dataset that delivers the same request several ways: the toy set. With ``--limit`` the deliveries
 can hold different requests: the gap uses only the shared ones (``gap_requests`` says how many),
 and a delivery without harmful or benign queries is an error before any forward.
@@ -17,7 +17,7 @@ from PIL import Image
 
 from probing.analysis import auroc
 from probing.errors import DataError
-from probing.query import Query
+from probing.query import GROUP, Query
 from .report import markdown_table
 
 from . import options
@@ -47,8 +47,9 @@ def _deliveries(queries) -> dict[str, list[Query]]:
 
 
 def request(q: Query) -> str:
-    """What pairs one request's deliveries: the toy's phrase ("steal cars")."""
-    return q.meta["phrase"]
+    """What pairs one request's deliveries: the query's request group (`probing.query.GROUP`; the
+    toy's is its scenario and phrase, "steal cars")."""
+    return q.meta[GROUP]
 
 
 def check_deliveries(groups: dict[str, list[Query]], limit: int | None) -> None:
