@@ -5,12 +5,16 @@
 #   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude   (.gpu/ is already in .gitignore)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl transformers==5.24.0 ...    # whatever the device's package list lacks
+#       -d .whl transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0
+#   (not huggingface_hub 2.x: it imports httpx2, which the device lacks; its huggingface_hub 1.33.0
+#   serves transformers 5.24)
 #   mkdir -p .gpu && cp -r ../shared/llava-1.5-7b-hf .gpu/llava      # the real processor, no weights
 #   cp -r ../shared/data/mm-safetybench .gpu/mm-safetybench          # 96 stand-in images at 1024 px (4.3 MB)
 # Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl", ".gpu"], timeout_s=480)
 # Everything it prints is also under $OUT (gpu_study.log, gpu_study.json).
 set -o pipefail
+# A warm machine keeps /tmp from the last call: start from an empty target, or an old wheel stays.
+rm -rf /tmp/site
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
