@@ -505,6 +505,51 @@ def test_merging_the_adapters_leaves_the_original_untouched():
     merge_adapters(toy)  # no adapters: nothing to do
 
 
+def test_a_saved_lora_tune_is_its_adapters_and_loads_bit_for_bit(tmp_path, monkeypatch):
+    """The study keeps a LoRA tune as its adapters alone (`experiments.kept.SavedModel`): loading
+    them onto the run's model and merging gives the tuned model's logits exactly, trains nothing,
+    leaves the original model and the global RNG as they were; adapters that do not fit the model
+    are refused by name."""
+    from defenses.finetune import FineTune
+    from experiments.kept import ADAPTERS_FILE, SavedModel
+    from probing import load_model
+    from probing.datasets import toy as data
+    from probing.errors import InputError
+    from probing.render import encode, render_prompt
+    from safetensors.torch import load_file, save_file
+
+    toy = load_model("toy")
+    before = {n: p.detach().clone() for n, p in toy.model.named_parameters()}
+    tune = FineTune(params={"steps": 2}, steps=2, batch_size=2)
+    folder = tmp_path / "models" / "mo_finetune"
+    fresh = SavedModel(inner=tune, folder=folder, base_name=toy.name).model(toy)
+    assert sorted(f.name for f in folder.iterdir()) == [ADAPTERS_FILE, "mechprobe.json"]
+    model_bytes = sum(p.numel() * p.element_size() for p in toy.model.parameters())
+    assert (folder / ADAPTERS_FILE).stat().st_size < 0.05 * model_bytes
+
+    calls = []
+    monkeypatch.setattr(FineTune, "_tune", lambda self, bundle: calls.append(1))
+    rng = torch.get_rng_state()
+    loaded = SavedModel(inner=FineTune(params={"steps": 2}, steps=2, batch_size=2), folder=folder,
+                        base_name=toy.name).model(toy)
+    assert calls == [] and torch.equal(torch.get_rng_state(), rng)
+    queries = data.requests("test")[:6]
+    inputs = encode(toy, [render_prompt(toy.processor, q) for q in queries], [q.load_image() for q in queries])
+    with torch.no_grad():
+        a, b = fresh.model(**inputs).logits[:, -1], loaded.model(**inputs).logits[:, -1]
+        original = toy.model(**inputs).logits[:, -1]
+    assert torch.equal(a, b), f"loaded tune differs from the trained one by {(a - b).abs().max():.3g}"
+    assert (original - a).abs().max() > 1e-4  # the tune did something
+    assert [n for n, p in toy.model.named_parameters() if not torch.equal(p, before[n])] == []
+
+    tensors = load_file(str(folder / ADAPTERS_FILE))
+    dropped = sorted(tensors)[0]
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(folder / ADAPTERS_FILE))
+    with pytest.raises(InputError, match=re.escape(dropped)):
+        SavedModel(inner=FineTune(params={"steps": 2}, steps=2, batch_size=2), folder=folder,
+                   base_name=toy.name).model(toy)
+
+
 def test_fine_tuning_examples_mask_exactly_the_prompt(tiny):
     """`encode_example` labels only the answer: the prompt's length comes from the tokenizer on the
     prompt with its image token expanded as in the full example (the image is processed once),

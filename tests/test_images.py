@@ -141,9 +141,10 @@ def test_saved_and_checkpoint_models_keep_the_setting(cropping, tmp_path):
     from defenses.finetune import FineTune
     from experiments.kept import SavedModel
 
-    tune = FineTune(params={"steps": 1}, steps=1, batch_size=2)
-    saved = SavedModel(inner=tune, folder=tmp_path / "mo", base_name=cropping.name)
-    saved.model(cropping)
-    again = SavedModel(inner=tune, folder=tmp_path / "mo", base_name=cropping.name).model(cropping)  # from disk
-    assert again.image_aspect_ratio == "crop"
-    assert mo_checkpoint(str(tmp_path / "mo")).model(cropping).image_aspect_ratio == "crop"
+    for lora in (True, False):  # adapters applied to the run's model; a whole model saved
+        tune = FineTune(params={"steps": 1, "lora": lora}, steps=1, batch_size=2, lora=lora)
+        folder = tmp_path / f"mo-{lora}"
+        SavedModel(inner=tune, folder=folder, base_name=cropping.name).model(cropping)
+        again = SavedModel(inner=tune, folder=folder, base_name=cropping.name).model(cropping)  # from disk
+        assert again.image_aspect_ratio == "crop"
+    assert mo_checkpoint(str(tmp_path / "mo-False")).model(cropping).image_aspect_ratio == "crop"

@@ -260,7 +260,7 @@ def test_finetuned_model_is_trained_once_and_saved(llava_assets, tmp_path, monke
     monkeypatch.setattr(study_mod, "OWN_MODEL_REVISION", 1)  # the first run stands for an older one
     assert main(["study", "--config", str(cfg)]) == 0
     assert len(calls) == 1  # one training for mo_finetune and sr_self_reminder+mo_finetune
-    assert (out / "models" / "mo_finetune" / "model.safetensors").is_file()
+    assert (out / "models" / "mo_finetune" / "adapters.safetensors").is_file()  # LoRA: the adapters alone
     first = ScoreTable.load(out / "scores" / "sr_self_reminder+mo_finetune")
     steered = ScoreTable.load(out / "scores" / "act_steer")
     assert "prompt format: `llava_v1`" in (out / "report.md").read_text()
