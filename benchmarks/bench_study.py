@@ -2,6 +2,8 @@
 
     python benchmarks/bench_study.py            # tiny-random, 24 toy test queries
     python benchmarks/bench_study.py --quick    # 12 queries, short fine-tune (< 2 minutes)
+    python benchmarks/bench_study.py --model 7b-random --device cuda --mmsb-root .gpu/mm-safetybench \
+        --queries 32 --mmsb-limit 48 --steps 10 --batch-size 16          # on a GPU (gpu_session.sh)
 
 The study (issue 15): baseline, 6 defenses (two SR, one with a system prompt; a QR; two NI;
 mo_finetune) and 4 ensembles of both kinds. Only the scoring is timed (the analysis after it is
@@ -138,72 +140,126 @@ def project(cfg):
         study.run.close()
 
 
+def make_bundle(model: str, device: str, dtype: str):
+    """A fresh copy of the benchmark's model: the same seeded weights each call, its own processor
+    (so neither way finds prompts the other rendered)."""
+    from probing import load_model
+
+    if model == "7b-random":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_scorer import load_bench_model
+
+        return load_bench_model(model, device, dtype, None)
+    return load_model(model, seed=0, device=device, dtype=dtype)
+
+
+def warm_up(bundle, queries, batch_size: int, device: str) -> None:
+    """On an accelerator, one batch through the scorer first, so that neither way pays the
+    device's start-up (CUDA context, cuBLAS, the vision tower's graphs) in its timed run."""
+    if not device.startswith("cuda"):
+        return
+    from probing import RefusalScorer
+
+    RefusalScorer(bundle, batch_size=batch_size, progress=False).score(queries[:batch_size])
+    torch.cuda.synchronize(device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="12 queries, 10 fine-tuning steps")
-    p.add_argument("--queries", type=int, default=24)
+    p.add_argument("--queries", type=int, default=24, help="toy test queries")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="mo_finetune steps")
+    p.add_argument("--model", default="tiny-random", choices=["tiny-random", "7b-random"],
+                   help="7b-random: the LLaVA-1.5-7B architecture with seeded random weights (a GPU run)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 elsewhere")
+    p.add_argument("--mmsb-root", default=None,
+                   help="also MM-SafetyBench's tiny subset (SD, TYPO, SD_TYPO; images that are present)")
+    p.add_argument("--mmsb-limit", type=int, default=None, help="the first N of those (stratified by label)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest |margin difference| between the ways (default 1e-4 in float32; in bfloat16 "
+                        "the difference is reported, not checked: batching and prefix sharing round differently)")
     args = p.parse_args(argv)
     n, steps = (12, 10) if args.quick else (args.queries, args.steps)
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    tolerance = args.tolerance if args.tolerance is not None else (1e-4 if dtype == "float32" else None)
     torch.manual_seed(0)
 
+    from experiments.study import load_datasets
     from experiments.study_config import StudyConfig
-    from probing import load_model
-    from probing.datasets import toy
 
-    queries = toy.requests("test")
-    from experiments.study import stratified_head
-
-    queries = stratified_head(queries, n)
+    datasets = [{"name": "toy", "tag": "toy", "limit": n}]
+    if args.mmsb_root:
+        datasets.append({"name": "mmsafetybench", "tag": "mmsb", "root": str(Path(args.mmsb_root).resolve()),
+                         "kinds": ["SD", "TYPO", "SD_TYPO"], "subset": "tiny", "skip_missing": True,
+                         **({"limit": args.mmsb_limit} if args.mmsb_limit else {})})
+    queries, _ = load_datasets(datasets)  # the study's own loader: both ways score the same ids
     params = {"mo_finetune": {"steps": steps}}
-    bundle = load_model("tiny-random", seed=0)
+    bundle = make_bundle(args.model, args.device, dtype)
+    warm_up(bundle, queries, args.batch_size, args.device)
     counter = Counter()
     handle = bundle.language_model.register_forward_pre_hook(counter.hook, with_kwargs=True)
     t0 = time.perf_counter()
     with TuneTimer() as tune_naive:
         naive_tables = naive(bundle, queries, params, args.batch_size)
+    sync(args.device)
     t_naive, rows_naive, tokens_naive = time.perf_counter() - t0, counter.rows, counter.tokens
     handle.remove()
+    print(f"naive way: {t_naive:.1f} s ({tune_naive.seconds:.1f} s fine-tuning), {tokens_naive} inference tokens",
+          flush=True)
+    if args.device.startswith("cuda"):  # the study's copy of the model takes the place of this one
+        del bundle
+        torch.cuda.empty_cache()
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = StudyConfig(model="tiny-random", out=str(Path(tmp) / "study"), defenses=list(DEFENSES),
-                          ensembles=list(ENSEMBLES), datasets=[{"name": "toy", "tag": "toy", "limit": n}],
+                          ensembles=list(ENSEMBLES), datasets=datasets, device=args.device, dtype=dtype,
                           defense_params=params, batch_size=args.batch_size, generation_check=0)
         import experiments.study as study_mod
 
         counter2 = Counter()
         real_load = study_mod.load_model
-
-        def counted_load(*a, **k):  # the study loads its own copy of the same model: count it too
-            b = real_load(*a, **k)
-            b.language_model.register_forward_pre_hook(counter2.hook, with_kwargs=True)
-            return b
-
-        study_mod.load_model = counted_load
+        theirs = make_bundle(args.model, args.device, dtype)  # the study's own copy of the same model
+        warm_up(theirs, queries, args.batch_size, args.device)
+        theirs.language_model.register_forward_pre_hook(counter2.hook, with_kwargs=True)
+        study_mod.load_model = lambda *a, **k: theirs
         try:
             t0 = time.perf_counter()
             with TuneTimer() as tune_proj:
                 _, ours = project(cfg)
+            sync(args.device)
             t_proj, rows_proj, tokens_proj = time.perf_counter() - t0, counter2.rows, counter2.tokens
         finally:
             study_mod.load_model = real_load
 
-    worst = 0.0
-    for name, table in naive_tables.items():
-        mine = ours[name].select(table.ids)
-        worst = max(worst, float((mine.margin - table.margin).abs().max()))
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {len(queries)} queries, {len(DEFENSES)} defenses, {len(ENSEMBLES)} ensembles, "
-          f"mo_finetune steps={steps}")
+    diffs = {name: float((ours[name].select(table.ids).margin - table.margin).abs().max())
+             for name, table in naive_tables.items()}
+    worst = max(diffs.values())
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+             else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"machine: {where}, torch {torch.__version__}; model {args.model}, {dtype}; {len(queries)} queries "
+          f"({', '.join(d['tag'] for d in datasets)}), {len(DEFENSES)} defenses, {len(ENSEMBLES)} ensembles, "
+          f"mo_finetune steps={steps}, batch {args.batch_size}")
     print(f"{'way':<10} {'forward-equivalents':>20} {'per query':>10} {'inference tokens':>17} {'wall s':>8} "
           f"{'fine-tunings':>13} {'tuning s':>9} {'rest s':>7}")
     for way, rows, tokens, t, tune in (("naive", rows_naive, tokens_naive, t_naive, tune_naive),
                                        ("project", rows_proj, tokens_proj, t_proj, tune_proj)):
         print(f"{way:<10} {rows:>20} {rows / len(queries):>10.1f} {tokens:>17} {t:>8.1f} {tune.runs:>13} "
               f"{tune.seconds:>9.1f} {t - tune.seconds:>7.1f}")
-    ok = worst <= 1e-4
-    print(f"same tables (max |margin difference| {worst:.2e}, tolerance 1e-4): {'yes' if ok else 'NO'}")
+    ok = tolerance is None or worst <= tolerance
+    if tolerance is None:
+        print(f"max |margin difference| between the ways: {worst:.2e} ({dtype}: reported, not checked); by "
+              "condition: " + ", ".join(f"{k} {v:.2g}" for k, v in sorted(diffs.items(), key=lambda kv: -kv[1])))
+        spread = [float(t.margin.std()) for t in naive_tables.values()]
+        print(f"margin SD within a condition: {min(spread):.3g}-{max(spread):.3g}")
+    else:
+        print(f"same tables (max |margin difference| {worst:.2e}, tolerance {tolerance:g}): {'yes' if ok else 'NO'}")
     print(f"forward-equivalents saved: {rows_naive / max(rows_proj, 1):.2f}x; "
           f"inference tokens saved: {tokens_naive / max(tokens_proj, 1):.2f}x")
     print(f"speedup without fine-tuning: {(t_naive - tune_naive.seconds) / max(t_proj - tune_proj.seconds, 1e-9):.2f}x; "

@@ -5,7 +5,7 @@
 #   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude   (.gpu/ is already in .gitignore)
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0
+#       -d .whl transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 peft==0.21.2
 #   (not huggingface_hub 2.x: it imports httpx2, which the device lacks; its huggingface_hub 1.33.0
 #   serves transformers 5.24)
 #   mkdir -p .gpu && cp -r ../shared/llava-1.5-7b-hf .gpu/llava      # the real processor, no weights
@@ -24,6 +24,12 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" MECHPROBE_LLAVA_DIR="$PWD/.g
 OUT="${OUT:-/tmp/gpu-out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)'
+# GPU_BENCH_STUDY_ARGS set: bench_study.py (naive way against the project's, at 7B) instead of gpu_study.py
+if [ -n "${GPU_BENCH_STUDY_ARGS:-}" ]; then
+    timeout "${GPU_TIMEOUT:-420}" python3 benchmarks/bench_study.py --model 7b-random --device cuda \
+        --mmsb-root .gpu/mm-safetybench ${GPU_BENCH_STUDY_ARGS} 2>&1 | tee "$OUT/bench_study.log"
+    exit
+fi
 # ${GPU_STUDY_ARGS} replaces the default extra arguments, e.g. "--skip-mfu --study-runs 2 --extra-study-batches 32"
 # (the busy-fraction runs of the third session; MFU rows measured before)
 timeout 420 python3 benchmarks/gpu_study.py --mmsb-root .gpu/mm-safetybench --queries 32 --deadline 390 \
