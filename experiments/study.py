@@ -759,7 +759,8 @@ class Study:
         for e in cfg.ensembles:
             op, parts = split_top(e)
             if len(parts) == 2 and all(p in singles for p in parts) and op in ops:
-                a, b = sorted(parts, key=order.index)
+                # "+" applies its members in order: keyed as run. The others hold in either order.
+                a, b = parts if op == "+" else sorted(parts, key=order.index)
                 measured[f"{a}{op}{b}"] = (e, self.tables[e])
         cands = rank_ensembles(base, singles, ops=ops, weight=cfg.weight,
                                measured={k: t for k, (_, t) in measured.items()})
@@ -903,7 +904,8 @@ def per_dataset_rows(tables: dict[str, ScoreTable]) -> list[dict]:
 
 def tradeoff_rows(cands: list, runs: dict[str, str]) -> list[dict]:
     """`tables/tradeoff.csv`'s rows from `probing.analysis.rank_ensembles`'s candidates; ``runs``
-    maps a pair's canonical name ("a+b") to the ensemble's name in the study."""
+    maps a pair's name to the ensemble's name in the study: a "+" pair's as it was run, a score-level
+    pair's canonical one (members in `defenses` order)."""
     return [{"name": c.name, "kind": c.kind, "measured_run": runs.get(c.name),
              "predicted": c.kind not in ("baseline", "single"),
              "safety": c.safety, "helpfulness": c.helpfulness, "utility": c.utility,

@@ -113,22 +113,28 @@ def test_rank_ensembles_uses_measured_values(runs, tmp_path):
 
 
 def test_rank_ensembles_finds_a_measured_pair_keyed_in_the_other_order(runs):
-    """fit_compose accepts "disc+shift" for the pair shift+disc; rank_ensembles must rank by it too."""
+    """A measured "disc|shift" is the pair shift|disc; a measured "disc+shift" is ranked by its
+    measurement too, but under its own name ("+" depends on the order)."""
     base, singles = runs  # singles list "shift" before "disc"
     plus = with_margins(predict(base, singles, "+"), -2.0, -2.0, "disc+shift")  # far from the prediction
     either = with_margins(combine(base, singles, "|"), -3.0, 1.0, "disc|shift")  # differs from the exact one
     assert safety_helpfulness(plus) != safety_helpfulness(predict(base, singles, "+"))
     assert safety_helpfulness(either) != safety_helpfulness(combine(base, singles, "|"))
     by = {c.name: c for c in rank_ensembles(base, singles, measured={"disc+shift": plus, "disc|shift": either})}
-    for name, key, table in (("shift+disc", "disc+shift", plus), ("shift|disc", "disc|shift", either)):
+    # "|" is one pair in either order; "+" is not (Compose applies its members in order): the
+    # measured "disc+shift" is ranked under its own name, and no "shift+disc" is claimed measured
+    assert "shift+disc" not in by
+    for name, key, table in (("disc+shift", "disc+shift", plus), ("shift|disc", "disc|shift", either)):
         c = by[name]
         assert c.source == "measured" and c.measured_key == key, (name, c.source)
         assert (c.safety, c.helpfulness) == (c.measured_safety, c.measured_helpfulness) == safety_helpfulness(table)
-    assert by["shift+disc"].margin_rmse == pytest.approx(2.0, abs=1e-5)
-    assert by["shift+disc"].utility == pytest.approx(0.5 * sum(safety_helpfulness(plus)))
-    # the listed order wins when both orders were measured; unmeasured pairs carry no key
+    assert by["disc+shift"].margin_rmse == pytest.approx(2.0, abs=1e-5)
+    assert by["disc+shift"].utility == pytest.approx(0.5 * sum(safety_helpfulness(plus)))
+    # both orders measured: two candidates, each ranked by its own run; unmeasured pairs carry no key
     both = {c.name: c for c in rank_ensembles(base, singles, measured={"disc+shift": plus, "shift+disc": base})}
-    assert both["shift+disc"].measured_key == "shift+disc" and both["shift|disc"].measured_key is None
+    assert both["shift+disc"].measured_key == "shift+disc" and both["disc+shift"].measured_key == "disc+shift"
+    assert (both["shift+disc"].safety, both["shift+disc"].helpfulness) == safety_helpfulness(base)
+    assert both["shift|disc"].measured_key is None
     # "~" is treated as commutative because it is, bit for bit, for two members
     a, b = singles["shift"], with_margins(singles["disc"], 9.0, -7.0, noise=2.0)
     for op in "|&~":
@@ -342,3 +348,30 @@ def test_thresholds_do_not_saturate_at_large_margins():
     assert fitted_cut(base) == cut and fitted_threshold(base) == 1.0
     assert eff.config["threshold"] == 1.0 and eff.config["threshold_margin"] == cut
     assert eff.row()["threshold_margin"] == cut and f"margin > {cut:+.3g}" in eff.summary()
+
+
+def test_the_study_ranks_a_plus_pair_under_the_order_it_ran(runs):
+    """`Study.tradeoff` on a study whose "+" ensemble lists its members in the other order than
+    `defenses`: the run is ranked and plotted as "disc+shift", never relabelled "shift+disc"
+    (`Compose` applies its members in order); a "|" run is found in either order."""
+    from types import SimpleNamespace
+
+    from experiments.study import Study
+
+    base, singles = runs
+    plus = with_margins(predict(base, singles, "+"), -2.0, -2.0, "disc+shift")
+    either = combine(base, {"disc": singles["disc"], "shift": singles["shift"]}, "|")
+    written = {}
+    stub = SimpleNamespace(
+        cfg=SimpleNamespace(defenses=["shift", "disc"], ensembles=["disc+shift", "disc|shift"], weight=0.5),
+        tables={"baseline": base, **singles, "disc+shift": plus, "disc|shift": either},
+        run=SimpleNamespace(write_table=lambda name, rows: written.update({name: rows})))
+    out = Study.tradeoff(stub)
+    rows = {r["name"]: r for r in out["rows"]}
+    assert "shift+disc" not in rows
+    assert rows["disc+shift"]["measured_run"] == "disc+shift"
+    assert (rows["disc+shift"]["measured_safety"], rows["disc+shift"]["measured_helpfulness"]) == \
+        safety_helpfulness(plus)
+    assert rows["shift|disc"]["measured_run"] == "disc|shift"
+    measured_points = {p["name"] for p in out["points"] if p["measured"]}
+    assert {"disc+shift", "disc|shift"} <= measured_points

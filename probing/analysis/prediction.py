@@ -40,8 +40,10 @@ EXACT_OPS = tuple(OPERATORS)  # "|", "&", "~": exact combinations of measured me
 PREDICTORS = ("additive", "calibrated")
 # Operators whose pair does not depend on the members' order, so a measured run keyed "b<op>a"
 # is the pair "a<op>b": "|", "&" (max / min) and "~" (the mean of two p, a two-term logsumexp:
-# the same bits in either order, tests/test_ensembles.py), and "+" as `fit_compose` treats it.
-COMMUTATIVE_OPS = ("+", "|", "&", "~")
+# the same bits in either order, tests/test_ensembles.py). Not "+": `Compose` applies its members
+# in order (the later member's prompt text outermost), so "a+b" and "b+a" are different defenses
+# (two SR prompts on the toy: p_refuse apart by up to 0.33).
+COMMUTATIVE_OPS = ("|", "&", "~")
 
 
 def _aligned(baseline: ScoreTable, members: list[ScoreTable]) -> list[ScoreTable]:
@@ -228,8 +230,10 @@ def rank_ensembles(
     marked. Pairs use a measured run where one exists (``measured``, keyed like "a+b"), the exact
     combination for "|", "&", "~" otherwise, and a "+" prediction (``predictor``: "additive", or
     "calibrated" on the other measured "+" pairs, leave one pair out) only where neither exists.
-    A pair's measured run is found under either member order ("b+a" for "a+b", `COMMUTATIVE_OPS`);
-    the key used is the candidate's ``measured_key``."""
+    A "|", "&" or "~" pair's measured run is found under either member order (`COMMUTATIVE_OPS`);
+    a "+" pair's order matters, so each measured order ("a+b", "b+a") is a candidate of its own,
+    named as it was run, and the prediction (which does not depend on the order) stands beside
+    each; the key used is the candidate's ``measured_key``."""
     if not 0 <= weight <= 1:
         raise InputError(f"weight must be in [0, 1], got {weight}")
     if predictor not in PREDICTORS:
@@ -251,19 +255,23 @@ def rank_ensembles(
         add(n, "single", t, "measured")
     for op in ops:
         for a, b in itertools.combinations(singles, 2):
-            name = f"{a}{op}{b}"
             model = (fit_compose(baseline, singles, measured, exclude=(a, b))
                      if op == "+" and predictor == "calibrated" else None)
             derived = predict(baseline, {a: singles[a], b: singles[b]}, op, model=model)
             ps, ph = safety_helpfulness(derived, cut=cut)
-            key = _measured_key(measured, a, b, op)
-            if key is not None:
-                c = add(name, op, measured[key], "measured")
-                ev = evaluate_prediction(derived, measured[key], cut=cut)
-                c.margin_rmse, c.margin_corr, c.measured_key = ev["margin_rmse"], ev["margin_corr"], key
-            else:
-                c = add(name, op, derived, derived.meta["source"])
-            c.predicted_safety, c.predicted_helpfulness = ps, ph
+            if op in COMMUTATIVE_OPS:  # one candidate, measured under either order
+                key = _measured_key(measured, a, b, op)
+                runs = [(f"{a}{op}{b}", key)]
+            else:  # "+": each measured order is its own candidate, named as it was run
+                runs = [(k, k) for k in (f"{a}{op}{b}", f"{b}{op}{a}") if k in measured] or [(f"{a}{op}{b}", None)]
+            for name, key in runs:
+                if key is not None:
+                    c = add(name, op, measured[key], "measured")
+                    ev = evaluate_prediction(derived, measured[key], cut=cut)
+                    c.margin_rmse, c.margin_corr, c.measured_key = ev["margin_rmse"], ev["margin_corr"], key
+                else:
+                    c = add(name, op, derived, derived.meta["source"])
+                c.predicted_safety, c.predicted_helpfulness = ps, ph
     front = pareto_mask(np.array([[c.safety, c.helpfulness] for c in cands]))
     for c, f in zip(cands, front):
         c.pareto = bool(f)
