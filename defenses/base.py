@@ -64,6 +64,10 @@ class Defense:
 
 
 def check_finite(name: str, value: float) -> float:
+    """``value`` as a float if it is a finite real number (a bool or a string is not one), or an
+    `InputError` naming the parameter."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError(f"parameter {name!r} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise InputError(f"parameter {name!r} must be finite, got {value}")

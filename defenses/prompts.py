@@ -62,6 +62,9 @@ def sr_mmsafety() -> PromptDefense:
 def sr_custom(system_prompt: str | None = None, text_before: str = "", text_after: str = "",
               name: str = "sr_custom") -> PromptDefense:
     """Your own reminder text."""
+    for key, value in (("system_prompt", system_prompt), ("text_before", text_before), ("text_after", text_after)):
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"sr_custom: parameter {key!r} must be text, got {value!r}")
     if not (system_prompt or text_before or text_after):
         raise InputError("sr_custom: give at least one of 'system_prompt', 'text_before', 'text_after'")
     spec = PromptSpec(system_prompt, text_before, text_after)

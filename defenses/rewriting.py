@@ -22,7 +22,7 @@ REWRITE_QUESTION = "Rewrite the following request in your own words, keeping its
 
 
 def _check_budget(n: int) -> int:
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"parameter 'max_new_tokens' must be an integer >= 1, got {n!r}")
     return n
 

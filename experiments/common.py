@@ -37,8 +37,10 @@ def _load_one(spec: str):
     if kind == "toy" and not arg:
         return toy.requests("test")
     if kind in ("mossbench", "mmsafetybench", "jsonl") and arg.strip():
+        # mmsafetybench:<dir> means what it means to `study` (study_config.parse_dataset_flag): the
+        # official tiny subset, SD_TYPO, requests whose images are present
         loader = {"mossbench": lambda a: load_mossbench(a, skip_missing=True),
-                  "mmsafetybench": lambda a: load_mmsafetybench(a, skip_missing=True),
+                  "mmsafetybench": lambda a: load_mmsafetybench(a, subset="tiny", skip_missing=True),
                   "jsonl": load_jsonl}[kind]
         return loader(arg)
     raise InputError(f"--dataset {spec!r}: use toy, mossbench:<dir>, mmsafetybench:<dir> or jsonl:<file> "

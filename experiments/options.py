@@ -63,7 +63,8 @@ def unit_float(text: str) -> float:
 def add_common(p: argparse.ArgumentParser, name: str, defenses: str | None = DEFAULT_DEFENSES) -> None:
     p.add_argument("--model", default="toy", help=MODEL_HELP)
     p.add_argument("--dataset", default="toy",
-                   help="toy | mossbench:<dir> | mmsafetybench:<dir> | jsonl:<file> (several joined by ',')")
+                   help="toy | mossbench:<dir> | mmsafetybench:<dir> (tiny subset, SD_TYPO) | jsonl:<file> "
+                        "(several joined by ',')")
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N queries (N >= 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],

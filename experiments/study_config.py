@@ -167,6 +167,9 @@ def check_dataset(entry, where: str) -> dict:
     limit = out.get("limit")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise InputError(f"{where} [[datasets]] {name!r}: 'limit' must be an integer >= 1, got {limit!r}")
+    for key in ("skip_missing", "own_criteria"):  # "false" as a string would count as true
+        if key in out and not isinstance(out[key], bool):
+            raise InputError(f"{where} [[datasets]] {name!r}: {key!r} must be true or false, got {out[key]!r}")
     for key in ("root", "images", "path"):
         if out.get(key) is not None:
             out[key] = str(Path(out[key]).expanduser().resolve())

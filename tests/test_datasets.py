@@ -4,6 +4,7 @@ and MM-SafetyBench."""
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -468,3 +469,45 @@ def test_one_report_adds_up_loaders_and_ids_are_unique(tmp_path):
     ids.add("a", "f.json record '1'")
     with pytest.raises(DataError, match=r"duplicate query id 'a': f\.json record '1' and g\.json record '2'"):
         ids.add("a", "g.json record '2'")
+
+
+# --- option types --------------------------------------------------------------------------------
+
+def test_on_off_options_must_be_booleans(tmp_path):
+    """A string "false" (a TOML or JSON typo) would count as true and keep what the user dropped:
+    every loader, and a study config's [[datasets]] table, refuses it naming the option."""
+    from experiments import study_config
+
+    make_moss(tmp_path / "moss")
+    make_mmsb(tmp_path / "mmsb")
+    (tmp_path / "q.jsonl").write_text('{"id": "a", "text": "hi", "label": "benign"}\n')
+    cases = [(lambda: load_mossbench(tmp_path / "moss", skip_missing="false"), "MOSSBench: option 'skip_missing'"),
+             (lambda: load_mmsafetybench(tmp_path / "mmsb", kinds=["TEXT"], own_criteria="false"),
+              "MM-SafetyBench: option 'own_criteria'"),
+             (lambda: load_mmsafetybench(tmp_path / "mmsb", kinds=["TEXT"], skip_missing=0), "option 'skip_missing'"),
+             (lambda: load_mmsafetybench(tmp_path / "mmsb", kinds=5), "option 'kinds' must be a name or a list"),
+             (lambda: load_mossbench(tmp_path / "moss", splits=[None]), "option 'splits'"),
+             (lambda: load_jsonl(tmp_path / "q.jsonl", skip_missing="no"), "JSONL: option 'skip_missing'")]
+    for call, match in cases:
+        with pytest.raises(InputError, match=re.escape(match)):
+            call()
+    with pytest.raises(InputError, match=re.escape("[[datasets]] 'mmsafetybench': 'own_criteria' must be true or false")):
+        study_config.build({"datasets": [{"name": "mmsafetybench", "root": str(tmp_path / "mmsb"),
+                                          "own_criteria": "false"}]}, "cfg.toml")
+    assert len(load_mmsafetybench(tmp_path / "mmsb", kinds="TEXT", own_criteria=False)) < \
+        len(load_mmsafetybench(tmp_path / "mmsb", kinds="TEXT", own_criteria=True))
+
+
+@pytest.mark.skipif(not SHARED_MMSB.is_dir(), reason="needs ../shared/data/mm-safetybench")
+def test_mmsafetybench_spec_means_the_same_in_every_command():
+    """`--dataset mmsafetybench:DIR` is the official tiny subset (SD_TYPO, present images) in the
+    study and in the Session experiments alike (they once read 1680 and 168 questions)."""
+    from experiments.common import load_queries
+    from experiments.study import load_dataset
+    from experiments.study_config import parse_dataset_flag
+
+    spec = f"mmsafetybench:{SHARED_MMSB}"
+    session = load_queries(spec)
+    study, _ = load_dataset({**parse_dataset_flag(spec), "tag": "mmsafetybench"})
+    assert [q.id for q in session] == [q.id for q in study]
+    assert [q.id for q in session] == [q.id for q in load_mmsafetybench(SHARED_MMSB, subset="tiny", skip_missing=True)]

@@ -251,6 +251,13 @@ def test_generation_based_defense_is_batched(tiny, mixed_queries):
     ("mo_finetune", {"batch_size": -3}, "'batch_size'"),
     ("mo_finetune", {"seed": -1}, "'seed'"),
     ("mo_finetune", {"steps": True}, "'steps'"),
+    ("ni_text_smooth", {"rate": "abc"}, "parameter 'rate' must be a number"),
+    ("ni_image_gaussian", {"rate": None}, "parameter 'rate' must be a number"),
+    ("ni_text_smooth", {"rate": True}, "parameter 'rate' must be a number"),
+    ("mo_finetune", {"lr": "0.1"}, "parameter 'lr' must be a number"),
+    ("qr_caption", {"max_new_tokens": True}, "max_new_tokens"),
+    ("sr_custom", {"text_after": 5}, "parameter 'text_after' must be text"),
+    ("sr_custom", {"system_prompt": ["a"]}, "parameter 'system_prompt' must be text"),
 ])
 def test_bad_parameters_name_the_parameter(name, params, match, direction_table):
     if name == "act_steer":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, MissingDataError
+from ..errors import DataError, InputError, MissingDataError
 
 logger = logging.getLogger(__name__)
 
@@ -184,3 +184,19 @@ def finish_load(dataset: str, queries: list, missing: dict, report: LoadReport, 
     if not queries:
         raise DataError(f"{dataset}: no queries: {empty_context}; {len(missing)} records skipped (missing images)")
     return queries
+
+
+def check_flag(name: str, value: Any, loader: str) -> bool:
+    """``value`` of a loader's on/off option, which must be a bool: a string such as "false" would
+    otherwise count as true and do the opposite of what was written."""
+    if not isinstance(value, bool):
+        raise InputError(f"{loader}: option {name!r} must be true or false, got {value!r}")
+    return value
+
+
+def names_option(name: str, value: Any, loader: str) -> list:
+    """A loader's option that takes one name or a list of names, as a list (each a string)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise InputError(f"{loader}: option {name!r} must be a name or a list of names, got {value!r}")
+    return list(items)

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import DataError, MissingDataError, QueryError
 from ..query import GROUP, LABELS, Query
-from ._common import LoadReport, decode_utf8, json_type, loads, missing_list, record_load
+from ._common import LoadReport, check_flag, decode_utf8, json_type, loads, missing_list, record_load
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def load_jsonl(path: str | os.PathLike, *, skip_missing: bool = False, report: L
             file and line): invalid JSON or UTF-8, a field of the wrong type, a repeated id, or no
             queries at all.
     """
+    check_flag("skip_missing", skip_missing, "JSONL")
     path = Path(path)
     if not path.is_file():
         raise MissingDataError(f"queries file not found: {path}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..errors import DataError, InputError, MissingDataError, QueryError
 from ..query import Query
-from ._common import (LoadReport, UniqueIds, check_record, finish_load, json_type, missing_list, parse_json, read_json_object, read_text, require_string)
+from ._common import (LoadReport, UniqueIds, check_flag, check_record, finish_load, json_type, missing_list, names_option, parse_json, read_json_object, read_text, require_string)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def resolve_scenario(name: str | int) -> str:
 
 def _resolve_kinds(kinds) -> list[str]:
     """Kinds in the caller's order; "text" is accepted as a deprecated name of "TEXT"."""
-    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    kinds = names_option("kinds", kinds, "MM-SafetyBench")
     if not kinds:
         raise InputError(f"no MM-SafetyBench kind given; choose from {KINDS}")
     out = []
@@ -228,6 +228,8 @@ def load_mmsafetybench(root: str | os.PathLike, *, images: str | os.PathLike | N
         DataError: a file or record cannot be used (the message names both), or nothing is left.
     """
     root = Path(root)
+    check_flag("own_criteria", own_criteria, "MM-SafetyBench")
+    check_flag("skip_missing", skip_missing, "MM-SafetyBench")
     kinds = _resolve_kinds(kinds)
     qdir = root / QUESTIONS
     if not qdir.is_dir():

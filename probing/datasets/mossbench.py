@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import DataError, InputError, MissingDataError, QueryError
 from ..query import Query
-from ._common import (LoadReport, UniqueIds, check_record, finish_load, json_type, missing_list, read_json_object, require_string)
+from ._common import (LoadReport, UniqueIds, check_flag, check_record, finish_load, json_type, missing_list, names_option, read_json_object, require_string)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ def load_mossbench(root: str | os.PathLike, splits=("oversensitivity", "contrast
         DataError: a file or record cannot be used (the message names both), or nothing is left.
     """
     root = Path(root)
-    splits = [splits] if isinstance(splits, str) else list(splits)
+    splits = names_option("splits", splits, "MOSSBench")
+    check_flag("skip_missing", skip_missing, "MOSSBench")
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
         raise InputError(f"unknown MOSSBench split(s) {unknown}; choose from {list(SPLITS)}")
