@@ -66,9 +66,12 @@ class Defense:
 def check_finite(name: str, value: float) -> float:
     """``value`` as a float if it is a finite real number (a bool or a string is not one), or an
     `InputError` naming the parameter."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, (bool, str, bytes)) or value is None:
         raise InputError(f"parameter {name!r} must be a number, got {value!r}")
-    value = float(value)
+    try:
+        value = float(value)  # numpy and torch scalars too
+    except (TypeError, ValueError):
+        raise InputError(f"parameter {name!r} must be a number, got {value!r}") from None
     if not math.isfinite(value):
         raise InputError(f"parameter {name!r} must be finite, got {value}")
     return value
