@@ -164,6 +164,11 @@ class FineTune(Defense):
             raise InputError(f"saved LoRA adapters do not fit this model: missing {missing[:3]}, "
                              f"unexpected {extra[:3]} ({len(missing)} and {len(extra)} in all)")
         named = dict(lm.named_parameters())
+        wrong = [(k, tuple(v.shape), tuple(named[k].shape)) for k, v in tensors.items() if v.shape != named[k].shape]
+        if wrong:
+            key, got, want = wrong[0]
+            raise InputError(f"saved LoRA adapters do not fit this model: {key} is {list(got)}, the model's "
+                             f"{list(want)} ({len(wrong)} such in all)")
         with torch.no_grad():
             for key, value in tensors.items():
                 named[key].copy_(value)

@@ -210,6 +210,8 @@ class Session:
             raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
         check_device(args.device)
         fingerprint = run_fingerprint(args, name, keep_hidden)  # the model name, checked without loading
+        # the model's part of it: kept with a saved fine-tune and cached generations (experiments.kept)
+        self.model_identity = {k: v for k, v in fingerprint.items() if k not in ("experiment", "readout", "keep_hidden")}
         self.queries = load_queries(args.dataset, args.limit)
         check_labels(self.queries, args.dataset, args.limit)
         check_images(self.queries)
@@ -232,6 +234,12 @@ class Session:
     def close(self) -> None:
         """Release the run directory's lock."""
         self.run.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def score(self, condition: str, defense=None, queries=None):
         queries = self.queries if queries is None else queries
@@ -262,7 +270,7 @@ class Session:
 
             d = get_defense(name, baseline=self.baseline if _needs_baseline(name) else None)
             self._defenses[name] = kept(d, self.run.path, name, self.bundle.name, device=self.args.device,
-                                        dtype=self.args.dtype)
+                                        dtype=self.args.dtype, base=self.model_identity)
         return self._defenses[name]
 
     def clear_outputs(self, tables: tuple[str, ...] = (), figures: tuple[str, ...] = ()) -> None:

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from defenses.finetune import FineTune, adapter_tensors, merge_adapters
 from defenses.rewriting import AskFirst, Caption
 from probing import load_model
+from probing.errors import DataError, MissingDataError
 from probing.query import Query
 
 from .runs import read_cache, write_atomic
@@ -38,6 +39,16 @@ logger = logging.getLogger(__name__)
 
 #: a LoRA tune's adapter weights in a `SavedModel` folder (by their names in the language model)
 ADAPTERS_FILE = "adapters.safetensors"
+#: the stamp's key for that file's sha256 (checked before the adapters are applied)
+ADAPTERS_SHA256 = "adapters_sha256"
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def safe_name(name: str) -> str:
@@ -49,6 +60,10 @@ def safe_name(name: str) -> str:
 class _Wrapper(Defense):
     inner: Defense | None = None
     folder: Path | None = None
+    #: what identifies the run's own model (`probing.model.model_fingerprint`: name, config, weights,
+    #: dtype, image handling): a product made from another model, or with another dtype or image
+    #: handling, is never reused, also where the run's config.json was deleted to resume
+    base: dict | None = None
 
     def __post_init__(self):
         for key in ("name", "category", "params", "aggregate", "edit_positions"):
@@ -72,10 +87,19 @@ class SavedModel(_Wrapper):
         return self._memo[bundle.name]
 
     def _saved(self, bundle):
-        record = json.loads(json.dumps(self.inner.describe(), default=str))
+        record = json.loads(json.dumps({**self.inner.describe(), "base_model": self.base}, default=str))
         stamp = self.folder / "mechprobe.json"
-        if stamp.is_file() and json.loads(stamp.read_text()) == record:
-            return self._load(bundle)
+        saved = read_cache(stamp, "training again")
+        checksum = saved.pop(ADAPTERS_SHA256, None)
+        if saved and saved == record:
+            try:
+                return self._load(bundle, checksum)
+            except Exception as exc:  # noqa: BLE001 -- a damaged copy is made again, as a damaged shard is
+                logger.warning("%s: the tuned model saved in %s cannot be loaded (%s: %s): training again",
+                               self.name, self.folder, type(exc).__name__, exc)
+        elif saved:
+            logger.info("%s: %s was saved for another defense record or base model: training again",
+                        self.name, self.folder)
         tuned = self.inner.model(bundle)
         adapters = adapter_tensors(tuned.model)
         tmp = self.folder.with_name(self.folder.name + ".tmp")
@@ -83,6 +107,7 @@ class SavedModel(_Wrapper):
         tmp.mkdir(parents=True)
         if adapters:  # the run's own model plus these is the tuned model: MBs, not a model's GBs
             save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / ADAPTERS_FILE))
+            record = {**record, ADAPTERS_SHA256: _sha256(tmp / ADAPTERS_FILE)}
         merge_adapters(tuned)  # LoRA adapters merged (the run's model untouched): scored as a plain model
         if not adapters:
             tuned.model.save_pretrained(tmp)
@@ -94,13 +119,19 @@ class SavedModel(_Wrapper):
                     self.folder)
         return tuned
 
-    def _load(self, bundle):
+    def _load(self, bundle, checksum: str | None):
         """The saved tune: LoRA adapters applied to ``bundle`` (the run's own model) and merged, as
-        when it was trained; or, for a full fine-tune (and folders saved before adapters were
-        saved alone), the whole model saved there."""
-        if (self.folder / ADAPTERS_FILE).is_file():
+        when it was trained (the file must match the stamp's ``checksum``); or, for a full
+        fine-tune, the whole model saved there. Raises if the folder does not hold what the stamp
+        says (`_saved` then trains again)."""
+        if checksum is not None:
+            file = self.folder / ADAPTERS_FILE
+            if not file.is_file():
+                raise MissingDataError(f"{file} is missing")
+            if _sha256(file) != checksum:
+                raise DataError(f"{file} differs from the file saved (sha256 mismatch)")
             logger.info("%s: loading the adapters saved in %s", self.name, self.folder)
-            tuned = self.inner.from_adapters(bundle, load_file(str(self.folder / ADAPTERS_FILE)))
+            tuned = self.inner.from_adapters(bundle, load_file(str(file)))
             merge_adapters(tuned)
             return tuned
         logger.info("%s: loading the model saved in %s", self.name, self.folder)
@@ -162,8 +193,8 @@ class CachedRewrite(_Wrapper):
     _mem: dict = field(default_factory=dict, repr=False)
 
     def _file(self, bundle) -> Path:
-        owner = json.dumps({"defense": self.inner.describe(), "model": getattr(bundle, "extra", {}).get("identity")},
-                           sort_keys=True, default=str)
+        owner = json.dumps({"defense": self.inner.describe(), "model": getattr(bundle, "extra", {}).get("identity"),
+                            "base_model": self.base}, sort_keys=True, default=str)
         digest = hashlib.sha1(owner.encode()).hexdigest()[:12]
         return self.folder / f"{safe_name(self.name)}@{safe_name(bundle.name)}-{digest}.json"
 
@@ -226,12 +257,14 @@ class CachedRewrite(_Wrapper):
 
 
 def kept(defense: Defense, run_path: Path, name: str, base_name: str, device: str = "cpu",
-         dtype: str | None = None) -> Defense:
+         dtype: str | None = None, base: dict | None = None) -> Defense:
     """``defense`` with its costly product kept under ``run_path``: a fine-tune saved in
-    ``models/<name>/``, a rewrite's generations in ``generations/``; any other defense as it is."""
+    ``models/<name>/``, a rewrite's generations in ``generations/``; any other defense as it is.
+    ``base``: what identifies the run's model (`probing.model.model_fingerprint`), kept with the
+    product so that it is made again for another model."""
     if isinstance(defense, FineTune):
         return SavedModel(inner=defense, folder=Path(run_path) / "models" / safe_name(name), base_name=base_name,
-                          device=device, dtype=dtype)
+                          device=device, dtype=dtype, base=base)
     if isinstance(defense, (Caption, AskFirst)):
-        return CachedRewrite(inner=defense, folder=Path(run_path) / "generations")
+        return CachedRewrite(inner=defense, folder=Path(run_path) / "generations", base=base)
     return defense

@@ -319,6 +319,9 @@ class RunDir:
             logger.warning("taking over the stale lock %s of process %d (no longer running)", lock, pid)
             lock.unlink(missing_ok=True)
             return None
+        if host == socket.gethostname() and pid == os.getpid():
+            return (f"this process already has the run in {self.path} open (a Study or Session not closed: "
+                    f"call its close(), or use it in a with block); lock file {lock}")
         return (f"another mechprobe process (pid {pid} on {host}) is writing the run in {self.path}; wait for it to "
                 f"finish or use another --out (if that process is gone, delete {lock})")
 

@@ -407,6 +407,11 @@ class Study:
             any(s != "lens" for s in cfg.layer_scores)
         readout = get_readout(cfg.readout)
         # What identifies every condition's scores (see experiments/runs.py); checked without loading the model.
+        # the model's part of it is also kept with a saved fine-tune and cached generations (experiments.kept)
+        self.model_identity = model_fingerprint(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                                image_aspect_ratio=cfg.image_aspect_ratio)
+        if cfg.compile:
+            self.model_identity = {**self.model_identity, "compile": True}
         fingerprint = {"experiment": "study", **model_fingerprint(cfg.model, dtype=cfg.dtype, device=cfg.device,
                                                                      image_aspect_ratio=cfg.image_aspect_ratio),
                        "readout": {"name": readout.name, "question": readout.question,
@@ -451,7 +456,8 @@ class Study:
                     raise InputError(f"{name!r} needs the baseline's hidden states, but this run directory's baseline "
                                      "was scored without them: set keep_hidden = true (or use --overwrite)")
             d = get_defense(name, baseline=baseline, **self.cfg.defense_params.get(name, {}))
-            d = kept(d, self.run.path, name, self.bundle.name, device=self.cfg.device, dtype=self.cfg.dtype)
+            d = kept(d, self.run.path, name, self.bundle.name, device=self.cfg.device, dtype=self.cfg.dtype,
+                     base=self.model_identity)
             self._defenses[name] = d
         return self._defenses[name]
 
@@ -702,6 +708,16 @@ class Study:
                     "(%d fallbacks), waited %.1f s for prepared batches", planner.wait_s, planner.inline_s,
                     planner.fallbacks, self.timings["data_wait_s"])
 
+    def close(self) -> None:
+        """Release the run directory's lock (idempotent; `run_config` does it in ``finally``)."""
+        self.run.close()
+
+    def __enter__(self) -> "Study":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def run_all(self) -> dict:
         cfg = self.cfg
         self.score_shared_prefixes()
@@ -808,7 +824,9 @@ class Study:
         sample = spread_sample(self.queries, cfg.generation_check)
         file = self.run.path / "generations" / "baseline_check.json"
         key = {"max_new_tokens": cfg.max_new_tokens, "prompt_format": cfg.prompt_format, "texts_by": "query_key",
+               "model": self.model_identity,
                "own_model": OWN_MODEL_REVISION}  # answered after any tuning: see `_fingerprint`
+        key = json.loads(json.dumps(key, default=str))  # as read back from the file
         cache = read_cache(file, "the generation check's queries are answered again")
         texts = cache.get("texts", {}) if cache.get("key") == key and isinstance(cache.get("texts"), dict) else {}
         keys = {q.id: query_key(q) for q in sample}  # id, text and image: an edited query is answered again
@@ -948,8 +966,14 @@ def tradeoff_points(rows: list[dict], weight: float) -> list[dict]:
 
 
 def run_config(cfg: StudyConfig) -> dict:
-    """Run a study from its config (what `mechprobe study` and `mechprobe demo` do)."""
-    return Study(cfg).run_all()
+    """Run a study from its config (what `mechprobe study` and `mechprobe demo` do). The run
+    directory's lock is released on return and on any error or Ctrl-C, so the same process (a
+    notebook holding the traceback) can run it again."""
+    study = Study(cfg)
+    try:
+        return study.run_all()
+    finally:
+        study.close()
 
 
 def run(args) -> dict:

@@ -512,11 +512,12 @@ def test_merging_the_adapters_leaves_the_original_untouched():
     merge_adapters(toy)  # no adapters: nothing to do
 
 
-def test_a_saved_lora_tune_is_its_adapters_and_loads_bit_for_bit(tmp_path, monkeypatch):
+def test_a_saved_lora_tune_is_its_adapters_and_loads_bit_for_bit(tmp_path, monkeypatch, caplog):
     """The study keeps a LoRA tune as its adapters alone (`experiments.kept.SavedModel`): loading
     them onto the run's model and merging gives the tuned model's logits exactly, trains nothing,
-    leaves the original model and the global RNG as they were; adapters that do not fit the model
-    are refused by name."""
+    leaves the original model and the global RNG as they were. A folder saved for another base
+    model, or whose adapters file is missing or differs from the one saved, is trained again
+    (with a warning naming the file), never used; adapters of the wrong shape are refused by name."""
     from defenses.finetune import FineTune
     from experiments.kept import ADAPTERS_FILE, SavedModel
     from probing import load_model
@@ -526,19 +527,23 @@ def test_a_saved_lora_tune_is_its_adapters_and_loads_bit_for_bit(tmp_path, monke
     from safetensors.torch import load_file, save_file
 
     toy = load_model("toy")
+    base = {"model": "toy", "dtype": "float32"}
     before = {n: p.detach().clone() for n, p in toy.model.named_parameters()}
-    tune = FineTune(params={"steps": 2}, steps=2, batch_size=2)
     folder = tmp_path / "models" / "mo_finetune"
-    fresh = SavedModel(inner=tune, folder=folder, base_name=toy.name).model(toy)
+
+    def saved(base=base):
+        return SavedModel(inner=FineTune(params={"steps": 2}, steps=2, batch_size=2), folder=folder,
+                          base_name=toy.name, base=base)
+
+    fresh = saved().model(toy)
     assert sorted(f.name for f in folder.iterdir()) == [ADAPTERS_FILE, "mechprobe.json"]
     model_bytes = sum(p.numel() * p.element_size() for p in toy.model.parameters())
     assert (folder / ADAPTERS_FILE).stat().st_size < 0.05 * model_bytes
 
-    calls = []
-    monkeypatch.setattr(FineTune, "_tune", lambda self, bundle: calls.append(1))
+    real_tune, calls = FineTune._tune, []
+    monkeypatch.setattr(FineTune, "_tune", lambda self, bundle: calls.append(1) or real_tune(self, bundle))
     rng = torch.get_rng_state()
-    loaded = SavedModel(inner=FineTune(params={"steps": 2}, steps=2, batch_size=2), folder=folder,
-                        base_name=toy.name).model(toy)
+    loaded = saved().model(toy)
     assert calls == [] and torch.equal(torch.get_rng_state(), rng)
     queries = data.requests("test")[:6]
     inputs = encode(toy, [render_prompt(toy.processor, q) for q in queries], [q.load_image() for q in queries])
@@ -549,12 +554,24 @@ def test_a_saved_lora_tune_is_its_adapters_and_loads_bit_for_bit(tmp_path, monke
     assert (original - a).abs().max() > 1e-4  # the tune did something
     assert [n for n, p in toy.model.named_parameters() if not torch.equal(p, before[n])] == []
 
+    saved(base={**base, "dtype": "bfloat16"}).model(toy)  # saved for another base: trained again
+    assert calls == [1]
     tensors = load_file(str(folder / ADAPTERS_FILE))
+    with caplog.at_level("WARNING"):
+        save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, str(folder / ADAPTERS_FILE))
+        saved(base={**base, "dtype": "bfloat16"}).model(toy)  # same names, other values: sha256 mismatch
+        (folder / ADAPTERS_FILE).unlink()
+        saved(base={**base, "dtype": "bfloat16"}).model(toy)
+    assert calls == [1, 1, 1]
+    assert [r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage()] and \
+        all(str(folder) in r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage())
+
+    tune = FineTune(params={"steps": 2}, steps=2, batch_size=2)
     dropped = sorted(tensors)[0]
-    save_file({k: v for k, v in tensors.items() if k != dropped}, str(folder / ADAPTERS_FILE))
     with pytest.raises(InputError, match=re.escape(dropped)):
-        SavedModel(inner=FineTune(params={"steps": 2}, steps=2, batch_size=2), folder=folder,
-                   base_name=toy.name).model(toy)
+        tune.from_adapters(toy, {k: v for k, v in tensors.items() if k != dropped})
+    with pytest.raises(InputError, match=re.escape(f"{dropped} is [")):
+        tune.from_adapters(toy, {**tensors, dropped: torch.zeros(3, 3)})
 
 
 def test_fine_tuning_examples_mask_exactly_the_prompt(tiny):

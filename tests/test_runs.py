@@ -193,7 +193,8 @@ def test_damaged_config_json_names_the_file(tmp_path):
 
 def test_second_writer_is_refused_until_the_first_closes(tmp_path):
     first = RunDir(tmp_path / "r", {"x": 1}, fingerprint=FP)
-    with pytest.raises(RunDirError, match=rf"another mechprobe process \(pid {os.getpid()}"):
+    with pytest.raises(RunDirError, match=r"this process already has the run in .* open \(a Study or Session not "
+                                          r"closed: call its close\(\)"):
         RunDir(tmp_path / "r", {"x": 1}, fingerprint=FP)
     first.score(Scorer(), queries(), "c", batch=2)  # the first writer is unaffected
     first.close()

@@ -874,3 +874,36 @@ def test_fit_shows_its_steps_when_asked(capsys):
     assert "tune: 100%" in err and "3/3" in err, err
     train()  # stderr is not a terminal here: no bar
     assert "tune" not in capsys.readouterr().err
+
+
+def test_run_config_releases_the_lock_on_an_error(tmp_path, monkeypatch):
+    """From Python (a notebook keeps the traceback, so the Study is never collected), a study
+    stopped by Ctrl-C can be run again in the same process: `run_config` closes its run directory."""
+    from experiments import study, study_config
+
+    raw = {"model": "toy", "out": str(tmp_path / "run"), "defenses": ["sr_self_reminder"], "ensembles": [],
+           "n_boot": 20, "generation_check": 0, "datasets": [{"name": "toy", "limit": 8}]}
+    real = study.Study.run_all
+    monkeypatch.setattr(study.Study, "run_all", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    kept_alive = []
+    try:
+        study.run_config(study_config.build(raw, "test"))
+    except KeyboardInterrupt as exc:
+        kept_alive.append(exc)  # the traceback holds the Study's frame, as an interactive session would
+    assert not list((tmp_path / "run").glob("*.lock")), "the lock outlived run_config"
+    monkeypatch.setattr(study.Study, "run_all", real)
+    assert "sr_self_reminder" in study.run_config(study_config.build(raw, "test"))["tables"]
+
+
+def test_cached_generations_are_keyed_by_the_run_model(tmp_path):
+    """A caption made by one model (or dtype, or image handling) is never served to another, also
+    where the run's config.json, the run-level guard, was deleted to resume."""
+    from defenses.rewriting import qr_caption
+    from experiments.kept import kept
+    from probing import load_model
+
+    tiny = load_model("tiny-random")
+    files = {kept(qr_caption(), tmp_path, "qr_caption", "tiny-random", base=base)._file(tiny)
+             for base in ({"model": "tiny-random", "dtype": "float32"}, {"model": "tiny-random", "dtype": "bfloat16"},
+                          {"model": "tiny-random", "dtype": "float32", "image_aspect_ratio": "crop"})}
+    assert len(files) == 3
