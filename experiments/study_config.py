@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from pathlib import Path
 from probing.errors import InputError
 
 from .options import IMAGE_ASPECT_RATIOS
+
+logger = logging.getLogger(__name__)
 
 #: Top-level keys of a study file and their defaults.
 DEFAULTS = {
@@ -213,6 +216,18 @@ def build(raw: dict, source: str = "<flags>", overwrite: bool = False) -> StudyC
     values = {**{k: v for k, v in DEFAULTS.items()}, **raw}
     for key in ("defenses", "ensembles", "layer_scores"):
         values[key] = _list(values[key], key, source)
+    if "ensembles" not in raw and "defenses" in raw:
+        # The default ensembles are for the default defenses: with defenses of one's own, keep those
+        # whose members are all among them (as `demo` does), rather than score (and fine-tune for)
+        # defenses that were not asked for.
+        from defenses.registry import split_expression
+
+        chosen = set(values["defenses"])
+        dropped = [e for e in values["ensembles"] if not set(split_expression(e)) <= chosen]
+        if dropped:
+            logger.info("%s: default ensembles %s left out: their members are not all among 'defenses'", source,
+                        dropped)
+        values["ensembles"] = [e for e in values["ensembles"] if e not in dropped]
     if isinstance(values["intro"], str):
         values["intro"] = [values["intro"]]
     datasets = values["datasets"]

@@ -907,3 +907,17 @@ def test_cached_generations_are_keyed_by_the_run_model(tmp_path):
              for base in ({"model": "tiny-random", "dtype": "float32"}, {"model": "tiny-random", "dtype": "bfloat16"},
                           {"model": "tiny-random", "dtype": "float32", "image_aspect_ratio": "crop"})}
     assert len(files) == 3
+
+
+def test_default_ensembles_follow_the_defenses_given():
+    """`study --defenses qr_caption` alone used to keep the default ensembles, so it scored (and
+    fine-tuned for) defenses not asked for; now only the defaults whose members were all given stay.
+    Ensembles given explicitly are kept as they are."""
+    from experiments import study_config
+
+    assert study_config.build({"defenses": ["qr_caption"]}).ensembles == []
+    assert study_config.build({"defenses": ["sr_self_reminder", "mo_finetune"]}).ensembles == \
+        ["sr_self_reminder+mo_finetune"]
+    assert study_config.build({}).ensembles == study_config.DEFAULTS["ensembles"]
+    assert study_config.build({"defenses": ["qr_caption"], "ensembles": ["qr_caption|sr_mmsafety"]}).ensembles == \
+        ["qr_caption|sr_mmsafety"]
