@@ -31,6 +31,7 @@ from defenses.finetune import FineTune, adapter_tensors, merge_adapters
 from defenses.rewriting import AskFirst, Caption
 from probing import load_model
 from probing.errors import DataError, MissingDataError
+from probing.model import file_sha256
 from probing.query import Query
 
 from .runs import read_cache, write_atomic
@@ -41,14 +42,6 @@ logger = logging.getLogger(__name__)
 ADAPTERS_FILE = "adapters.safetensors"
 #: the stamp's key for that file's sha256 (checked before the adapters are applied)
 ADAPTERS_SHA256 = "adapters_sha256"
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def safe_name(name: str) -> str:
@@ -107,7 +100,7 @@ class SavedModel(_Wrapper):
         tmp.mkdir(parents=True)
         if adapters:  # the run's own model plus these is the tuned model: MBs, not a model's GBs
             save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / ADAPTERS_FILE))
-            record = {**record, ADAPTERS_SHA256: _sha256(tmp / ADAPTERS_FILE)}
+            record = {**record, ADAPTERS_SHA256: file_sha256(tmp / ADAPTERS_FILE)}
         merge_adapters(tuned)  # LoRA adapters merged (the run's model untouched): scored as a plain model
         if not adapters:
             tuned.model.save_pretrained(tmp)
@@ -128,7 +121,7 @@ class SavedModel(_Wrapper):
             file = self.folder / ADAPTERS_FILE
             if not file.is_file():
                 raise MissingDataError(f"{file} is missing")
-            if _sha256(file) != checksum:
+            if file_sha256(file) != checksum:
                 raise DataError(f"{file} differs from the file saved (sha256 mismatch)")
             logger.info("%s: loading the adapters saved in %s", self.name, self.folder)
             tuned = self.inner.from_adapters(bundle, load_file(str(file)))

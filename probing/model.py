@@ -388,7 +388,7 @@ def model_fingerprint(name_or_path: str | os.PathLike = "tiny-random", *, dtype=
                 st = f.stat()
                 # a large file by size, inode and modification time: a checkpoint retrained into the
                 # same folder has the same names and sizes, but not the same mtime
-                weights[f.name] = (_file_sha256(f) if st.st_size <= HASH_WEIGHTS_BELOW
+                weights[f.name] = (file_sha256(f) if st.st_size <= HASH_WEIGHTS_BELOW
                                    else f"size={st.st_size},inode={st.st_ino},mtime_ns={st.st_mtime_ns}")
         out["weights"] = weights
     return out
@@ -409,7 +409,8 @@ def _prompt_files(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
