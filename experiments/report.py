@@ -270,7 +270,10 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
     sections = [
         ("Per defense and ensemble", [
             ("text", SUMMARY_TEXT.format(min_effect=min_effect)),
-            ("table", study_summary_rows(summary), SUMMARY_COLUMNS)]),
+            ("table", study_summary_rows(summary), SUMMARY_COLUMNS),
+            *[("text", "Caution, " + "; ".join(f"`{r['condition']}`: {r['cautions']}" for r in summary
+                                                if r.get("cautions")) + " (docs/analysis.md, \"Where the intervals "
+                       "cover less\").")] * any(r.get("cautions") for r in summary)]),
         ("Per dataset", [
             ("text", "Refusal rate per condition, dataset and label (`tables/per_dataset.csv`)."),
             ("table", _per_dataset_wide(study), ["condition"] + _per_dataset_columns(study))]),

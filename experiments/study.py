@@ -903,6 +903,8 @@ def summary_row(name: str, kind: str, eff, table: ScoreTable) -> dict:
     row["label"] = "baseline" if name == "baseline" else eff.label
     for key in LABEL_FIGURES:  # zero by definition for the baseline
         row[key], row[f"{key}_lo"], row[f"{key}_hi"] = (None, None, None) if name == "baseline" else est(key)
+    # where the intervals cover less (`DefenseEffect.cautions`); the baseline compared with itself has none
+    row["cautions"] = "" if name == "baseline" else "; ".join(eff.cautions)
     return row
 
 

@@ -141,3 +141,30 @@ def test_exact_rate_coverage_matches_simulation_and_known_properties():
     assert exact_rate_coverage(10, grid, method="clopper_pearson").min() >= 0.95 - 1e-12
     assert exact_rate_coverage(10, 0.6915)[0] < 0.93  # the scenario cell of the table: discreteness
     assert 0.95 <= exact_rate_coverage(10, grid).mean() <= 0.96
+
+
+def test_comparisons_say_where_their_intervals_cover_less(caplog):
+    """`DefenseEffect.cautions`: a class under MIN_CLASS_FOR_COVERAGE queries (no interval from the
+    resamples reaches 95% there), and AUROC intervals that collapse to a point because the classes
+    separate completely (coverage 0.61-0.70 near AUROC 1 in simulation): said in the summary, the
+    row and the log. A defense that changes nothing gets a point AUROC change, exact: no caution."""
+    from probing.analysis import compare
+    from probing.analysis.compare import MIN_CLASS_FOR_COVERAGE
+
+    from .synthetic import make_baseline, with_margins
+
+    apart = make_baseline(n_h=20, n_b=20, seed=3, sep=12.0)  # every harmful margin above every benign one
+    assert float(apart.margin[:20].min()) > float(apart.margin[20:].max())
+    with caplog.at_level("WARNING"):
+        eff = compare(apart, with_margins(apart, 0.5, 0.0, "lifted", noise=0.1, seed=4), n_boot=200)
+    assert (eff["auroc_base"].lo, eff["auroc_base"].hi) == (1.0, 1.0)
+    assert len(eff.cautions) == 1 and "auroc_base, auroc_def, auroc_change" in eff.cautions[0]
+    assert "caution: zero-width interval" in eff.summary() and eff.row()["cautions"] == eff.cautions[0]
+    assert any("zero-width interval" in r.getMessage() for r in caplog.records)
+
+    base = make_baseline(n_h=20, n_b=20, seed=3)
+    assert compare(base, with_margins(base, 0.0, 0.0, "nothing"), n_boot=200).cautions == []
+    n = MIN_CLASS_FOR_COVERAGE - 3
+    small = make_baseline(n_h=n, n_b=20, seed=3)
+    (caution,) = compare(small, with_margins(small, 1.0, 0.0, "x", noise=0.2), n_boot=200).cautions
+    assert caution.startswith(f"only {n} queries in a class: intervals cover at most {1 - 2.0 ** (1 - n):.0%}")

@@ -583,6 +583,15 @@ def _fmt(e: Estimate, digits: int = 2) -> str:
     return f"{e.value:+.{digits}f} [{e.lo:+.{digits}f}, {e.hi:+.{digits}f}]"
 
 
+#: below this many queries in a class, no interval read from the resamples reaches 95% coverage:
+#: it stays within the n observed changes, so it covers at most 1 - 2^(1 - n) (n = 5: 0.94), and
+#: simulated coverage of the class changes is 0.50, 0.75, 0.86, 0.91, 0.93 at n = 2..6
+#: (benchmarks/coverage_edges.py, docs/analysis.md)
+MIN_CLASS_FOR_COVERAGE = 8
+#: AUROC figures whose interval collapses to a point when every resample separates the classes alike
+AUROC_FIGURES = ("auroc_base", "auroc_def", "auroc_change")
+
+
 @dataclass
 class DefenseEffect:
     """A defense compared with the baseline over the same labelled queries.
@@ -609,6 +618,28 @@ class DefenseEffect:
         return (f"DefenseEffect({self.name!r}, label={self.label!r}, n={self.n_harmful}+{self.n_benign}, "
                 f"harmful_change={e['harmful_change']}, benign_change={e['benign_change']}, "
                 f"auroc {e['auroc_base'].value:.3f}->{e['auroc_def'].value:.3f})")
+
+    @property
+    def cautions(self) -> list[str]:
+        """Where this comparison's intervals are known to cover less than their level
+        (docs/analysis.md, "Where the intervals cover less"): a class smaller than
+        `MIN_CLASS_FOR_COVERAGE`, and AUROC intervals of zero width (the classes separate
+        completely in every resample: the interval is a point, not a certainty)."""
+        out = []
+        small = min(self.n_harmful, self.n_benign)
+        if small < MIN_CLASS_FOR_COVERAGE:
+            out.append(f"only {small} queries in a class: intervals cover at most {1 - 2.0 ** (1 - small):.0%} "
+                       f"(fewer than {MIN_CLASS_FOR_COVERAGE} per class)")
+        e = self.estimates
+        edge = [k for k in ("auroc_base", "auroc_def") if k in e and e[k].value in (0.0, 1.0)]
+        # a point interval at AUROC 0 or 1, and a point change where one of the two sits there (a
+        # defense that changes nothing also gives a point change, at 0: that one is exact)
+        flat = [k for k in AUROC_FIGURES if k in e and e[k].lo == e[k].hi and np.isfinite(e[k].lo)
+                and (k in edge if k != "auroc_change" else bool(edge))]
+        if flat:
+            out.append(f"zero-width interval for {', '.join(flat)} (every resample gave the same AUROC: the classes "
+                       "separate completely; AUROC intervals under-cover near 1, read d' instead)")
+        return out
 
     @property
     def nonfinite(self) -> dict[str, int]:
@@ -638,6 +669,7 @@ class DefenseEffect:
                      f"{e['refusal_benign_def'].value:.2f}")
         if self.nonfinite:
             lines.append("  non-finite resamples: " + ", ".join(f"{k} {n}" for k, n in self.nonfinite.items()))
+        lines += [f"  caution: {c}" for c in self.cautions]
         return "\n".join(lines)
 
     def row(self) -> dict:
@@ -647,6 +679,7 @@ class DefenseEffect:
         for k, e in self.estimates.items():
             out[k], out[f"{k}_lo"], out[f"{k}_hi"] = e.value, e.lo, e.hi
         out["nonfinite_resamples"] = "; ".join(f"{k}: {n}" for k, n in self.nonfinite.items())
+        out["cautions"] = "; ".join(self.cautions)
         return out
 
 
@@ -749,9 +782,12 @@ def compare(
         neutral = neutral_threshold(baseline)
     except InputError:
         neutral = None
-    return DefenseEffect(name, int(paired.is_harmful.sum()), int((~paired.is_harmful).sum()), est, label,
-                         decomposition, {"n_boot": n_boot, "seed": seed, "level": level, "threshold": t,
-                                         "threshold_margin": cut,
-                                         "threshold_rule": threshold if isinstance(threshold, str) else "fixed",
-                                         "neutral_p": neutral, "min_effect_sd": min_effect_sd,
-                                         "method": method})
+    effect = DefenseEffect(name, int(paired.is_harmful.sum()), int((~paired.is_harmful).sum()), est, label,
+                           decomposition, {"n_boot": n_boot, "seed": seed, "level": level, "threshold": t,
+                                           "threshold_margin": cut,
+                                           "threshold_rule": threshold if isinstance(threshold, str) else "fixed",
+                                           "neutral_p": neutral, "min_effect_sd": min_effect_sd,
+                                           "method": method})
+    for caution in effect.cautions:
+        logger.warning("%s: %s", name, caution)
+    return effect
