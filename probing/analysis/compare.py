@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .folds import row_groups
-from .metrics import (auroc, criterion, d_prime, hodges_lehmann, hodges_lehmann_shift, order_quantile,
+from .metrics import (auroc, auroc_score_ci, criterion, d_prime, hodges_lehmann, hodges_lehmann_shift, order_quantile,
                       percentile_ci, pooled_sd, refusal_rate, stratified_indices, wilson_ci)
 from ..score_table import ScoreTable
 from ..errors import InputError
@@ -519,8 +519,34 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
         if k in RATE_FIGURES:
             n = n_h if RATE_FIGURES[k] == "h" else n_b
             lo, hi = wilson_ci(np.round(np.asarray(v) * n), n, level)
+        if k in AUROC_SCORE_FIGURES:
+            lo, hi = auroc_score_ci(v, n_h, n_b, level)
         out[k] = (np.asarray(v, float), np.asarray(lo, float), np.asarray(hi, float), nonfinite)
+    if all(k in out for k in ("auroc_base", "auroc_def", "auroc_change")):
+        out["auroc_change"] = _auroc_change_at_the_edge(out)
     return out
+
+
+#: AUROC figures whose interval is the score interval (`metrics.auroc_score_ci`), not the bootstrap's:
+#: near AUROC 1 the bootstrap's covered 0.61-0.70 at 10-20 queries a class (a sample AUROC of 1
+#: makes every resample 1: the interval [1, 1]); the score interval 0.96-0.98 in every scenario of
+#: benchmarks/coverage_edges.py and coverage_table.py
+AUROC_SCORE_FIGURES = ("auroc_base", "auroc_def")
+
+
+def _auroc_change_at_the_edge(out: dict) -> tuple:
+    """``auroc_change``'s bootstrap interval, widened where either AUROC sits at 0 or 1 to hold
+    the MOVER interval of the difference built from the two score intervals with correlation 1
+    (Newcombe's recovery of variance estimates: each end's distance the difference of the two
+    intervals' half-widths on the opposite sides). There the bootstrap gives the point [0, 0]
+    when both AUROCs are 1 in every resample (coverage 0.57-0.58 at 10-20 a class), 0.87-0.91
+    with this. Elsewhere the paired bootstrap interval stands (its coverage is in the band)."""
+    (vb, lb, hb, _), (vd, ld, hd, _), (vc, lc, hc, nf) = out["auroc_base"], out["auroc_def"], out["auroc_change"]
+    edge = np.isin(vb, (0.0, 1.0)) | np.isin(vd, (0.0, 1.0))
+    with np.errstate(invalid="ignore"):
+        lo = vc - np.abs((vd - ld) - (hb - vb))
+        hi = vc + np.abs((hd - vd) - (vb - lb))
+    return (vc, np.where(edge, np.fmin(lo, lc), lc), np.where(edge, np.fmax(hi, hc), hc), nf)
 
 
 def bootstrap(fn, paired: Paired, n_boot: int, seed: int, level: float, unit=None,
@@ -588,8 +614,6 @@ def _fmt(e: Estimate, digits: int = 2) -> str:
 #: simulated coverage of the class changes is 0.50, 0.75, 0.86, 0.91, 0.93 at n = 2..6
 #: (benchmarks/coverage_edges.py, docs/analysis.md)
 MIN_CLASS_FOR_COVERAGE = 8
-#: AUROC figures whose interval collapses to a point when every resample separates the classes alike
-AUROC_FIGURES = ("auroc_base", "auroc_def", "auroc_change")
 
 
 @dataclass
@@ -623,8 +647,8 @@ class DefenseEffect:
     def cautions(self) -> list[str]:
         """Where this comparison's intervals are known to cover less than their level
         (docs/analysis.md, "Where the intervals cover less"): a class smaller than
-        `MIN_CLASS_FOR_COVERAGE`, and AUROC intervals of zero width (the classes separate
-        completely in every resample: the interval is a point, not a certainty)."""
+        `MIN_CLASS_FOR_COVERAGE`, and an AUROC of 0 or 1 (complete separation, where even the
+        widened `auroc_change` interval covers less)."""
         out = []
         small = min(self.n_harmful, self.n_benign)
         if small < MIN_CLASS_FOR_COVERAGE:
@@ -632,13 +656,10 @@ class DefenseEffect:
                        f"(fewer than {MIN_CLASS_FOR_COVERAGE} per class)")
         e = self.estimates
         edge = [k for k in ("auroc_base", "auroc_def") if k in e and e[k].value in (0.0, 1.0)]
-        # a point interval at AUROC 0 or 1, and a point change where one of the two sits there (a
-        # defense that changes nothing also gives a point change, at 0: that one is exact)
-        flat = [k for k in AUROC_FIGURES if k in e and e[k].lo == e[k].hi and np.isfinite(e[k].lo)
-                and (k in edge if k != "auroc_change" else bool(edge))]
-        if flat:
-            out.append(f"zero-width interval for {', '.join(flat)} (every resample gave the same AUROC: the classes "
-                       "separate completely; AUROC intervals under-cover near 1, read d' instead)")
+        if edge:  # the score interval and the widened change cover 0.87-0.97 there, not 0.95 throughout
+            out.append(f"{', '.join(edge)} at {e[edge[0]].value:g}: the classes separate completely; the AUROC "
+                       "intervals there come from score intervals (the bootstrap's would be a point), and "
+                       "auroc_change's covers about 0.87-0.91 at 10-20 queries a class")
         return out
 
     @property
