@@ -126,7 +126,7 @@ def wilson_ci(successes, n: int, level: float = 0.95) -> tuple[np.ndarray, np.nd
 def auroc_score_ci(auc, n_pos: int, n_neg: int, level: float = 0.95, iters: int = 60) -> tuple[np.ndarray, np.ndarray]:
     """Score interval of an AUROC from ``n_pos`` positives and ``n_neg`` negatives (elementwise
     over ``auc``): the values t with (auc - t)^2 <= z^2 V(t), V the Hanley-McNeil variance at t with
-    both class sizes replaced by their mean (Newcombe's "method 5"). Unlike a bootstrap interval it
+    both class sizes replaced by their mean (after Newcombe 2006). Unlike a bootstrap interval it
     keeps its width at AUROC 0 or 1, where every resample repeats the sample's perfect separation.
     Each end found by bisection (``iters`` halvings: 1e-18 of the unit interval). NaN gives NaN."""
     from scipy.stats import norm
