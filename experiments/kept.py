@@ -24,9 +24,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from defenses.base import Defense
 from safetensors.torch import load_file, save_file
 
+from defenses.base import Defense
 from defenses.finetune import FineTune, adapter_tensors, merge_adapters
 from defenses.rewriting import AskFirst, Caption
 from probing import load_model

@@ -219,6 +219,14 @@ def layers_figure(score: str) -> str:
     return "layers.png" if score == "lens" else f"layers_{score}.png"
 
 
+def cautions_text(summary: list[dict]) -> list[tuple]:
+    """The line under the main table naming the conditions whose intervals cover less (none: no line)."""
+    noted = [f"`{r['condition']}`: {r['cautions']}" for r in summary if r.get("cautions")]
+    if not noted:
+        return []
+    return [("text", "Caution, " + "; ".join(noted) + ' (docs/analysis.md, "Where the intervals cover less").')]
+
+
 def write_study_report(study, summary: list[dict], effects: dict, trade: dict, profiles: dict,
                        generation: dict | None) -> tuple[Path, Path]:
     """The study's figures and its report.md / report.html (``study``: an `experiments.study.Study`)."""
@@ -271,9 +279,7 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
         ("Per defense and ensemble", [
             ("text", SUMMARY_TEXT.format(min_effect=min_effect)),
             ("table", study_summary_rows(summary), SUMMARY_COLUMNS),
-            *[("text", "Caution, " + "; ".join(f"`{r['condition']}`: {r['cautions']}" for r in summary
-                                                if r.get("cautions")) + " (docs/analysis.md, \"Where the intervals "
-                       "cover less\").")] * any(r.get("cautions") for r in summary)]),
+            *cautions_text(summary)]),
         ("Per dataset", [
             ("text", "Refusal rate per condition, dataset and label (`tables/per_dataset.csv`)."),
             ("table", _per_dataset_wide(study), ["condition"] + _per_dataset_columns(study))]),

@@ -408,12 +408,10 @@ class Study:
         readout = get_readout(cfg.readout)
         # What identifies every condition's scores (see experiments/runs.py); checked without loading the model.
         # the model's part of it is also kept with a saved fine-tune and cached generations (experiments.kept)
-        self.model_identity = model_fingerprint(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                                image_aspect_ratio=cfg.image_aspect_ratio)
-        if cfg.compile:
-            self.model_identity = {**self.model_identity, "compile": True}
-        fingerprint = {"experiment": "study", **model_fingerprint(cfg.model, dtype=cfg.dtype, device=cfg.device,
-                                                                     image_aspect_ratio=cfg.image_aspect_ratio),
+        model_fp = model_fingerprint(cfg.model, dtype=cfg.dtype, device=cfg.device,
+                                     image_aspect_ratio=cfg.image_aspect_ratio)
+        self.model_identity = {**model_fp, "compile": True} if cfg.compile else model_fp
+        fingerprint = {"experiment": "study", **model_fp,
                        "readout": {"name": readout.name, "question": readout.question,
                                    "refusal_words": list(readout.refusal_words),
                                    "comply_words": list(readout.comply_words)},
