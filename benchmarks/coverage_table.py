@@ -100,14 +100,15 @@ RATE_SIDES = {"refusal_harmful_base": "h", "refusal_harmful_def": "h",
 
 def _binomial_interval(method: str, k: np.ndarray, n: int, level: float):
     """Lower and upper ends of a standard binomial interval at counts ``k`` (Brown, Cai and
-    DasGupta 2001): "wilson" (what compare() reports), "jeffreys", "agresti_coull", "clopper_pearson"."""
+    DasGupta 2001): "wilson" (what compare() reports: Wilson with the Poisson ends near 0 and 1),
+    "wilson_plain" (without them), "jeffreys", "agresti_coull", "clopper_pearson"."""
     from scipy.stats import beta, norm
 
     from probing.analysis.metrics import wilson_ci
 
     a = (1 - level) / 2
-    if method == "wilson":
-        return wilson_ci(k, n, level)
+    if method in ("wilson", "wilson_plain"):
+        return wilson_ci(k, n, level, boundary=method == "wilson")
     if method == "jeffreys":
         return (np.where(k > 0, beta.ppf(a, k + 0.5, n - k + 0.5), 0.0),
                 np.where(k < n, beta.ppf(1 - a, k + 0.5, n - k + 0.5), 1.0))
@@ -124,7 +125,7 @@ def _binomial_interval(method: str, k: np.ndarray, n: int, level: float):
     raise ValueError(method)
 
 
-RATE_METHODS = ("wilson", "jeffreys", "agresti_coull", "clopper_pearson")
+RATE_METHODS = ("wilson", "wilson_plain", "jeffreys", "agresti_coull", "clopper_pearson")
 
 
 def exact_rate_coverage(n: int, p, level: float = 0.95, method: str = "wilson") -> np.ndarray:

@@ -143,6 +143,33 @@ def test_exact_rate_coverage_matches_simulation_and_known_properties():
     assert 0.95 <= exact_rate_coverage(10, grid).mean() <= 0.96
 
 
+def test_rate_intervals_keep_their_coverage_near_0_and_1():
+    """Refusal rates often sit near 0 or 1. The plain Wilson interval covers 0.84 there (its lower end
+    at one success is too high); compare()'s Wilson interval takes the one-sided Poisson end for 1-3
+    successes (or failures), found here independently by solving P(X >= k; lam) = alpha with scipy's
+    Poisson sf, and covers >= 0.925 for every true rate in 0.001-0.05 and 0.95-0.999 (exact sums)."""
+    from scipy.optimize import brentq
+    from scipy.stats import poisson
+
+    from benchmarks.coverage_table import exact_rate_coverage
+    from probing.analysis.metrics import wilson_ci
+
+    for n in (10, 40, 200):
+        k = np.arange(n + 1, dtype=float)
+        lo, hi = wilson_ci(k, n)
+        plain_lo, plain_hi = wilson_ci(k, n, boundary=False)
+        for c in (1, 2, 3):
+            lam = brentq(lambda m: poisson.sf(c - 1, m) - 0.05, 1e-9, 50)  # P(X >= c; lam) = 0.05
+            assert lo[c] == pytest.approx(min(lam / n, plain_lo[c]), rel=1e-9), (n, c)
+            assert hi[n - c] == pytest.approx(max(1 - lam / n, plain_hi[n - c]), rel=1e-9), (n, c)
+        middle = slice(4, n - 3)
+        assert np.array_equal(lo[middle], plain_lo[middle]) and np.array_equal(hi[middle], plain_hi[middle])
+        assert np.all(lo <= plain_lo) and np.all(hi >= plain_hi) and lo[0] == 0 and hi[n] == 1
+        edges = np.concatenate([np.linspace(0.001, 0.05, 491), np.linspace(0.95, 0.999, 491)])
+        assert exact_rate_coverage(n, edges, method="wilson_plain").min() < 0.90, n  # the dip being fixed
+        assert exact_rate_coverage(n, edges).min() >= 0.925, n
+
+
 def test_comparisons_say_where_their_intervals_cover_less(caplog):
     """`DefenseEffect.cautions`: a class under MIN_CLASS_FOR_COVERAGE queries (no interval from the
     resamples reaches 95% there), and an AUROC of 1 (complete separation): said in the summary, the
