@@ -99,7 +99,8 @@ def label_table(d: int) -> None:
             ("nothing", (20, 20, 0, 0, .5)), ("nothing, 12/40, noise 1", (12, 40, 0, 0, 1.)),
             ("harmful +0.4 alone", (20, 20, .4, 0, .5)), ("harmful +0.6 alone", (20, 20, .6, 0, .5)),
             ("benign +0.4 alone", (20, 20, 0, .4, .5)), ("benign +0.6 alone", (20, 20, 0, .6, .5)),
-            ("both +0.4", (20, 20, .4, .4, .5))):
+            ("both +0.4", (20, 20, .4, .4, .5)), ("both +0.6", (20, 20, .6, .6, .5)),
+            ("both +0.8", (20, 20, .8, .8, .5))):
         rng = np.random.default_rng(7)
         bh, bb = rng.normal(0.5, 1, (d, n_h)), rng.normal(-0.5, 1, (d, n_b))
         dh, db = bh + sh + noise * rng.normal(size=(d, n_h)), bb + sb + noise * rng.normal(size=(d, n_b))

@@ -128,7 +128,8 @@ def plot_tradeoff(candidates: list[Candidate], path: str | os.PathLike) -> Path:
 import math  # noqa: E402
 
 LABEL_COLOURS = {"safety shift": "#d35400", "harmfulness discrimination": "#27ae60", "both": "#8e44ad",
-                 "neither": "#7f8c8d", "weakening": "#c0392b", "over-refusal": "#e67e22", "baseline": "black"}
+                 "neither": "#7f8c8d", "weakening": "#c0392b", "over-refusal": "#e67e22", "unresolved": "#bdc3c7",
+                 "baseline": "black"}
 KIND_MARKERS = {"baseline": "*", "single": "o", "+": "s", "|": "^", "&": "v", "~": "D"}
 
 

@@ -139,8 +139,51 @@ def test_label_rule_uses_interval_and_minimum_effect():
     assert mechanism_label(est((0.5, 0.4, 0.6), (2.0, 1.9, 2.1))) == "over-refusal"  # benign rises more
     assert mechanism_label(est((-1.0, -1.1, -0.9), (0.0, -0.1, 0.1))) == "weakening"
     assert mechanism_label(est((0.0, -0.1, 0.1), (-1.0, -1.1, -0.9))) == "harmfulness discrimination"
+    # one class moves, the other and the difference are unclear: alike or alone cannot be told apart
+    assert mechanism_label(est((0.5, 0.3, 0.7), (0.2, -0.1, 0.5))) == "unresolved"
+    assert mechanism_label(est((0.2, -0.1, 0.5), (0.5, 0.3, 0.7))) == "unresolved"
+    falls_alone = {**est((0.2, -0.1, 0.5), (-0.5, -0.7, -0.3)), "differential_sd": Estimate(0.7, -0.05, 1.4)}
+    assert mechanism_label(falls_alone) == "unresolved"  # benign falls, the rest unclear (was "weakening")
     assert set(LABELS) == {"safety shift", "harmfulness discrimination", "both", "over-refusal", "weakening",
-                           "neither"}
+                           "unresolved", "neither"}
+
+
+def test_one_class_moving_alone_is_not_called_a_safety_shift():
+    """Harmful margins +0.4 SD alone at 20 queries a class: the harmful change is often found while
+    the difference stays unclear. The old rule then said "safety shift" (the classes moved alike) in
+    about a quarter of data sets; now that needs both classes to rise, and the rest is "unresolved".
+    Both classes +0.6 SD: still "safety shift" nearly always. The summary says which class moved."""
+    from collections import Counter
+
+    from probing.analysis import Estimate
+    from probing.analysis.compare import interval_arrays, output_figures
+
+    keys = ("harmful_change_sd", "benign_change_sd", "differential_sd")
+
+    def labels(shift_h, shift_b, d=200):
+        rng = np.random.default_rng(7)
+        bh, bb = rng.normal(0.5, 1, (d, 20)), rng.normal(-0.5, 1, (d, 20))
+        dh, db = bh + shift_h + 0.5 * rng.normal(size=(d, 20)), bb + shift_b + 0.5 * rng.normal(size=(d, 20))
+        est = interval_arrays(output_figures, bh, bb, dh, db, n_boot=200, seed=rng, pairwise=False)
+        return Counter(mechanism_label({k: Estimate(*(float(est[k][j][i]) for j in range(3))) for k in keys})
+                       for i in range(d))
+
+    alone, alike = labels(0.4, 0.0), labels(0.6, 0.6)
+    assert alone["safety shift"] <= 0.06 * 200 and alone["unresolved"] >= 0.15 * 200, alone
+    assert alike["safety shift"] >= 0.9 * 200, alike
+
+    base = make_baseline(n_h=20, n_b=20, seed=11)
+    is_h = np.array([lab == "harmful" for lab in base.labels])
+    for seed in range(40):  # a data set where harmful rises alone and the rule cannot tell
+        noise = np.random.default_rng(seed).normal(0, 0.5, len(base))
+        dfd = ScoreTable(base.ids, base.labels, base.margin + torch.tensor(np.where(is_h, 0.45, 0.0) + noise,
+                                                                           dtype=torch.float32),
+                         base.lens_margin, base.layers)
+        eff = compare(base, dfd, n_boot=300)
+        if eff.label == "unresolved":
+            break
+    assert eff.label == "unresolved", "no unresolved case among 40 seeds"
+    assert "unresolved: harmful refusal rises while the benign change" in eff.summary()
 
 
 # Planted effects: (harmful change, benign change, noise) -> label, on small, unbalanced and

@@ -323,7 +323,7 @@ def _label_from(dh, db, diff, min_effect=0.1):
         return "weakening"
     if d:
         return ("both" if b > 0 else "harmfulness discrimination") if d > 0 else "over-refusal"
-    return "safety shift" if h > 0 or b > 0 else "weakening" if b < 0 else "neither"
+    return "safety shift" if h > 0 and b > 0 else "neither" if h == 0 and b == 0 else "unresolved"
 
 
 def test_the_report_shows_the_figures_the_label_reads(tmp_path):
