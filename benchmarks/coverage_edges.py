@@ -13,6 +13,9 @@ docs/analysis.md ("Where the intervals cover less") quotes.
 4. Wilson refusal-rate intervals at true rates near 0 and 1 (exact binomial sums; Clopper-Pearson
    and Jeffreys beside).
 5. mechanism_label when one class moves alone, both move, or nothing moves.
+6. Deliveries of one request that move together (groups of 3 whose per-query changes share a
+   part): coverage of the class changes from the query bootstrap, how often compare()'s design-
+   effect caution fires, and the coverage of the interval widened by sqrt(deff) around its centre.
 
 Each simulated figure's Monte Carlo SE is about 0.005 at 2000 data sets.
 """
@@ -110,6 +113,39 @@ def label_table(d: int) -> None:
         print(f"| {desc} | " + ", ".join(f"{k} {v / d:.2f}" for k, v in got.most_common()) + " |")
 
 
+def group_table(d: int, n_groups: int = 10, size: int = 3) -> None:
+    from probing.analysis.compare import DEFF_ALPHA, DEFF_CAUTION
+    from probing.analysis.metrics import design_effect
+
+    print(f"\n6. Groups of {size} deliveries ({n_groups} requests, {n_groups * size} queries a class), the per-query "
+          "change's correlation within a group icc; harmful_change / benign_change")
+    print("| icc | query bootstrap coverage | caution fires | widened by sqrt(deff): coverage |\n|---|---|---|---|")
+    groups = list(np.repeat(np.arange(n_groups), size))
+    n = n_groups * size
+    for icc in (0.0, 0.2, 0.5, 0.8):
+        rng = np.random.default_rng(11)
+        bh, bb = rng.normal(0.5, 1, (d, n)), rng.normal(-0.5, 1, (d, n))
+
+        def change(shift):
+            shared = rng.normal(size=(d, n_groups)).repeat(size, -1)
+            return shift + 0.5 * (np.sqrt(icc) * shared + np.sqrt(1 - icc) * rng.normal(size=(d, n)))
+        dh, db = bh + change(0.6), bb + change(0.2)
+        est = interval_arrays(output_figures, bh, bb, dh, db, n_boot=300, seed=rng, pairwise=False)
+        cells = [[], [], []]
+        for key, x, truth in (("harmful_change", dh - bh, 0.6), ("benign_change", db - bb, 0.2)):
+            v, lo, hi, _ = est[key]
+            deff = np.empty(d)
+            fires = np.empty(d, bool)
+            for i in range(d):
+                deff[i], _, _, p = design_effect(x[i], groups)
+                fires[i] = deff[i] >= DEFF_CAUTION and p < DEFF_ALPHA
+            mid, half = (lo + hi) / 2, (hi - lo) / 2 * np.sqrt(deff)
+            cells[0].append(((lo <= truth) & (truth <= hi)).mean())
+            cells[1].append(fires.mean())
+            cells[2].append(((mid - half <= truth) & (truth <= mid + half)).mean())
+        print(f"| {icc} | " + " | ".join(" / ".join(f"{c:.3f}" for c in cell) for cell in cells) + " |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", type=int, default=2000)
@@ -120,6 +156,7 @@ def main(argv=None) -> int:
     skew_table(d)
     rate_table()
     label_table(min(d, 600))
+    group_table(min(d, 1000))
     return 0
 
 

@@ -170,6 +170,70 @@ def test_rate_intervals_keep_their_coverage_near_0_and_1():
         assert exact_rate_coverage(n, edges).min() >= 0.925, n
 
 
+def test_design_effect_against_scipy_anova_and_simulated_variance():
+    """`metrics.design_effect`: its F test is scipy's one-way ANOVA (equal and unequal groups), its
+    icc the ANOVA estimator (for equal groups (F - 1) / (F + m - 1)), and its deff the variance of
+    a mean over the variance it would have with independent values, by simulation."""
+    from scipy.stats import f_oneway
+
+    from probing.analysis.metrics import design_effect
+
+    rng = np.random.default_rng(0)
+    for sizes in ([3] * 12, [1, 2, 3, 4, 2, 3, 1, 5, 2]):
+        groups = list(np.repeat(np.arange(len(sizes)), sizes))
+        x = rng.normal(size=len(sizes)).repeat(sizes) + rng.normal(size=sum(sizes))
+        deff, icc, n_groups, p = design_effect(x, groups)
+        res = f_oneway(*[x[np.array(groups) == g] for g in range(len(sizes))])
+        assert n_groups == len(sizes) and p == pytest.approx(res.pvalue, rel=1e-9)
+        if len(set(sizes)) == 1:
+            m = sizes[0]
+            assert icc == pytest.approx((res.statistic - 1) / (res.statistic + m - 1), rel=1e-9)
+            assert deff == pytest.approx(1 + (m - 1) * max(icc, 0), rel=1e-9)
+    assert design_effect(x, [None] * len(x))[0] == 1.0  # every value its own group
+    assert design_effect(np.ones(6), [0, 0, 1, 1, 2, 2])[0] == 1.0  # nothing to estimate
+    assert design_effect(np.repeat([0.0, 1.0, 2.0], 2), [0, 0, 1, 1, 2, 2])[:2] == (2.0, 1.0)  # members equal
+    groups = list(np.repeat(np.arange(20), 3))
+    means, estimates = [], []
+    for _ in range(1500):  # icc 0.5 in groups of 3: a mean's variance twice the independent one
+        x = np.sqrt(0.5) * rng.normal(size=20).repeat(3) + np.sqrt(0.5) * rng.normal(size=60)
+        means.append(x.mean())
+        estimates.append(design_effect(x, groups)[0])
+    assert np.var(means) * 60 == pytest.approx(2.0, rel=0.12) and np.mean(estimates) == pytest.approx(2.0, rel=0.1)
+
+
+def test_correlated_deliveries_get_a_caution():
+    """The bootstrap resamples queries: when the deliveries of one request move together, a class
+    change's interval is too narrow, and compare() says so, with the design effect, for that class
+    only. Changes independent of the groups, or rows without groups, get no such caution."""
+    from probing.analysis import compare
+
+    from .synthetic import make_baseline
+
+    base = make_baseline(n_h=30, n_b=30, seed=5)
+    is_h = np.array([lab == "harmful" for lab in base.labels])
+    within = np.where(is_h, np.cumsum(is_h) - 1, np.cumsum(~is_h) - 1)  # a row's place in its class
+    group = [f"{lab}-req{k // 3}" for lab, k in zip(base.labels, within)]  # 10 requests of 3 a class
+    grouped = ScoreTable(base.ids, base.labels, base.margin, base.lens_margin, base.layers,
+                         row_meta=[{"group": g} for g in group])
+    rng = np.random.default_rng(4)
+    request_part = {g: rng.normal() for g in sorted(set(group))}
+    shared = np.array([request_part[g] for g in group])
+    delta = 0.5 + np.where(is_h, 0.8 * shared, 0.0) + 0.3 * rng.normal(size=60)
+    moved = ScoreTable(base.ids, base.labels, base.margin + torch.tensor(delta, dtype=torch.float32),
+                       base.lens_margin, base.layers)
+    eff = compare(grouped, moved, n_boot=200)
+    d = eff.config["design_effect"]
+    assert d["harmful"]["deff"] > 2 and d["harmful"]["groups"] == 10 and d["benign"]["deff"] < 1.2, d
+    (caution,) = eff.cautions
+    assert caution.startswith("harmful deliveries of one request move together (design effect")
+    assert "30 queries in 10 requests" in caution and "caution: harmful deliveries" in eff.summary()
+    assert compare(base, moved, n_boot=200).cautions == []  # the same rows without groups
+    calm = ScoreTable(base.ids, base.labels, base.margin + torch.tensor(0.5 + 0.3 * rng.normal(size=60),
+                                                                        dtype=torch.float32),
+                      base.lens_margin, base.layers)
+    assert compare(grouped, calm, n_boot=200).cautions == []
+
+
 def test_comparisons_say_where_their_intervals_cover_less(caplog):
     """`DefenseEffect.cautions`: a class under MIN_CLASS_FOR_COVERAGE queries (no interval from the
     resamples reaches 95% there), and an AUROC of 1 (complete separation): said in the summary, the

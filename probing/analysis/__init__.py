@@ -18,8 +18,9 @@ from .compare import (LABELS, METHODS, DefenseEffect, Estimate, Paired, bootstra
                       pair_tables, rank_figures, resolve_threshold, separation_figures, threshold_cut)
 from .directions import refusal_directions
 from .layers import SCORES, LayerProfile, diffmean_scores, layer_profile, probe_scores, stratified_folds
-from .metrics import (auroc, compliance_rate, criterion, d_prime, hodges_lehmann, hodges_lehmann_shift,
-                      order_quantile, percentile_ci, pooled_sd, refusal_rate, stratified_indices, wilson_ci)
+from .metrics import (auroc, compliance_rate, criterion, d_prime, design_effect, hodges_lehmann,
+                      hodges_lehmann_shift, order_quantile, percentile_ci, pooled_sd, refusal_rate, stratified_indices,
+                      wilson_ci)
 from .prediction import (PREDICTORS, Candidate, ComposeModel, combine, evaluate_prediction, fit_compose,
                          pareto_mask, predict, rank_ensembles, safety_helpfulness)
 
@@ -27,7 +28,7 @@ __all__ = [
     "LABELS", "METHODS", "DefenseEffect", "Estimate", "Paired", "bootstrap", "compare", "fitted_cut",
     "fitted_threshold", "interval_arrays", "mechanism_label", "neutral_threshold", "output_figures", "pair_tables",
     "rank_figures", "resolve_threshold", "separation_figures", "threshold_cut", "criterion", "hodges_lehmann",
-    "hodges_lehmann_shift", "order_quantile", "wilson_ci", "refusal_directions", "SCORES", "LayerProfile",
+    "hodges_lehmann_shift", "order_quantile", "wilson_ci", "design_effect", "refusal_directions", "SCORES", "LayerProfile",
     "diffmean_scores",
     "layer_profile", "probe_scores", "stratified_folds", "auroc", "compliance_rate", "d_prime", "percentile_ci", "pooled_sd",
     "refusal_rate", "stratified_indices", "Candidate", "evaluate_prediction", "pareto_mask", "predict",

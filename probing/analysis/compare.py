@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .folds import row_groups
-from .metrics import (auroc, auroc_score_ci, criterion, d_prime, hodges_lehmann, hodges_lehmann_shift, order_quantile,
-                      percentile_ci, pooled_sd, refusal_rate, stratified_indices, wilson_ci)
+from .metrics import (auroc, auroc_score_ci, criterion, d_prime, design_effect, hodges_lehmann, hodges_lehmann_shift,
+                      order_quantile, percentile_ci, pooled_sd, refusal_rate, stratified_indices, wilson_ci)
 from ..score_table import ScoreTable
 from ..errors import InputError
 
@@ -566,6 +566,27 @@ def bootstrap(fn, paired: Paired, n_boot: int, seed: int, level: float, unit=Non
     return {k: Estimate(float(v), float(lo), float(hi), int(nf)) for k, (v, lo, hi, nf) in arrays.items()}
 
 
+def _class_design_effects(paired: Paired) -> dict[str, dict]:
+    """Per class, how much the deliveries of one request (``meta["group"]``) move together in their
+    margin change: `metrics.design_effect` of the per-query changes, with the number of groups.
+    The bootstrap resamples queries, not groups, so a class change's interval is about
+    sqrt(deff) times too narrow (docs/analysis.md, "Where the intervals cover less")."""
+    groups = paired.groups or [None] * len(paired.ids)
+    delta = np.asarray(paired.defended - paired.base, float).reshape(len(paired.ids), -1)[:, 0]
+    out = {}
+    for cls, mask in (("harmful", paired.is_harmful), ("benign", ~paired.is_harmful)):
+        deff, icc, n_groups, p_value = design_effect(delta[mask], [g for g, m in zip(groups, mask) if m])
+        out[cls] = {"deff": round(deff, 4), "icc": round(icc, 4), "p_value": float(f"{p_value:.3g}"),
+                    "groups": n_groups, "queries": int(mask.sum())}
+    return out
+
+
+#: a class whose design effect reaches this, with the correlation significant at `DEFF_ALPHA` (F test),
+#: gets a caution: its change interval is then 10% or more too narrow
+DEFF_CAUTION = 1.2
+DEFF_ALPHA = 0.05
+
+
 def _direction(e: Estimate, min_effect: float) -> int:
     """+1: rises (interval above 0, value >= min_effect); -1: falls (mirror); 0: no clear change."""
     if e.lo > 0 and e.value >= min_effect:
@@ -651,8 +672,10 @@ class DefenseEffect:
     def cautions(self) -> list[str]:
         """Where this comparison's intervals are known to cover less than their level
         (docs/analysis.md, "Where the intervals cover less"): a class smaller than
-        `MIN_CLASS_FOR_COVERAGE`, and an AUROC of 0 or 1 (complete separation, where even the
-        widened `auroc_change` interval covers less)."""
+        `MIN_CLASS_FOR_COVERAGE`, an AUROC of 0 or 1 (complete separation, where even the
+        widened `auroc_change` interval covers less), and a class whose deliveries of one request
+        move together (design effect >= `DEFF_CAUTION`, F test p < `DEFF_ALPHA`; the bootstrap
+        resamples queries)."""
         out = []
         small = min(self.n_harmful, self.n_benign)
         if small < MIN_CLASS_FOR_COVERAGE:
@@ -664,6 +687,11 @@ class DefenseEffect:
             out.append(f"{', '.join(edge)} at {e[edge[0]].value:g}: the classes separate completely; the AUROC "
                        "intervals there come from score intervals (the bootstrap's would be a point), and "
                        "auroc_change's covers about 0.87-0.91 at 10-20 queries a class")
+        for cls, d in (self.config.get("design_effect") or {}).items():
+            if d["deff"] >= DEFF_CAUTION and d["p_value"] < DEFF_ALPHA:
+                out.append(f"{cls} deliveries of one request move together (design effect {d['deff']:.2f}, "
+                           f"{d['queries']} queries in {d['groups']} requests): the intervals resample queries, so "
+                           f"the {cls} change's is about {d['deff'] ** 0.5:.2f}x too narrow")
         return out
 
     @property
@@ -825,7 +853,7 @@ def compare(
                                            "threshold_margin": cut,
                                            "threshold_rule": threshold if isinstance(threshold, str) else "fixed",
                                            "neutral_p": neutral, "min_effect_sd": min_effect_sd,
-                                           "method": method})
+                                           "method": method, "design_effect": _class_design_effects(paired)})
     for caution in effect.cautions:
         logger.warning("%s: %s", name, caution)
     if label == "unresolved":
