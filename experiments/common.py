@@ -9,6 +9,7 @@ directory (ownership, fingerprint, lock); only then is the model loaded.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from probing import RefusalScorer, load_model
@@ -55,14 +56,37 @@ def split_dataset_spec(spec: str) -> list[str]:
     return [spec]
 
 
+def stratified_head(queries: list[Query], limit: int | None) -> list[Query]:
+    """The first ``limit`` queries, stratified by label where both harmful and benign occur:
+    each label keeps its share (largest remainder, at least one each), the first ones of each
+    label in the dataset's order, returned in that order."""
+    if limit is None or limit >= len(queries):
+        return list(queries)
+    by: dict = {}
+    for i, q in enumerate(queries):
+        by.setdefault(q.label, []).append(i)
+    if not ("harmful" in by and "benign" in by):
+        return list(queries[:limit])
+    exact = {lab: limit * len(ix) / len(queries) for lab, ix in by.items()}
+    take = {lab: min(len(by[lab]), max(1, math.floor(v))) for lab, v in exact.items()}
+    while sum(take.values()) > limit:
+        take[max(take, key=lambda lab: take[lab])] -= 1
+    while sum(take.values()) < limit:
+        open_ = [lab for lab in take if take[lab] < len(by[lab])]
+        take[max(open_, key=lambda lab: exact[lab] - take[lab])] += 1
+    keep = sorted(i for lab, ix in by.items() for i in ix[:take[lab]])
+    return [queries[i] for i in keep]
+
+
 def load_queries(spec: str, limit: int | None = None) -> list[Query]:
-    """The queries of ``--dataset`` (one spec or several joined by ','), checked (see `check_queries`),
-    then the first ``limit`` (>= 1; None for all)."""
+    """The queries of ``--dataset`` (one spec or several joined by ','), checked (see `check_queries`);
+    with ``limit`` (>= 1; None for all) the first ``limit`` of each spec, stratified by label
+    (`stratified_head`), as the study takes them: MOSSBench lists its benign records first, so a
+    plain head would hold one class only."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InputError(f"--limit must be an integer >= 1 (or absent for all queries), got {limit!r}")
     sources = [(part, _load_one(part)) for part in split_dataset_spec(spec)]
-    queries = check_queries(sources)
-    return queries[:limit] if limit is not None else queries
+    return check_queries([(part, stratified_head(queries, limit)) for part, queries in sources])
 
 
 def check_queries(sources: list[tuple[str, list]]) -> list[Query]:
@@ -90,7 +114,7 @@ def check_labels(queries: list[Query], spec: str, limit: int | None = None) -> N
     missing = [lab for lab, n in counts.items() if n == 0]
     if missing:
         unlabelled = sum(q.label is None for q in queries)
-        within = f" among the first {limit} (--limit)" if limit is not None else ""
+        within = f" within --limit {limit}" if limit is not None else ""
         raise DataError(f"--dataset {spec}: no {' and no '.join(missing)} queries{within} ({counts['harmful']} harmful, "
                         f"{counts['benign']} benign, {unlabelled} unlabelled); the analysis compares harmful with "
                         f"benign, so both labels are needed")

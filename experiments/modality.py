@@ -56,7 +56,7 @@ def check_deliveries(groups: dict[str, list[Query]], limit: int | None) -> None:
     """Every delivery has harmful and benign queries (its refusal rates and AUROC need both) and
     shares at least one harmful request with the text delivery (its gap needs one); else one
     error naming the delivery, before any forward."""
-    within = f" among the first {limit} queries (--limit {limit})" if limit is not None else ""
+    within = f" within --limit {limit} (the first of each label)" if limit is not None else ""
     text = {request(q) for q in groups["text"] if q.label == "harmful"}
     for d, qs in groups.items():
         missing = [lab for lab in ("harmful", "benign") if not any(q.label == lab for q in qs)]

@@ -65,7 +65,8 @@ def add_common(p: argparse.ArgumentParser, name: str, defenses: str | None = DEF
     p.add_argument("--dataset", default="toy",
                    help="toy | mossbench:<dir> | mmsafetybench:<dir> (tiny subset, SD_TYPO) | jsonl:<file> "
                         "(several joined by ',')")
-    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N queries (N >= 1)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="the first N queries of each dataset (N >= 1), stratified by label")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")

@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -68,7 +67,7 @@ from probing.score_table import ScoreTable
 
 from . import options, study_config
 from .common import (NO_HIDDEN_SCORE_LEVEL, check_device, check_labels, check_layer_folds, split_top,
-                     warn_out_of_vocabulary)
+                     stratified_head, warn_out_of_vocabulary)
 from .kept import CachedRewrite, kept, query_key
 from .plan_ahead import PlanAhead
 from .report import write_table
@@ -87,28 +86,6 @@ OWN_PREFIX = {"mossbench": "moss-", "mmsafetybench": "mmsb-"}
 
 
 # --- datasets ----------------------------------------------------------------------------------
-
-def stratified_head(queries: list[Query], limit: int | None) -> list[Query]:
-    """The first ``limit`` queries, stratified by label where both harmful and benign occur:
-    each label keeps its share (largest remainder, at least one each), the first ones of each
-    label in the dataset's order, returned in that order."""
-    if limit is None or limit >= len(queries):
-        return list(queries)
-    by: dict = {}
-    for i, q in enumerate(queries):
-        by.setdefault(q.label, []).append(i)
-    if not ("harmful" in by and "benign" in by):
-        return list(queries[:limit])
-    exact = {lab: limit * len(ix) / len(queries) for lab, ix in by.items()}
-    take = {lab: min(len(by[lab]), max(1, math.floor(v))) for lab, v in exact.items()}
-    while sum(take.values()) > limit:
-        take[max(take, key=lambda lab: take[lab])] -= 1
-    while sum(take.values()) < limit:
-        open_ = [lab for lab in take if take[lab] < len(by[lab])]
-        take[max(open_, key=lambda lab: exact[lab] - take[lab])] += 1
-    keep = sorted(i for lab, ix in by.items() for i in ix[:take[lab]])
-    return [queries[i] for i in keep]
-
 
 def spread_sample(queries: list[Query], n: int) -> list[Query]:
     """``n`` queries spread evenly over the list within each label (half harmful, half benign

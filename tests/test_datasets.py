@@ -511,3 +511,21 @@ def test_mmsafetybench_spec_means_the_same_in_every_command():
     study, _ = load_dataset({**parse_dataset_flag(spec), "tag": "mmsafetybench"})
     assert [q.id for q in session] == [q.id for q in study]
     assert [q.id for q in session] == [q.id for q in load_mmsafetybench(SHARED_MMSB, subset="tiny", skip_missing=True)]
+
+
+@pytest.mark.skipif(not SHARED_MOSS.is_dir(), reason="needs ../shared/data/mossbench")
+def test_limit_means_the_same_in_every_command():
+    """`--limit N` is the first N of each dataset, stratified by label, in the Session experiments as
+    in the study: MOSSBench lists its benign records first, so a plain head held no harmful query
+    and `mechprobe mechanisms --dataset mossbench:DIR --limit 20` stopped where `study` ran."""
+    from experiments.common import load_queries
+    from experiments.study import load_dataset
+    from experiments.study_config import parse_dataset_flag
+
+    spec = f"mossbench:{SHARED_MOSS}"
+    session = load_queries(spec, 20)
+    study, _ = load_dataset({**parse_dataset_flag(spec), "tag": "mossbench", "limit": 20})
+    assert [q.id for q in session] == [q.id for q in study]
+    assert {q.label for q in session} == {"harmful", "benign"} and len(session) == 20
+    both = load_queries(f"{spec},toy", 6)  # each spec limited, not their concatenation
+    assert len(both) == 12 and {q.label for q in both[6:]} == {"harmful", "benign"}

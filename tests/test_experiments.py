@@ -199,8 +199,9 @@ def test_modality(tmp_path):
 
 
 def test_modality_gap_pairs_the_same_requests_under_a_limit(tmp_path, capsys):
-    """With --limit the deliveries hold different requests (the first 8 toy queries: text and typo
-    of 'steal cars', 'wash cars', 'rob banks', picture of the first two only): each gap is the mean
+    """With --limit the deliveries hold different requests (--limit 8 takes the first 4 harmful and
+    4 benign toy queries: 'steal cars' and 'wash cars' in every delivery, 'rob banks' and 'visit
+    banks' as text only): each gap is the mean
     over the harmful requests present in both deliveries of text minus delivery, recomputed here
     from the shards by the request's phrase. A delivery without a class is refused before any forward."""
     import numpy as np
@@ -221,12 +222,13 @@ def test_modality_gap_pairs_the_same_requests_under_a_limit(tmp_path, capsys):
         expected = np.mean([text[p] - own[p] for p in shared], axis=0)
         got = [rows[d][f"gap_layer{i}"] for i in range(len(expected))]
         assert rows[d]["gap_requests"] == len(shared) and got == pytest.approx(expected, abs=1e-6), d
-    assert rows["picture"]["gap_requests"] == 1 and rows["typo"]["gap_requests"] == 2
+    assert rows["picture"]["gap_requests"] == 1 and rows["typo"]["gap_requests"] == 1 and len(text) == 2
     assert "deliveries hold different requests" in (out / "report.md").read_text()
     capsys.readouterr()
     assert main(["modality", "--limit", "4", "--out", str(tmp_path / "mod4"), *FAST]) == 2
     err = capsys.readouterr().err
-    assert "'typo'" in err and "no benign" in err and "--limit 4" in err and not (tmp_path / "mod4").exists()
+    assert "'picture'" in err and "no harmful and no benign" in err and "--limit 4" in err
+    assert not (tmp_path / "mod4").exists()
 
 
 def test_generation_check(tmp_path):
