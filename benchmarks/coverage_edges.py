@@ -13,9 +13,8 @@ docs/analysis.md ("Where the intervals cover less") quotes.
 4. Wilson refusal-rate intervals at true rates near 0 and 1 (exact binomial sums; Clopper-Pearson
    and Jeffreys beside).
 5. mechanism_label when one class moves alone, both move, or nothing moves.
-6. Deliveries of one request that move together (groups of 3 whose per-query changes share a
-   part): coverage of the class changes from the query bootstrap, how often compare()'s design-
-   effect caution fires, and the coverage of the interval widened by sqrt(deff) around its centre.
+6. Deliveries of one request that move together (groups of 3 whose margins and changes share a
+   part): coverage with the queries resampled and with whole groups resampled (compare()'s way).
 
 Each simulated figure's Monte Carlo SE is about 0.005 at 2000 data sets.
 """
@@ -114,36 +113,32 @@ def label_table(d: int) -> None:
 
 
 def group_table(d: int, n_groups: int = 10, size: int = 3) -> None:
-    from probing.analysis.compare import DEFF_ALPHA, DEFF_CAUTION
-    from probing.analysis.metrics import design_effect
+    from scipy.stats import norm
 
-    print(f"\n6. Groups of {size} deliveries ({n_groups} requests, {n_groups * size} queries a class), the per-query "
-          "change's correlation within a group icc; harmful_change / benign_change")
-    print("| icc | query bootstrap coverage | caution fires | widened by sqrt(deff): coverage |\n|---|---|---|---|")
+    print(f"\n6. Groups of {size} deliveries ({n_groups} requests, {n_groups * size} queries a class): a share icc "
+          "of the baseline margin's variance and of the change's is the request's; coverage, query bootstrap -> "
+          "cluster bootstrap (groups given)")
+    truth = {"harmful_change": 0.6, "benign_change": 0.2, "differential": 0.4,
+             "auroc_base": norm.cdf(1 / np.sqrt(2)), "auroc_def": norm.cdf(1.4 / np.sqrt(2.5)),
+             "refusal_harmful_base": norm.cdf(0.5), "refusal_benign_def": norm.cdf(-0.3 / np.sqrt(1.25))}
+    print("| icc | " + " | ".join(truth) + " |\n|---|" + "---|" * len(truth))
     groups = list(np.repeat(np.arange(n_groups), size))
     n = n_groups * size
     for icc in (0.0, 0.2, 0.5, 0.8):
         rng = np.random.default_rng(11)
-        bh, bb = rng.normal(0.5, 1, (d, n)), rng.normal(-0.5, 1, (d, n))
 
-        def change(shift):
+        def grouped(sd):
             shared = rng.normal(size=(d, n_groups)).repeat(size, -1)
-            return shift + 0.5 * (np.sqrt(icc) * shared + np.sqrt(1 - icc) * rng.normal(size=(d, n)))
-        dh, db = bh + change(0.6), bb + change(0.2)
-        est = interval_arrays(output_figures, bh, bb, dh, db, n_boot=300, seed=rng, pairwise=False)
-        cells = [[], [], []]
-        for key, x, truth in (("harmful_change", dh - bh, 0.6), ("benign_change", db - bb, 0.2)):
-            v, lo, hi, _ = est[key]
-            deff = np.empty(d)
-            fires = np.empty(d, bool)
-            for i in range(d):
-                deff[i], _, _, p = design_effect(x[i], groups)
-                fires[i] = deff[i] >= DEFF_CAUTION and p < DEFF_ALPHA
-            mid, half = (lo + hi) / 2, (hi - lo) / 2 * np.sqrt(deff)
-            cells[0].append(((lo <= truth) & (truth <= hi)).mean())
-            cells[1].append(fires.mean())
-            cells[2].append(((mid - half <= truth) & (truth <= mid + half)).mean())
-        print(f"| {icc} | " + " | ".join(" / ".join(f"{c:.3f}" for c in cell) for cell in cells) + " |")
+            return sd * (np.sqrt(icc) * shared + np.sqrt(1 - icc) * rng.normal(size=(d, n)))
+        bh, bb = 0.5 + grouped(1.0), -0.5 + grouped(1.0)
+        dh, db = bh + 0.6 + grouped(0.5), bb + 0.2 + grouped(0.5)
+        cells = {k: [] for k in truth}
+        for given in (None, groups):
+            est = interval_arrays(output_figures, bh, bb, dh, db, n_boot=300, seed=5, pairwise=False,
+                                  groups_h=given, groups_b=given)
+            for k, t in truth.items():
+                cells[k].append(covered(est, {k: t}, k))
+        print(f"| {icc} | " + " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in cells.values()) + " |")
 
 
 def main(argv=None) -> int:

@@ -455,8 +455,86 @@ def _expanded_alpha(jh: np.ndarray, jb: np.ndarray, level: float) -> np.ndarray:
     return np.where(ok, norm.sf(z), (1 - level) / 2)
 
 
+def _group_codes(groups, n: int, cls: str) -> np.ndarray | None:
+    """``[n]`` integer group codes of a class's queries (a query without a group is its own), or None
+    when every query is its own group (or fewer than 2 groups hold the class: nothing to resample
+    then but the queries, which is what the draws do, with a warning)."""
+    if groups is None:
+        return None
+    if len(groups) != n:
+        raise InputError(f"{len(groups)} groups given for {n} {cls} queries")
+    order: dict = {}
+    codes = np.array([order.setdefault(("query", i) if g is None else ("group", g), len(order))
+                      for i, g in enumerate(groups)], dtype=np.int64)
+    if len(order) == n:
+        return None
+    if len(order) < 2:
+        logger.warning("all %d %s queries deliver one request: their bootstrap resamples queries", n, cls)
+        return None
+    return codes
+
+
+def _draws(rng: np.random.Generator, codes: np.ndarray | None, n: int, shape: tuple) -> np.ndarray:
+    """Bootstrap index draws ``[*shape, n]`` of one class: queries with replacement, or, with group
+    ``codes``, `_cluster_draws`."""
+    if codes is None:
+        return rng.integers(0, n, shape + (n,))
+    return _cluster_draws(rng, codes, shape)
+
+
+def _cluster_draws(rng: np.random.Generator, codes: np.ndarray, shape: tuple) -> np.ndarray:
+    """Resamples of whole groups: groups drawn with replacement and their queries laid end to end
+    until n are reached, ``[*shape, n]``. With groups of one size every resample is exactly as many
+    whole groups as the class holds; with mixed sizes the last group drawn is cut at n (the
+    resample keeps the class's size, which every figure's shape needs)."""
+    n = len(codes)
+    sizes = np.bincount(codes)
+    members = np.full((len(sizes), sizes.max()), -1, dtype=np.int64)  # [G, largest group]
+    by_group = np.argsort(codes, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    members[codes[by_group], np.arange(n) - starts[codes[by_group]]] = by_group
+    need = -(-n // int(sizes.min()))  # groups enough to hold n queries
+    cand = members[rng.integers(0, len(sizes), shape + (need,))].reshape(shape + (-1,))
+    first = np.argsort(cand < 0, axis=-1, kind="stable")[..., :n]  # the real members, in draw order
+    return np.take_along_axis(cand, first, -1)
+
+
+def _group_jackknife(j: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
+    """Leave-one-query-out values ``[..., n]`` -> leave-one-group-out values ``[..., G]``, to first
+    order: without group g (m_g queries) a figure moves by (n - 1) / (n - m_g) times the sum of its
+    members' leave-one-out moves (exact for a mean). Unchanged without groups."""
+    if codes is None:
+        return j
+    n, sizes = j.shape[-1], np.bincount(codes)
+    mean = j.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        moved = (j - mean) @ np.eye(len(sizes))[codes]  # [..., G] sum over each group's members
+    return mean + (n - 1) / (n - sizes) * moved
+
+
+def _effective_sizes(jh: np.ndarray, jb: np.ndarray, codes_h, codes_b) -> tuple:
+    """Class sizes for a score interval: n over the design effect of the figure, the group-level
+    jackknife variance over the query-level one (for a rate, the design effect of its refusal
+    indicators), never above n; n where the jackknife shows no spread (a rate of 0 or 1, an AUROC
+    of 1: there the groups' correlation cannot be seen) or the class has no groups."""
+    out = []
+    for j, codes in ((jh, codes_h), (jb, codes_b)):
+        n = j.shape[-1]
+        if codes is None:
+            out.append(np.full(j.shape[:-1], float(n)))
+            continue
+        g = _group_jackknife(j, codes)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v_q = (n - 1) / n * ((j - j.mean(-1, keepdims=True)) ** 2).sum(-1)
+            v_g = (g.shape[-1] - 1) / g.shape[-1] * ((g - g.mean(-1, keepdims=True)) ** 2).sum(-1)
+            deff = np.where(np.isfinite(v_g / v_q) & (v_q > 1e-300), v_g / v_q, 1.0)
+        out.append(n / np.maximum(deff, 1.0))
+    return tuple(out)
+
+
 def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level: float = 0.95,
-                    method: str = "auto", rank: bool = False, pairwise: bool = True) -> dict[str, tuple]:
+                    method: str = "auto", rank: bool = False, pairwise: bool = True,
+                    groups_h=None, groups_b=None) -> dict[str, tuple]:
     """Point values and paired, class-stratified bootstrap intervals of every figure of
     ``fn(b_h, b_b, d_h, d_b)``, vectorised over leading axes (``[..., n]`` in, ``[...]`` out).
 
@@ -474,6 +552,13 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
     bootstrap. ``pairwise=False`` says ``fn`` holds no figure over all pairs of a class's values
     (`separation_figures`, `output_figures` without ``rank``), so its jackknife runs in fewer,
     larger chunks.
+
+    ``groups_h`` / ``groups_b`` (``[n_h]`` / ``[n_b]``, a group per query, None for a group of its
+    own): the request each query delivers. Where a class has groups of several queries, its
+    resamples draw whole groups (a cluster bootstrap, `_cluster_draws`), its jackknife values are
+    taken to the group level (`_group_jackknife`), and its score intervals (rates, AUROC) use the
+    class size over the design effect the jackknife shows (`_effective_sizes`): the deliveries of
+    one request are not independent evidence. Without such groups the draws are those of before.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -485,6 +570,7 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
     if n_boot < 1:
         return {k: (np.asarray(v, float), nan, nan, np.zeros(lead, int)) for k, v in point.items()}
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    codes_h, codes_b = _group_codes(groups_h, n_h, "harmful"), _group_codes(groups_b, n_b, "benign")
     step = _chunk(int(np.prod(lead, dtype=int)), n_h, n_b)
     ranks = _ResampledRanks(d_h - b_h, d_b - b_b) if rank else None
     if ranks is not None and not ranks.exact:
@@ -492,8 +578,8 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
     chunks = []
     for start in range(0, n_boot, step):
         b = min(step, n_boot - start)
-        ih = rng.integers(0, n_h, lead + (b, n_h))  # [..., b, n_h]
-        ib = rng.integers(0, n_b, lead + (b, n_b))
+        ih = _draws(rng, codes_h, n_h, lead + (b,))  # [..., b, n_h]
+        ib = _draws(rng, codes_b, n_b, lead + (b,))
         take = lambda x, i: np.take_along_axis(x[..., None, :], i, -1)  # noqa: E731
         resampled = (take(b_h, ih), take(b_b, ib), take(d_h, ih), take(d_b, ib))
         chunks.append({**fn(*resampled), **ranks(ih, ib)} if ranks is not None else figures(*resampled))
@@ -504,6 +590,12 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
         if rank:
             rank_h, rank_b = _rank_jackknife(b_h, b_b, d_h, d_b)
             jack_h, jack_b = {**jack_h, **rank_h}, {**jack_b, **rank_b}
+        sizes = {k: _effective_sizes(jack_h[k], jack_b[k], codes_h, codes_b)
+                 for k in (*RATE_FIGURES, *AUROC_SCORE_FIGURES) if k in point}
+        jack_h = {k: _group_jackknife(v, codes_h) for k, v in jack_h.items()}
+        jack_b = {k: _group_jackknife(v, codes_b) for k, v in jack_b.items()}
+    else:
+        sizes = {}
     out = {}
     for k, v in point.items():
         smp = samples[k]
@@ -516,11 +608,13 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
 
             a_lo, a_hi = _bca_alpha(np.asarray(v, float), smp, jack_h[k], jack_b[k], norm.ppf(alpha))
         lo, hi = order_quantile(smp, a_lo), order_quantile(smp, a_hi)
+        eff_h, eff_b = sizes.get(k, (n_h, n_b))
         if k in RATE_FIGURES:
-            n = n_h if RATE_FIGURES[k] == "h" else n_b
-            lo, hi = wilson_ci(np.round(np.asarray(v) * n), n, level)
+            n, eff = (n_h, eff_h) if RATE_FIGURES[k] == "h" else (n_b, eff_b)
+            count = np.round(np.asarray(v) * n)
+            lo, hi = wilson_ci(count * eff / n, eff, level) if np.any(eff < n) else wilson_ci(count, n, level)
         if k in AUROC_SCORE_FIGURES:
-            lo, hi = auroc_score_ci(v, n_h, n_b, level)
+            lo, hi = auroc_score_ci(v, eff_h, eff_b, level)
         out[k] = (np.asarray(v, float), np.asarray(lo, float), np.asarray(hi, float), nonfinite)
     if all(k in out for k in ("auroc_base", "auroc_def", "auroc_change")):
         out["auroc_change"] = _auroc_change_at_the_edge(out)
@@ -561,16 +655,20 @@ def bootstrap(fn, paired: Paired, n_boot: int, seed: int, level: float, unit=Non
     if unit is None and pooled_sd(b_h, b_b) == 0:
         logger.warning("baseline scores are constant within both classes: *_sd figures use raw score units")
         unit = 1.0
+    groups = paired.groups
+    groups_h = [g for g, h in zip(groups, paired.is_harmful) if h] if groups is not None else None
+    groups_b = [g for g, h in zip(groups, paired.is_harmful) if not h] if groups is not None else None
     arrays = interval_arrays(lambda *a: fn(*a, unit=unit), b_h, b_b, d_h, d_b, n_boot=n_boot, seed=seed,
-                             level=level, method=method, rank=rank, pairwise=pairwise)
+                             level=level, method=method, rank=rank, pairwise=pairwise,
+                             groups_h=groups_h, groups_b=groups_b)
     return {k: Estimate(float(v), float(lo), float(hi), int(nf)) for k, (v, lo, hi, nf) in arrays.items()}
 
 
 def _class_design_effects(paired: Paired) -> dict[str, dict]:
     """Per class, how much the deliveries of one request (``meta["group"]``) move together in their
-    margin change: `metrics.design_effect` of the per-query changes, with the number of groups.
-    The bootstrap resamples queries, not groups, so a class change's interval is about
-    sqrt(deff) times too narrow (docs/analysis.md, "Where the intervals cover less")."""
+    margin change: `metrics.design_effect` of the per-query changes, with the numbers of groups and
+    queries. For the reader: the intervals already resample whole groups (`interval_arrays`); a
+    design effect of 2 says the class holds about half as much independent evidence as queries."""
     groups = paired.groups or [None] * len(paired.ids)
     delta = np.asarray(paired.defended - paired.base, float).reshape(len(paired.ids), -1)[:, 0]
     out = {}
@@ -579,12 +677,6 @@ def _class_design_effects(paired: Paired) -> dict[str, dict]:
         out[cls] = {"deff": round(deff, 4), "icc": round(icc, 4), "p_value": float(f"{p_value:.3g}"),
                     "groups": n_groups, "queries": int(mask.sum())}
     return out
-
-
-#: a class whose design effect reaches this, with the correlation significant at `DEFF_ALPHA` (F test),
-#: gets a caution: its change interval is then 10% or more too narrow
-DEFF_CAUTION = 1.2
-DEFF_ALPHA = 0.05
 
 
 def _direction(e: Estimate, min_effect: float) -> int:
@@ -673,13 +765,16 @@ class DefenseEffect:
         """Where this comparison's intervals are known to cover less than their level
         (docs/analysis.md, "Where the intervals cover less"): a class smaller than
         `MIN_CLASS_FOR_COVERAGE`, an AUROC of 0 or 1 (complete separation, where even the
-        widened `auroc_change` interval covers less), and a class whose deliveries of one request
-        move together (design effect >= `DEFF_CAUTION`, F test p < `DEFF_ALPHA`; the bootstrap
-        resamples queries)."""
+        widened `auroc_change` interval covers less). Where a class holds groups (the deliveries of
+        one request), its size is counted in groups: the bootstrap resamples those."""
         out = []
-        small = min(self.n_harmful, self.n_benign)
+        # the bootstrap resamples requests where a class has groups: those are its units
+        units = {cls: d["groups"] for cls, d in (self.config.get("design_effect") or {}).items()}
+        small = min(units.get("harmful", self.n_harmful), units.get("benign", self.n_benign))
+        grouped = any(units.get(cls, n) < n for cls, n in (("harmful", self.n_harmful), ("benign", self.n_benign)))
+        what = "requests (groups resampled whole)" if grouped else "queries"
         if small < MIN_CLASS_FOR_COVERAGE:
-            out.append(f"only {small} queries in a class: intervals cover at most {1 - 2.0 ** (1 - small):.0%} "
+            out.append(f"only {small} {what} in a class: intervals cover at most {1 - 2.0 ** (1 - small):.0%} "
                        f"(fewer than {MIN_CLASS_FOR_COVERAGE} per class)")
         e = self.estimates
         edge = [k for k in ("auroc_base", "auroc_def") if k in e and e[k].value in (0.0, 1.0)]
@@ -687,11 +782,6 @@ class DefenseEffect:
             out.append(f"{', '.join(edge)} at {e[edge[0]].value:g}: the classes separate completely; the AUROC "
                        "intervals there come from score intervals (the bootstrap's would be a point), and "
                        "auroc_change's covers about 0.87-0.91 at 10-20 queries a class")
-        for cls, d in (self.config.get("design_effect") or {}).items():
-            if d["deff"] >= DEFF_CAUTION and d["p_value"] < DEFF_ALPHA:
-                out.append(f"{cls} deliveries of one request move together (design effect {d['deff']:.2f}, "
-                           f"{d['queries']} queries in {d['groups']} requests): the intervals resample queries, so "
-                           f"the {cls} change's is about {d['deff'] ** 0.5:.2f}x too narrow")
         return out
 
     @property

@@ -159,7 +159,7 @@ def layer_profile(
         paired = Paired(hidden.ids, hidden.is_harmful, s0, s1, hidden.groups)
     values, lo, hi = ({f: np.empty(len(baseline.layers)) for f in FIGURES} for _ in range(3))
     for i in range(len(baseline.layers)):
-        layer = Paired(paired.ids, paired.is_harmful, paired.base[:, i], paired.defended[:, i])
+        layer = Paired(paired.ids, paired.is_harmful, paired.base[:, i], paired.defended[:, i], paired.groups)
         est: dict[str, Estimate] = bootstrap(separation_figures, layer, n_boot, seed, level, pairwise=False)
         for f in FIGURES:
             values[f][i], lo[f][i], hi[f][i] = est[f].value, est[f].lo, est[f].hi
