@@ -112,33 +112,34 @@ def label_table(d: int) -> None:
         print(f"| {desc} | " + ", ".join(f"{k} {v / d:.2f}" for k, v in got.most_common()) + " |")
 
 
-def group_table(d: int, n_groups: int = 10, size: int = 3) -> None:
+def group_table(d: int) -> None:
     from scipy.stats import norm
 
-    print(f"\n6. Groups of {size} deliveries ({n_groups} requests, {n_groups * size} queries a class): a share icc "
-          "of the baseline margin's variance and of the change's is the request's; coverage, query bootstrap -> "
-          "cluster bootstrap (groups given)")
+    print("\n6. Deliveries of one request (10 requests of 3 a class; last row: 12 requests of 1-4, 30 queries): "
+          "a share icc of the baseline margin's variance and of the change's is the request's; coverage, query "
+          "bootstrap -> cluster bootstrap (groups given)")
     truth = {"harmful_change": 0.6, "benign_change": 0.2, "differential": 0.4,
              "auroc_base": norm.cdf(1 / np.sqrt(2)), "auroc_def": norm.cdf(1.4 / np.sqrt(2.5)),
              "refusal_harmful_base": norm.cdf(0.5), "refusal_benign_def": norm.cdf(-0.3 / np.sqrt(1.25))}
     print("| icc | " + " | ".join(truth) + " |\n|---|" + "---|" * len(truth))
-    groups = list(np.repeat(np.arange(n_groups), size))
-    n = n_groups * size
-    for icc in (0.0, 0.2, 0.5, 0.8):
+    for icc, sizes in ((0.0, [3] * 10), (0.2, [3] * 10), (0.5, [3] * 10), (0.8, [3] * 10), (0.5, [1, 2, 3, 4] * 3)):
+        codes = np.repeat(np.arange(len(sizes)), sizes)
+        n = len(codes)
         rng = np.random.default_rng(11)
 
         def grouped(sd):
-            shared = rng.normal(size=(d, n_groups)).repeat(size, -1)
+            shared = rng.normal(size=(d, len(sizes)))[:, codes]
             return sd * (np.sqrt(icc) * shared + np.sqrt(1 - icc) * rng.normal(size=(d, n)))
         bh, bb = 0.5 + grouped(1.0), -0.5 + grouped(1.0)
         dh, db = bh + 0.6 + grouped(0.5), bb + 0.2 + grouped(0.5)
         cells = {k: [] for k in truth}
-        for given in (None, groups):
+        for given in (None, list(codes)):
             est = interval_arrays(output_figures, bh, bb, dh, db, n_boot=300, seed=5, pairwise=False,
                                   groups_h=given, groups_b=given)
             for k, t in truth.items():
                 cells[k].append(covered(est, {k: t}, k))
-        print(f"| {icc} | " + " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in cells.values()) + " |")
+        name = f"{icc}" + (" (sizes 1-4)" if len(set(sizes)) > 1 else "")
+        print(f"| {name} | " + " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in cells.values()) + " |")
 
 
 def main(argv=None) -> int:
