@@ -769,7 +769,8 @@ class DefenseEffect:
         one request), its size is counted in groups: the bootstrap resamples those."""
         out = []
         # the bootstrap resamples requests where a class has groups: those are its units
-        units = {cls: d["groups"] for cls, d in (self.config.get("design_effect") or {}).items()}
+        units = {cls: d["groups"] for cls, d in (self.config.get("design_effect") or {}).items()
+                 if d["groups"] >= 2}  # one request alone: its queries are resampled (`_group_codes`)
         small = min(units.get("harmful", self.n_harmful), units.get("benign", self.n_benign))
         grouped = any(units.get(cls, n) < n for cls, n in (("harmful", self.n_harmful), ("benign", self.n_benign)))
         what = "requests (groups resampled whole)" if grouped else "queries"
