@@ -15,6 +15,8 @@ docs/analysis.md ("Where the intervals cover less") quotes.
 5. mechanism_label when one class moves alone, both move, or nothing moves.
 6. Deliveries of one request that move together (groups of 3 whose margins and changes share a
    part): coverage with the queries resampled and with whole groups resampled (compare()'s way).
+7. A benign and a harmful query that deliver one request (MOSSBench's pairs), correlated across the
+   classes: what resampling within each class leaves uncovered.
 
 Each simulated figure's Monte Carlo SE is about 0.005 at 2000 data sets.
 """
@@ -122,7 +124,8 @@ def group_table(d: int) -> None:
              "auroc_base": norm.cdf(1 / np.sqrt(2)), "auroc_def": norm.cdf(1.4 / np.sqrt(2.5)),
              "refusal_harmful_base": norm.cdf(0.5), "refusal_benign_def": norm.cdf(-0.3 / np.sqrt(1.25))}
     print("| icc | " + " | ".join(truth) + " |\n|---|" + "---|" * len(truth))
-    for icc, sizes in ((0.0, [3] * 10), (0.2, [3] * 10), (0.5, [3] * 10), (0.8, [3] * 10), (0.5, [1, 2, 3, 4] * 3)):
+    for icc, sizes in ((0.0, [3] * 10), (0.2, [3] * 10), (0.5, [3] * 10), (0.8, [3] * 10), (0.5, [1, 2, 3, 4] * 3),
+                       (0.5, [10] + [1] * 20)):
         codes = np.repeat(np.arange(len(sizes)), sizes)
         n = len(codes)
         rng = np.random.default_rng(11)
@@ -138,8 +141,24 @@ def group_table(d: int) -> None:
                                   groups_h=given, groups_b=given)
             for k, t in truth.items():
                 cells[k].append(covered(est, {k: t}, k))
-        name = f"{icc}" + (" (sizes 1-4)" if len(set(sizes)) > 1 else "")
+        name = f"{icc}" + ("" if len(set(sizes)) == 1 else f" (sizes {min(sizes)}-{max(sizes)}, {len(sizes)} requests)")
         print(f"| {name} | " + " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in cells.values()) + " |")
+
+
+def pair_table(d: int, n: int = 20) -> None:
+    print(f"\n7. MOSSBench-like pairs: harmful query i and benign query i deliver one request ({n} pairs); a share rho "
+          "of both classes' baseline margins and of their changes is the pair's; coverage (within each class every "
+          "request is one query, so this is the query bootstrap)")
+    truth = {"harmful_change": .6, "benign_change": .2, "differential": .4, "common_shift": .4, "shift_sd": .4}
+    print("| rho | " + " | ".join(truth) + " |\n|---|" + "---|" * len(truth))
+    for rho in (0.0, 0.5, 0.8):
+        rng = np.random.default_rng(4)
+        shared_base, shared_change = rng.normal(size=(d, n)), rng.normal(size=(d, n))
+        part = lambda shared, sd: sd * (np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(size=(d, n)))  # noqa: E731
+        bh, bb = 0.5 + part(shared_base, 1.0), -0.5 + part(shared_base, 1.0)
+        dh, db = bh + 0.6 + part(shared_change, 0.5), bb + 0.2 + part(shared_change, 0.5)
+        est = interval_arrays(output_figures, bh, bb, dh, db, n_boot=300, seed=5, pairwise=False)
+        print(f"| {rho} | " + " | ".join(f"{covered(est, truth, k):.3f}" for k in truth) + " |")
 
 
 def main(argv=None) -> int:
@@ -153,6 +172,7 @@ def main(argv=None) -> int:
     rate_table()
     label_table(min(d, 600))
     group_table(min(d, 1000))
+    pair_table(min(d, 1500))
     return 0
 
 

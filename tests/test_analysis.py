@@ -184,6 +184,12 @@ def test_one_class_moving_alone_is_not_called_a_safety_shift():
             break
     assert eff.label == "unresolved", "no unresolved case among 40 seeds"
     assert "unresolved: harmful refusal rises while the benign change" in eff.summary()
+    from probing.analysis.compare import DefenseEffect
+
+    opposite = DefenseEffect("x", 20, 20, {**eff.estimates, "harmful_change_sd": Estimate(0.5, 0.2, 0.8),
+                                           "benign_change_sd": Estimate(-0.5, -0.8, -0.2)}, "unresolved", {},
+                             eff.config)
+    assert opposite.unresolved_reason() == "harmful refusal rises and benign refusal falls, but their difference is unclear"
 
 
 # Planted effects: (harmful change, benign change, noise) -> label, on small, unbalanced and

@@ -224,12 +224,12 @@ def test_cluster_draws_take_whole_groups_and_the_group_jackknife_is_exact_for_a_
     assert np.allclose(drawn, 0.2, atol=0.03)  # groups drawn uniformly
     mixed = np.array([0, 1, 1, 2, 2, 2, 3, 0, 4])
     for row in _cluster_draws(rng, mixed, (100,)):  # whole groups laid end to end, the last one cut
-        pos, seen = 0, []
+        pos = 0
         while pos < len(row):
-            g = mixed[row[pos]]
-            members = list(np.flatnonzero(mixed == g))
+            members = set(np.flatnonzero(mixed == mixed[row[pos]]))
             take = row[pos:pos + len(members)]
-            assert list(take) == members[:len(take)]
+            assert set(take) <= members and len(set(take)) == len(take)
+            assert len(take) == len(members) or pos + len(take) == len(row)  # only the last one cut
             pos += len(take)
     x = rng.normal(size=9)
     j = np.array([np.delete(x, i).mean() for i in range(9)])
@@ -282,6 +282,44 @@ def test_grouped_deliveries_are_resampled_whole():
                                        groups_h=given, groups_b=given)["harmful_change"]
         cover[name] = ((lo <= 0.6) & (0.6 <= hi)).mean()
     assert cover["query"] < 0.88 and cover["cluster"] >= 0.91, cover
+
+
+def test_grouped_edges_found_by_the_audit():
+    """Cases an audit of the cluster bootstrap found: (1) a fractional count (a count over a design
+    effect) keeps the Poisson end, so a design effect only widens a rate's interval; (2) the
+    percentile method uses the effective sizes too; (3) a query without a group never joins the
+    group named by its row number; (4) the request cut at the class size keeps a random part of
+    itself, not its first deliveries."""
+    from probing.analysis.compare import _cluster_draws, interval_arrays, output_figures
+    from probing.analysis.metrics import design_effect, wilson_ci
+
+    for c in (1, 2, 3):
+        for deff in (1.0001, 1.5, 2.0, 3.01):
+            lo, _ = wilson_ci(c / deff, 20 / deff)
+            assert lo <= wilson_ci(c, 20)[0], (c, deff)
+        _, hi = wilson_ci(20 / 1.0001 - c / 1.0001, 20 / 1.0001)
+        assert hi >= wilson_ci(20 - c, 20)[1] - 1e-12, c
+
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(10,)).repeat(3)
+    bh, bb = 0.3 + shared + 0.3 * rng.normal(size=30), -0.3 + 0.3 * rng.normal(size=30)
+    groups = list(np.repeat(np.arange(10), 3))
+    width = {}
+    for given in (None, groups):
+        est = interval_arrays(output_figures, bh, bb, bh + 0.5, bb + 0.1, n_boot=200, seed=1, method="percentile",
+                              pairwise=False, groups_h=given)
+        width[given is None] = est["refusal_harmful_base"][2] - est["refusal_harmful_base"][1]
+    assert width[False] > 1.2 * width[True], width
+
+    values = np.array([5, 0, .1, 1, 1.1, 2, 2.1, 3, 3.1, 4, 4.1])
+    ints = [None, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert design_effect(values, ints) == design_effect(values, [None] + [f"g{g}" for g in ints[1:]])
+    assert design_effect(values, ints)[2] == 6
+
+    sizes = [10] + [1] * 10
+    codes = np.repeat(np.arange(len(sizes)), sizes)
+    copies = np.bincount(_cluster_draws(np.random.default_rng(0), codes, (20000,)).ravel(), minlength=20) / 20000
+    assert np.ptp(copies[:10]) < 0.08, copies[:10]  # the big request's deliveries drawn alike
 
 
 def test_layer_profiles_resample_requests_too():

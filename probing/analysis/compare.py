@@ -464,8 +464,8 @@ def _group_codes(groups, n: int, cls: str) -> np.ndarray | None:
     if len(groups) != n:
         raise InputError(f"{len(groups)} groups given for {n} {cls} queries")
     order: dict = {}
-    codes = np.array([order.setdefault(("query", i) if g is None else ("group", g), len(order))
-                      for i, g in enumerate(groups)], dtype=np.int64)
+    codes = np.array([order.setdefault(("query", i) if g is None else ("group", str(g)), len(order))
+                      for i, g in enumerate(groups)], dtype=np.int64)  # 1 and "1" one group, as in the folds
     if len(order) == n:
         return None
     if len(order) < 2:
@@ -486,7 +486,7 @@ def _cluster_draws(rng: np.random.Generator, codes: np.ndarray, shape: tuple) ->
     """Resamples of whole groups: groups drawn with replacement and their queries laid end to end
     until n are reached, ``[*shape, n]``. With groups of one size every resample is exactly as many
     whole groups as the class holds; with mixed sizes the last group drawn is cut at n (the
-    resample keeps the class's size, which every figure's shape needs)."""
+    resample keeps the class's size, which every figure's shape needs) to a random part of itself."""
     n = len(codes)
     sizes = np.bincount(codes)
     members = np.full((len(sizes), sizes.max()), -1, dtype=np.int64)  # [G, largest group]
@@ -494,7 +494,13 @@ def _cluster_draws(rng: np.random.Generator, codes: np.ndarray, shape: tuple) ->
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     members[codes[by_group], np.arange(n) - starts[codes[by_group]]] = by_group
     need = -(-n // int(sizes.min()))  # groups enough to hold n queries
-    cand = members[rng.integers(0, len(sizes), shape + (need,))].reshape(shape + (-1,))
+    blocks = members[rng.integers(0, len(sizes), shape + (need,))]  # [*shape, need, largest group]
+    if sizes.min() != sizes.max():
+        # the request cut at n keeps a random part of itself, not its first rows (its deliveries in
+        # the dataset's order, which would favour the first kind of delivery)
+        keys = np.where(blocks < 0, np.inf, rng.random(blocks.shape))
+        blocks = np.take_along_axis(blocks, np.argsort(keys, -1), -1)
+    cand = blocks.reshape(shape + (-1,))
     first = np.argsort(cand < 0, axis=-1, kind="stable")[..., :n]  # the real members, in draw order
     return np.take_along_axis(cand, first, -1)
 
@@ -584,7 +590,7 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
         resampled = (take(b_h, ih), take(b_b, ib), take(d_h, ih), take(d_b, ib))
         chunks.append({**fn(*resampled), **ranks(ih, ib)} if ranks is not None else figures(*resampled))
     samples = {k: np.concatenate([c[k] for c in chunks], -1) for k in point}
-    if method != "percentile":
+    if method != "percentile" or codes_h is not None or codes_b is not None:  # groups: the sizes need it
         jack_h, jack_b = _jackknife(fn, b_h, b_b, d_h, d_b,
                                     _jack_chunk(int(np.prod(lead, dtype=int)), n_h, n_b, pairwise))
         if rank:
@@ -771,8 +777,9 @@ class DefenseEffect:
         # the bootstrap resamples requests where a class has groups: those are its units
         units = {cls: d["groups"] for cls, d in (self.config.get("design_effect") or {}).items()
                  if d["groups"] >= 2}  # one request alone: its queries are resampled (`_group_codes`)
-        small = min(units.get("harmful", self.n_harmful), units.get("benign", self.n_benign))
-        grouped = any(units.get(cls, n) < n for cls, n in (("harmful", self.n_harmful), ("benign", self.n_benign)))
+        sizes = {"harmful": self.n_harmful, "benign": self.n_benign}
+        counted = {cls: (units.get(cls, n), units.get(cls, n) < n) for cls, n in sizes.items()}
+        small, grouped = min(counted.values())
         what = "requests (groups resampled whole)" if grouped else "queries"
         if small < MIN_CLASS_FOR_COVERAGE:
             out.append(f"only {small} {what} in a class: intervals cover at most {1 - 2.0 ** (1 - small):.0%} "
@@ -824,7 +831,10 @@ class DefenseEffect:
             return ""
         min_sd = self.config.get("min_effect_sd", 0.1)
         moved = [(cls, _direction(self.estimates[f"{cls}_change_sd"], min_sd)) for cls in ("harmful", "benign")]
-        (cls, way), (other, _) = sorted(moved, key=lambda m: m[1] == 0)
+        (cls, way), (other, other_way) = sorted(moved, key=lambda m: m[1] == 0)
+        if other_way:  # both moved, opposite ways, and the difference is still unclear (rare)
+            return (f"{cls} refusal {'rises' if way > 0 else 'falls'} and {other} refusal "
+                    f"{'rises' if other_way > 0 else 'falls'}, but their difference is unclear")
         return (f"{cls} refusal {'rises' if way > 0 else 'falls'} while the {other} change and the difference "
                 f"are unclear: the classes moving alike and the {cls} class moving alone cannot be told apart "
                 "with these queries")

@@ -124,7 +124,7 @@ def design_effect(values, groups) -> tuple[float, float, int, float]:
     from scipy.stats import f as f_dist
 
     x = np.asarray(values, float)
-    keys = [i if g is None else g for i, g in enumerate(groups)]
+    keys = [("query", i) if g is None else ("group", str(g)) for i, g in enumerate(groups)]  # as `compare`
     order: dict = {}
     codes = np.array([order.setdefault(k, len(order)) for k in keys])
     n, g = len(x), len(order)
@@ -157,6 +157,8 @@ def wilson_ci(successes, n: int, level: float = 0.95, boundary: bool = True) -> 
     failures. The plain Wilson interval's coverage falls to 0.84 at true rates just above 0 (and just
     below 1), where refusal rates often sit: its lower end at one success out of n is too high. The
     correction only widens, and leaves the interval untouched for counts away from both ends.
+    Counts may be fractional (a count over a design effect): the Poisson end then holds for
+    0 < k <= 3, continuous in k.
     ``boundary=False`` gives the plain interval."""
     from scipy.stats import chi2, norm
 
@@ -169,10 +171,12 @@ def wilson_ci(successes, n: int, level: float = 0.95, boundary: bool = True) -> 
     lo, hi = np.where(k <= 0, 0.0, np.clip(centre - half, 0, 1)), np.where(k >= n, 1.0, np.clip(centre + half, 0, 1))
     if not boundary:
         return lo, hi
-    near_zero = (k >= 1) & (k <= WILSON_POISSON_COUNTS)
-    near_n = (n - k >= 1) & (n - k <= WILSON_POISSON_COUNTS)
-    poisson_lo = chi2.ppf(1 - level, 2 * np.clip(k, 1, None)) / (2 * n)
-    poisson_hi = 1 - chi2.ppf(1 - level, 2 * np.clip(n - k, 1, None)) / (2 * n)
+    # counts may be fractional (a count over a design effect, `compare`): the Poisson end is
+    # continuous in k, so it holds for 0 < k <= 3 (it tends to 0 as k does)
+    near_zero = (k > 0) & (k <= WILSON_POISSON_COUNTS)
+    near_n = (n - k > 0) & (n - k <= WILSON_POISSON_COUNTS)
+    poisson_lo = chi2.ppf(1 - level, 2 * np.clip(k, 1e-12, None)) / (2 * n)
+    poisson_hi = 1 - chi2.ppf(1 - level, 2 * np.clip(n - k, 1e-12, None)) / (2 * n)
     return np.where(near_zero, np.minimum(lo, poisson_lo), lo), np.where(near_n, np.maximum(hi, poisson_hi), hi)
 
 
