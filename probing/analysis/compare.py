@@ -505,6 +505,72 @@ def _cluster_draws(rng: np.random.Generator, codes: np.ndarray, shape: tuple) ->
     return np.take_along_axis(cand, first, -1)
 
 
+def _padded_members(unit_of: list, units: list) -> tuple[np.ndarray, np.ndarray]:
+    """``[U, largest]`` row indices of each unit's queries (-1 pads), and the sizes ``[U]``."""
+    where = {u: k for k, u in enumerate(units)}
+    rows: list[list[int]] = [[] for _ in units]
+    for i, u in enumerate(unit_of):
+        rows[where[u]].append(i)
+    sizes = np.array([len(r) for r in rows])
+    members = np.full((len(units), max(sizes.max(), 1)), -1, dtype=np.int64)
+    for k, r in enumerate(rows):
+        members[k, :len(r)] = r
+    return members, sizes
+
+
+def _lay_out(rng: np.random.Generator, members: np.ndarray, sizes: np.ndarray, units: np.ndarray, n: int):
+    """Queries of the drawn ``units`` ``[*shape, K]`` laid end to end and cut at ``n``; where unit
+    sizes differ, each unit's queries in a random order (a cut unit keeps a random part of itself)."""
+    blocks = members[units]  # [*shape, K, largest]
+    if sizes.min() != sizes.max():
+        keys = np.where(blocks < 0, np.inf, rng.random(blocks.shape))
+        blocks = np.take_along_axis(blocks, np.argsort(keys, -1), -1)
+    cand = blocks.reshape(units.shape[:-1] + (-1,))
+    first = np.argsort(cand < 0, axis=-1, kind="stable")[..., :n]
+    return np.take_along_axis(cand, first, -1)
+
+
+class _JointDraws:
+    """Resamples of requests when some request holds queries of both classes (MOSSBench pairs a
+    benign record with its harmful counterpart): the requests are resampled in three strata, those
+    with queries of both classes (one draw serves both classes, so a pair stays a pair), those with
+    harmful queries only and those with benign only, each as many times as it has requests; each
+    class's queries of the drawn requests are laid end to end and cut at the class size (topped up
+    from its own stratum where sizes vary and the draws fall short). With pairs of one harmful and
+    one benign query and single queries elsewhere every resample is exact. `build` gives None when
+    no request spans both classes (the within-class draws then apply)."""
+
+    def __init__(self, unit_h: list, unit_b: list, mixed: list):
+        self.mixed = mixed
+        self.classes = []
+        for unit_of in (unit_h, unit_b):
+            own = [u for u in dict.fromkeys(unit_of) if u not in set(mixed)]
+            members, sizes = _padded_members(unit_of, mixed + own)
+            pool = (len(mixed), len(mixed) + len(own)) if own else (0, len(mixed))  # where top-ups come from
+            extra = -(-len(unit_of) // int(sizes[pool[0]:pool[1]].min()))
+            self.classes.append((members, sizes, len(own), pool, extra, len(unit_of)))
+
+    @classmethod
+    def build(cls, groups_h, groups_b):
+        if groups_h is None or groups_b is None:
+            return None
+        unit_h = [("query", "h", i) if g is None else ("group", str(g)) for i, g in enumerate(groups_h)]
+        unit_b = [("query", "b", i) if g is None else ("group", str(g)) for i, g in enumerate(groups_b)]
+        in_b = set(unit_b)
+        mixed = [u for u in dict.fromkeys(unit_h) if u in in_b]
+        return cls(unit_h, unit_b, mixed) if mixed else None
+
+    def __call__(self, rng: np.random.Generator, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+        m = len(self.mixed)
+        shared = rng.integers(0, m, shape + (m,))  # the requests with both classes, for both
+        drawn = []
+        for members, sizes, n_own, pool, extra, n in self.classes:
+            own = rng.integers(m, m + n_own, shape + (n_own,)) if n_own else np.empty(shape + (0,), np.int64)
+            top_up = rng.integers(pool[0], pool[1], shape + (extra,))
+            drawn.append((members, sizes, np.concatenate([shared, own, top_up], -1), n))
+        return tuple(_lay_out(rng, members, sizes, units, n) for members, sizes, units, n in drawn)
+
+
 def _group_jackknife(j: np.ndarray, codes: np.ndarray | None) -> np.ndarray:
     """Leave-one-query-out values ``[..., n]`` -> leave-one-group-out values ``[..., G]``, to first
     order: without group g (m_g queries) a figure moves by (n - 1) / (n - m_g) times the sum of its
@@ -577,6 +643,7 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
         return {k: (np.asarray(v, float), nan, nan, np.zeros(lead, int)) for k, v in point.items()}
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     codes_h, codes_b = _group_codes(groups_h, n_h, "harmful"), _group_codes(groups_b, n_b, "benign")
+    joint = _JointDraws.build(groups_h, groups_b)
     step = _chunk(int(np.prod(lead, dtype=int)), n_h, n_b)
     ranks = _ResampledRanks(d_h - b_h, d_b - b_b) if rank else None
     if ranks is not None and not ranks.exact:
@@ -584,8 +651,11 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
     chunks = []
     for start in range(0, n_boot, step):
         b = min(step, n_boot - start)
-        ih = _draws(rng, codes_h, n_h, lead + (b,))  # [..., b, n_h]
-        ib = _draws(rng, codes_b, n_b, lead + (b,))
+        if joint is not None:  # some request holds both classes: resampled jointly
+            ih, ib = joint(rng, lead + (b,))
+        else:
+            ih = _draws(rng, codes_h, n_h, lead + (b,))  # [..., b, n_h]
+            ib = _draws(rng, codes_b, n_b, lead + (b,))
         take = lambda x, i: np.take_along_axis(x[..., None, :], i, -1)  # noqa: E731
         resampled = (take(b_h, ih), take(b_b, ib), take(d_h, ih), take(d_b, ib))
         chunks.append({**fn(*resampled), **ranks(ih, ib)} if ranks is not None else figures(*resampled))
