@@ -136,9 +136,10 @@ def group_table(d: int) -> None:
         bh, bb = 0.5 + grouped(1.0), -0.5 + grouped(1.0)
         dh, db = bh + 0.6 + grouped(0.5), bb + 0.2 + grouped(0.5)
         cells = {k: [] for k in truth}
-        for given in (None, list(codes)):
+        for given in (None, list(codes)):  # a class's own requests (the same name in both would pair them)
             est = interval_arrays(output_figures, bh, bb, dh, db, n_boot=300, seed=5, pairwise=False,
-                                  groups_h=given, groups_b=given)
+                                  groups_h=given and [f"h{g}" for g in given],
+                                  groups_b=given and [f"b{g}" for g in given])
             for k, t in truth.items():
                 cells[k].append(covered(est, {k: t}, k))
         name = f"{icc}" + ("" if len(set(sizes)) == 1 else f" (sizes {min(sizes)}-{max(sizes)}, {len(sizes)} requests)")

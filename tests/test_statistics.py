@@ -277,9 +277,10 @@ def test_grouped_deliveries_are_resampled_whole():
     bh, bb = 0.5 + part(1.0), -0.5 + part(1.0)
     dh, db = bh + 0.6 + part(0.5), bb + 0.2 + part(0.5)
     cover = {}
-    for name, given in (("query", None), ("cluster", groups)):
+    for name, given in (("query", None), ("cluster", groups)):  # each class its own requests
         _, lo, hi, _ = interval_arrays(output_figures, bh, bb, dh, db, n_boot=200, seed=1, pairwise=False,
-                                       groups_h=given, groups_b=given)["harmful_change"]
+                                       groups_h=given and [f"h{g}" for g in given],
+                                       groups_b=given and [f"b{g}" for g in given])["harmful_change"]
         cover[name] = ((lo <= 0.6) & (0.6 <= hi)).mean()
     assert cover["query"] < 0.88 and cover["cluster"] >= 0.91, cover
 
