@@ -266,7 +266,8 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
                         "and evaluated (`image_aspect_ratio = \"pad\"`)" if cfg.image_aspect_ratio == "pad" else
                         "centre-cropped to a square by the llava-hf processor as shipped (`image_aspect_ratio = "
                         "\"crop\"`): the sides of wide images and the top and bottom of tall ones are not seen"),
-        f"- readout: `{cfg.readout}`; intervals: 95% paired, class-stratified bootstrap ({cfg.n_boot} resamples)",
+        f"- readout: `{cfg.readout}`; intervals: 95% paired, class-stratified bootstrap ({cfg.n_boot} resamples)"
+        + resampling_units(study.queries),
         f"- conditions: {len(study.conditions) - 1} defenses and ensembles against the baseline, "
         f"{len(study.queries)} queries",
         f"- config: `{out / 'config.json'}`" + (f" (from `{cfg.source}`)" if cfg.source != "<flags>" else ""),
@@ -343,6 +344,18 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
         "- `tables/`: conditions, per_dataset, datasets, tradeoff, layers, generation_check, per_query.csv",
         "- `shards/`, `models/`, `generations/`: what a resumed run reuses"]))]))
     return write_rich_report(out, cfg.title, preface, sections)
+
+
+def resampling_units(queries) -> str:
+    """What the bootstrap resamples, for the report's preface: whole requests where queries share one
+    (``meta["group"]``, the deliveries of one request), so a reader sees the unit behind the intervals."""
+    from probing.query import GROUP
+
+    requests = len({q.meta.get(GROUP) or ("query", q.id) for q in queries})
+    if requests == len(queries):
+        return ""
+    return (f" of requests: the {len(queries)} queries deliver {requests} requests, each resampled whole "
+            "(a request with both classes, such as a MOSSBench pair, drawn once for both)")
 
 
 SHIFT_LABELS = ("safety shift", "both")

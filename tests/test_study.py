@@ -921,3 +921,15 @@ def test_default_ensembles_follow_the_defenses_given():
     assert study_config.build({}).ensembles == study_config.DEFAULTS["ensembles"]
     assert study_config.build({"defenses": ["qr_caption"], "ensembles": ["qr_caption|sr_mmsafety"]}).ensembles == \
         ["qr_caption|sr_mmsafety"]
+
+
+def test_the_report_says_what_the_bootstrap_resamples():
+    """The report's preface names the unit behind the intervals: whole requests where queries share
+    one (the toy's 80 test queries deliver 32 phrases), nothing extra where each query is its own."""
+    from experiments.report import resampling_units
+    from probing.datasets import toy
+    from probing.query import Query
+
+    line = resampling_units(toy.requests("test"))
+    assert line.startswith(" of requests: the 80 queries deliver 32 requests, each resampled whole")
+    assert resampling_units([Query(f"q{i}", "text", label="harmful") for i in range(4)]) == ""
