@@ -150,7 +150,11 @@ def pair_table(d: int, n: int = 20) -> None:
     print(f"\n7. MOSSBench-like pairs: harmful query i and benign query i deliver one request ({n} pairs); a share rho "
           "of both classes' baseline margins and of their changes is the pair's; coverage, each class resampled on "
           "its own -> pairs resampled together (compare()'s way, groups given)")
-    truth = {"harmful_change": .6, "benign_change": .2, "differential": .4, "common_shift": .4, "shift_sd": .4}
+    from scipy.stats import norm
+
+    truth = {"harmful_change": .6, "benign_change": .2, "differential": .4, "common_shift": .4, "shift_sd": .4,
+             "auroc_base": norm.cdf(1 / np.sqrt(2)),
+             "auroc_change": norm.cdf(1.4 / np.sqrt(2.5)) - norm.cdf(1 / np.sqrt(2)), "dprime_base": 1.0}
     print("| rho | " + " | ".join(truth) + " |\n|---|" + "---|" * len(truth))
     for rho in (0.0, 0.5, 0.8):
         rng = np.random.default_rng(4)
