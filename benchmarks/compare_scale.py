@@ -11,7 +11,8 @@ with the default method ("auto": BCa / expanded intervals, both need the jackkni
 wall time of compare() alone, the process's peak RSS (ru_maxrss) with the RSS after the
 imports subtracted, and one interval (to see that two checkouts agree). ``--root`` imports
 ``probing`` from another checkout (e.g. the commit before a change), so the same script measures
-both. ``--parts`` times, per size, the pieces of the Hodges-Lehmann figures' cost instead: their
+both. ``--group K`` puts each class's queries in requests of K (meta "group"): compare() then
+resamples whole requests (the cluster bootstrap). ``--parts`` times, per size, the pieces of the Hodges-Lehmann figures' cost instead: their
 exact leave-one-out values (`_rank_jackknife`), the same recomputed row by row as a chunked
 jackknife would (20 rows timed, times 2n), one bootstrap resample of them recomputed
 (`rank_figures` on the resampled values) and from its counts (`_ResampledRanks`, what
@@ -36,12 +37,14 @@ sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
 from probing import ScoreTable
 from probing.analysis import compare
-n, n_boot, rank = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+n, n_boot, rank, group = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
 rng = np.random.default_rng(0)
 h, b = rng.normal(1, 1, n), rng.normal(0, 1, n)
+meta = [{"group": f"{'hb'[i >= n]}{(i % n) // group}"} for i in range(2 * n)] if group > 1 else None
 def table(h, b):
     m = torch.tensor(np.r_[h, b], dtype=torch.float32)
-    return ScoreTable([f"q{i}" for i in range(2 * n)], ["harmful"] * n + ["benign"] * n, m, m[:, None].clone(), [0])
+    return ScoreTable([f"q{i}" for i in range(2 * n)], ["harmful"] * n + ["benign"] * n, m, m[:, None].clone(), [0],
+                      row_meta=meta)
 base, dfd = table(h, b), table(h + 0.3 + rng.normal(0, .5, n), b + rng.normal(0, .5, n))
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
@@ -99,17 +102,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-rank", action="store_true", help="compare(rank=False): no Hodges-Lehmann figures")
     ap.add_argument("--root", default=str(ROOT), help="checkout to import probing from")
     ap.add_argument("--parts", action="store_true", help="time the pieces of the HL figures' cost (this checkout)")
+    ap.add_argument("--group", type=int, default=1,
+                    help="queries per request (meta 'group', within each class): > 1 times the cluster bootstrap")
     args = ap.parse_args(argv)
     if args.parts:
         return parts([int(x) for x in args.sizes.split(",")])
-    print(f"code: {args.root}; n_boot {args.n_boot}; rank {not args.no_rank}; "
+    print(f"code: {args.root}; n_boot {args.n_boot}; rank {not args.no_rank}; queries per request {args.group}; "
           f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}\n")
     print(f"| queries per class | compare() s | peak RSS GB | above the imports GB | "
           f"{'differential' if args.no_rank else 'hl_differential'} | label |")
     print("|---|---|---|---|---|---|")
     for n in (int(x) for x in args.sizes.split(",")):
         r = subprocess.run([sys.executable, "-c", CHILD, args.root, str(n), str(args.n_boot),
-                            "0" if args.no_rank else "1"], capture_output=True, text=True)
+                            "0" if args.no_rank else "1", str(args.group)], capture_output=True, text=True)
         if r.returncode:
             print(f"| {n} | failed (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]} | | | | |")
             continue
