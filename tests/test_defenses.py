@@ -615,3 +615,32 @@ def test_get_defense_builds_an_expressions_members_with_the_callers_builder():
     assert get_defense("sr_self_reminder", member=lambda n: "mine") == "mine"
     tuned = get_defense("ni_text_smooth", member=member, rate=0.2)  # parameters: built here, as without member
     assert tuned.params["rate"] == 0.2 and "ni_text_smooth" not in built
+
+
+def test_the_answer_only_loss_equals_the_models_own_loss_and_gradients(tiny):
+    """`probing.training.answer_loss` unembeds only the labelled positions (mo_finetune's step,
+    issue 15); the loss and every gradient equal the HF model's own `model(**batch).loss`
+    (`causal_lm_loss`: full-vocabulary logits at every position), on a batch with an image, a
+    text-only example and right padding."""
+    import copy
+
+    from defenses.finetune import lora_copy, safety_examples
+    from probing.training import answer_loss, causal_lm_loss, collate, encode_example
+
+    examples = safety_examples(0)
+    picked = [next(e for e in examples if e.query.has_image), next(e for e in examples if not e.query.has_image)]
+    batch = collate([encode_example(tiny.processor, e) for e in picked], tiny.processor.tokenizer.pad_token_id)
+    assert batch["attention_mask"].min() == 0  # the two differ in length: padding is in the batch
+    model = lora_copy(copy.deepcopy(tiny.model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for loss_fn in (answer_loss, causal_lm_loss):
+        model.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in params]))
+    (ours, g_ours), (theirs, g_theirs) = grads
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-6)
+    assert sum(int(g.abs().sum() > 0) for g in g_ours) >= len(g_ours) // 2  # LoRA's B matrices get gradients
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
