@@ -146,6 +146,18 @@ def group_table(d: int) -> None:
         print(f"| {name} | " + " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in cells.values()) + " |")
 
 
+def pair_sample(rng: np.random.Generator, d: int, n: int, rho: float) -> tuple:
+    """``d`` data sets of ``n`` pairs: harmful query i and benign query i share a part rho of their
+    baseline margins' variance (N(+0.5, 1) and N(-0.5, 1)) and of their changes' (+0.6 and +0.2,
+    SD 0.5). (b_h, b_b, d_h, d_b), each ``[d, n]``."""
+    shared_base, shared_change = rng.normal(size=(d, n)), rng.normal(size=(d, n))
+
+    def part(shared, sd):
+        return sd * (np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(size=(d, n)))
+    bh, bb = 0.5 + part(shared_base, 1.0), -0.5 + part(shared_base, 1.0)
+    return bh, bb, bh + 0.6 + part(shared_change, 0.5), bb + 0.2 + part(shared_change, 0.5)
+
+
 def pair_table(d: int, n: int = 20) -> None:
     print(f"\n7. MOSSBench-like pairs: harmful query i and benign query i deliver one request ({n} pairs); a share rho "
           "of both classes' baseline margins and of their changes is the pair's; coverage, each class resampled on "
@@ -157,11 +169,7 @@ def pair_table(d: int, n: int = 20) -> None:
              "auroc_change": norm.cdf(1.4 / np.sqrt(2.5)) - norm.cdf(1 / np.sqrt(2)), "dprime_base": 1.0}
     print("| rho | " + " | ".join(truth) + " |\n|---|" + "---|" * len(truth))
     for rho in (0.0, 0.5, 0.8):
-        rng = np.random.default_rng(4)
-        shared_base, shared_change = rng.normal(size=(d, n)), rng.normal(size=(d, n))
-        part = lambda shared, sd: sd * (np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(size=(d, n)))  # noqa: E731
-        bh, bb = 0.5 + part(shared_base, 1.0), -0.5 + part(shared_base, 1.0)
-        dh, db = bh + 0.6 + part(shared_change, 0.5), bb + 0.2 + part(shared_change, 0.5)
+        bh, bb, dh, db = pair_sample(np.random.default_rng(4), d, n, rho)
         pairs = [f"pair{i}" for i in range(n)]
         cells = [[covered(interval_arrays(output_figures, bh, bb, dh, db, n_boot=300, seed=5, pairwise=False,
                                           groups_h=given, groups_b=given), truth, k) for k in truth]

@@ -338,12 +338,10 @@ def test_pairs_across_the_classes_are_resampled_together():
     assert np.array_equal(ih[:, :5], ib[:, :5])  # pair i is row i in both classes
     assert np.all(ih[:, 5] == 5) and np.isin(ib[:, 5:], [5, 6, 7]).all()
 
-    d, n, rho = 300, 20, 0.8
-    rng = np.random.default_rng(4)
-    shared_base, shared_change = rng.normal(size=(d, n)), rng.normal(size=(d, n))
-    part = lambda shared, sd: sd * (np.sqrt(rho) * shared + np.sqrt(1 - rho) * rng.normal(size=(d, n)))  # noqa: E731
-    bh, bb = 0.5 + part(shared_base, 1.0), -0.5 + part(shared_base, 1.0)
-    dh, db = bh + 0.6 + part(shared_change, 0.5), bb + 0.2 + part(shared_change, 0.5)
+    from benchmarks.coverage_edges import pair_sample
+
+    n = 20
+    bh, bb, dh, db = pair_sample(np.random.default_rng(4), 300, n, 0.8)
     pairs = [f"pair{i}" for i in range(n)]
     cover = {}
     for name, given in (("classes", None), ("pairs", pairs)):
