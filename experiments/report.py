@@ -349,9 +349,10 @@ def write_study_report(study, summary: list[dict], effects: dict, trade: dict, p
 def resampling_units(queries) -> str:
     """What the bootstrap resamples, for the report's preface: whole requests where queries share one
     (``meta["group"]``, the deliveries of one request), so a reader sees the unit behind the intervals."""
+    from probing.analysis.folds import group_key
     from probing.query import GROUP
 
-    requests = len({q.meta.get(GROUP) or ("query", q.id) for q in queries})
+    requests = len({group_key(q.id, q.meta.get(GROUP)) for q in queries})
     if requests == len(queries):
         return ""
     return (f" of requests: the {len(queries)} queries deliver {requests} requests, each resampled whole "

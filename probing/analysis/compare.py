@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .folds import row_groups
+from .folds import group_key, row_groups
 from .metrics import (auroc, auroc_score_ci, criterion, d_prime, design_effect, hodges_lehmann, hodges_lehmann_shift,
                       order_quantile, percentile_ci, pooled_sd, refusal_rate, stratified_indices, wilson_ci)
 from ..score_table import ScoreTable
@@ -464,8 +464,8 @@ def _group_codes(groups, n: int, cls: str) -> np.ndarray | None:
     if len(groups) != n:
         raise InputError(f"{len(groups)} groups given for {n} {cls} queries")
     order: dict = {}
-    codes = np.array([order.setdefault(("query", i) if g is None else ("group", str(g)), len(order))
-                      for i, g in enumerate(groups)], dtype=np.int64)  # 1 and "1" one group, as in the folds
+    codes = np.array([order.setdefault(group_key(str(i), g), len(order)) for i, g in enumerate(groups)],
+                     dtype=np.int64)  # the folds' keys: 1 and "1" one group, a query without one its own
     if len(order) == n:
         return None
     if len(order) < 2:
@@ -488,21 +488,9 @@ def _cluster_draws(rng: np.random.Generator, codes: np.ndarray, shape: tuple) ->
     whole groups as the class holds; with mixed sizes the last group drawn is cut at n (the
     resample keeps the class's size, which every figure's shape needs) to a random part of itself."""
     n = len(codes)
-    sizes = np.bincount(codes)
-    members = np.full((len(sizes), sizes.max()), -1, dtype=np.int64)  # [G, largest group]
-    by_group = np.argsort(codes, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    members[codes[by_group], np.arange(n) - starts[codes[by_group]]] = by_group
+    members, sizes = _padded_members(list(codes), list(range(int(codes.max()) + 1)))
     need = -(-n // int(sizes.min()))  # groups enough to hold n queries
-    blocks = members[rng.integers(0, len(sizes), shape + (need,))]  # [*shape, need, largest group]
-    if sizes.min() != sizes.max():
-        # the request cut at n keeps a random part of itself, not its first rows (its deliveries in
-        # the dataset's order, which would favour the first kind of delivery)
-        keys = np.where(blocks < 0, np.inf, rng.random(blocks.shape))
-        blocks = np.take_along_axis(blocks, np.argsort(keys, -1), -1)
-    cand = blocks.reshape(shape + (-1,))
-    first = np.argsort(cand < 0, axis=-1, kind="stable")[..., :n]  # the real members, in draw order
-    return np.take_along_axis(cand, first, -1)
+    return _lay_out(rng, members, sizes, rng.integers(0, len(sizes), shape + (need,)), n)
 
 
 def _padded_members(unit_of: list, units: list) -> tuple[np.ndarray, np.ndarray]:
@@ -520,7 +508,8 @@ def _padded_members(unit_of: list, units: list) -> tuple[np.ndarray, np.ndarray]
 
 def _lay_out(rng: np.random.Generator, members: np.ndarray, sizes: np.ndarray, units: np.ndarray, n: int):
     """Queries of the drawn ``units`` ``[*shape, K]`` laid end to end and cut at ``n``; where unit
-    sizes differ, each unit's queries in a random order (a cut unit keeps a random part of itself)."""
+    sizes differ, each unit's queries in a random order (a cut unit keeps a random part of itself,
+    not its first rows: its deliveries in the dataset's order, which would favour the first kind)."""
     blocks = members[units]  # [*shape, K, largest]
     if sizes.min() != sizes.max():
         keys = np.where(blocks < 0, np.inf, rng.random(blocks.shape))
@@ -554,8 +543,8 @@ class _JointDraws:
     def build(cls, groups_h, groups_b):
         if groups_h is None or groups_b is None:
             return None
-        unit_h = [("query", "h", i) if g is None else ("group", str(g)) for i, g in enumerate(groups_h)]
-        unit_b = [("query", "b", i) if g is None else ("group", str(g)) for i, g in enumerate(groups_b)]
+        unit_h = [group_key(f"h{i}", g) for i, g in enumerate(groups_h)]  # a query without a group: its own
+        unit_b = [group_key(f"b{i}", g) for i, g in enumerate(groups_b)]
         in_b = set(unit_b)
         mixed = [u for u in dict.fromkeys(unit_h) if u in in_b]
         return cls(unit_h, unit_b, mixed) if mixed else None
@@ -687,8 +676,7 @@ def interval_arrays(fn, b_h, b_b, d_h, d_b, *, n_boot: int = 1000, seed=0, level
         eff_h, eff_b = sizes.get(k, (n_h, n_b))
         if k in RATE_FIGURES:
             n, eff = (n_h, eff_h) if RATE_FIGURES[k] == "h" else (n_b, eff_b)
-            count = np.round(np.asarray(v) * n)
-            lo, hi = wilson_ci(count * eff / n, eff, level) if np.any(eff < n) else wilson_ci(count, n, level)
+            lo, hi = wilson_ci(np.round(np.asarray(v) * n) * eff / n, eff, level)  # eff = n without groups
         if k in AUROC_SCORE_FIGURES:
             lo, hi = auroc_score_ci(v, eff_h, eff_b, level)
         out[k] = (np.asarray(v, float), np.asarray(lo, float), np.asarray(hi, float), nonfinite)

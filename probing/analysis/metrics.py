@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from .folds import group_key
+
 
 def auroc(harmful: np.ndarray, benign: np.ndarray) -> np.ndarray:
     """AUROC of harmful vs benign scores along the last axis: ``[..., n_h], [..., n_b] -> [...]``."""
@@ -124,7 +126,7 @@ def design_effect(values, groups) -> tuple[float, float, int, float]:
     from scipy.stats import f as f_dist
 
     x = np.asarray(values, float)
-    keys = [("query", i) if g is None else ("group", str(g)) for i, g in enumerate(groups)]  # as `compare`
+    keys = [group_key(str(i), g) for i, g in enumerate(groups)]  # the folds' keys, as `compare`
     order: dict = {}
     codes = np.array([order.setdefault(k, len(order)) for k in keys])
     n, g = len(x), len(order)
