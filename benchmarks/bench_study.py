@@ -12,7 +12,13 @@ the same work either way).
 - naive: every condition independent, as a script without the toolkit's study would do it: a
   new defense object per condition (the fine-tune retrained, captions generated again), score-
   level ensembles ("a|b") scoring both members again, no pixel or feature cache, no prefetch,
-  every noise variant of a query scored in full (``share_prefix=False``).
+  every noise variant of a query scored in full (``share_prefix=False``). Its fine-tunes train
+  with the loss plain transformers computes, ``model(**batch).loss`` (full-vocabulary logits at
+  every position), as mo_finetune did when issue 15 was filed (``--naive-loss plain``, the
+  default); ``--naive-loss answer`` gives them the project's answer-only loss instead, so that the
+  ratio shows the study's structure alone. Both losses are the same number and the same
+  gradients (tests/test_defenses.py), so both ways train the same adapters and give the same
+  tables.
 - project: `experiments.study.Study` in a fresh run directory: each distinct forward once
   (shards), composites reuse the study's defense instances (one fine-tune, cached captions),
   score-level ensembles combined from the members' finished tables, every condition that only
@@ -79,6 +85,27 @@ class TuneTimer:
         from defenses.finetune import FineTune
 
         FineTune._tune = self._orig
+
+
+class NaiveLoss:
+    """While active, every fine-tune trains with ``loss_fn`` (`probing.training.fit`'s argument;
+    the defense itself is unchanged, so its identity and cache keys are too)."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+
+    def __enter__(self):
+        import defenses.finetune as finetune
+
+        self._orig = finetune.fit
+        loss_fn, orig = self.loss_fn, self._orig
+        finetune.fit = lambda *a, **k: orig(*a, **{**k, "loss_fn": loss_fn})
+        return self
+
+    def __exit__(self, *exc):
+        import defenses.finetune as finetune
+
+        finetune.fit = self._orig
 
 
 class Counter:
@@ -171,12 +198,16 @@ def sync(device: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="12 queries, 10 fine-tuning steps")
+    p.add_argument("--quick", action="store_true", help="12 queries, 5 fine-tuning steps (under 2 minutes)")
     p.add_argument("--queries", type=int, default=24, help="toy test queries")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="mo_finetune steps")
     p.add_argument("--model", default="tiny-random", choices=["tiny-random", "7b-random"],
                    help="7b-random: the LLaVA-1.5-7B architecture with seeded random weights (a GPU run)")
+    p.add_argument("--naive-loss", choices=["plain", "answer"], default="plain",
+                   help="the naive way's training loss: plain = model(**batch).loss, what plain transformers and "
+                        "mo_finetune before issue 15 compute; answer = the project's (labelled positions only), "
+                        "to time the study's structure alone")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 elsewhere")
     p.add_argument("--mmsb-root", default=None,
@@ -186,7 +217,7 @@ def main(argv=None) -> int:
                    help="largest |margin difference| between the ways (default 1e-4 in float32; in bfloat16 "
                         "the difference is reported, not checked: batching and prefix sharing round differently)")
     args = p.parse_args(argv)
-    n, steps = (12, 10) if args.quick else (args.queries, args.steps)
+    n, steps = (12, 5) if args.quick else (args.queries, args.steps)
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     tolerance = args.tolerance if args.tolerance is not None else (1e-4 if dtype == "float32" else None)
     torch.manual_seed(0)
@@ -206,7 +237,9 @@ def main(argv=None) -> int:
     counter = Counter()
     handle = bundle.language_model.register_forward_pre_hook(counter.hook, with_kwargs=True)
     t0 = time.perf_counter()
-    with TuneTimer() as tune_naive:
+    from probing.training import answer_loss, causal_lm_loss
+
+    with TuneTimer() as tune_naive, NaiveLoss(causal_lm_loss if args.naive_loss == "plain" else answer_loss):
         naive_tables = naive(bundle, queries, params, args.batch_size)
     sync(args.device)
     t_naive, rows_naive, tokens_naive = time.perf_counter() - t0, counter.rows, counter.tokens
@@ -245,7 +278,7 @@ def main(argv=None) -> int:
              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print(f"machine: {where}, torch {torch.__version__}; model {args.model}, {dtype}; {len(queries)} queries "
           f"({', '.join(d['tag'] for d in datasets)}), {len(DEFENSES)} defenses, {len(ENSEMBLES)} ensembles, "
-          f"mo_finetune steps={steps}, batch {args.batch_size}")
+          f"mo_finetune steps={steps}, batch {args.batch_size}; naive training loss: {args.naive_loss}")
     print(f"{'way':<10} {'forward-equivalents':>20} {'per query':>10} {'inference tokens':>17} {'wall s':>8} "
           f"{'fine-tunings':>13} {'tuning s':>9} {'rest s':>7}")
     for way, rows, tokens, t, tune in (("naive", rows_naive, tokens_naive, t_naive, tune_naive),
