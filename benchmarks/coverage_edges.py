@@ -6,7 +6,8 @@ docs/analysis.md ("Where the intervals cover less") quotes.
     python benchmarks/coverage_edges.py --datasets 500
 
 1. AUROC when the classes separate well (a good readout): coverage of auroc_base / auroc_change
-   and the share of intervals of zero width ([1, 1], [0, 0]); d' beside it.
+   and the share of intervals of zero width ([1, 1], [0, 0]); auroc_change's bootstrap interval
+   widened only where a sample AUROC is 0 or 1 (the rule before AUROC_EDGE_SHARE) beside it; d'.
 2. Small classes: coverage of the class changes at n = 2..8 per class against the ceiling
    1 - 2^(1-n) of any interval inside the range of the n observed changes.
 3. Skewed per-query changes (lognormal, a defense that moves a few queries a lot), by method.
@@ -24,8 +25,10 @@ Each simulated figure's Monte Carlo SE is about 0.005 at 2000 data sets.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,17 +47,39 @@ def covered(est, truth, key) -> float:
 
 
 def auroc_table(d: int) -> None:
-    print("\n1. AUROC near 1 (normal classes sep SD apart, defended = baseline + 0.6 / 0.2 + noise)")
+    print("\n1. AUROC near 1 (normal classes sep SD apart, defended = baseline + 0.6 / 0.2 + noise unless said)")
     print("| sep | n per class | true AUROC | auroc_base coverage, zero width | auroc_change coverage, zero width | "
-          "dprime_base coverage |\n|---|---|---|---|---|---|")
-    for sep, n in ((1.0, 10), (2.0, 10), (2.0, 30), (3.0, 10), (3.0, 30), (3.0, 100), (4.0, 20)):
-        s = Scenario("", n, n, sep=sep)
-        truth, rng = s.truth(), np.random.default_rng(3)
-        est = interval_arrays(output_figures, *s.sample(rng, (d,)), n_boot=300, seed=rng, pairwise=False)
+          "auroc_change bootstrap alone | dprime_base coverage |\n|---|---|---|---|---|---|---|")
+    rows = [(f"{sep}", Scenario("", n, n, sep=sep)) for sep, n in
+            ((1.0, 10), (2.0, 10), (2.0, 30), (3.0, 10), (3.0, 30), (3.0, 100), (4.0, 20))]
+    rows += [("2.0, no change", Scenario("", 10, 10, sep=2.0, shift_h=0, shift_b=0, noise=0.3)),
+             ("3.0, no change", Scenario("", 40, 40, sep=3.0, shift_h=0, shift_b=0, noise=0.3)),
+             ("2.0, harmful +0.8 alone", Scenario("", 15, 40, sep=2.0, shift_h=0.8, shift_b=0))]
+    compare_module = importlib.import_module("probing.analysis.compare")
+    for desc, s in rows:
+        truth = s.truth()
+        cells = []
+        for share in (compare_module.AUROC_EDGE_SHARE, 1.01):  # 1.01: widened only at a sample AUROC of 0 or 1
+            rng = np.random.default_rng(3)
+            with patched(compare_module, "AUROC_EDGE_SHARE", share):
+                cells.append(interval_arrays(output_figures, *s.sample(rng, (d,)), n_boot=300, seed=rng,
+                                             pairwise=False))
+        est, alone = cells
         flat = {k: float((est[k][1] == est[k][2]).mean()) for k in ("auroc_base", "auroc_change")}
-        print(f"| {sep} | {n} | {truth['auroc_base']:.4f} | {covered(est, truth, 'auroc_base'):.3f}, "
+        n = s.n_h if s.n_h == s.n_b else f"{s.n_h}/{s.n_b}"
+        print(f"| {desc} | {n} | {truth['auroc_base']:.4f} | {covered(est, truth, 'auroc_base'):.3f}, "
               f"{flat['auroc_base']:.3f} | {covered(est, truth, 'auroc_change'):.3f}, {flat['auroc_change']:.3f} | "
-              f"{covered(est, truth, 'dprime_base'):.3f} |")
+              f"{covered(alone, truth, 'auroc_change'):.3f} | {covered(est, truth, 'dprime_base'):.3f} |")
+
+
+@contextmanager
+def patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 def small_table(d: int) -> None:
@@ -180,15 +205,18 @@ def pair_table(d: int, n: int = 20) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", type=int, default=2000)
+    p.add_argument("--tables", default="1,2,3,4,5,6,7", help="which tables, e.g. 1 or 1,4")
     args = p.parse_args(argv)
     d = args.datasets
-    auroc_table(d)
-    small_table(d)
-    skew_table(d)
-    rate_table()
-    label_table(min(d, 600))
-    group_table(min(d, 1000))
-    pair_table(min(d, 1500))
+    tables = {"1": lambda: auroc_table(d), "2": lambda: small_table(d), "3": lambda: skew_table(d),
+              "4": rate_table, "5": lambda: label_table(min(d, 600)), "6": lambda: group_table(min(d, 1000)),
+              "7": lambda: pair_table(min(d, 1500))}
+    chosen = [t.strip() for t in args.tables.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in tables]
+    if unknown:
+        p.error(f"--tables: no table {', '.join(unknown)} (there are 1-7)")
+    for t in chosen:
+        tables[t]()
     return 0
 
 
