@@ -10,7 +10,8 @@ docs/analysis.md ("Where the intervals cover less") quotes.
    widened only where a sample AUROC is 0 or 1 (the rule before AUROC_EDGE_SHARE) beside it; d'.
 2. Small classes: coverage of the class changes at n = 2..8 per class against the ceiling
    1 - 2^(1-n) of any interval inside the range of the n observed changes.
-3. Skewed per-query changes (lognormal, a defense that moves a few queries a lot), by method.
+3. Skewed per-query changes (lognormal, a defense that moves a few queries a lot), by method;
+   3b: the default method's coverage split by the sample's skewness (can the data warn?).
 4. Wilson refusal-rate intervals at true rates near 0 and 1 (exact binomial sums; Clopper-Pearson
    and Jeffreys beside).
 5. mechanism_label when one class moves alone, both move, or nothing moves.
@@ -108,6 +109,31 @@ def skew_table(d: int) -> None:
             est = interval_arrays(output_figures, *skew_sample(rng, (d,), n, n, 1.0), n_boot=300, seed=rng,
                                   method=method, pairwise=False)
             print(f"| {n} | {method} | " + " | ".join(f"{covered(est, truth, k):.3f}" for k in figs) + " |")
+    skew_split_table(d, truth)
+
+
+def skew_split_table(d: int, truth: dict) -> None:
+    """Whether the sample shows when it is at risk: harmful_change's coverage (method auto) split by
+    the harmful changes' sample skewness (adjusted Fisher-Pearson, scipy), lognormal against normal."""
+    from scipy.stats import skew
+
+    print("\n3b. harmful_change coverage (auto) split by the sample skewness G1 of the harmful changes")
+    print("| n per class | data | coverage | share with G1 >= 1.5 | coverage there | coverage where G1 < 1.5 |"
+          "\n|---|---|---|---|---|---|")
+    for n in (10, 20, 50):
+        for name in ("lognormal sigma 1", "normal"):
+            rng = np.random.default_rng(2)
+            if name == "normal":
+                s = Scenario("", n, n)
+                data, want = s.sample(rng, (d,)), s.truth()["harmful_change"]
+            else:
+                data, want = skew_sample(rng, (d,), n, n, 1.0), truth["harmful_change"]
+            _, lo, hi, _ = interval_arrays(output_figures, *data, n_boot=300, seed=rng, pairwise=False)["harmful_change"]
+            ok = (lo <= want) & (want <= hi)
+            g = skew(data[2] - data[0], axis=-1, bias=False)
+            big = g >= 1.5
+            there = f"{ok[big].mean():.3f}" if big.any() else "-"
+            print(f"| {n} | {name} | {ok.mean():.3f} | {big.mean():.2f} | {there} | {ok[~big].mean():.3f} |")
 
 
 def rate_table() -> None:
