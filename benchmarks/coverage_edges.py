@@ -30,6 +30,7 @@ import importlib
 import sys
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +51,13 @@ def covered(est, truth, key) -> float:
 def auroc_table(d: int) -> None:
     print("\n1. AUROC near 1 (normal classes sep SD apart, defended = baseline + 0.6 / 0.2 + noise unless said)")
     print("| sep | n per class | true AUROC | auroc_base coverage, zero width | auroc_change coverage, zero width | "
-          "auroc_change bootstrap alone | dprime_base coverage |\n|---|---|---|---|---|---|---|")
+          "auroc_change widened only at a sample AUROC of 0 or 1 | dprime_base coverage |\n|---|---|---|---|---|---|---|")
     rows = [(f"{sep}", Scenario("", n, n, sep=sep)) for sep, n in
             ((1.0, 10), (2.0, 10), (2.0, 30), (3.0, 10), (3.0, 30), (3.0, 100), (4.0, 20))]
     rows += [("2.0, no change", Scenario("", 10, 10, sep=2.0, shift_h=0, shift_b=0, noise=0.3)),
              ("3.0, no change", Scenario("", 40, 40, sep=3.0, shift_h=0, shift_b=0, noise=0.3)),
-             ("2.0, harmful +0.8 alone", Scenario("", 15, 40, sep=2.0, shift_h=0.8, shift_b=0))]
+             ("2.0, harmful +0.8 alone", Scenario("", 15, 40, sep=2.0, shift_h=0.8, shift_b=0)),
+             ("3.0, reversed", Reversed(10, 3.0)), ("4.0, reversed", Reversed(20, 4.0))]
     compare_module = importlib.import_module("probing.analysis.compare")
     for desc, s in rows:
         truth = s.truth()
@@ -71,6 +73,25 @@ def auroc_table(d: int) -> None:
         print(f"| {desc} | {n} | {truth['auroc_base']:.4f} | {covered(est, truth, 'auroc_base'):.3f}, "
               f"{flat['auroc_base']:.3f} | {covered(est, truth, 'auroc_change'):.3f}, {flat['auroc_change']:.3f} | "
               f"{covered(alone, truth, 'auroc_change'):.3f} | {covered(est, truth, 'dprime_base'):.3f} |")
+
+
+@dataclass
+class Reversed:
+    """A defense that reverses the readout: defended = -baseline + 0.3 noise (AUROC near 1 -> near 0)."""
+
+    n: int
+    sep: float
+    n_h = property(lambda self: self.n)
+    n_b = property(lambda self: self.n)
+
+    def sample(self, rng, size=()):
+        b_h = self.sep / 2 + rng.normal(size=size + (self.n,))
+        b_b = -self.sep / 2 + 1.3 * rng.normal(size=size + (self.n,))
+        return b_h, b_b, -b_h + 0.3 * rng.normal(size=b_h.shape), -b_b + 0.3 * rng.normal(size=b_b.shape)
+
+    def truth(self):
+        big = Reversed(200_000, self.sep)
+        return {k: float(v) for k, v in output_figures(*big.sample(np.random.default_rng(12345))).items()}
 
 
 @contextmanager

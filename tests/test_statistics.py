@@ -454,7 +454,7 @@ def test_auroc_change_near_the_edge_is_the_mover_hull_where_resamples_pile_up():
     """`_auroc_change_near_the_edge` against the MOVER formula written out with numpy's corrcoef:
     where at least AUROC_EDGE_SHARE of the resamples have an AUROC at 0 or 1 the interval is the
     hull of the bootstrap's and MOVER's; below that share the bootstrap's interval is returned as
-    is; a correlation that is undefined (the baseline AUROC 1 in every resample) counts as 1."""
+    is; a correlation that is undefined (the baseline AUROC 1 in every resample) counts as 0."""
     from probing.analysis.compare import AUROC_EDGE_SHARE, _auroc_change_near_the_edge
 
     rng = np.random.default_rng(0)
@@ -471,7 +471,7 @@ def test_auroc_change_near_the_edge_is_the_mover_hull_where_resamples_pile_up():
     out = {"auroc_base": (vb, lb, hb, 0), "auroc_def": (vd, ld, hd, 0), "auroc_change": (vd - vb, boot_lo, boot_hi, 0)}
     _, lo, hi, _ = _auroc_change_near_the_edge(out, base, defended)
     for i in range(3):
-        r = 1.0 if i == 0 else np.corrcoef(base[i], defended[i])[0, 1]
+        r = 0.0 if i == 0 else np.corrcoef(base[i], defended[i])[0, 1]
         a, b = vd[i] - ld[i], hb[i] - vb[i]
         want_lo = vd[i] - vb[i] - np.sqrt(max(a * a + b * b - 2 * r * a * b, 0))
         a, b = vb[i] - lb[i], hd[i] - vd[i]
@@ -481,3 +481,16 @@ def test_auroc_change_near_the_edge_is_the_mover_hull_where_resamples_pile_up():
             assert hi[i] == pytest.approx(max(want_hi, boot_hi[i]), abs=1e-12), i
         else:
             assert (lo[i], hi[i]) == (boot_lo[i], boot_hi[i])
+
+
+def test_auroc_change_from_one_to_zero_is_no_point():
+    """A defense that reverses a complete separation (AUROC 1 -> 0, every resample the same):
+    the bootstrap's interval is the point [-1, -1]; the MOVER end must still reach towards 0 (the
+    undefined correlation counts as 0, not 1, under which the two equal half-widths cancelled)."""
+    from probing.analysis.compare import interval_arrays, output_figures
+
+    rng = np.random.default_rng(1)
+    b_h, b_b = 1.5 + rng.normal(size=10), -1.5 + rng.normal(size=10)
+    b_h, b_b = b_h + (b_b.max() - b_h.min() + 0.1) * (b_h.min() <= b_b.max()), b_b  # complete separation
+    v, lo, hi, _ = interval_arrays(output_figures, b_h, b_b, -b_h, -b_b, n_boot=50, seed=0, pairwise=False)["auroc_change"]
+    assert v == -1 and lo == -1 and hi > -0.8, (v, lo, hi)

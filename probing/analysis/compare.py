@@ -706,17 +706,19 @@ def _auroc_change_near_the_edge(out: dict, samples_base: np.ndarray, samples_def
     interval becomes its hull with the MOVER interval (method of variance estimates recovery,
     Newcombe) of the difference, built from the two score intervals (`metrics.auroc_score_ci`,
     which keep their width there) and the correlation of the two AUROCs over the resamples; where
-    that correlation is undefined (one AUROC the same in every resample) it is taken as 1, so each
-    end's distance is the difference of the two intervals' half-widths on the opposite sides.
+    that correlation is undefined (one AUROC the same in every resample: its resamples covary with
+    nothing) it is taken as 0, so each end's distance is the root of the sum of the squared
+    half-widths on the opposite sides (with 1 a defense that turns an AUROC of 1 into 0 got the
+    point [-1, -1]).
     Elsewhere the paired bootstrap interval stands. Coverage (benchmarks/coverage_edges.py table
-    1, true AUROC 0.89-0.99, 10-100 queries a class): 0.93-0.995, where widening only at a sample
-    AUROC of 0 or 1 gave 0.87-0.96; in the main table (coverage_table.py) only the 10/10 cell
+    1, true AUROC 0.89-0.99, 10-100 queries a class): 0.93-0.999, where widening only at a sample
+    AUROC of 0 or 1 gave 0.87-0.96 (and a reversed readout, 1 -> 0, the point [-1, -1] under r = 1); in the main table (coverage_table.py) only the 10/10 cell
     moves, 0.964 -> 0.969."""
     (vb, lb, hb, _), (vd, ld, hd, _), (vc, lc, hc, nf) = out["auroc_base"], out["auroc_def"], out["auroc_change"]
     at_edge = np.isin(samples_base, (0.0, 1.0)) | np.isin(samples_def, (0.0, 1.0))  # [..., n_boot]
     squeezed = (at_edge.mean(-1) >= AUROC_EDGE_SHARE) | np.isin(vb, (0.0, 1.0)) | np.isin(vd, (0.0, 1.0))
     r = _resample_correlation(samples_base, samples_def)
-    r = np.where(np.isfinite(r), r, 1.0)
+    r = np.where(np.isfinite(r), r, 0.0)  # 1 would give the point [-1, -1] at AUROC 1 -> 0
     with np.errstate(invalid="ignore"):
         down, up = vd - ld, hb - vb  # the lower end: the defended AUROC lower, the baseline's higher
         lo = vc - np.sqrt(np.maximum(down ** 2 + up ** 2 - 2 * r * down * up, 0.0))
