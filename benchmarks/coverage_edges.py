@@ -29,9 +29,9 @@ import argparse
 import importlib
 import sys
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -57,14 +57,14 @@ def auroc_table(d: int) -> None:
     rows += [("2.0, no change", Scenario("", 10, 10, sep=2.0, shift_h=0, shift_b=0, noise=0.3)),
              ("3.0, no change", Scenario("", 40, 40, sep=3.0, shift_h=0, shift_b=0, noise=0.3)),
              ("2.0, harmful +0.8 alone", Scenario("", 15, 40, sep=2.0, shift_h=0.8, shift_b=0)),
-             ("3.0, reversed", Reversed(10, 3.0)), ("4.0, reversed", Reversed(20, 4.0))]
+             ("3.0, reversed", Reversed(10, 10, 3.0)), ("4.0, reversed", Reversed(20, 20, 4.0))]
     compare_module = importlib.import_module("probing.analysis.compare")
     for desc, s in rows:
         truth = s.truth()
         cells = []
         for share in (compare_module.AUROC_EDGE_SHARE, 1.01):  # 1.01: widened only at a sample AUROC of 0 or 1
             rng = np.random.default_rng(3)
-            with patched(compare_module, "AUROC_EDGE_SHARE", share):
+            with mock.patch.object(compare_module, "AUROC_EDGE_SHARE", share):
                 cells.append(interval_arrays(output_figures, *s.sample(rng, (d,)), n_boot=300, seed=rng,
                                              pairwise=False))
         est, alone = cells
@@ -79,29 +79,18 @@ def auroc_table(d: int) -> None:
 class Reversed:
     """A defense that reverses the readout: defended = -baseline + 0.3 noise (AUROC near 1 -> near 0)."""
 
-    n: int
+    n_h: int
+    n_b: int
     sep: float
-    n_h = property(lambda self: self.n)
-    n_b = property(lambda self: self.n)
 
     def sample(self, rng, size=()):
-        b_h = self.sep / 2 + rng.normal(size=size + (self.n,))
-        b_b = -self.sep / 2 + 1.3 * rng.normal(size=size + (self.n,))
+        b_h = self.sep / 2 + rng.normal(size=size + (self.n_h,))
+        b_b = -self.sep / 2 + 1.3 * rng.normal(size=size + (self.n_b,))
         return b_h, b_b, -b_h + 0.3 * rng.normal(size=b_h.shape), -b_b + 0.3 * rng.normal(size=b_b.shape)
 
     def truth(self):
-        big = Reversed(200_000, self.sep)
+        big = Reversed(200_000, 200_000, self.sep)
         return {k: float(v) for k, v in output_figures(*big.sample(np.random.default_rng(12345))).items()}
-
-
-@contextmanager
-def patched(module, name, value):
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
 
 
 def small_table(d: int) -> None:

@@ -712,10 +712,11 @@ def _auroc_change_near_the_edge(out: dict, samples_base: np.ndarray, samples_def
     point [-1, -1]).
     Elsewhere the paired bootstrap interval stands. Coverage (benchmarks/coverage_edges.py table
     1, true AUROC 0.89-0.99, 10-100 queries a class): 0.93-0.999, where widening only at a sample
-    AUROC of 0 or 1 gave 0.87-0.96 (and a reversed readout, 1 -> 0, the point [-1, -1] under r = 1); in the main table (coverage_table.py) only the 10/10 cell
-    moves, 0.964 -> 0.969."""
+    AUROC of 0 or 1 gave 0.87-0.96 (and a reversed readout, 1 -> 0, the point [-1, -1] under
+    r = 1); in the main table (coverage_table.py) only the 10/10 cell moves, 0.964 -> 0.969."""
     (vb, lb, hb, _), (vd, ld, hd, _), (vc, lc, hc, nf) = out["auroc_base"], out["auroc_def"], out["auroc_change"]
     at_edge = np.isin(samples_base, (0.0, 1.0)) | np.isin(samples_def, (0.0, 1.0))  # [..., n_boot]
+    # a sample AUROC of 0 or 1 is in every finite resample too; named so NaN resamples cannot hide it
     squeezed = (at_edge.mean(-1) >= AUROC_EDGE_SHARE) | np.isin(vb, (0.0, 1.0)) | np.isin(vd, (0.0, 1.0))
     r = _resample_correlation(samples_base, samples_def)
     r = np.where(np.isfinite(r), r, 0.0)  # 1 would give the point [-1, -1] at AUROC 1 -> 0
